@@ -1,0 +1,44 @@
+"""bitnet: BitNet b1.58 ternary networks in Python, with Numba kernels.
+
+``import bitnet as bn`` gives the whole user API.
+"""
+
+from . import metrics
+from .errors import (
+    ArenaError,
+    ArenaLimitError,
+    BitNetError,
+    DeviceError,
+    DTypeError,
+    FormatError,
+    InvalidValueError,
+    ShapeError,
+)
+from .formats import FORMATS, PackedTernary, convert, pack, unpack
+from .ops import matmul, matmul_int
+from .quant import QuantizedTensor, TernaryTensor, quantize_activations, quantize_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMATS",
+    "ArenaError",
+    "ArenaLimitError",
+    "BitNetError",
+    "DTypeError",
+    "DeviceError",
+    "FormatError",
+    "InvalidValueError",
+    "PackedTernary",
+    "QuantizedTensor",
+    "ShapeError",
+    "TernaryTensor",
+    "convert",
+    "matmul",
+    "matmul_int",
+    "metrics",
+    "pack",
+    "quantize_activations",
+    "quantize_weights",
+    "unpack",
+]

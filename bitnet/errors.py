@@ -1,0 +1,96 @@
+"""Every error the library raises, and the checks that raise them.
+
+All errors derive from :class:`BitNetError`, so ``except bn.BitNetError`` catches
+anything this library raises on purpose. Each subclass also derives from the builtin
+exception a numpy user would expect (``ValueError``, ``TypeError``, ...).
+
+The ``check_*`` helpers keep the wording of common messages in this one file: each
+message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+
+class BitNetError(Exception):
+    """Base class of every error raised by bitnet."""
+
+
+class ShapeError(BitNetError, ValueError):
+    """An array has the wrong rank or the wrong size along an axis."""
+
+
+class DTypeError(BitNetError, TypeError):
+    """An array has a dtype the operation does not accept."""
+
+
+class InvalidValueError(BitNetError, ValueError):
+    """An input holds values the operation cannot use (NaN, Inf, codes outside {-1, 0, 1}, ...)."""
+
+
+class FormatError(BitNetError, ValueError):
+    """An unknown packing format, a format that cannot hold a tensor, or corrupt packed data."""
+
+
+class DeviceError(BitNetError, RuntimeError):
+    """A compute device was asked for that is not available here."""
+
+
+class ArenaError(BitNetError, RuntimeError):
+    """Misuse of an arena: releasing a foreign buffer, releasing twice, ..."""
+
+
+class ArenaLimitError(ArenaError, MemoryError):
+    """An arena allocation would go over the limit set with ``Arena.set_limit``."""
+
+
+def check_ndim(a: np.ndarray, name: str, allowed: Iterable[int]) -> None:
+    """Raise ShapeError unless ``a.ndim`` is one of ``allowed``."""
+    allowed = tuple(allowed)
+    if a.ndim not in allowed:
+        ranks = " or ".join(f"{r}-D" for r in allowed)
+        raise ShapeError(f"{name} must be {ranks}, got a {a.ndim}-D array of shape {a.shape}; reshape it first")
+
+
+def check_dtype(a: np.ndarray, name: str, allowed: Iterable[type | np.dtype | str]) -> None:
+    """Raise DTypeError unless ``a.dtype`` is one of ``allowed``."""
+    allowed = tuple(np.dtype(d) for d in allowed)
+    if a.dtype not in allowed:
+        names = ", ".join(str(d) for d in allowed)
+        raise DTypeError(f"{name} must have dtype {names}; got {a.dtype}. Convert it with .astype(...)")
+
+
+def check_float(a: np.ndarray, name: str) -> None:
+    """Raise DTypeError unless ``a`` holds real floating-point numbers."""
+    if a.dtype.kind != "f":
+        raise DTypeError(
+            f"{name} must be a floating-point array (float16/32/64), got dtype {a.dtype}; "
+            f"convert it with .astype(np.float32)"
+        )
+
+
+def check_finite(a: np.ndarray, name: str) -> None:
+    """Raise InvalidValueError if ``a`` holds NaN or Inf."""
+    if not np.isfinite(a).all():
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise InvalidValueError(
+            f"{name} holds {bad} NaN or Inf value(s); ternary quantization needs finite numbers. "
+            f"Clean them first, e.g. np.nan_to_num(...)"
+        )
+
+
+def check_ternary_codes(codes: np.ndarray, name: str = "codes") -> None:
+    """Raise InvalidValueError unless every code is -1, 0 or +1."""
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise InvalidValueError(
+            f"{name} must hold only -1, 0 and +1; found values in [{codes.min()}, {codes.max()}]. "
+            f"Quantize with bn.quantize_weights(...) to get ternary codes"
+        )
+
+
+def unknown_name(kind: str, got: object, known: Iterable[str], error: type[BitNetError] = InvalidValueError):
+    """The error for a name (format, method, granularity, ...) that is not one of ``known``."""
+    return error(f"unknown {kind} {got!r}; choose one of: {', '.join(sorted(map(str, known)))}")

@@ -1,0 +1,84 @@
+"""Packing formats: ``pack`` a TernaryTensor into bytes, ``unpack`` it back, ``convert`` between formats.
+
+Each format lives in its own module and declares itself once with a :class:`Format`
+record (layout, scales it can hold, codec); ``FORMATS`` maps names to those records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors
+from ..quant import QuantizedTensor, TernaryTensor
+from . import base3, ggml_tq, hf, i2, i2_s  # noqa: F401  (each module registers its format)
+from .base import FORMATS, Format, PackedTernary, get_format
+
+
+def pack(t: TernaryTensor, format: str = "i2") -> PackedTernary:
+    """Pack ternary weights into ``format``.
+
+    Parameters
+    ----------
+    t : TernaryTensor of shape ``(out_features, in_features)``.
+    format : "i2" (default, the kernels' layout), "hf", "tq2_0", "tq1_0", "i2_s" or "base3".
+
+    Returns
+    -------
+    PackedTernary holding the payload, the true shape (formats pad to whole blocks) and
+    the float32 scale.
+
+    Raises
+    ------
+    FormatError for an unknown format, or one that cannot hold ``t``'s scale granularity
+    (e.g. per-channel scales into "i2_s"); ShapeError for a tensor that is not 2-D;
+    DTypeError when ``t`` is not ternary.
+
+    Examples
+    --------
+    >>> import numpy as np, bitnet as bn
+    >>> p = bn.pack(bn.quantize_weights(np.ones((4, 256), np.float32)), "tq2_0")
+    >>> p.data.shape, p.bits_per_weight
+    ((4, 66), 2.0625)
+    """
+    if not isinstance(t, TernaryTensor):
+        kind = f"{t.bits:g}-bit codes" if isinstance(t, QuantizedTensor) else type(t).__name__
+        raise errors.DTypeError(f"pack needs a TernaryTensor (from bn.quantize_weights), got {kind}")
+    fmt = get_format(format)
+    errors.check_ndim(t.codes, "packed weights", (2,))
+    if t.granularity not in fmt.granularities or (
+        t.granularity == "group" and t.group_size != fmt.group_size
+    ):
+        held = ", ".join(fmt.granularities) + (f" (groups of {fmt.group_size})" if fmt.group_size else "")
+        able = [f.name for f in FORMATS.values() if t.granularity in f.granularities]
+        raise errors.FormatError(
+            f"format {format!r} cannot hold a {t.granularity} scale"
+            f"{f' with group_size={t.group_size}' if t.group_size else ''}; it holds: {held}. "
+            f"Quantize with granularity='tensor', or pack into one of: {', '.join(able)}"
+        )
+    data = fmt.encode(np.ascontiguousarray(t.codes), t.scale, t.granularity)
+    return PackedTernary(format, tuple(t.shape), data, t.scale, t.granularity, t.group_size)
+
+
+def unpack(p: PackedTernary) -> TernaryTensor:
+    """The TernaryTensor packed in ``p``: exactly the codes and scale that went in.
+
+    Raises
+    ------
+    FormatError when the payload holds a 2-bit value 3, which no ternary format writes.
+    """
+    codes = np.ascontiguousarray(get_format(p.format).decode(p.data, p.shape))
+    if codes.size and codes.max() > 1:
+        raise errors.FormatError(
+            f"corrupt {p.format} payload: it holds the 2-bit value 3, which encodes no ternary weight"
+        )
+    return TernaryTensor(codes, p.scale, p.granularity, p.group_size)
+
+
+def convert(p: PackedTernary, format: str) -> PackedTernary:
+    """Repack ``p`` into ``format`` through its integer codes (never through float weights)."""
+    if p.format == format:
+        return p
+    return pack(unpack(p), format)
+
+
+__all__ = ["FORMATS", "Format", "PackedTernary", "convert", "get_format", "pack", "unpack"]
