@@ -4,6 +4,7 @@
 """
 
 from . import metrics
+from .backends import devices
 from .errors import (
     ArenaError,
     ArenaLimitError,
@@ -34,6 +35,7 @@ __all__ = [
     "ShapeError",
     "TernaryTensor",
     "convert",
+    "devices",
     "matmul",
     "matmul_int",
     "metrics",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import errors
+from . import backends, errors
 from .formats import PackedTernary, unpack
 from .quant import quantize_activations
 
@@ -24,8 +24,10 @@ def matmul_int(q: np.ndarray, w: PackedTernary) -> np.ndarray:
     return (q.astype(np.int32) @ _codes(w).T.astype(np.int32)).astype(np.int32)
 
 
-def matmul(x: np.ndarray, w: PackedTernary) -> np.ndarray:
+def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, device: str = "cpu") -> np.ndarray:
     """``x @ W.T`` with int8 per-row activations and ternary weights: ``acc / a * s`` in float32."""
+    if device != backends.CPU:
+        return backends.get_backend(device).matmul(x, w, out=out)
     q, a = quantize_activations(x)
     if w.granularity != "tensor" and w.granularity != "channel":
         raise errors.FormatError("matmul needs a per-tensor or per-channel weight scale")
