@@ -42,6 +42,11 @@ class QuantizedTensor:
     group_size: int | None = None
     bits: float = 1.58
 
+    def __post_init__(self) -> None:
+        errors.check_dtype(self.codes, "codes", [np.int8])
+        errors.check_dtype(self.scale, "scale", [np.float32])
+        check_scale_shape(self.codes.shape, self.scale, self.granularity, self.group_size)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return self.codes.shape
@@ -61,9 +66,8 @@ class TernaryTensor(QuantizedTensor):
     """A :class:`QuantizedTensor` whose codes are -1, 0 or +1 (what every packing format holds)."""
 
     def __post_init__(self) -> None:
-        errors.check_dtype(self.codes, "codes", [np.int8])
+        super().__post_init__()
         errors.check_ternary_codes(self.codes)
-        check_scale_shape(self.codes.shape, self.scale, self.granularity, self.group_size)
 
 
 def check_scale_shape(shape, scale: np.ndarray, granularity: str, group_size: int | None) -> None:
@@ -141,8 +145,24 @@ def _absmean(rows: np.ndarray, granularity: str, group: int) -> tuple[np.ndarray
     sums = kq.row_group_abs_sums(rows, group)
     mean = np.array([[sums.sum() / rows.size]]) if granularity == "tensor" else sums / group
     scale2d = np.maximum(mean.astype(np.float32), kq.WEIGHT_SCALE_MIN)
-    per_row = np.broadcast_to(scale2d, (rows.shape[0], scale2d.shape[1])).copy()
-    return scale2d, kq.ternarize(rows, per_row, group)
+    per_row = np.broadcast_to(round_half_thresholds(scale2d, rows.dtype), (rows.shape[0], scale2d.shape[1]))
+    return scale2d, kq.ternarize(rows, np.ascontiguousarray(per_row), group)
+
+
+def round_half_thresholds(scale: np.ndarray, dtype) -> np.ndarray:
+    """Per scale ``s``, the largest ``t`` of ``dtype`` with ``rint(t / s) == 0`` in that dtype.
+
+    ``fl(|w| / s)`` never decreases as ``|w|`` grows and is exactly 0.5 at ``|w| = s / 2``
+    (which rounds half-to-even to 0). One ulp above, the quotient is at most a tie that
+    rounds back to 0.5; two ulps above it exceeds 0.5. So ``clip(rint(w / s), -1, 1)`` equals
+    ``sign(w) * (|w| > t)`` with ``t`` one of ``s/2``, ``s/2 + 1 ulp``: the same codes as the
+    formula, found with compares instead of a division per weight.
+    """
+    dtype = np.dtype(dtype).type
+    s = scale.astype(dtype)
+    t = s * dtype(0.5)
+    above = np.nextafter(t, dtype(np.inf))
+    return np.where(above / s <= dtype(0.5), above, t)
 
 
 def _threshold(rows: np.ndarray, granularity: str, group: int, factor: float):

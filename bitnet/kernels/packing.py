@@ -24,40 +24,47 @@ from numba import njit, prange
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False)
 
 
+@njit(**_KERNEL)
+def _element_order(chunk, msb_first):
+    """Offset of the element in bits 0-1 and the step to the next 2-bit field's element."""
+    return (3 * chunk, -chunk) if msb_first else (0, chunk)
+
+
 @njit(parallel=True, **_KERNEL)
 def pack_2bit(codes, chunk, msb_first):
     rows, cols = codes.shape
     block = 4 * chunk
-    first_shift = 6 if msb_first else 0
-    step = -2 if msb_first else 2
+    # The four fields are written with constant shifts (so the loop over j vectorizes);
+    # MSB-first order is the same bytes with the elements taken in reverse.
+    first, step = _element_order(chunk, msb_first)
     out = np.empty((rows, cols // 4), np.uint8)
     for r in prange(rows):
         for b in range(cols // block):
-            src = b * block
+            src = b * block + first
             dst = b * chunk
             for j in range(chunk):
-                byte = 0
-                for i in range(4):
-                    byte |= (codes[r, src + i * chunk + j] + 1) << (first_shift + step * i)
-                out[r, dst + j] = byte
+                out[r, dst + j] = (np.uint8(codes[r, src + j] + 1)
+                                   | (np.uint8(codes[r, src + step + j] + 1) << 2)
+                                   | (np.uint8(codes[r, src + 2 * step + j] + 1) << 4)
+                                   | (np.uint8(codes[r, src + 3 * step + j] + 1) << 6))
     return out
 
 
 @njit(parallel=True, **_KERNEL)
 def unpack_2bit(data, chunk, msb_first):
     rows, nbytes = data.shape
-    block = 4 * chunk
-    first_shift = 6 if msb_first else 0
-    step = -2 if msb_first else 2
+    first, step = _element_order(chunk, msb_first)
     codes = np.empty((rows, nbytes * 4), np.int8)
     for r in prange(rows):
         for b in range(nbytes // chunk):
             src = b * chunk
-            dst = b * block
-            for i in range(4):
-                shift = first_shift + step * i
-                for j in range(chunk):
-                    codes[r, dst + i * chunk + j] = ((data[r, src + j] >> shift) & 3) - 1
+            dst = 4 * b * chunk + first
+            for j in range(chunk):
+                byte = data[r, src + j]
+                codes[r, dst + j] = np.int8(byte & 3) - 1
+                codes[r, dst + step + j] = np.int8((byte >> 2) & 3) - 1
+                codes[r, dst + 2 * step + j] = np.int8((byte >> 4) & 3) - 1
+                codes[r, dst + 3 * step + j] = np.int8(byte >> 6) - 1
     return codes
 
 

@@ -1,0 +1,204 @@
+"""Packing formats: exact round trips, hand-written layouts, and the ecosystem's own codecs."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import bitnet as bn
+from bitnet.formats.i2_s import stored_scale
+
+GGML_TYPES = {"tq2_0": GGMLQuantizationType.TQ2_0, "tq1_0": GGMLQuantizationType.TQ1_0}
+CHANNEL_FORMATS = [name for name, f in bn.FORMATS.items() if "channel" in f.granularities]
+
+
+def ternary(codes, scale=0.5, granularity="tensor", group_size=None):
+    codes = np.asarray(codes, np.int8)
+    if granularity == "tensor":
+        scale = np.array(scale, np.float32)
+    return bn.TernaryTensor(codes, np.asarray(scale, np.float32), granularity, group_size)
+
+
+codes_2d = st.tuples(st.integers(1, 11), st.integers(1, 700)).flatmap(
+    lambda shape: hnp.arrays(np.int8, shape, elements=st.sampled_from([-1, 0, 1]))
+)
+
+
+# ---- round trips ---------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(codes=codes_2d, fill=st.sampled_from([None, -1, 0, 1]))
+def test_every_format_round_trips_exactly(codes, fill):
+    if fill is not None:
+        codes = np.full_like(codes, fill)
+    t = ternary(codes, 0.37)
+    for name in bn.FORMATS:
+        p = bn.pack(t, name)
+        assert p.format == name and p.shape == codes.shape and p.data.dtype == np.uint8
+        back = bn.unpack(p)
+        assert np.array_equal(back.codes, codes) and back.scale == t.scale
+
+
+@pytest.mark.parametrize("name", CHANNEL_FORMATS)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 1), (1, 300), (9, 257), (4, 1280)])
+def test_channel_scales_round_trip(rng, name, shape):
+    w = rng.standard_normal(shape).astype(np.float32)
+    t = bn.quantize_weights(w, "channel")
+    back = bn.unpack(bn.pack(t, name))
+    assert np.array_equal(back.codes, t.codes) and np.array_equal(back.scale, t.scale)
+    assert back.granularity == "channel"
+
+
+@pytest.mark.parametrize("name", ["tq2_0", "tq1_0"])
+def test_group_256_scales_round_trip(rng, name):
+    t = bn.quantize_weights(rng.standard_normal((3, 768)).astype(np.float32), "group", group_size=256)
+    back = bn.unpack(bn.pack(t, name))
+    assert np.array_equal(back.codes, t.codes) and np.array_equal(back.scale, t.scale)
+
+
+# ---- the ecosystem's codecs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tq2_0", "tq1_0"])
+@pytest.mark.parametrize(
+    "granularity,shape",
+    [(g, s) for g in ("tensor", "channel") for s in ((1, 256), (3, 300), (5, 1024), (2, 1))]
+    + [("group", (1, 256)), ("group", (5, 1024))],  # groups of 256 need in_features divisible by 256
+)
+def test_tq_bytes_equal_gguf_quantize(rng, name, granularity, shape):
+    w = rng.standard_normal(shape).astype(np.float32) * 3
+    w[0, : min(256, shape[1])] = 0  # an all-zero block: ggml writes d = 0
+    t = bn.quantize_weights(w, granularity, group_size=256 if granularity == "group" else None)
+    p = bn.pack(t, name)
+    padded = np.pad(t.dequantize(), ((0, 0), (0, -shape[1] % 256)))
+    assert np.array_equal(p.data, gguf_quantize(padded, GGML_TYPES[name]))
+    fp16_scale = t.expanded_scale().astype(np.float16).astype(np.float32)
+    ours = (t.codes * fp16_scale).astype(np.float32)
+    theirs = gguf_dequantize(p.data, GGML_TYPES[name])[:, : shape[1]]
+    assert np.array_equal(theirs, ours)
+
+
+def test_hf_matches_formats_md_hand_example():
+    # 5 output rows -> chunks of ceil(5/4) = 2 rows; bits 2i of packed[r, c] hold W[2i + r, c] + 1.
+    codes = np.array([[1, -1], [0, 1], [-1, 0], [1, 1], [0, -1]], np.int8)
+    p = bn.pack(ternary(codes), "hf")
+    expected = np.array(
+        [
+            [(2 << 0) | (0 << 2) | (1 << 4), (0 << 0) | (1 << 2) | (0 << 4)],  # rows 0, 2, 4 (row 6 absent)
+            [(1 << 0) | (2 << 2), (2 << 0) | (2 << 2)],  # rows 1, 3 (rows 5 and 7 absent)
+        ],
+        np.uint8,
+    )
+    assert np.array_equal(p.data, expected)
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 7, 10, 12, 33])
+def test_hf_equals_transformers_pack_weights(rng, m):
+    import torch  # the test extra installs torch and transformers: a missing one must fail, not skip
+    from transformers.integrations import bitnet as bitnet_integration
+
+    codes = rng.integers(-1, 2, (m, 19)).astype(np.int8)
+    theirs = bitnet_integration.pack_weights(torch.tensor(codes, dtype=torch.float32)).numpy()
+    assert np.array_equal(bn.pack(ternary(codes), "hf").data, theirs)
+
+
+def test_i2_hand_example():
+    codes = np.zeros((1, 300), np.int8)
+    codes[0, 0], codes[0, 64], codes[0, 128], codes[0, 192] = 1, -1, 1, 0
+    codes[0, 299] = -1  # block 1, byte 43, field 0; fields 1-3 of that byte are padding
+    data = bn.pack(ternary(codes), "i2").data
+    assert data.shape == (1, 128)
+    assert data[0, 0] == 2 | (0 << 2) | (2 << 4) | (1 << 6)
+    assert data[0, 64 + 43] == 0 | (1 << 2) | (1 << 4) | (1 << 6)
+    assert (np.delete(data[0], [0, 64 + 43]) == 0b01010101).all()
+
+
+def test_i2_s_hand_example_and_tail():
+    codes = np.zeros((2, 64), np.int8)  # 128 weights: exactly one block
+    codes.reshape(-1)[[0, 32, 64, 96]] = [1, -1, 0, 1]
+    p = bn.pack(ternary(codes, 0.75), "i2_s")
+    assert p.data.shape == (32 + 32,)
+    assert p.data[0] == (2 << 6) | (0 << 4) | (1 << 2) | (2 << 0)
+    assert stored_scale(p.data) == np.float32(0.75) and not p.data[36:].any()
+    assert p.nbytes == 64 and p.bits_per_weight == 4.0
+
+
+def test_base3_hand_example():
+    codes = np.array([[1, 0, -1, -1, 1, 0]], np.int8)  # trits 2,1,0,0,2 | 1,(pad 1,1,1,1)
+    data = bn.pack(ternary(codes), "base3").data
+    first = 2 * 81 + 1 * 27 + 0 + 0 + 2
+    second = 1 * 81 + 1 * 27 + 1 * 9 + 1 * 3 + 1
+    assert data.tolist() == [[-(-first * 256 // 243), -(-second * 256 // 243)]]
+
+
+def test_sizes_and_bits_per_weight():
+    t = ternary(np.zeros((8, 1024), np.int8))
+    expected = {"i2": 8 * 256 + 4, "hf": 2 * 1024 + 4, "tq2_0": 8 * 4 * 66, "tq1_0": 8 * 4 * 54,
+                "i2_s": 8 * 256 + 32, "base3": 8 * 205 + 4}
+    for name, nbytes in expected.items():
+        p = bn.pack(t, name)
+        assert p.nbytes == nbytes and p.bits_per_weight == 8 * nbytes / (8 * 1024)
+
+
+# ---- convert ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", list(bn.FORMATS))
+def test_convert_equals_packing_directly(rng, source):
+    t = bn.quantize_weights(rng.standard_normal((6, 333)).astype(np.float32))
+    p = bn.pack(t, source)
+    for target in bn.FORMATS:
+        converted = bn.convert(p, target)
+        assert converted.format == target
+        assert np.array_equal(converted.data, bn.pack(t, target).data)
+        assert converted.scale == t.scale
+    assert bn.convert(p, source) is p
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def test_unknown_format_and_unholdable_scales():
+    t = ternary(np.zeros((4, 8), np.int8))
+    with pytest.raises(bn.FormatError, match="choose one of"):
+        bn.pack(t, "q4_0")
+    channel = ternary(np.zeros((4, 8), np.int8), np.ones((4, 1)), "channel")
+    for name in ("i2_s", "hf"):
+        with pytest.raises(bn.FormatError, match="cannot hold a channel scale"):
+            bn.pack(channel, name)
+    group = ternary(np.zeros((4, 8), np.int8), np.ones((4, 2)), "group", 4)
+    with pytest.raises(bn.FormatError, match="group_size=4"):
+        bn.pack(group, "tq2_0")
+
+
+def test_bad_tensors_to_pack():
+    with pytest.raises(bn.ShapeError):
+        bn.pack(ternary(np.zeros(8, np.int8)), "i2")
+    with pytest.raises(bn.DTypeError):
+        bn.pack(bn.quantize_weights(np.ones((2, 4), np.float32), method="uniform", bits=4), "i2")
+    with pytest.raises(bn.DTypeError):
+        bn.pack(np.zeros((2, 4), np.int8), "i2")
+
+
+@pytest.mark.parametrize("name", list(bn.FORMATS))
+def test_truncated_or_wrong_size_payload_is_a_format_error(name):
+    p = bn.pack(ternary(np.zeros((5, 300), np.int8)), name)
+    for bad in (p.data.reshape(-1)[:-1], p.data[..., :-1], np.zeros(0, np.uint8)):
+        with pytest.raises(bn.FormatError, match="corrupt"):
+            bn.PackedTernary(name, p.shape, bad, p.scale)
+    with pytest.raises(bn.DTypeError):
+        bn.PackedTernary(name, p.shape, p.data.astype(np.int16), p.scale)
+
+
+@pytest.mark.parametrize("name", ["i2", "hf", "tq2_0", "i2_s"])
+def test_two_bit_value_three_is_a_format_error(name):
+    p = bn.pack(ternary(np.zeros((4, 256), np.int8)), name)
+    data = p.data.copy()
+    data.reshape(-1)[0] = 0xFF
+    with pytest.raises(bn.FormatError, match="value 3"):
+        bn.unpack(bn.PackedTernary(name, p.shape, data, p.scale))
