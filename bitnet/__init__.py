@@ -6,7 +6,9 @@
 from . import metrics
 from .backends import devices
 from .errors import (
+    ArenaDoubleReleaseError,
     ArenaError,
+    ArenaForeignArrayError,
     ArenaLimitError,
     BitNetError,
     DeviceError,
@@ -16,6 +18,7 @@ from .errors import (
     ShapeError,
 )
 from .formats import FORMATS, PackedTernary, convert, pack, unpack
+from .memory import Arena, default_arena
 from .ops import matmul, matmul_int
 from .quant import QuantizedTensor, TernaryTensor, quantize_activations, quantize_weights
 
@@ -23,7 +26,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMATS",
+    "Arena",
+    "ArenaDoubleReleaseError",
     "ArenaError",
+    "ArenaForeignArrayError",
     "ArenaLimitError",
     "BitNetError",
     "DTypeError",
@@ -35,6 +41,7 @@ __all__ = [
     "ShapeError",
     "TernaryTensor",
     "convert",
+    "default_arena",
     "devices",
     "matmul",
     "matmul_int",

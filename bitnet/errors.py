@@ -47,6 +47,14 @@ class ArenaLimitError(ArenaError, MemoryError):
     """An arena allocation would go over the limit set with ``Arena.set_limit``."""
 
 
+class ArenaDoubleReleaseError(ArenaError):
+    """An arena array was released a second time (by hand, or by hand after its frame had ended)."""
+
+
+class ArenaForeignArrayError(ArenaError):
+    """An array given to an arena method was not handed out by that arena (or is only a view of one)."""
+
+
 def check_ndim(a: np.ndarray, name: str, allowed: Iterable[int]) -> None:
     """Raise ShapeError unless ``a.ndim`` is one of ``allowed``."""
     allowed = tuple(allowed)
