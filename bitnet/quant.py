@@ -113,11 +113,11 @@ def _grouping(w: np.ndarray, granularity: str, group_size: int | None) -> int:
 
 
 def _validated_weights(w) -> np.ndarray:
+    """``w`` as float32/float64 after the dtype and shape checks (finiteness is checked later)."""
     w = np.asarray(w)
     errors.check_float(w, "weights")
     if w.ndim == 0 or w.size == 0:
         raise errors.ShapeError(f"weights must be a non-empty array of rank >= 1, got shape {w.shape}")
-    errors.check_finite(w, "weights")
     if w.dtype not in (np.float32, np.float64):
         w = w.astype(np.float32)
     return w
@@ -143,8 +143,11 @@ def _shaped_scale(scale2d: np.ndarray, granularity: str) -> np.ndarray:
 def _absmean(rows: np.ndarray, granularity: str, group: int) -> tuple[np.ndarray, np.ndarray]:
     """The scale ``(1, 1)`` or ``(m, groups)`` and codes, through the Numba kernels."""
     sums = kq.row_group_abs_sums(rows, group)
+    if not np.isfinite(sums).all():  # a float64 sum of |float32| is finite iff every term is
+        errors.check_finite(rows, "weights")
     mean = np.array([[sums.sum() / rows.size]]) if granularity == "tensor" else sums / group
     scale2d = np.maximum(mean.astype(np.float32), kq.WEIGHT_SCALE_MIN)
+    errors.check_finite(scale2d, "the float32 weight scale (weights beyond float32 range)")
     per_row = np.broadcast_to(round_half_thresholds(scale2d, rows.dtype), (rows.shape[0], scale2d.shape[1]))
     return scale2d, kq.ternarize(rows, np.ascontiguousarray(per_row), group)
 
@@ -241,6 +244,8 @@ def quantize_weights(
     w = _validated_weights(w)
     group = _grouping(w, granularity, group_size)
     rows = _as_rows(w)
+    if method != "absmean":
+        errors.check_finite(rows, "weights")
     if method == "absmean":
         scale2d, codes = _absmean(rows, granularity, group)
     elif method == "threshold":

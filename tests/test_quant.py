@@ -177,6 +177,9 @@ def test_activations_1d_extremes_and_nonfinite():
     [
         (np.array([[1.0, np.nan]], np.float32), {}, bn.InvalidValueError),
         (np.array([[1.0, np.inf]], np.float32), {}, bn.InvalidValueError),
+        (np.array([[1.0, -np.inf]], np.float32), {"granularity": "channel"}, bn.InvalidValueError),
+        (np.array([[np.nan, 1.0]], np.float32), {"method": "threshold"}, bn.InvalidValueError),
+        (np.array([[1e300, 1.0]]), {}, bn.InvalidValueError),
         (np.ones((2, 2), np.int32), {}, bn.DTypeError),
         (np.float32(1.0), {}, bn.ShapeError),
         (np.ones((0, 3), np.float32), {}, bn.ShapeError),
