@@ -40,7 +40,12 @@ odd_shapes = st.tuples(st.integers(1, 9), st.integers(1, 300))
 
 
 def float_matrices(shape, dtype=np.float32):
-    values = st.one_of(st.just(0.0), st.floats(-1e4, 1e4, width=32), st.floats(-0.0009765625, 0.0009765625, width=32))
+    values = st.one_of(
+        st.just(0.0),
+        st.floats(-1e4, 1e4, width=32),
+        st.floats(-0.0009765625, 0.0009765625, width=32),
+        st.floats(width=32, allow_nan=False, allow_infinity=False),
+    )
     return hnp.arrays(dtype, shape, elements=values)
 
 
