@@ -146,7 +146,8 @@ def _absmean(rows: np.ndarray, granularity: str, group: int) -> tuple[np.ndarray
     if not np.isfinite(sums).all():  # a float64 sum of |float32| is finite iff every term is
         errors.check_finite(rows, "weights")
     mean = np.array([[sums.sum() / rows.size]]) if granularity == "tensor" else sums / group
-    scale2d = np.maximum(mean.astype(np.float32), kq.WEIGHT_SCALE_MIN)
+    with np.errstate(over="ignore"):  # an overflow is reported just below, as a library error
+        scale2d = np.maximum(mean.astype(np.float32), kq.WEIGHT_SCALE_MIN)
     errors.check_finite(scale2d, "the float32 weight scale (weights beyond float32 range)")
     per_row = np.broadcast_to(round_half_thresholds(scale2d, rows.dtype), (rows.shape[0], scale2d.shape[1]))
     return scale2d, kq.ternarize(rows, np.ascontiguousarray(per_row), group)
