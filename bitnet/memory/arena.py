@@ -443,11 +443,14 @@ class Arena:
 
     def _poison(self, allocation: _Allocation) -> None:
         """Debug mode: fill the released memory with NaN / 0xAB and make the released array read-only."""
-        region = self._backend.view(allocation.block, allocation.offset, (allocation.size,), np.dtype(np.uint8))
-        region.fill(POISON_BYTE)
         array = allocation.array
+        # Sizes are multiples of 64 bytes, so a float region divides evenly into its own elements.
         if array.dtype.kind in "fc":
-            self._backend.view(allocation.block, allocation.offset, array.shape, array.dtype).fill(np.nan)
+            region_dtype, poison = array.dtype, np.nan
+        else:
+            region_dtype, poison = np.dtype(np.uint8), POISON_BYTE
+        length = allocation.size // region_dtype.itemsize
+        self._backend.view(allocation.block, allocation.offset, (length,), region_dtype).fill(poison)
         array.flags.writeable = False
         self._released[id(array)] = array
 
