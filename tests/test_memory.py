@@ -367,12 +367,14 @@ def test_going_over_the_limit_raises_and_leaves_the_arena_unchanged():
     backend = RecordingBlocks()
     arena = bn.Arena(backend=backend, limit=3 * MiB)
     kept = arena.empty(MiB, np.uint8)
+    arena.release(arena.empty(1000, np.uint8))  # a pooled block that could not make enough room
     before = arena.stats()
-    with pytest.raises(bn.ArenaLimitError, match="limit") as raised:
+    with pytest.raises(bn.ArenaLimitError, match="over its limit") as raised:
         arena.empty(2 * MiB + 1, np.uint8)
     assert isinstance(raised.value, MemoryError) and isinstance(raised.value, bn.BitNetError)
     assert arena.stats() == before
-    assert backend.allocated == [MiB]  # the 4 MiB carving block did not fit, so an exact block was used
+    assert backend.allocated == [MiB, 1024]  # the 4 MiB carving block did not fit: an exact block did
+    assert backend.freed == []
     arena.release(kept)
     arena.release(arena.empty(MiB, np.uint8))
     assert arena.stats().misses == before.misses
@@ -384,16 +386,42 @@ def test_the_limit_gives_cached_blocks_back_to_make_room():
     arena.release(arena.empty(2 * MiB, np.uint8))
     arena.set_limit(3 * MiB)  # lower than what is held: the free block goes back at once
     assert arena.total_bytes() == 0 and backend.freed == [LARGE_BLOCK]
-    for _ in range(3):
-        arena.release(arena.empty(300 * KiB, np.uint8))
+    arena.release(arena.empty(300 * KiB, np.uint8))
     arena.release(arena.empty(SMALL_LIMIT, np.uint8))
+    cached = arena.total_bytes()
     big = arena.empty(3 * MiB - SMALL_LIMIT, np.uint8)  # fits only once the cached blocks are given back
-    assert arena.total_bytes() <= 3 * MiB
-    assert arena.stats().live_arrays == 1
+    assert sum(backend.freed) == LARGE_BLOCK + cached
+    assert arena.total_bytes() == arena.used_bytes() <= 3 * MiB
     arena.set_limit(None)
     arena.release(big)
     with pytest.raises(bn.InvalidValueError, match=">= 0"):
         arena.set_limit(-1)
+
+
+class TightBlocks(RecordingBlocks):
+    """CPU blocks with a hard capacity, like a device that runs out of memory."""
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity = capacity
+
+    def allocate(self, nbytes):
+        if sum(self.allocated) - sum(self.freed) + nbytes > self.capacity:
+            raise MemoryError(f"out of device memory for {nbytes} bytes")
+        return super().allocate(nbytes)
+
+
+def test_a_backend_out_of_memory_gets_the_pooled_blocks_back_and_a_retry():
+    backend = TightBlocks(capacity=LARGE_BLOCK + MiB)
+    arena = bn.Arena(backend=backend)
+    arena.release(arena.empty(2 * MiB, np.uint8))
+    arena.release(arena.empty(SMALL_LIMIT, np.uint8))
+    big = arena.empty(LARGE_BLOCK + LARGE_GRAIN, np.uint8)  # too big for the pooled block
+    assert sorted(backend.freed) == [SMALL_LIMIT, LARGE_BLOCK]
+    assert arena.total_bytes() == arena.used_bytes() == LARGE_BLOCK + LARGE_GRAIN
+    with pytest.raises(MemoryError, match="out of device memory"):
+        arena.empty(2 * MiB, np.uint8)
+    arena.release(big)
 
 
 # ---------------------------------------------------------------- threads

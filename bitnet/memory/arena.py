@@ -99,7 +99,7 @@ class Arena:
         self._backend = CPUBlocks() if backend is None else backend
         self._debug = _debug_from_environment() if debug is None else bool(debug)
         self._lock = threading.Lock()
-        self._frames = threading.local()
+        self._frames = _FrameStacks()
         self._classes = SizeClassPool()
         # A backend that cannot bind offsets gets whole blocks of every size from the class pool.
         self._carved = CarvedPool() if self._backend.supports_offsets else None
@@ -143,7 +143,8 @@ class Arena:
         Raises
         ------
         ArenaLimitError
-            A new block would take the arena over its limit (the arena is unchanged).
+            A new block would take the arena over its limit (no array is handed out, and live
+            arrays and counters are unchanged).
         ShapeError
             ``shape`` has a negative dimension.
         DTypeError
@@ -187,7 +188,7 @@ class Arena:
             self._used += size
             if self._used > self._peak:
                 self._peak = self._used
-        stack = getattr(self._frames, "stack", None)
+        stack = self._frames.stack
         if stack:
             stack[-1].adopt(array)
         return array
@@ -360,10 +361,10 @@ class Arena:
     def set_limit(self, nbytes: int | None) -> None:
         """Cap the bytes the arena may hold from its backend (:meth:`total_bytes`).
 
-        An allocation that needs a new block first gives free blocks back; if the new block
-        still does not fit, it raises :class:`ArenaLimitError` and leaves the arena as it was.
-        Lowering the limit below what is held gives free blocks back at once; live arrays
-        are never taken away.
+        An allocation that needs a new block takes a smaller one, or gives pooled free blocks
+        back, when that makes room; otherwise it raises :class:`ArenaLimitError`, and the arena
+        stays consistent (live arrays and counters untouched). Lowering the limit below what is
+        held gives free blocks back at once; live arrays are never taken away.
 
         Parameters
         ----------
@@ -395,24 +396,41 @@ class Arena:
 
     def _new_block(self, pool: SizeClassPool | CarvedPool, size: int) -> tuple[object, int]:
         """Get a block from the backend after a pool miss; ``(block, offset)`` of the first ``size`` bytes."""
-        block_size = pool.new_block_size(size)
-        if self._limit is not None and self._total + block_size > self._limit:
-            self._drain_free_blocks()
-            if self._total + block_size > self._limit:
-                block_size = size  # a block just big enough may still fit
-            if self._total + block_size > self._limit:
-                raise ArenaLimitError(
-                    f"allocating {size} bytes needs a new {block_size}-byte block, which would take the arena "
-                    f"to {self._total + block_size} bytes, over its limit of {self._limit} "
-                    f"({self._used} bytes are in use); release arrays, or raise the limit with set_limit()"
-                )
-        block = self._backend.allocate(block_size)
+        block_size = self._block_size_under_limit(size, pool.new_block_size(size))
+        try:
+            block = self._backend.allocate(block_size)
+        except MemoryError:
+            if not self._drain_free_blocks():
+                raise
+            block = self._backend.allocate(block_size)  # retry once the pooled blocks are gone
         first = self._backend.view(block, 0, (block_size,), np.dtype(np.uint8))
         start = first.__array_interface__["data"][0]
         self._spans[id(block)] = (start, start + block_size)
         self._total += block_size
         self._misses += 1
         return block, pool.adopt(block, block_size, size)
+
+    def _block_size_under_limit(self, size: int, block_size: int) -> int:
+        """The size of the new block to ask for, so that the arena stays under its limit.
+
+        Prefers the pool's preferred ``block_size``, then a block of just ``size`` bytes, and
+        gives pooled free blocks back only when that is what makes room.
+        """
+        limit = self._limit
+        if limit is None or self._total + block_size <= limit:
+            return block_size
+        if self._total + size <= limit:
+            return size
+        if self._used + size <= limit and self._drain_free_blocks():
+            if self._total + block_size <= limit:
+                return block_size
+            if self._total + size <= limit:
+                return size
+        raise ArenaLimitError(
+            f"allocating {size} bytes would take the arena to {self._total + size} bytes, over its limit of "
+            f"{limit} ({self._used} bytes are in use by live arrays); release arrays or raise the limit "
+            f"with set_limit()"
+        )
 
     def _give_back(self, allocation: _Allocation) -> None:
         if self._debug:
@@ -513,6 +531,13 @@ class _Allocation:
         self.size = size
 
 
+class _FrameStacks(threading.local):
+    """Each thread's stack of active frames, innermost last (``__init__`` runs once per thread)."""
+
+    def __init__(self) -> None:
+        self.stack: list[Frame] = []
+
+
 class Frame:
     """The scope of :meth:`Arena.frame`: arrays allocated inside it on its thread are released on exit.
 
@@ -536,16 +561,14 @@ class Frame:
     def __enter__(self) -> Frame:
         if self._active:
             raise ArenaError("this frame is already active; make a new one with arena.frame() for each scope")
-        stack = getattr(self._arena._frames, "stack", None)
-        if stack is None:
-            stack = self._arena._frames.stack = []
+        stack = self._arena._frames.stack
         self._parent = stack[-1] if stack else None
         stack.append(self)
         self._active = True
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        stack = getattr(self._arena._frames, "stack", None)
+        stack = self._arena._frames.stack
         if not stack or stack[-1] is not self:
             raise ArenaError(
                 "frames must end in the reverse order they started, on the thread that started them; "
