@@ -3,7 +3,7 @@
 ``import bitnet as bn`` gives the whole user API.
 """
 
-from . import metrics
+from . import io, metrics, models, nn
 from .backends import devices
 from .errors import (
     ArenaDoubleReleaseError,
@@ -11,6 +11,9 @@ from .errors import (
     ArenaForeignArrayError,
     ArenaLimitError,
     BitNetError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
     DeviceError,
     DTypeError,
     FormatError,
@@ -18,13 +21,25 @@ from .errors import (
     ShapeError,
 )
 from .formats import FORMATS, PackedTernary, convert, pack, unpack
+from .io import load_pretrained, load_tokenizer
 from .memory import Arena, default_arena
+from .models import BitNetConfig, BitNetForCausalLM
 from .ops import matmul, matmul_int
 from .quant import QuantizedTensor, TernaryTensor, quantize_activations, quantize_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitNetConfig",
+    "BitNetForCausalLM",
+    "load_pretrained",
+    "load_tokenizer",
+    "io",
+    "models",
+    "nn",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConfigError",
     "FORMATS",
     "Arena",
     "ArenaDoubleReleaseError",

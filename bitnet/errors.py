@@ -39,6 +39,18 @@ class DeviceError(BitNetError, RuntimeError):
     """A compute device was asked for that is not available here."""
 
 
+class CheckpointError(FormatError):
+    """A checkpoint that cannot be loaded: corrupt or truncated file, tensor shapes disagreeing with the config."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A model directory or one of the files a checkpoint needs does not exist."""
+
+
+class ConfigError(CheckpointError):
+    """A model ``config.json`` this library cannot run (another ``model_type``, an unsupported option)."""
+
+
 class ArenaError(BitNetError, RuntimeError):
     """Misuse of an arena: releasing a foreign buffer, releasing twice, ..."""
 

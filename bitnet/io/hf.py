@@ -1,0 +1,281 @@
+"""Load and save HF-format BitNet checkpoints: ``config.json`` + safetensors (single or sharded).
+
+Tensors are read with the ``safetensors`` package (numpy API, memory-mapped; bf16 through
+``ml_dtypes``). Projections may be packed (``quantization_config.quant_method == "bitnet"``:
+uint8 ``weight`` + ``weight_scale``) or plain float weights, which are quantized on load
+with absmean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .. import errors
+from ..formats import PackedTernary, pack, unpack
+from ..models import BitNetConfig, BitNetForCausalLM
+from ..nn import BitLinear, RMSNorm
+from ..nn.embedding import bf16_bits_to_float
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HF_PACK = "hf"
+
+
+def _safetensors():
+    try:
+        import ml_dtypes  # noqa: F401  (registers numpy's bfloat16, which safetensors needs for bf16)
+        import safetensors
+        import safetensors.numpy
+    except ImportError as exc:
+        raise errors.CheckpointError(
+            f"reading HF checkpoints needs the safetensors and ml_dtypes packages ({exc}); "
+            'install them with: pip install "bitnet[hf]"'
+        ) from None
+    return safetensors
+
+
+def read_config(path: str | Path) -> BitNetConfig:
+    """The :class:`BitNetConfig` of the model directory ``path``."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise errors.CheckpointNotFoundError(f"no {CONFIG_FILE} in {path}: is it an HF model directory?")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise errors.CheckpointError(f"{file} is not valid JSON ({exc}); re-download or re-save the model") from None
+    return BitNetConfig.from_dict(raw)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the single file."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise errors.CheckpointError(f"{index} is not a valid safetensors index ({exc!r})") from None
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise errors.CheckpointNotFoundError(
+                    f"shard {shard.name} listed in {INDEX_FILE} is missing from {path}"
+                )
+        return files
+    single = path / WEIGHTS_FILE
+    if not single.is_file():
+        raise errors.CheckpointNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}")
+    return {}
+
+
+class _TensorReader:
+    """Tensors by name from one or several open safetensors files, with checkpoint errors."""
+
+    def __init__(self, path: Path, stack: contextlib.ExitStack) -> None:
+        safetensors = _safetensors()
+        self.names: dict[str, object] = {}
+        files = _weight_files(path)
+        for file in sorted(set(files.values())) or [path / WEIGHTS_FILE]:
+            try:
+                handle = stack.enter_context(safetensors.safe_open(str(file), framework="np"))
+                keys = handle.keys()
+            except Exception as exc:  # safetensors raises its own untyped errors for bad files
+                raise errors.CheckpointError(
+                    f"{file} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
+                    f"re-download or re-save it"
+                ) from None
+            for key in keys:
+                self.names[key] = (handle, file)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor ``name``; CheckpointError when missing, unreadable or not of ``shape``."""
+        if name not in self.names:
+            raise errors.CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        handle, file = self.names[name]
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as exc:
+            raise errors.CheckpointError(
+                f"cannot read tensor {name!r} from {file} ({exc}); the file may be corrupt"
+            ) from None
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise errors.CheckpointError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(shape)}: "
+                f"config.json and the weights disagree"
+            )
+        return tensor
+
+
+def _as_float32(tensor: np.ndarray) -> np.ndarray:
+    if tensor.dtype.name == "bfloat16":
+        return bf16_bits_to_float(tensor.view(np.uint16))
+    if tensor.dtype.kind != "f":
+        raise errors.CheckpointError(f"expected a float tensor, got dtype {tensor.dtype}")
+    return tensor.astype(np.float32)
+
+
+def linear_shapes(config: BitNetConfig) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of each projection of a decoder layer, by short name."""
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    h, i = c.hidden_size, c.intermediate_size
+    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+
+
+def _read_linear(reader: _TensorReader, name: str, shape: tuple[int, int], config: BitNetConfig) -> BitLinear:
+    out_features, in_features = shape
+    bias = _as_float32(reader.get(f"{name}.bias", (out_features,))) if f"{name}.bias" in reader else None
+    input_norm = None
+    if config.use_rms_norm:
+        norm_weight = _as_float32(reader.get(f"{name}.rms_norm.weight", (in_features,)))
+        input_norm = RMSNorm(norm_weight, config.linear_rms_norm_eps)
+    weight = reader.get(f"{name}.weight")
+    has_scale = f"{name}.weight_scale" in reader
+    scale = _as_float32(reader.get(f"{name}.weight_scale")).reshape(-1) if has_scale else None
+    if scale is not None and scale.size != 1:
+        raise errors.CheckpointError(f"{name}.weight_scale must hold one value, got shape {scale.shape}")
+    divide = config.linear_class == "bitlinear"
+    if weight.dtype == np.uint8:
+        expected = (-(-out_features // 4), in_features)
+        if tuple(weight.shape) != expected:
+            raise errors.CheckpointError(
+                f"packed tensor {name}.weight has shape {tuple(weight.shape)} but the config implies {expected} "
+                f"(a {out_features}x{in_features} projection, 4 weights per byte): config.json and the weights disagree"
+            )
+        if scale is None:
+            raise errors.CheckpointError(f"packed tensor {name}.weight has no {name}.weight_scale")
+        try:
+            return BitLinear.from_packed(weight, shape, scale[0], HF_PACK, divide, bias, input_norm)
+        except errors.FormatError as exc:
+            raise errors.CheckpointError(f"tensor {name}.weight is corrupt: {exc}") from None
+    if tuple(weight.shape) != shape:
+        raise errors.CheckpointError(
+            f"tensor {name}.weight has shape {tuple(weight.shape)} but the config implies {shape}: "
+            f"config.json and the weights disagree"
+        )
+    values = _as_float32(weight)
+    if scale is None:
+        return BitLinear.from_float(values, bias, input_norm)
+    # Unpacked ternary values with a separate scale (HF AutoBitLinear saved unpacked).
+    codes = values.astype(np.int8)
+    if not np.array_equal(codes, values) or np.abs(codes).max(initial=0) > 1:
+        raise errors.CheckpointError(f"{name}.weight has a weight_scale, so it must hold only -1, 0 and +1")
+    packed = pack_codes(codes)
+    return BitLinear.from_packed(packed.data, shape, scale[0], packed.format, divide, bias, input_norm)
+
+
+def pack_codes(codes: np.ndarray) -> PackedTernary:
+    """Ternary int8 codes ``(m, k)`` in the HF packed layout (unit scale)."""
+    from ..quant import TernaryTensor
+
+    return pack(TernaryTensor(codes, np.float32(1.0).reshape(())), HF_PACK)
+
+
+def load_pretrained(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
+    """Load an HF ``BitNetForCausalLM`` checkpoint directory.
+
+    Parameters
+    ----------
+    path : directory holding ``config.json`` and ``model.safetensors`` (or a sharded
+        ``model.safetensors.index.json`` with its shards).
+    head_dtype : storage of the embedding / output head: "auto" (as in the checkpoint),
+        "f32", "f16", "bf16" or "int8" (per-row absmax, half of bf16's memory traffic).
+
+    Returns
+    -------
+    BitNetForCausalLM
+
+    Raises
+    ------
+    CheckpointNotFoundError when the directory or a file is missing; ConfigError for a
+    ``model_type`` other than "bitnet" or an unsupported option; CheckpointError for a
+    truncated or corrupt safetensors file, a missing tensor, or a shape that disagrees with
+    the config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise errors.CheckpointNotFoundError(f"model directory {path} does not exist")
+    config = read_config(path)
+    c = config
+    with contextlib.ExitStack() as stack:
+        reader = _TensorReader(path, stack)
+        weights: dict[str, object] = {}
+        for i in range(c.num_hidden_layers):
+            for short, shape in linear_shapes(c).items():
+                name = f"model.layers.{i}.{short}"
+                weights[name] = _read_linear(reader, name, shape, c)
+            for norm, size in (("input_layernorm", c.hidden_size), ("post_attention_layernorm", c.hidden_size),
+                               ("self_attn.attn_sub_norm", c.hidden_size), ("mlp.ffn_sub_norm", c.intermediate_size)):
+                name = f"model.layers.{i}.{norm}.weight"
+                weights[name] = _as_float32(reader.get(name, (size,)))
+        weights["model.norm.weight"] = _as_float32(reader.get("model.norm.weight", (c.hidden_size,)))
+        table_shape = (c.vocab_size, c.hidden_size)
+        weights["model.embed_tokens.weight"] = _float_table(reader.get("model.embed_tokens.weight", table_shape))
+        if not c.tie_word_embeddings:
+            weights["lm_head.weight"] = _float_table(reader.get("lm_head.weight", table_shape))
+        return BitNetForCausalLM.from_weights(config, weights, head_dtype)
+
+
+def _float_table(tensor: np.ndarray) -> np.ndarray:
+    if tensor.dtype.kind != "f" and tensor.dtype.name != "bfloat16":
+        raise errors.CheckpointError(f"embedding tables must be float, got dtype {tensor.dtype}")
+    return tensor
+
+
+def _embedding_tensor(embedding) -> np.ndarray:
+    """The table in a dtype safetensors can store (int8 tables are written dequantized, as float32)."""
+    if embedding.dtype == "bf16":
+        import ml_dtypes
+
+        return embedding.table.view(ml_dtypes.bfloat16)
+    if embedding.dtype == "int8":
+        return embedding.float_weights()
+    return embedding.table
+
+
+def _packed_tensors(name: str, linear: BitLinear, linear_class: str) -> Iterator[tuple[str, np.ndarray]]:
+    """The ``weight`` / ``weight_scale`` (/ ``bias``) tensors of one projection in HF packed form."""
+    ternary = unpack(linear.weight)
+    hf = pack(type(ternary)(ternary.codes, np.float32(1.0).reshape(())), HF_PACK)
+    divide = linear_class == "bitlinear"
+    if linear.checkpoint_scale is not None and linear.checkpoint_scale[1] == divide:
+        stored = linear.checkpoint_scale[0]
+    else:
+        scale = np.float32(linear.weight.scale)
+        stored = np.float32(1.0) / scale if divide else scale
+    yield f"{name}.weight", hf.data
+    yield f"{name}.weight_scale", np.asarray(stored, np.float32).reshape(1)
+    if linear.bias is not None:
+        yield f"{name}.bias", linear.bias
+
+
+def save_pretrained(model: BitNetForCausalLM, path: str | Path) -> None:
+    """Write ``model`` as an HF packed BitNet checkpoint: ``config.json`` + ``model.safetensors``.
+
+    Projections are stored packed (uint8, 4 weights per byte, HF layout) with a float32
+    ``weight_scale`` following the config's ``linear_class``; norms as float32; the
+    embedding (and untied head) in their storage dtype (int8 tables as float32).
+    """
+    safetensors = _safetensors()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for name, linear in model.named_linears():
+        tensors.update(_packed_tensors(name, linear, model.config.linear_class))
+    for name, norm in model.named_norms():
+        tensors[name] = norm.weight
+    tensors["model.embed_tokens.weight"] = _embedding_tensor(model.embed_tokens)
+    if not model.tied:
+        tensors["lm_head.weight"] = _embedding_tensor(model.lm_head)
+    tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+    safetensors.numpy.save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    (path / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")

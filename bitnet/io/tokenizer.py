@@ -1,0 +1,31 @@
+"""The tokenizer of a model directory (``tokenizer.json``), through the ``tokenizers`` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import errors
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_tokenizer(path: str | Path):
+    """The ``tokenizers.Tokenizer`` of model directory ``path``, or None when it has no ``tokenizer.json``.
+
+    Raises
+    ------
+    CheckpointError when ``tokenizer.json`` exists but cannot be read, or ``tokenizers`` is not installed.
+    """
+    file = Path(path) / TOKENIZER_FILE
+    if not file.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise errors.CheckpointError(
+            'reading tokenizer.json needs the tokenizers package: pip install "bitnet[hf]"'
+        ) from None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises untyped exceptions for bad files
+        raise errors.CheckpointError(f"{file} is not a valid tokenizer file ({exc})") from None

@@ -1,0 +1,13 @@
+"""Neural-network layers of a BitNet b1.58 transformer, in numpy on top of ``bn.matmul``.
+
+Every layer is a plain object called on float32 activations of shape ``(tokens, features)``.
+"""
+
+from .attention import Attention, KVCache
+from .embedding import Embedding
+from .linear import BitLinear
+from .mlp import MLP
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+__all__ = ["MLP", "Attention", "BitLinear", "Embedding", "KVCache", "RMSNorm", "RotaryEmbedding"]

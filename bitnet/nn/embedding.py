@@ -1,0 +1,136 @@
+"""The token embedding table, which also serves as the output head when the model ties them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors
+from . import head_kernels, scratch
+
+DTYPES = ("f32", "f16", "bf16", "int8")
+_NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to bf16 (nearest even) and return the raw uint16 words."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
+    """Widen raw bf16 words (uint16) to float32 exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+class Embedding:
+    """A ``(vocab, hidden)`` table: rows for token lookup, and ``h @ table.T`` for logits.
+
+    Storage (``dtype``): ``"f32"``, ``"f16"``, ``"bf16"`` (raw uint16 words, as checkpoints
+    hold it: numpy has no bfloat16) or ``"int8"`` (per-row absmax codes + float32 row
+    scales: half the bytes of bf16, so a faster head when decoding is memory bound).
+
+    Parameters
+    ----------
+    table : the stored array, ``(vocab, hidden)``: float32, float16, uint16 bf16 words or int8.
+    dtype : which of the storage kinds ``table`` is.
+    row_scale : float32 ``(vocab,)``, only for ``"int8"``.
+    """
+
+    def __init__(self, table: np.ndarray, dtype: str, row_scale: np.ndarray | None = None) -> None:
+        if dtype not in DTYPES:
+            raise errors.unknown_name("embedding dtype", dtype, DTYPES)
+        errors.check_ndim(table, "embedding table", (2,))
+        self.table = np.ascontiguousarray(table)
+        self.dtype = dtype
+        self.row_scale = row_scale
+
+    @classmethod
+    def from_weights(cls, weights: np.ndarray, dtype: str = "auto") -> Embedding:
+        """Store float weights (float32/float16, or bfloat16 from ml_dtypes) as ``dtype``.
+
+        ``"auto"`` keeps the checkpoint's own precision (bf16 stays bf16, nothing is widened).
+        """
+        source = _storage_kind(weights)
+        dtype = source if dtype == "auto" else dtype
+        if dtype not in DTYPES:
+            raise errors.unknown_name("embedding dtype", dtype, ("auto", *DTYPES))
+        if dtype == source:
+            raw = weights.view(np.uint16) if source == "bf16" else weights
+            return cls(raw, dtype)
+        as_float = _to_float32(weights, source)
+        if dtype == "bf16":
+            return cls(float_to_bf16_bits(as_float), dtype)
+        if dtype == "int8":
+            absmax = np.maximum(np.abs(as_float).max(axis=1), np.float32(1e-12))
+            row_scale = (absmax / np.float32(127)).astype(np.float32)
+            codes = np.rint(as_float / row_scale[:, None]).astype(np.int8)
+            return cls(codes, dtype, row_scale)
+        return cls(as_float.astype(_NUMPY_DTYPES[dtype]), dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.table.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.table.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes + (0 if self.row_scale is None else self.row_scale.nbytes)
+
+    def float_weights(self) -> np.ndarray:
+        """The table as float32 (a full-size copy: for saving and tests, not for inference)."""
+        return self.rows(np.arange(self.vocab_size))
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Float32 rows ``(len(ids), hidden)`` for token ids (a new array)."""
+        if self.dtype == "bf16":
+            out = np.empty((len(ids), self.hidden_size), np.float32)
+            head_kernels.rows_bf16(self.table, ids, out)
+            return out
+        rows = self.table[ids].astype(np.float32)
+        if self.dtype == "int8":
+            rows *= self.row_scale[ids, None]
+        return rows
+
+    def logits(self, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``h @ table.T`` for ``h`` of shape ``(n, hidden)`` float32 -> ``(n, vocab)`` float32."""
+        if out is None:
+            out = np.empty((h.shape[0], self.vocab_size), np.float32)
+        if self.dtype == "f32":
+            np.matmul(h, self.table.T, out=out)
+        elif self.dtype == "bf16":
+            head_kernels.logits_bf16(self.table, h, out)
+        elif self.dtype == "int8":
+            head_kernels.logits_int8(self.table, self.row_scale, h, out)
+        else:
+            self._logits_f16(h, out)
+        return out
+
+    def _logits_f16(self, h: np.ndarray, out: np.ndarray) -> None:
+        # Numba has no float16 arithmetic: widen blocks of rows (cache-sized) and use BLAS.
+        block = 1024
+        widened = scratch.empty((block, self.hidden_size))
+        for start in range(0, self.vocab_size, block):
+            rows = self.table[start : start + block]
+            chunk = widened[: rows.shape[0]]
+            chunk[...] = rows
+            np.matmul(h, chunk.T, out=out[:, start : start + rows.shape[0]])
+
+
+def _storage_kind(weights: np.ndarray) -> str:
+    if weights.dtype == np.float32:
+        return "f32"
+    if weights.dtype == np.float16:
+        return "f16"
+    if weights.dtype.name == "bfloat16":
+        return "bf16"
+    raise errors.DTypeError(f"embedding weights must be float32, float16 or bfloat16, got {weights.dtype}")
+
+
+def _to_float32(weights: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "bf16":
+        return bf16_bits_to_float(weights.view(np.uint16))
+    return weights.astype(np.float32)

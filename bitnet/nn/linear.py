@@ -1,0 +1,110 @@
+"""BitLinear: ternary weights, int8 per-token activations, one float scale per output."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors
+from ..formats import PackedTernary, convert, pack
+from ..ops import matmul
+from ..quant import quantize_weights
+from . import scratch
+from .norm import RMSNorm
+
+KERNEL_FORMAT = "i2"
+
+
+class BitLinear:
+    """``y = matmul(norm(x), W) + bias`` with ``W`` ternary and ``x`` quantized per row to int8.
+
+    ``bn.matmul`` does the work: per-row absmax int8 quantization of the input, the integer
+    ternary matmul, then ``acc / a * scale``. That is the forward of HF's ``BitLinear`` and
+    ``AutoBitLinear`` (offline mode) up to float rounding.
+
+    Parameters
+    ----------
+    weight : PackedTernary of shape ``(out_features, in_features)``; repacked into the
+        kernels' ``"i2"`` layout if it is in another format.
+    bias : optional float array ``(out_features,)``.
+    input_norm : optional RMSNorm applied to the input first (HF's ``use_rms_norm=True``).
+    """
+
+    def __init__(
+        self, weight: PackedTernary, bias: np.ndarray | None = None, input_norm: RMSNorm | None = None
+    ) -> None:
+        self.weight = convert(weight, KERNEL_FORMAT)
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        if self.bias is not None and self.bias.shape != (self.out_features,):
+            raise errors.ShapeError(f"bias must have shape ({self.out_features},), got {self.bias.shape}")
+        self.input_norm = input_norm
+        self.checkpoint_scale: tuple[np.ndarray, bool] | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @classmethod
+    def from_float(
+        cls, w: np.ndarray, bias: np.ndarray | None = None, input_norm: RMSNorm | None = None
+    ) -> BitLinear:
+        """Quantize float weights ``(out_features, in_features)`` with absmean (one scale per tensor)."""
+        return cls(pack(quantize_weights(w), KERNEL_FORMAT), bias, input_norm)
+
+    @classmethod
+    def from_packed(
+        cls,
+        data: np.ndarray,
+        shape: tuple[int, int],
+        weight_scale: float | np.ndarray,
+        format: str = "hf",
+        divide: bool = False,
+        bias: np.ndarray | None = None,
+        input_norm: RMSNorm | None = None,
+    ) -> BitLinear:
+        """Wrap packed bytes ``data`` (``format``) with a checkpoint's per-tensor ``weight_scale``.
+
+        The weights are ``codes * weight_scale``, or ``codes / weight_scale`` with ``divide=True``
+        (HF ``linear_class: "bitlinear"``). The stored value is kept as ``checkpoint_scale``
+        so that saving writes back the same bytes.
+        """
+        stored = np.asarray(weight_scale, dtype=np.float32).reshape(())
+        scale = (np.float32(1.0) / stored) if divide else stored
+        weight = PackedTernary(format, tuple(shape), np.ascontiguousarray(data), np.asarray(scale, np.float32))
+        layer = cls(weight, bias, input_norm)
+        layer.checkpoint_scale = (stored, divide)
+        return layer
+
+    @classmethod
+    def stacked(cls, layers: list[BitLinear]) -> BitLinear:
+        """One layer computing the outputs of ``layers`` side by side (e.g. q, k and v).
+
+        The layers share their input, so its int8 quantization is done once; each keeps
+        its own scale as a per-output-channel scale. Layers with a bias or an input norm
+        cannot be stacked.
+        """
+        if any(layer.bias is not None or layer.input_norm is not None for layer in layers):
+            raise errors.InvalidValueError("only layers without bias or input norm can be stacked")
+        weights = [layer.weight for layer in layers]
+        data = np.concatenate([w.data for w in weights])
+        scale = np.concatenate([np.broadcast_to(w.scale, (w.shape[0], 1)) for w in weights]).astype(np.float32)
+        shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+        # The layers keep their own weights as row views of the stacked bytes: no second copy.
+        start = 0
+        for layer, w in zip(layers, weights, strict=True):
+            rows = data[start : start + w.shape[0]]
+            layer.weight = PackedTernary(KERNEL_FORMAT, w.shape, rows, w.scale, w.granularity, w.group_size)
+            start += w.shape[0]
+        return cls(PackedTernary(KERNEL_FORMAT, shape, data, scale, "channel"))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``x`` of shape ``(n, in_features)`` float32 -> ``(n, out_features)`` float32 step temporary."""
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        out = matmul(x, self.weight, out=scratch.empty((x.shape[0], self.out_features)))
+        if self.bias is not None:
+            out += self.bias
+        return out
