@@ -1,0 +1,281 @@
+"""numba-cuda kernels for ternary matmul: int8 activation quantization, GEMV and GEMM.
+
+Importing this module imports ``numba.cuda``; ``bitnet.cuda.backend`` does so only once it
+knows CUDA (or the simulator) is usable. Kernels trust their caller for shapes and dtypes.
+
+Layouts (made by ``bitnet.cuda.weights`` and ``bitnet.cuda.backend``)
+---------------------------------------------------------------------
+* **weights**: the ``i2`` payload, unchanged, read as little-endian uint32 words,
+  ``(m, kpad / 16)``. Word ``t`` of a row is bytes ``4t .. 4t+3``; with block ``b = t // 16``
+  and ``j = 4 (t % 16)``, ``(word >> 2i) & 0x03030303`` holds ``code + 1`` (0, 1 or 2) of
+  columns ``256 b + 64 i + j + (0, 1, 2, 3)``, one per byte: four *consecutive* columns, so
+  one shift and one mask decode four weights in a register.
+* **activations**: int8 codes packed four to an int32 word (little-endian), ``kpad / 4``
+  words per token, zero past ``k``. The weights' sub-word ``i`` of word ``t`` pairs with
+  activation word ``64 b + 16 i + t % 16``.
+* **dot product**: ``dp4a(qword, code_word, acc)`` adds four byte products at once, giving
+  ``sum q (code + 1)``; subtracting the token's ``sum q`` (made while quantizing) leaves the
+  exact ``sum q code``. Padding columns have ``q = 0``, so they add nothing.
+
+Reductions: a warp sums its lanes with ``shfl_down_sync``; blocks reduce through 8 words of
+shared memory. Every lane of a warp (every thread of a block for block reductions) makes
+the same reduction calls, which keeps the kernels valid under the simulator too.
+
+Output scaling is ``float32(float64(acc) / float64(a) * float64(s))``: exactly what
+``bitnet.ops.matmul`` computes on the CPU (numpy promotes int32 / float32 to float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import config, cuda, int32
+
+WARP = 32
+THREADS = 256  # threads per block in every kernel: 8 warps
+WARPS = THREADS // WARP
+FULL_MASK = 0xFFFFFFFF
+CODE_MASK = 0x03030303  # the low 2 bits of each byte
+WORDS_PER_BLOCK = 16  # uint32 words in one 64-byte i2 block of 256 weights
+TOKEN_TILE = 8  # tokens sharing each weight load in the GEMM kernel
+
+INT8_LEVELS = np.float32(127.0)
+ACTIVATION_ABSMAX_MIN = np.float32(1e-5)
+FLOAT32_MAX = np.float32(3.4028235e38)
+NAN32 = np.float32(np.nan)
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+# Dynamic shared memory's element type: the simulator sizes it with ``dtype.itemsize``.
+SHARED_INT32 = np.dtype(np.int32) if SIMULATOR else int32
+
+if SIMULATOR:
+    from . import simulator
+
+    simulator.install()
+
+    def dp4a(qword, code_word, acc):
+        """``acc + sum_i signed_byte_i(qword) * byte_i(code_word)``, in Python for the simulator."""
+        qword, code_word = int(qword), int(code_word)
+        for i in range(4):
+            q = (qword >> (8 * i)) & 0xFF
+            q -= (q & 0x80) << 1  # sign-extend the byte
+            acc += q * ((code_word >> (8 * i)) & 0xFF)
+        return acc
+
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def dp4a(typingctx, qword, code_word, acc):
+        """PTX ``dp4a.s32.u32``: ``acc + sum_i signed_byte_i(qword) * unsigned_byte_i(code_word)``."""
+        signature = types.int32(types.int32, types.uint32, types.int32)
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            asm = ir.InlineAsm(ir.FunctionType(i32, [i32, i32, i32]), "dp4a.s32.u32 $0, $1, $2, $3;", "=r,r,r,r")
+            return builder.call(asm, args)
+
+        return signature, codegen
+
+
+@cuda.jit(device=True)
+def warp_sum(value):
+    """Sum of ``value`` over the 32 lanes, returned to lane 0."""
+    offset = WARP // 2
+    while offset > 0:
+        value += cuda.shfl_down_sync(FULL_MASK, value, offset)
+        offset //= 2
+    return value
+
+
+@cuda.jit(device=True)
+def block_max(value, scratch):
+    """Max of ``value`` over the block, returned to every thread (``scratch``: WARPS floats)."""
+    offset = WARP // 2
+    while offset > 0:
+        value = max(value, cuda.shfl_down_sync(FULL_MASK, value, offset))
+        offset //= 2
+    if cuda.threadIdx.x % WARP == 0:
+        scratch[cuda.threadIdx.x // WARP] = value
+    cuda.syncthreads()
+    result = scratch[0]
+    for w in range(1, cuda.blockDim.x // WARP):
+        result = max(result, scratch[w])
+    cuda.syncthreads()  # scratch may be reused right after
+    return result
+
+
+@cuda.jit(device=True)
+def block_sum(value, scratch):
+    """Sum of ``value`` over the block, returned to every thread (``scratch``: WARPS ints)."""
+    value = warp_sum(value)
+    if cuda.threadIdx.x % WARP == 0:
+        scratch[cuda.threadIdx.x // WARP] = value
+    cuda.syncthreads()
+    result = scratch[0]
+    for w in range(1, cuda.blockDim.x // WARP):
+        result += scratch[w]
+    cuda.syncthreads()
+    return result
+
+
+@cuda.jit(device=True)
+def quantize_token(x, k, words, amax_scratch, sum_scratch):
+    """Quantize ``x[:k]`` (one token) into int8 codes packed in ``words``; the whole block works on it.
+
+    Returns ``(a, qsum)``: the float32 scale ``127 / max(max|x|, 1e-5)`` (NaN, with all codes 0,
+    if ``x`` holds NaN or Inf) and the int32 sum of the codes. Bit for bit the formula of
+    ``bitnet.kernels.quantize.quantize_rows_int8``: float32 product, round half to even.
+    """
+    amax = np.float32(0.0)
+    finite = 1
+    for j in range(cuda.threadIdx.x, k, cuda.blockDim.x):
+        v = abs(x[j])
+        if not (v <= FLOAT32_MAX):
+            finite = 0
+        amax = max(amax, v)
+    all_finite = cuda.syncthreads_and(finite)
+    amax = block_max(amax, amax_scratch)
+    a = INT8_LEVELS / max(amax, ACTIVATION_ABSMAX_MIN)
+    if not all_finite:
+        a = NAN32
+    qsum = 0
+    for u in range(cuda.threadIdx.x, words.shape[0], cuda.blockDim.x):
+        word = 0
+        for e in range(4):
+            j = 4 * u + e
+            if all_finite and j < k:
+                q = min(max(round(x[j] * a), -128), 127)
+                qsum += q
+                word |= (q & 0xFF) << (8 * e)
+        words[u] = word - ((word >> 31) << 32)  # the unsigned bit pattern as a signed int32
+    return a, block_sum(int32(qsum), sum_scratch)
+
+
+@cuda.jit(device=True)
+def row_dot(weights, row, qwords, lane):
+    """This lane's part of ``sum q (code + 1)`` over weight row ``row`` (the warp's lanes split the words)."""
+    acc = int32(0)
+    for t in range(lane, weights.shape[1], WARP):
+        word = weights[row, t]
+        base = (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
+        acc = dp4a(qwords[base], word & CODE_MASK, acc)
+        acc = dp4a(qwords[base + 16], (word >> 2) & CODE_MASK, acc)
+        acc = dp4a(qwords[base + 32], (word >> 4) & CODE_MASK, acc)
+        acc = dp4a(qwords[base + 48], (word >> 6) & CODE_MASK, acc)
+    return acc
+
+
+@cuda.jit(device=True)
+def scaled(acc, a, s):
+    """``float32(acc / a * s)`` computed in float64, as numpy does for int32 / float32."""
+    return np.float32(np.float64(acc) / np.float64(a) * np.float64(s))
+
+
+@cuda.jit
+def quantize_rows(x, k, qwords, qsums, scales):
+    """One block per token: ``qwords[n]`` (packed codes), ``qsums[n]`` and ``scales[n]`` of ``x[n, :k]``."""
+    amax_scratch = cuda.shared.array(WARPS, np.float32)
+    sum_scratch = cuda.shared.array(WARPS, np.int32)
+    token = cuda.blockIdx.x
+    a, qsum = quantize_token(x[token], k, qwords[token], amax_scratch, sum_scratch)
+    if cuda.threadIdx.x == 0:
+        scales[token] = a
+        qsums[token] = qsum
+
+
+@cuda.jit
+def quantize_gemv(x, k, weights, wscale, rows_per_warp, out):
+    """Decode path, one launch: each block quantizes token ``blockIdx.y`` into shared memory
+    (``kpad`` bytes of dynamic shared memory), then each warp computes ``rows_per_warp`` outputs.
+
+    Re-quantizing per block costs a k-float read from L2 per block, far less than the weights
+    the block streams; it saves a launch and a global round trip on the decode critical path.
+    """
+    qwords = cuda.shared.array(0, SHARED_INT32)
+    amax_scratch = cuda.shared.array(WARPS, np.float32)
+    sum_scratch = cuda.shared.array(WARPS, np.int32)
+    token = cuda.blockIdx.y
+    a, qsum = quantize_token(x[token], k, qwords, amax_scratch, sum_scratch)
+    lane = cuda.threadIdx.x % WARP
+    warps = cuda.blockDim.x // WARP
+    first = cuda.blockIdx.x * warps * rows_per_warp + cuda.threadIdx.x // WARP
+    for i in range(rows_per_warp):
+        row = first + i * warps
+        acc = int32(0)
+        if row < weights.shape[0]:
+            acc = row_dot(weights, row, qwords, lane)
+        acc = warp_sum(acc)
+        if lane == 0 and row < weights.shape[0]:
+            out[token, row] = scaled(acc - qsum, a, wscale[row])
+
+
+@cuda.jit(device=True)
+def tile_accumulate(weights, row, qwords, first_token, lane, acc):
+    """``acc[t] = sum q (code + 1)`` (this lane's part) of row ``row`` for tokens ``first_token + t``.
+
+    Each weight word is loaded and decoded once for the whole tile of tokens.
+    """
+    ntokens = min(TOKEN_TILE, qwords.shape[0] - first_token)
+    for t in range(TOKEN_TILE):
+        acc[t] = 0
+    for t in range(lane, weights.shape[1], WARP):
+        word = weights[row, t]
+        codes0 = word & CODE_MASK
+        codes1 = (word >> 2) & CODE_MASK
+        codes2 = (word >> 4) & CODE_MASK
+        codes3 = (word >> 6) & CODE_MASK
+        base = (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
+        for i in range(ntokens):
+            q = qwords[first_token + i]
+            s = dp4a(q[base], codes0, acc[i])
+            s = dp4a(q[base + 16], codes1, s)
+            s = dp4a(q[base + 32], codes2, s)
+            acc[i] = dp4a(q[base + 48], codes3, s)
+
+
+@cuda.jit
+def gemm(qwords, qsums, scales, weights, wscale, rows_per_warp, out):
+    """Prefill path: block (``blockIdx.x``, ``blockIdx.y``) does ``rows_per_warp`` rows per warp
+    for tokens ``TOKEN_TILE * blockIdx.y ...``; activations come quantized by ``quantize_rows``."""
+    acc = cuda.local.array(TOKEN_TILE, np.int32)
+    lane = cuda.threadIdx.x % WARP
+    warps = cuda.blockDim.x // WARP
+    first = cuda.blockIdx.x * warps * rows_per_warp + cuda.threadIdx.x // WARP
+    first_token = cuda.blockIdx.y * TOKEN_TILE
+    for i in range(rows_per_warp):
+        row = first + i * warps
+        if row < weights.shape[0]:
+            tile_accumulate(weights, row, qwords, first_token, lane, acc)
+        for t in range(TOKEN_TILE):
+            total = warp_sum(acc[t] if row < weights.shape[0] else int32(0))
+            token = first_token + t
+            if lane == 0 and row < weights.shape[0] and token < out.shape[0]:
+                out[token, row] = scaled(total - qsums[token], scales[token], wscale[row])
+
+
+@cuda.jit
+def gemm_int(qwords, qsums, weights, rows_per_warp, out):
+    """``gemm`` without the scaling: exact int32 ``q @ codes.T`` (for ``matmul_int``)."""
+    acc = cuda.local.array(TOKEN_TILE, np.int32)
+    lane = cuda.threadIdx.x % WARP
+    warps = cuda.blockDim.x // WARP
+    first = cuda.blockIdx.x * warps * rows_per_warp + cuda.threadIdx.x // WARP
+    first_token = cuda.blockIdx.y * TOKEN_TILE
+    for i in range(rows_per_warp):
+        row = first + i * warps
+        if row < weights.shape[0]:
+            tile_accumulate(weights, row, qwords, first_token, lane, acc)
+        for t in range(TOKEN_TILE):
+            total = warp_sum(acc[t] if row < weights.shape[0] else int32(0))
+            token = first_token + t
+            if lane == 0 and row < weights.shape[0] and token < out.shape[0]:
+                out[token, row] = total - qsums[token]
+
+
+def grid_rows(m: int, rows_per_warp: int) -> int:
+    """Blocks along the output rows for ``m`` rows at ``rows_per_warp`` rows per warp."""
+    return math.ceil(m / (WARPS * rows_per_warp))
