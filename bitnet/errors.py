@@ -51,6 +51,10 @@ class ConfigError(CheckpointError):
     """A model ``config.json`` this library cannot run (another ``model_type``, an unsupported option)."""
 
 
+class GGUFError(CheckpointError):
+    """A GGUF file that cannot be read or written: corrupt, truncated, or holding a type or architecture we lack."""
+
+
 class ArenaError(BitNetError, RuntimeError):
     """Misuse of an arena: releasing a foreign buffer, releasing twice, ..."""
 
