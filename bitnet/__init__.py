@@ -24,7 +24,7 @@ from .formats import FORMATS, PackedTernary, convert, pack, unpack
 from .io import load_pretrained, load_tokenizer
 from .memory import Arena, default_arena
 from .models import BitNetConfig, BitNetForCausalLM
-from .ops import matmul, matmul_int
+from .ops import get_num_threads, matmul, matmul_int, set_num_threads
 from .quant import QuantizedTensor, TernaryTensor, quantize_activations, quantize_weights
 
 __version__ = "0.1.0"
@@ -58,11 +58,13 @@ __all__ = [
     "convert",
     "default_arena",
     "devices",
+    "get_num_threads",
     "matmul",
     "matmul_int",
     "metrics",
     "pack",
     "quantize_activations",
     "quantize_weights",
+    "set_num_threads",
     "unpack",
 ]

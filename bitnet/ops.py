@@ -1,35 +1,196 @@
-"""Ternary matmul: validate inputs once, quantize activations, run the integer kernel, scale."""
+"""Ternary matmul: validate inputs once, quantize activations, run the integer kernel, scale.
+
+The kernels (``bitnet.kernels.matmul``) need the ``i2`` layout and an int8 activation
+buffer zero-padded to a whole number of 256-weight blocks. This module turns whatever the
+caller gives into exactly that, then hands plain arrays to one Numba call.
+
+Kernel path: chosen at import from the CPU's features (``avx512vnni``, ``avxvnni``,
+``avx2``, else ``portable``); ``BITNET_KERNEL=<path>`` forces one (see
+``bitnet.kernels.cpu_features``). ``KERNEL_PATH`` says which one is in use.
+"""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from . import backends, errors
-from .formats import PackedTernary, unpack
-from .quant import quantize_activations
+from .formats import PackedTernary, convert
+from .kernels import cpu_features
+from .kernels import matmul as kernels
+
+KERNEL_PATH = cpu_features.selected_path()
+_REPACKED = "i2"  # key in PackedTernary.cache for weights repacked into the kernel layout
+_NO_FLOAT_OUT = np.empty((0, 0), np.float32)
+_NO_ACT_SCALE = np.empty(0, np.float32)
+_MAX_K = 2**24  # beyond this an exact int8 x ternary dot product may not fit in int32
 
 
-def _codes(w: PackedTernary) -> np.ndarray:
-    if "codes" not in w.cache:
-        w.cache["codes"] = unpack(w).codes
-    return w.cache["codes"]
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in the matmul kernels (and every other Numba parallel kernel).
+
+    A thin wrapper over ``numba.set_num_threads``: the setting is per calling thread, and
+    results are bit-identical whatever it is.
+
+    Raises
+    ------
+    InvalidValueError unless ``1 <= n <= numba.config.NUMBA_NUM_THREADS`` (the pool size,
+    set with the ``NUMBA_NUM_THREADS`` environment variable before import).
+    """
+    limit = numba.config.NUMBA_NUM_THREADS
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= limit:
+        raise errors.InvalidValueError(f"the number of threads must be an integer in [1, {limit}], got {n!r}")
+    numba.set_num_threads(int(n))
 
 
-def matmul_int(q: np.ndarray, w: PackedTernary) -> np.ndarray:
-    """Exact int32 accumulators ``q @ codes.T`` of int8 activations ``q`` (``(k,)`` or ``(n, k)``)."""
+def get_num_threads() -> int:
+    """The number of threads the matmul kernels use (``numba.get_num_threads``)."""
+    return numba.get_num_threads()
+
+
+def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
+    """The i2 payload, the scale as a flat float32 array, and the scale's step per output row.
+
+    Weights in another format are repacked to i2 once and kept in ``w.cache``.
+    """
+    if not isinstance(w, PackedTernary):
+        raise errors.DTypeError(f"weights must be a bn.PackedTernary (from bn.pack), got {type(w).__name__}")
+    if w.granularity == "group":
+        raise errors.FormatError(
+            f"matmul supports per-tensor and per-channel weight scales, not granularity='group' "
+            f"(group_size={w.group_size}); quantize with granularity='tensor' or 'channel'"
+        )
+    if w.shape[1] > _MAX_K:
+        raise errors.ShapeError(f"matmul supports up to {_MAX_K} input features (exact int32 sums), got {w.shape[1]}")
+    if w.format == _REPACKED:
+        data = w.data
+    else:
+        if _REPACKED not in w.cache:
+            w.cache[_REPACKED] = convert(w, _REPACKED).data
+        data = w.cache[_REPACKED]
+    if not data.flags.c_contiguous:
+        data = np.ascontiguousarray(data)
+    scale_step = 1 if w.granularity == "channel" else 0
+    return data, w.scale.reshape(-1), scale_step
+
+
+def _workspace(n: int, k_padded: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Temporaries of one matmul: int8 activations ``(n, k_padded)``, their scales and sums.
+
+    The kernel writes every element, zero padding included; this is the one place to
+    change where they come from.
+    """
+    return np.empty((n, k_padded), np.int8), np.empty(n, np.float32), np.empty(n, np.int32)
+
+
+def _as_rows(a: np.ndarray, name: str, k: int) -> np.ndarray:
+    """``a`` as a C-contiguous ``(n, k)`` matrix (leading dimensions flattened)."""
+    if a.ndim == 0:
+        raise errors.ShapeError(f"{name} must have at least 1 dimension (k,) or (n, k), got a scalar")
+    if a.shape[-1] != k:
+        raise errors.ShapeError(
+            f"{name} have {a.shape[-1]} features (last axis of shape {a.shape}), the weights take {k}"
+        )
+    return np.ascontiguousarray(a.reshape(-1, k))
+
+
+def _checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if not isinstance(out, np.ndarray):
+        raise errors.DTypeError(f"out must be a numpy array, got {type(out).__name__}")
+    errors.check_dtype(out, "out", [np.float32])
+    if out.shape != shape:
+        raise errors.ShapeError(f"out must have shape {shape}, got {out.shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise errors.ShapeError("out must be a writeable, C-contiguous array")
+    return out
+
+
+def _isa(path: str | None):
+    return kernels.ISAS[KERNEL_PATH if path is None else path]
+
+
+def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> np.ndarray:
+    """Exact int32 accumulators ``q @ codes.T`` of int8 activations and ternary weights.
+
+    Parameters
+    ----------
+    q : ndarray of int8, shape ``(k,)`` or ``(..., k)`` (leading dimensions are tokens).
+    w : PackedTernary of shape ``(m, k)``, in any format. Formats other than ``i2`` are
+        repacked to ``i2`` on first use and the result is cached in ``w.cache``.
+    path : kernel path to use instead of ``KERNEL_PATH`` (for tests and benchmarks).
+
+    Returns
+    -------
+    ndarray of int32, shape ``(m,)`` or ``(..., m)``: every value exact.
+
+    Raises
+    ------
+    DTypeError for activations that are not int8 or weights that are not a PackedTernary;
+    ShapeError when the last axis of ``q`` is not ``k``; FormatError for group-wise scales.
+    """
+    data, _, _ = _kernel_weights(w)
     q = np.asarray(q)
     errors.check_dtype(q, "activations", [np.int8])
-    if q.shape[-1] != w.shape[1]:
-        raise errors.ShapeError(f"activations have {q.shape[-1]} features, the weights take {w.shape[1]}")
-    return (q.astype(np.int32) @ _codes(w).T.astype(np.int32)).astype(np.int32)
+    m, k = w.shape
+    rows = _as_rows(q, "activations", k)
+    n = rows.shape[0]
+    acc = np.empty((n, m), np.int32)
+    if n:
+        padded, _, q_sum = _workspace(n, data.shape[1] * 4)
+        padded[:, :k] = rows
+        padded[:, k:] = 0
+        np.sum(rows, axis=1, dtype=np.int32, out=q_sum)
+        kernels.ternary_matmul(_isa(path), data, padded, q_sum, _NO_ACT_SCALE, w.scale.reshape(-1), 0,
+                               acc, _NO_FLOAT_OUT, False)
+    return acc.reshape(q.shape[:-1] + (m,))
 
 
-def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, device: str = "cpu") -> np.ndarray:
-    """``x @ W.T`` with int8 per-row activations and ternary weights: ``acc / a * s`` in float32."""
+def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, device: str = "cpu",
+           *, path: str | None = None) -> np.ndarray:
+    """``x @ W.T`` the BitNet b1.58 way: int8 per-token activations times ternary weights.
+
+    Each row of ``x`` is quantized to int8 (``bn.quantize_activations``: scale ``a``), the
+    products are accumulated exactly in int32, and the result is ``acc / a * s`` in
+    float32 (``s`` the weight scale, per tensor or per output row). Quantization runs
+    inside the same compiled call as the matmul.
+
+    Parameters
+    ----------
+    x : ndarray of float, shape ``(k,)`` or ``(..., k)``; converted to float32.
+        Non-contiguous arrays are accepted (copied).
+    w : PackedTernary of shape ``(m, k)``, in any format. Formats other than ``i2`` are
+        repacked to ``i2`` on first use and the result is cached in ``w.cache``.
+    out : optional float32 C-contiguous array of the result's shape to write into.
+    device : "cpu", or another backend of ``bn.devices()`` to run it there.
+    path : kernel path to use instead of ``KERNEL_PATH`` (for tests and benchmarks).
+
+    Returns
+    -------
+    ndarray of float32, shape ``(m,)`` or ``(..., m)`` (``out`` when given). A row of ``x``
+    holding NaN or Inf gives a row of NaN.
+
+    Raises
+    ------
+    DTypeError for non-float ``x``, a wrong ``out`` dtype or weights that are not a
+    PackedTernary; ShapeError when the last axis of ``x`` is not ``k`` or ``out`` has the
+    wrong shape or is not C-contiguous; FormatError for group-wise weight scales
+    (``granularity="group"`` is not supported by matmul); DeviceError for an unavailable device.
+    """
     if device != backends.CPU:
         return backends.get_backend(device).matmul(x, w, out=out)
-    q, a = quantize_activations(x)
-    if w.granularity != "tensor" and w.granularity != "channel":
-        raise errors.FormatError("matmul needs a per-tensor or per-channel weight scale")
-    scale = w.scale.reshape(-1) if w.granularity == "channel" else w.scale
-    return (matmul_int(q, w) / a * scale).astype(np.float32)
+    data, scale, scale_step = _kernel_weights(w)
+    x = np.asarray(x)
+    errors.check_float(x, "activations")
+    m, k = w.shape
+    rows = _as_rows(x, "activations", k)
+    if rows.dtype != np.float32:
+        rows = rows.astype(np.float32)
+    n = rows.shape[0]
+    result = _checked_out(out, x.shape[:-1] + (m,))
+    if n:
+        q, act_scale, q_sum = _workspace(n, data.shape[1] * 4)
+        kernels.quantize_and_matmul(_isa(path), rows, data, q, act_scale, q_sum, scale, scale_step,
+                                    result.reshape(n, m))
+    return result

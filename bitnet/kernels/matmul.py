@@ -1,0 +1,316 @@
+"""Ternary matmul kernels: int8 activations times ``i2``-packed ternary weights, exact in int32.
+
+Layout (``bitnet.formats.i2``): row ``r`` of the weights is ``nb`` blocks of 64 bytes;
+byte ``j`` of block ``b`` holds ``W[r, 256 b + 64 i + j] + 1`` in bits ``2i..2i+1``. The
+activations come as an int8 buffer ``q`` of shape ``(n, 256 nb)``, zero past the true ``k``
+(so the padded weight codes, stored as 1, add nothing).
+
+The kernels multiply the *unsigned* stored codes ``c = w + 1`` in {0, 1, 2} by the signed
+activations, which is what the x86 byte multiply-add instructions take, and subtract
+``sum(q)`` once per token at the end: ``sum(w q) = sum(c q) - sum(q)``.
+
+Two kernels per instruction set:
+
+* ``n == 1`` (decode, GEMV): two rows at a time. Instead of shifting each byte to get
+  code ``i``, it masks it in place (``byte & (3 << 2i)`` = ``c_i * 4**i``) into a separate
+  accumulator per ``i``, and divides by ``4**i`` once at the end (exact: every lane is a
+  multiple of ``4**i``). One load, four ``and`` and four multiply-adds per 256 weights.
+* ``n > 1`` (prefill, GEMM): a tile of 2 rows x 4 tokens. Each 64-byte weight block is
+  decoded (shift + mask) once into registers and reused for the 4 tokens, so the decode
+  cost does not grow with ``n``; the tile's activations (4 rows of ``q``) stay in L1.
+
+Accumulator lanes are flushed into int64 totals every ``FOLD_BLOCKS`` blocks, so no int32
+lane can overflow whatever ``k``; the result is exact whenever it fits in int32.
+
+Work is split over output rows with ``prange``; every output value is computed by one
+thread in a fixed order, so results are bit-identical for any thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+from numba.extending import overload
+
+from .simd import (
+    AVX2,
+    AVX512VNNI,
+    AVXVNNI,
+    IsaMarker,
+    add_acc,
+    and_bytes,
+    byte_vector_size,
+    dot_acc,
+    load_bytes,
+    shift_right_acc,
+    shift_right_bytes,
+    splat_bytes,
+    sum_acc,
+    zero_acc,
+)
+
+BLOCK = 256  # weights per i2 block
+BLOCK_BYTES = 64  # bytes per i2 block
+FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lanes stay < 2**31)
+TILE_ROWS = 2
+TILE_TOKENS = 4
+
+PORTABLE = IsaMarker("portable", 0)
+ISAS = {"avx512vnni": AVX512VNNI, "avxvnni": AVXVNNI, "avx2": AVX2, "portable": PORTABLE}
+
+_KERNEL = dict(cache=True, nogil=True, boundscheck=False)
+_ACT_LEVELS = np.float32(127.0)
+_ACT_ABSMAX_MIN = np.float32(1e-5)
+_FLOAT32_MAX = np.float32(3.4028235e38)
+
+
+# --- activation quantization, fused ahead of the matmul ------------------------------------
+
+
+@njit(**_KERNEL)
+def _quantize_row(x, t, q, act_scale, q_sum):
+    """Row ``t`` of ``x`` to int8 in ``q[t]`` (zero padding after it), its scale and ``sum(q)``.
+
+    The formula of ``bitnet.quant.quantize_activations`` (float32 throughout):
+    ``a = 127 / max(max|x|, 1e-5)``, ``q = clip(rint(x a), -128, 127)``; a row holding
+    NaN or Inf gets ``a = NaN`` and ``q = 0``, so its outputs come out NaN.
+    """
+    k = x.shape[1]
+    amax = np.float32(0.0)
+    finite = True
+    for j in range(k):
+        v = abs(x[t, j])
+        if not (v <= _FLOAT32_MAX):
+            finite = False
+        amax = max(amax, v)
+    q[t, k:] = 0
+    if not finite:
+        act_scale[t] = np.float32(np.nan)
+        q[t, :k] = 0
+        q_sum[t] = 0
+        return
+    a = _ACT_LEVELS / max(amax, _ACT_ABSMAX_MIN)
+    act_scale[t] = a
+    total = 0
+    for j in range(k):
+        v = np.int8(min(max(np.rint(x[t, j] * a), np.float32(-128.0)), np.float32(127.0)))
+        q[t, j] = v
+        total += v
+    q_sum[t] = total
+
+
+@njit(parallel=True, **_KERNEL)
+def quantize_padded(x, q, act_scale, q_sum):
+    """Quantize every row of ``x`` (n, k) into ``q`` (n, >= k, zero-padded), ``act_scale`` and ``q_sum``."""
+    n = x.shape[0]
+    if n == 1:
+        _quantize_row(x, 0, q, act_scale, q_sum)
+        return
+    for t in prange(n):
+        _quantize_row(x, t, q, act_scale, q_sum)
+
+
+# --- SIMD inner loops ------------------------------------------------------------------------
+
+
+@njit(**_KERNEL)
+def _unmask(a0, a1, a2, a3):
+    """Sum of the four masked accumulators: lane ``i`` holds ``4**i`` times its true value."""
+    folded = add_acc(add_acc(a0, shift_right_acc(a1, 2)), add_acc(shift_right_acc(a2, 4), shift_right_acc(a3, 6)))
+    return sum_acc(folded)
+
+
+@njit(**_KERNEL)
+def _row_pair_simd(isa, w, r0, r1, q, t):
+    """``sum(c q[t])`` for stored codes ``c`` of rows ``r0`` and ``r1`` (GEMV inner loop)."""
+    nb = w.shape[1] // BLOCK_BYTES
+    wb, kp = w.shape[1], q.shape[1]
+    step = byte_vector_size(isa)
+    mask0, mask1 = splat_bytes(isa, 0x03), splat_bytes(isa, 0x0C)
+    mask2, mask3 = splat_bytes(isa, 0x30), splat_bytes(isa, 0xC0)
+    total0 = 0
+    total1 = 0
+    for start in range(0, nb, FOLD_BLOCKS):
+        a00, a01, a02, a03 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+        a10, a11, a12, a13 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+        for b in range(start, min(nb, start + FOLD_BLOCKS)):
+            for h in range(0, BLOCK_BYTES, step):
+                x0 = load_bytes(isa, w, r0 * wb + b * BLOCK_BYTES + h)
+                x1 = load_bytes(isa, w, r1 * wb + b * BLOCK_BYTES + h)
+                at = t * kp + b * BLOCK + h
+                v = load_bytes(isa, q, at)
+                a00 = dot_acc(isa, a00, and_bytes(x0, mask0), v)
+                a10 = dot_acc(isa, a10, and_bytes(x1, mask0), v)
+                v = load_bytes(isa, q, at + 64)
+                a01 = dot_acc(isa, a01, and_bytes(x0, mask1), v)
+                a11 = dot_acc(isa, a11, and_bytes(x1, mask1), v)
+                v = load_bytes(isa, q, at + 128)
+                a02 = dot_acc(isa, a02, and_bytes(x0, mask2), v)
+                a12 = dot_acc(isa, a12, and_bytes(x1, mask2), v)
+                v = load_bytes(isa, q, at + 192)
+                a03 = dot_acc(isa, a03, and_bytes(x0, mask3), v)
+                a13 = dot_acc(isa, a13, and_bytes(x1, mask3), v)
+        total0 += _unmask(a00, a01, a02, a03)
+        total1 += _unmask(a10, a11, a12, a13)
+    return total0, total1
+
+
+@njit(**_KERNEL)
+def _tile_simd(isa, w, r0, r1, q, t0, t1, t2, t3):
+    """``sum(c q[t])`` for rows ``r0, r1`` x tokens ``t0..t3`` (GEMM inner loop), as 8 int64s."""
+    nb = w.shape[1] // BLOCK_BYTES
+    wb, kp = w.shape[1], q.shape[1]
+    step = byte_vector_size(isa)
+    three = splat_bytes(isa, 3)
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = 0
+    for start in range(0, nb, FOLD_BLOCKS):
+        a00, a01, a02, a03 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+        a10, a11, a12, a13 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+        for b in range(start, min(nb, start + FOLD_BLOCKS)):
+            for h in range(0, BLOCK_BYTES, step):
+                x0 = load_bytes(isa, w, r0 * wb + b * BLOCK_BYTES + h)
+                x1 = load_bytes(isa, w, r1 * wb + b * BLOCK_BYTES + h)
+                for i in range(4):
+                    c0 = and_bytes(shift_right_bytes(x0, 2 * i), three)
+                    c1 = and_bytes(shift_right_bytes(x1, 2 * i), three)
+                    at = b * BLOCK + 64 * i + h
+                    v = load_bytes(isa, q, t0 * kp + at)
+                    a00 = dot_acc(isa, a00, c0, v)
+                    a10 = dot_acc(isa, a10, c1, v)
+                    v = load_bytes(isa, q, t1 * kp + at)
+                    a01 = dot_acc(isa, a01, c0, v)
+                    a11 = dot_acc(isa, a11, c1, v)
+                    v = load_bytes(isa, q, t2 * kp + at)
+                    a02 = dot_acc(isa, a02, c0, v)
+                    a12 = dot_acc(isa, a12, c1, v)
+                    v = load_bytes(isa, q, t3 * kp + at)
+                    a03 = dot_acc(isa, a03, c0, v)
+                    a13 = dot_acc(isa, a13, c1, v)
+        s00 += sum_acc(a00)
+        s01 += sum_acc(a01)
+        s02 += sum_acc(a02)
+        s03 += sum_acc(a03)
+        s10 += sum_acc(a10)
+        s11 += sum_acc(a11)
+        s12 += sum_acc(a12)
+        s13 += sum_acc(a13)
+    return s00, s01, s02, s03, s10, s11, s12, s13
+
+
+# --- portable inner loops (plain Numba; LLVM vectorizes them for the target CPU) ----------------
+
+
+@njit(**_KERNEL)
+def _block_dot_portable(w, r, q, t, b):
+    """``sum(c q[t])`` over block ``b`` of row ``r``.
+
+    1-D slices with indices from ``range`` let LLVM prove the loads are consecutive (2-D
+    indexing with computed offsets keeps Numba's negative-index fix-up and turns into
+    gathers, 14x slower); int32 arithmetic throughout keeps the lanes narrow.
+    """
+    codes = w[r, b * BLOCK_BYTES : (b + 1) * BLOCK_BYTES]
+    acts = q[t, b * BLOCK : (b + 1) * BLOCK]
+    total = np.int32(0)
+    for j in range(BLOCK_BYTES):
+        byte = np.int32(codes[j])
+        term = (
+            (byte & 3) * np.int32(acts[j])
+            + ((byte >> 2) & 3) * np.int32(acts[64 + j])
+            + ((byte >> 4) & 3) * np.int32(acts[128 + j])
+            + (byte >> 6) * np.int32(acts[192 + j])
+        )
+        total = np.int32(total + np.int32(term))
+    return total
+
+
+@njit(**_KERNEL)
+def _row_pair_portable(w, r0, r1, q, t):
+    nb = w.shape[1] // BLOCK_BYTES
+    total0 = 0
+    total1 = 0
+    for b in range(nb):
+        total0 += _block_dot_portable(w, r0, q, t, b)
+        total1 += _block_dot_portable(w, r1, q, t, b)
+    return total0, total1
+
+
+@njit(**_KERNEL)
+def _tile_portable(w, r0, r1, q, t0, t1, t2, t3):
+    s00, s10 = _row_pair_portable(w, r0, r1, q, t0)
+    s01, s11 = _row_pair_portable(w, r0, r1, q, t1)
+    s02, s12 = _row_pair_portable(w, r0, r1, q, t2)
+    s03, s13 = _row_pair_portable(w, r0, r1, q, t3)
+    return s00, s01, s02, s03, s10, s11, s12, s13
+
+
+# --- one generic driver, specialised per instruction set at compile time -----------------------
+
+
+def _row_pair(isa, w, r0, r1, q, t):
+    """Compile-time dispatch to the GEMV inner loop of ``isa`` (see the overload below)."""
+
+
+def _tile(isa, w, r0, r1, q, t0, t1, t2, t3):
+    """Compile-time dispatch to the GEMM inner loop of ``isa``."""
+
+
+@overload(_row_pair, jit_options=_KERNEL)
+def _row_pair_for(isa, w, r0, r1, q, t):
+    if isa.isa == "portable":
+        return lambda isa, w, r0, r1, q, t: _row_pair_portable(w, r0, r1, q, t)
+    return lambda isa, w, r0, r1, q, t: _row_pair_simd(isa, w, r0, r1, q, t)
+
+
+@overload(_tile, jit_options=_KERNEL)
+def _tile_for(isa, w, r0, r1, q, t0, t1, t2, t3):
+    if isa.isa == "portable":
+        return lambda isa, w, r0, r1, q, t0, t1, t2, t3: _tile_portable(w, r0, r1, q, t0, t1, t2, t3)
+    return lambda isa, w, r0, r1, q, t0, t1, t2, t3: _tile_simd(isa, w, r0, r1, q, t0, t1, t2, t3)
+
+
+@njit(**_KERNEL)
+def _emit(t, r, total, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """Store one result: the int32 accumulator, or ``acc / a[t] * s[r]`` in float32."""
+    value = np.int32(total - q_sum[t])
+    if as_float:
+        out[t, r] = np.float32(value) / act_scale[t] * scale[r * scale_step]
+    else:
+        acc[t, r] = value
+
+
+@njit(parallel=True, **_KERNEL)
+def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``q @ (c - 1).T`` for i2 data ``w`` (m, 64 nb) and padded int8 ``q`` (n, 256 nb).
+
+    Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
+    ``acc / act_scale[t] * scale[r * scale_step]`` (``scale_step`` 0 for one scale per tensor).
+    Row pairs are spread over threads; an odd last row is paired with itself.
+    """
+    m = w.shape[0]
+    n = q.shape[0]
+    pairs = (m + TILE_ROWS - 1) // TILE_ROWS
+    if n == 1:
+        for p in prange(pairs):
+            r0 = TILE_ROWS * p
+            r1 = min(r0 + 1, m - 1)
+            s0, s1 = _row_pair(isa, w, r0, r1, q, 0)
+            _emit(0, r0, s0, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit(0, r1, s1, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+        return
+    for p in prange(pairs):
+        r0 = TILE_ROWS * p
+        r1 = min(r0 + 1, m - 1)
+        for t0 in range(0, n, TILE_TOKENS):
+            t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
+            s00, s01, s02, s03, s10, s11, s12, s13 = _tile(isa, w, r0, r1, q, t0, t1, t2, t3)
+            for t, s0, s1 in ((t0, s00, s10), (t1, s01, s11), (t2, s02, s12), (t3, s03, s13)):
+                _emit(t, r0, s0, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+                _emit(t, r1, s1, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+
+
+@njit(**_KERNEL)
+def quantize_and_matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, out):
+    """``out = matmul(x, w)`` in one compiled call: quantize ``x`` into ``q``, then multiply."""
+    quantize_padded(x, q, act_scale, q_sum)
+    no_int_out = np.empty((0, 0), np.int32)
+    ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, no_int_out, out, True)

@@ -1,0 +1,235 @@
+"""x86 SIMD building blocks for Numba kernels, written as ``@intrinsic`` LLVM IR.
+
+Plain Numba loops over ``uint8 * int8`` products never become the byte multiply-add
+instructions (``vpdpbusd``, ``vpmaddubsw``) that make ternary matmul fast, so the matmul
+kernels spell them out with the small vocabulary below. Vectors are real LLVM vector
+values (``<64 x i8>``, ``<16 x i32>``, ...) that Numba carries in registers like any
+scalar; each operation is one or two LLVM instructions.
+
+Every operation takes an *ISA marker* first (``AVX512VNNI``, ``AVXVNNI`` or ``AVX2``, module
+constants used as compile-time globals). Its Numba type fixes the vector width and which
+dot-product instruction ``dot_acc`` emits, so one generic kernel compiles to each
+instruction set. The markers must only be used on CPUs that have the features
+(``bitnet.kernels.cpu_features`` decides).
+
+Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
+/ ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
+``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator vectors.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.imputils import lower_constant
+from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
+
+
+class IsaMarker:
+    """A Python-side token naming an instruction set; Numba types it as :class:`IsaType`."""
+
+    def __init__(self, name: str, vector_bytes: int):
+        self.name = name
+        self.vector_bytes = vector_bytes
+
+    def __repr__(self) -> str:
+        return f"IsaMarker({self.name})"
+
+
+class IsaType(types.Type):
+    def __init__(self, isa: str, vector_bytes: int):
+        self.isa = isa
+        self.vector_bytes = vector_bytes
+        super().__init__(name=f"Isa({isa})")
+
+
+AVX512VNNI = IsaMarker("avx512vnni", 64)
+AVXVNNI = IsaMarker("avxvnni", 32)
+AVX2 = IsaMarker("avx2", 32)
+
+register_model(IsaType)(models.OpaqueModel)
+
+
+@typeof_impl.register(IsaMarker)
+def _typeof_marker(marker, context):
+    return IsaType(marker.name, marker.vector_bytes)
+
+
+@lower_constant(IsaType)
+def _lower_marker(context, builder, ty, pyval):
+    return context.get_constant_null(ty)
+
+
+@unbox(IsaType)
+def _unbox_marker(typ, obj, c):
+    """A marker carries no run-time data: only its type matters."""
+    return NativeValue(c.context.get_constant_null(typ))
+
+
+class VectorType(types.Type):
+    """An LLVM integer vector ``<lanes x i{bits}>`` held as one Numba value."""
+
+    def __init__(self, bits: int, lanes: int):
+        self.bits = bits
+        self.lanes = lanes
+        super().__init__(name=f"i{bits}x{lanes}")
+
+    @property
+    def llvm_type(self) -> ir.VectorType:
+        return ir.VectorType(ir.IntType(self.bits), self.lanes)
+
+
+@register_model(VectorType)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, fe_type.llvm_type)
+
+
+def _bytes_type(isa: IsaType) -> VectorType:
+    return VectorType(8, isa.vector_bytes)
+
+
+def _acc_type(isa: IsaType) -> VectorType:
+    return VectorType(32, isa.vector_bytes // 4)
+
+
+def _splat(builder, vector_type: ir.VectorType, scalar):
+    """A vector with ``scalar`` in every lane (LLVM folds it to a constant when it can)."""
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), zeros)
+
+
+def _call(builder, name: str, return_type, args):
+    fnty = ir.FunctionType(return_type, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+
+
+@intrinsic
+def byte_vector_size(typingctx, isa):
+    """Bytes per vector register for ``isa`` (64 for AVX-512, 32 for AVX2/AVX-VNNI)."""
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, isa.vector_bytes)
+
+    return types.intp(isa), codegen
+
+
+@intrinsic
+def load_bytes(typingctx, isa, array, index):
+    """The ``byte_vector_size(isa)`` bytes of a C-contiguous 1-byte array from flat ``index`` on."""
+    if not (isinstance(array, types.Array) and array.dtype.bitwidth == 8):
+        return None
+    vec = _bytes_type(isa)
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[1])(context, builder, args[1]).data
+        offset = context.cast(builder, args[2], sig.args[2], types.intp)
+        pointer = builder.bitcast(builder.gep(data, [offset]), vec.llvm_type.as_pointer())
+        return builder.load(pointer, align=1)
+
+    return vec(isa, array, index), codegen
+
+
+@intrinsic
+def splat_bytes(typingctx, isa, value):
+    """A byte vector with the low 8 bits of ``value`` in every lane."""
+    vec = _bytes_type(isa)
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, vec.llvm_type, builder.trunc(args[1], ir.IntType(8)))
+
+    return vec(isa, value), codegen
+
+
+@intrinsic
+def and_bytes(typingctx, a, b):
+    """Lane-wise ``a & b`` of two byte vectors."""
+
+    def codegen(context, builder, sig, args):
+        return builder.and_(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def shift_right_bytes(typingctx, a, count):
+    """Every byte shifted right by ``count`` bits, as 16-bit lanes (one ``vpsrlw``): mask afterwards."""
+
+    def codegen(context, builder, sig, args):
+        words = ir.VectorType(ir.IntType(16), a.lanes // 2)
+        amount = _splat(builder, words, builder.trunc(args[1], ir.IntType(16)))
+        shifted = builder.lshr(builder.bitcast(args[0], words), amount)
+        return builder.bitcast(shifted, a.llvm_type)
+
+    return a(a, count), codegen
+
+
+@intrinsic
+def zero_acc(typingctx, isa):
+    """An int32 accumulator vector of zeros."""
+    vec = _acc_type(isa)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(vec.llvm_type, [0] * vec.lanes)
+
+    return vec(isa), codegen
+
+
+@intrinsic
+def dot_acc(typingctx, isa, acc, codes, activations):
+    """``acc`` plus, in each int32 lane, the sum of 4 adjacent products ``u8 codes * s8 activations``.
+
+    AVX-512 VNNI / AVX-VNNI: one ``vpdpbusd`` (no saturation). AVX2: ``vpmaddubsw`` (pairs,
+    saturating to int16) then ``vpmaddwd`` by ones (pairs of int16 into int32) and an add;
+    pairs of ``code <= 128`` times ``-128 <= activation <= 127`` stay within int16, so the
+    saturation never triggers for the codes the kernels feed it.
+    """
+    name = isa.isa
+
+    def codegen(context, builder, sig, args):
+        _, acc_v, codes_v, act_v = args
+        i32 = acc_v.type
+        if name in ("avx512vnni", "avxvnni"):
+            width = 512 if name == "avx512vnni" else 256
+            ops = [acc_v, builder.bitcast(codes_v, i32), builder.bitcast(act_v, i32)]
+            return _call(builder, f"llvm.x86.avx512.vpdpbusd.{width}", i32, ops)
+        words = ir.VectorType(ir.IntType(16), 16)
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", words, [codes_v, act_v])
+        ones = ir.Constant(words, [1] * 16)
+        quads = _call(builder, "llvm.x86.avx2.pmadd.wd", i32, [pairs, ones])
+        return builder.add(acc_v, quads)
+
+    return acc(isa, acc, codes, activations), codegen
+
+
+@intrinsic
+def add_acc(typingctx, a, b):
+    """Lane-wise int32 ``a + b``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def shift_right_acc(typingctx, a, count):
+    """Lane-wise arithmetic ``a >> count`` (exact division of lanes known to be multiples of 2**count)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.ashr(args[0], _splat(builder, a.llvm_type, builder.trunc(args[1], ir.IntType(32))))
+
+    return a(a, count), codegen
+
+
+@intrinsic
+def sum_acc(typingctx, a):
+    """The sum of the int32 lanes of ``a``, widened to int64 first so it cannot overflow."""
+
+    def codegen(context, builder, sig, args):
+        wide = ir.VectorType(ir.IntType(64), a.lanes)
+        return _call(builder, f"llvm.vector.reduce.add.v{a.lanes}i64", ir.IntType(64), [builder.sext(args[0], wide)])
+
+    return types.int64(a), codegen
