@@ -48,6 +48,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+HEAD_CHOICES = ("auto", "f32", "f16", "bf16", "int8")
+
+
+def _head_label(model) -> str:
+    return f"{model.lm_head.dtype} head" + (" (tied to the embedding)" if model.tied else "")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate text from an HF BitNet model directory, streaming it, then report tokens/s."""
+    model = bn.load_pretrained(args.model_dir, head_dtype=args.head)
+    tokenizer = bn.load_tokenizer(args.model_dir)
+    if tokenizer is None:
+        raise bn.CheckpointNotFoundError(f"{args.model_dir} has no tokenizer.json to encode the prompt with")
+    prompt = tokenizer.encode(args.prompt).ids
+    print(args.prompt, end="", flush=True)
+    generated: list[int] = []
+    shown = ""
+    stamps = [time.perf_counter()]
+    for token in model.stream(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+        stamps.append(time.perf_counter())
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    prefill = stamps[1] - stamps[0] if len(stamps) > 1 else float("nan")
+    decode_steps = len(generated) - 1
+    decode = stamps[-1] - stamps[1] if decode_steps > 0 else float("nan")
+    print(f"\n\nprompt: {len(prompt)} tokens, {len(prompt) / prefill:.1f} tok/s | "
+          f"decode: {decode_steps} tokens, {decode_steps / decode:.1f} tok/s | {_head_label(model)}")
+    return 0
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    """Random-weight model of the BitNet b1.58 2B4T shapes: prefill/decode tokens/s and peak RSS."""
+    import numba
+
+    from .models.bench import bench_model
+
+    numba.set_num_threads(args.threads)
+    config = bn.BitNetConfig(num_hidden_layers=args.layers)
+    start = time.perf_counter()
+    model = bn.models.random_model(config, seed=args.seed, head_dtype=args.head)
+    built = time.perf_counter() - start
+    ternary = sum(linear.weight.nbytes for layer in model.layers for linear in
+                  (*layer.attention.projections, layer.attention.o_proj, *layer.mlp.projections, layer.mlp.down_proj))
+    print(f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, intermediate "
+          f"{config.intermediate_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}, vocab "
+          f"{config.vocab_size}; ternary weights {ternary / 2**20:.0f} MiB, {_head_label(model)} "
+          f"{model.lm_head.nbytes / 2**20:.0f} MiB; built in {built:.1f} s; {args.threads} threads")
+    r = bench_model(model, args.prompt_tokens, args.decode_tokens, args.seed)
+    print(f"prefill: {r.prompt_tokens} tokens, {r.prefill_tokens_per_second:.1f} tok/s")
+    print(f"decode:  {r.decode_tokens} tokens, {r.decode_tokens_per_second:.2f} tok/s "
+          f"({1e3 * r.decode_seconds / r.decode_tokens:.1f} ms/token, matmul kernels "
+          f"{1e3 * r.kernel_seconds_per_step:.1f} ms, outside them {100 * r.overhead_share:.1f}%)")
+    print(f"peak RSS: {r.peak_rss_bytes / 2**30:.2f} GiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bitnet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--in-features", type=int, default=2560)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
+    generate = sub.add_parser("generate", help=cmd_generate.__doc__)
+    generate.add_argument("model_dir")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--head", choices=HEAD_CHOICES, default="auto", help="embedding/head storage")
+    generate.set_defaults(run=cmd_generate)
+    bench = sub.add_parser("bench-model", help=cmd_bench_model.__doc__)
+    bench.add_argument("--layers", type=int, default=30)
+    bench.add_argument("--head", choices=HEAD_CHOICES[1:], default="bf16", help="embedding/head storage")
+    bench.add_argument("--prompt-tokens", type=int, default=64)
+    bench.add_argument("--decode-tokens", type=int, default=32)
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.set_defaults(run=cmd_bench_model)
     return parser
 
 

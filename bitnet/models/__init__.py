@@ -2,6 +2,7 @@
 
 from .bitnet import BitNetForCausalLM, DecoderLayer
 from .config import BitNetConfig
+from .random import random_model
 from .sampling import Sampler
 
-__all__ = ["BitNetConfig", "BitNetForCausalLM", "DecoderLayer", "Sampler"]
+__all__ = ["BitNetConfig", "BitNetForCausalLM", "DecoderLayer", "Sampler", "random_model"]

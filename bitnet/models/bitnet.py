@@ -37,6 +37,29 @@ class DecoderLayer:
         x += self.mlp(self.post_attention_norm(x))
 
 
+def build_layers(config: BitNetConfig, weights: dict[str, object]) -> tuple[list[DecoderLayer], RMSNorm]:
+    """The decoder layers and final norm from HF-named weights (see :meth:`BitNetForCausalLM.from_weights`)."""
+    c = config
+    rope = RotaryEmbedding(c.head_dim, c.rope_theta)
+
+    def norm(name: str) -> RMSNorm:
+        return RMSNorm(weights[name], c.rms_norm_eps)
+
+    layers = []
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        attention = Attention(
+            *(weights[f"{p}self_attn.{n}_proj"] for n in "qkvo"),
+            norm(f"{p}self_attn.attn_sub_norm.weight"),
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim, rope,
+        )
+        projections = (weights[f"{p}mlp.{n}_proj"] for n in ("gate", "up", "down"))
+        mlp = MLP(*projections, norm(f"{p}mlp.ffn_sub_norm.weight"))
+        layers.append(DecoderLayer(attention, mlp, norm(f"{p}input_layernorm.weight"),
+                                   norm(f"{p}post_attention_layernorm.weight")))
+    return layers, norm("model.norm.weight")
+
+
 class BitNetForCausalLM:
     """A BitNet b1.58 causal language model (HF ``BitNetForCausalLM``) running on ``bn.matmul``.
 
@@ -123,10 +146,10 @@ class BitNetForCausalLM:
         sampler = Sampler(temperature, top_k, top_p, seed)
         cache = self.new_cache(len(ids) + max_new_tokens)
         logits = self.forward(ids, cache, last_only=True)
-        for _ in range(max_new_tokens):
+        for produced in range(1, max_new_tokens + 1):
             token = sampler(logits[0])
             yield token
-            if token in stop_ids:
+            if token in stop_ids or produced == max_new_tokens:
                 return
             logits = self.forward(np.array([token]), cache)
 
@@ -183,34 +206,17 @@ class BitNetForCausalLM:
     ) -> BitNetForCausalLM:
         """Assemble a model from HF-named weights.
 
-        ``weights`` maps HF tensor names (``model.layers.0.self_attn.q_proj``, ...) to a
-        :class:`BitLinear` for projections, and float arrays for norms and embeddings
-        (``model.embed_tokens.weight``, optionally ``lm_head.weight``).
+        ``weights`` maps HF tensor names to a :class:`BitLinear` for projections
+        (``model.layers.0.self_attn.q_proj``, ...) and float arrays for norms and embeddings
+        (``model.embed_tokens.weight``, and ``lm_head.weight`` unless the head is tied).
         ``head_dtype`` is the storage of the embedding/head ("auto", "f32", "f16", "bf16", "int8").
         """
-        c = config
-        rope = RotaryEmbedding(c.head_dim, c.rope_theta)
-
-        def norm(name: str) -> RMSNorm:
-            return RMSNorm(weights[name], c.rms_norm_eps)
-
-        layers = []
-        for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}."
-            attention = Attention(
-                *(weights[f"{p}self_attn.{n}_proj"] for n in "qkvo"),
-                norm(f"{p}self_attn.attn_sub_norm.weight"),
-                c.num_attention_heads, c.num_key_value_heads, c.head_dim, rope,
-            )
-            projections = (weights[f"{p}mlp.{n}_proj"] for n in ("gate", "up", "down"))
-            mlp = MLP(*projections, norm(f"{p}mlp.ffn_sub_norm.weight"))
-            layers.append(DecoderLayer(attention, mlp, norm(f"{p}input_layernorm.weight"),
-                                       norm(f"{p}post_attention_layernorm.weight")))
         embed = Embedding.from_weights(weights["model.embed_tokens.weight"], head_dtype)
         head = None
-        if not c.tie_word_embeddings:
+        if not config.tie_word_embeddings:
             head = Embedding.from_weights(weights["lm_head.weight"], head_dtype)
-        return cls(c, embed, layers, norm("model.norm.weight"), head)
+        layers, norm = build_layers(config, weights)
+        return cls(config, embed, layers, norm, head)
 
     def save_pretrained(self, path) -> None:
         """Write the model as an HF packed BitNet checkpoint directory (see :func:`bitnet.io.save_pretrained`)."""

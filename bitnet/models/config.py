@@ -59,6 +59,13 @@ class BitNetConfig:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``(out_features, in_features)`` of each projection of a decoder layer, by HF module name."""
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        h, i = self.hidden_size, self.intermediate_size
+        return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> BitNetConfig:
         """Read an HF ``config.json`` dict; ConfigError for another ``model_type`` or a rope type we lack."""

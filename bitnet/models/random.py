@@ -1,0 +1,80 @@
+"""Random-weight models of any BitNet shape, built straight from random packed bytes.
+
+Used for benchmarks (the 2B4T shapes without an 8 GB float detour) and for tests that
+need no checkpoint: ternary weights are drawn as packed bytes, the embedding table row
+block by row block, so the peak memory is the model itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..formats import PackedTernary, pack
+from ..formats.i2 import BLOCK
+from ..nn import BitLinear, Embedding
+from ..nn.embedding import float_to_bf16_bits
+from ..quant import TernaryTensor
+from .bitnet import BitNetForCausalLM, build_layers
+from .config import BitNetConfig
+
+# The 81 bytes whose four 2-bit fields all hold a ternary code + 1 (0, 1 or 2).
+_VALID_I2_BYTES = np.array(
+    [a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3) for d in range(3)], np.uint8
+)
+_EMBEDDING_ROWS_PER_BLOCK = 4096
+
+
+def random_linear(rng: np.random.Generator, out_features: int, in_features: int) -> BitLinear:
+    """A BitLinear with uniform random ternary codes and scale ``1 / sqrt(in_features)`` (outputs ~ unit size)."""
+    scale = np.asarray(1.0 / np.sqrt(in_features), np.float32)
+    if in_features % BLOCK == 0:
+        picks = rng.integers(0, len(_VALID_I2_BYTES), (out_features, in_features // 4), dtype=np.uint8)
+        return BitLinear(PackedTernary("i2", (out_features, in_features), _VALID_I2_BYTES[picks], scale))
+    codes = rng.integers(-1, 2, (out_features, in_features), dtype=np.int8)
+    return BitLinear(pack(TernaryTensor(codes, scale), "i2"))
+
+
+def random_table(rng: np.random.Generator, rows: int, cols: int, dtype: str) -> Embedding:
+    """A random normal ``(rows, cols)`` embedding stored as ``dtype``, generated in row blocks."""
+    if dtype in ("f32", "f16", "auto"):
+        numpy_dtype = np.float16 if dtype == "f16" else np.float32
+        table = rng.standard_normal((rows, cols), np.float32).astype(numpy_dtype)
+        return Embedding(table, "f16" if dtype == "f16" else "f32")
+    stored = np.empty((rows, cols), np.uint16 if dtype == "bf16" else np.int8)
+    row_scale = np.empty(rows, np.float32) if dtype == "int8" else None
+    for start in range(0, rows, _EMBEDDING_ROWS_PER_BLOCK):
+        block = rng.standard_normal((min(_EMBEDDING_ROWS_PER_BLOCK, rows - start), cols), np.float32)
+        end = start + block.shape[0]
+        if dtype == "bf16":
+            stored[start:end] = float_to_bf16_bits(block)
+        else:
+            part = Embedding.from_weights(block, "int8")
+            stored[start:end], row_scale[start:end] = part.table, part.row_scale
+    return Embedding(stored, dtype, row_scale)
+
+
+def random_model(config: BitNetConfig, seed: int = 0, head_dtype: str = "bf16") -> BitNetForCausalLM:
+    """A :class:`BitNetForCausalLM` of ``config``'s shapes with random weights (norm gains 1).
+
+    Parameters
+    ----------
+    config : the architecture (e.g. ``BitNetConfig()`` for the 2B4T shapes).
+    seed : seed of the weights.
+    head_dtype : storage of the embedding / head: "f32", "f16", "bf16" or "int8".
+    """
+    rng = np.random.default_rng(seed)
+    c = config
+    weights: dict[str, object] = {}
+    ones = {size: np.ones(size, np.float32) for size in (c.hidden_size, c.intermediate_size)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for short, (out_features, in_features) in c.linear_shapes().items():
+            weights[p + short] = random_linear(rng, out_features, in_features)
+        for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm"):
+            weights[f"{p}{norm}.weight"] = ones[c.hidden_size]
+        weights[f"{p}mlp.ffn_sub_norm.weight"] = ones[c.intermediate_size]
+    weights["model.norm.weight"] = ones[c.hidden_size]
+    layers, norm = build_layers(c, weights)
+    embed = random_table(rng, c.vocab_size, c.hidden_size, head_dtype)
+    head = None if c.tie_word_embeddings else random_table(rng, c.vocab_size, c.hidden_size, head_dtype)
+    return BitNetForCausalLM(c, embed, layers, norm, head)
