@@ -122,15 +122,6 @@ def _as_float32(tensor: np.ndarray) -> np.ndarray:
     return tensor.astype(np.float32)
 
 
-def linear_shapes(config: BitNetConfig) -> dict[str, tuple[int, int]]:
-    """``(out_features, in_features)`` of each projection of a decoder layer, by short name."""
-    c = config
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    h, i = c.hidden_size, c.intermediate_size
-    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-
-
 def _read_linear(reader: _TensorReader, name: str, shape: tuple[int, int], config: BitNetConfig) -> BitLinear:
     out_features, in_features = shape
     bias = _as_float32(reader.get(f"{name}.bias", (out_features,))) if f"{name}.bias" in reader else None
@@ -210,7 +201,7 @@ def load_pretrained(path: str | Path, head_dtype: str = "auto") -> BitNetForCaus
         reader = _TensorReader(path, stack)
         weights: dict[str, object] = {}
         for i in range(c.num_hidden_layers):
-            for short, shape in linear_shapes(c).items():
+            for short, shape in c.linear_shapes().items():
                 name = f"model.layers.{i}.{short}"
                 weights[name] = _read_linear(reader, name, shape, c)
             for norm, size in (("input_layernorm", c.hidden_size), ("post_attention_layernorm", c.hidden_size),
