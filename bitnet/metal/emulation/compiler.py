@@ -105,7 +105,7 @@ def driver_source(kernels: list[KernelSignature]) -> str:
             f"{{\n"
             f"    std::string message;\n"
             f"    if (nbuffers != {kernel.buffer_count}) {{\n"
-            f'        message = "kernel {kernel.name} binds {kernel.buffer_count} buffers, the dispatch passed " '
+            f'        message = "binds {kernel.buffer_count} buffers, the dispatch passed " '
             f"+ std::to_string(nbuffers);\n"
             f"    }} else {{\n"
             f"        message = msl_emu::dispatch([&](const msl_emu::ThreadIds& ids) {{\n"
@@ -154,12 +154,13 @@ class EmulatedLibrary:
         cxx = find_compiler()
         if cxx is None:
             raise EmulationError("no C++ compiler found (install g++ or set $CXX)")
-        stamp = hashlib.sha256((key + HEADER.read_text() + " ".join(CXX_FLAGS) + cxx).encode()).hexdigest()[:24]
+        driver = driver_source(list(self.kernels.values()))
+        build = "\n".join([source, HEADER.read_text(), driver, *CXX_FLAGS, cxx])
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        library = folder / f"{stamp}.so"
+        library = folder / f"{hashlib.sha256(build.encode()).hexdigest()[:24]}.so"
         if not library.exists():
-            _compile(cxx, source, driver_source(list(self.kernels.values())), folder, library)
+            _compile(cxx, source, driver, folder, library)
         self._dll = ctypes.CDLL(str(library))
         self._entry = {}
         for name in self.kernels:

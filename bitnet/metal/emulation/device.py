@@ -6,8 +6,9 @@ a handle. As with metalcompute, the threadgroup width is fixed per pipeline (her
 the module is made), ``count`` is rounded up to whole threadgroups whose extra threads run too,
 and an argument that is not a Buffer is copied into a fresh one for that call only.
 
-Buffers keep 64 guard bytes on each side; a dispatch that writes into them raises, so kernels
-that forget a bounds check fail loudly instead of corrupting memory silently.
+Buffers keep 16 KiB of guard bytes on each side (as far as the threads past ``count`` of a
+1024-wide threadgroup reach with 16-byte elements); a dispatch that writes into them raises,
+so a kernel that forgets a bounds check fails loudly instead of corrupting memory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from .compiler import EmulatedLibrary, EmulationError
 
-GUARD_BYTES = 64
+GUARD_BYTES = 16 * 1024
 GUARD_VALUE = 0xA5
 
 
