@@ -1,0 +1,265 @@
+"""bn.matmul / bn.matmul_int against plain numpy, on every kernel path this CPU runs."""
+
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bitnet as bn
+from bitnet import ops
+from bitnet.kernels import cpu_features
+from bitnet.kernels import matmul as kernels
+
+PATHS = cpu_features.supported_paths()
+FORMATS = list(bn.FORMATS)
+
+
+def ternary(rng, m, k, granularity="tensor"):
+    codes = rng.integers(-1, 2, (m, k)).astype(np.int8)
+    if granularity == "tensor":
+        scale = np.float32(rng.uniform(0.01, 2.0)).reshape(())
+    else:
+        scale = rng.uniform(0.01, 2.0, (m, 1)).astype(np.float32)
+    return bn.TernaryTensor(codes, scale, granularity)
+
+
+def int_reference(q, codes):
+    return q.astype(np.int64) @ codes.astype(np.int64).T
+
+
+def float_reference(x, t):
+    q, a = bn.quantize_activations(x.reshape(-1, x.shape[-1]))
+    acc = int_reference(q, t.codes).astype(np.float64)
+    scale = t.scale.reshape(-1).astype(np.float64)
+    return (acc / a.astype(np.float64) * scale).reshape(x.shape[:-1] + (t.shape[0],))
+
+
+def random_q(rng, n, k):
+    return rng.integers(-128, 128, (n, k)).astype(np.int8)
+
+
+def test_the_selected_path_is_the_fastest_supported_one():
+    assert ops.KERNEL_PATH in PATHS
+    assert PATHS[-1] == "portable"
+    if not os.environ.get(cpu_features.ENV_VAR):
+        assert ops.KERNEL_PATH == PATHS[0]
+
+
+def test_supported_paths_follow_the_features():
+    assert cpu_features.supported_paths(set()) == ("portable",)
+    assert cpu_features.supported_paths({"avx2"}) == ("avx2", "portable")
+    assert cpu_features.supported_paths({"avx2", "avxvnni"}) == ("avxvnni", "avx2", "portable")
+    full = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}
+    assert cpu_features.supported_paths(full) == cpu_features.PATHS
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matmul_int_is_exact_for_every_format(rng, path, fmt):
+    t = ternary(rng, 37, 517)
+    p = bn.pack(t, fmt)
+    q = random_q(rng, 6, 517)
+    got = bn.matmul_int(q, p, path=path)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, int_reference(q, t.codes))
+    assert np.array_equal(bn.matmul_int(q[2], p, path=path), int_reference(q[2:3], t.codes)[0])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    m=st.integers(1, 70),
+    k=st.integers(1, 700),
+    n=st.integers(1, 11),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_matmul_int_random_odd_shapes(path, m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    t = ternary(rng, m, k)
+    q = random_q(rng, n, k)
+    assert np.array_equal(bn.matmul_int(q, bn.pack(t, "i2"), path=path), int_reference(q, t.codes))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("value", [-128, 127])
+@pytest.mark.parametrize("n", [1, 5])
+def test_extreme_activations_do_not_overflow(rng, path, value, n):
+    # 4099 * 128 is far past int16: a kernel keeping int16 partial sums would wrap.
+    k = 4099
+    codes = np.ones((5, k), np.int8)
+    codes[1] = -1
+    codes[2, ::2] = -1
+    codes[3] = rng.integers(-1, 2, k)
+    codes[4] = 0
+    t = bn.TernaryTensor(codes, np.float32(1.0).reshape(()))
+    q = np.full((n, k), value, np.int8)
+    got = bn.matmul_int(q, bn.pack(t, "i2"), path=path)
+    assert np.array_equal(got, int_reference(q, codes))
+    assert abs(int(got[0, 0])) == 128 * k or abs(int(got[0, 0])) == 127 * k
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_k_past_the_accumulator_fold_is_exact(rng, path):
+    # Past FOLD_BLOCKS blocks the int32 lanes are flushed to int64; check the seam.
+    k = kernels.FOLD_BLOCKS * kernels.BLOCK + 300
+    codes = np.where(rng.random((3, k)) < 0.5, 1, -1).astype(np.int8)
+    codes[0] = 1
+    t = bn.TernaryTensor(codes, np.float32(1.0).reshape(()))
+    q = np.full((2, k), -128, np.int8)
+    q[1] = rng.integers(-128, 128, k)
+    assert np.array_equal(bn.matmul_int(q, bn.pack(t, "i2"), path=path), int_reference(q, codes))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 255, 1), (33, 257, 4), (64, 1000, 9)])
+def test_matmul_matches_the_float_formula(rng, path, granularity, shape):
+    m, k, n = shape
+    t = ternary(rng, m, k, granularity)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    got = bn.matmul(x, bn.pack(t, "i2"), path=path)
+    assert got.dtype == np.float32 and got.shape == (n, m)
+    np.testing.assert_allclose(got, float_reference(x, t), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matmul_every_format_and_the_repack_is_cached(rng, fmt):
+    t = ternary(rng, 20, 300, "tensor")
+    p = bn.pack(t, fmt)
+    x = rng.standard_normal((2, 300)).astype(np.float32)
+    np.testing.assert_allclose(bn.matmul(x, p), float_reference(x, t), rtol=2e-6)
+    if fmt != "i2":
+        cached = p.cache["i2"]
+        bn.matmul(x, p)
+        assert p.cache["i2"] is cached
+
+
+def test_batch_dims_and_one_dimensional_input(rng):
+    t = ternary(rng, 10, 70)
+    p = bn.pack(t, "i2")
+    x = rng.standard_normal((2, 3, 70)).astype(np.float32)
+    y = bn.matmul(x, p)
+    assert y.shape == (2, 3, 10)
+    np.testing.assert_allclose(y, float_reference(x, t), rtol=2e-6)
+    assert bn.matmul(x[1, 2], p).shape == (10,)
+    np.testing.assert_array_equal(bn.matmul(x[1, 2], p), y[1, 2])
+    assert bn.matmul(np.empty((0, 70), np.float32), p).shape == (0, 10)
+
+
+def test_out_is_written_and_returned(rng):
+    t = ternary(rng, 12, 90)
+    p = bn.pack(t, "i2")
+    x = rng.standard_normal((3, 90)).astype(np.float32)
+    out = np.full((3, 12), 7.0, np.float32)
+    assert bn.matmul(x, p, out=out) is out
+    np.testing.assert_array_equal(out, bn.matmul(x, p))
+
+
+@pytest.mark.parametrize(
+    "out, error",
+    [
+        (np.empty((3, 11), np.float32), bn.ShapeError),
+        (np.empty((3, 12), np.float64), bn.DTypeError),
+        (np.empty((12, 3), np.float32).T, bn.ShapeError),
+    ],
+)
+def test_bad_out(rng, out, error):
+    p = bn.pack(ternary(rng, 12, 90), "i2")
+    with pytest.raises(error):
+        bn.matmul(np.ones((3, 90), np.float32), p, out=out)
+
+
+def test_bad_inputs_raise_the_library_errors(rng):
+    p = bn.pack(ternary(rng, 8, 40), "i2")
+    with pytest.raises(bn.DTypeError):
+        bn.matmul(np.ones(40, np.int32), p)
+    with pytest.raises(bn.DTypeError):
+        bn.matmul_int(np.ones(40, np.float32), p)
+    with pytest.raises(bn.ShapeError):
+        bn.matmul(np.ones(41, np.float32), p)
+    with pytest.raises(bn.ShapeError):
+        bn.matmul_int(np.ones((2, 39), np.int8), p)
+    with pytest.raises(bn.ShapeError):
+        bn.matmul(np.float32(1.0), p)
+    with pytest.raises(bn.DTypeError):
+        bn.matmul(np.ones(40, np.float32), ternary(rng, 8, 40))
+
+
+def test_group_scales_are_refused_with_a_format_error(rng):
+    t = bn.quantize_weights(rng.standard_normal((4, 512)).astype(np.float32), "group", group_size=256)
+    with pytest.raises(bn.FormatError, match="group"):
+        bn.matmul(np.ones(512, np.float32), bn.pack(t, "tq2_0"))
+
+
+def test_non_contiguous_inputs_and_read_only_weights(rng):
+    t = ternary(rng, 9, 300, "channel")
+    p = bn.pack(t, "i2")
+    p.data.setflags(write=False)  # like weights memory-mapped from a file
+    wide = rng.standard_normal((4, 600)).astype(np.float32)
+    x = wide[:, ::2]
+    np.testing.assert_allclose(bn.matmul(x, p), float_reference(np.ascontiguousarray(x), t), rtol=2e-6)
+    fortran = np.asfortranarray(wide[:, :300])
+    np.testing.assert_allclose(bn.matmul(fortran, p), float_reference(wide[:, :300], t), rtol=2e-6)
+    q = random_q(rng, 4, 600)[:, ::2]
+    assert np.array_equal(bn.matmul_int(q, p), int_reference(q, t.codes))
+
+
+def test_float64_and_float16_activations_are_converted(rng):
+    t = ternary(rng, 5, 64)
+    p = bn.pack(t, "i2")
+    x = rng.standard_normal((2, 64))
+    np.testing.assert_allclose(bn.matmul(x, p), float_reference(x.astype(np.float32), t), rtol=2e-6)
+    np.testing.assert_allclose(bn.matmul(x.astype(np.float16), p),
+                               float_reference(x.astype(np.float16).astype(np.float32), t), rtol=2e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_in_a_row_gives_a_nan_row(rng, path, bad):
+    p = bn.pack(ternary(rng, 7, 100), "i2")
+    x = rng.standard_normal((3, 100)).astype(np.float32)
+    x[1, 17] = bad
+    y = bn.matmul(x, p, path=path)
+    assert np.isnan(y[1]).all()
+    assert np.isfinite(y[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_results_do_not_depend_on_the_thread_count(rng, path):
+    t = ternary(rng, 301, 1100, "channel")
+    p = bn.pack(t, "i2")
+    x = rng.standard_normal((7, 1100)).astype(np.float32)
+    q = random_q(rng, 7, 1100)
+    before = bn.get_num_threads()
+    try:
+        results = []
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            bn.set_num_threads(threads)
+            assert bn.get_num_threads() == threads
+            results.append((bn.matmul_int(q, p, path=path), bn.matmul(x, p, path=path), bn.matmul(x[0], p, path=path)))
+    finally:
+        bn.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_set_num_threads_validates():
+    for bad in (0, numba.config.NUMBA_NUM_THREADS + 1, 1.5, True):
+        with pytest.raises(bn.InvalidValueError):
+            bn.set_num_threads(bad)
+
+
+def test_the_environment_variable_forces_a_path():
+    code = "import bitnet.ops as o; print(o.KERNEL_PATH)"
+    env = dict(os.environ, BITNET_KERNEL="portable")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "portable"
+    env["BITNET_KERNEL"] = "sse9"
+    failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "BITNET_KERNEL" in failed.stderr
