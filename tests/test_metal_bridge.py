@@ -219,6 +219,10 @@ def test_bridge_shapes_out_and_errors(rng):
     out = np.empty(10, np.float32)
     assert backend.matmul(x, p, out=out) is out
     np.testing.assert_array_equal(out, y)
+    batch = rng.standard_normal((2, 3, 20)).astype(np.float32)  # leading dimensions are tokens
+    np.testing.assert_allclose(backend.matmul(batch, p), bn.matmul(batch, p), rtol=3e-7)
+    q_batch = bn.quantize_activations(batch.reshape(6, 20))[0].reshape(2, 3, 20)
+    np.testing.assert_array_equal(backend.matmul_int(q_batch, p), bn.matmul_int(q_batch, p))
     nan_row = np.array([[np.nan] * 20, [1.0] * 20], np.float32)
     assert np.isnan(backend.matmul(nan_row, p)[0]).all()
     with pytest.raises(bn.ShapeError, match="21 features"):

@@ -126,21 +126,24 @@ class MetalBackend:
 
     def quantize_activations(self, x) -> tuple[np.ndarray, np.ndarray]:
         """:func:`bitnet.quantize_activations` on the GPU; bit-identical ``(q int8, a float32)``."""
-        rows, shape = _activation_rows(x)
+        x = np.asarray(x)
+        errors.check_float(x, "activations")
+        errors.check_ndim(x, "activations", (1, 2))
+        if x.shape[-1] == 0:
+            raise errors.ShapeError(f"activations must have at least one feature, got shape {x.shape}")
+        rows = _rows(x, "activations", x.shape[-1])
         n, k = rows.shape
         with self._lock, self.arena.frame():
             q, a = self._quantize(self._staged(rows), ceil_div(k, BLOCK_COLUMNS))
             q_host, a_host = q[:, :k].copy(), a.copy()
-        return q_host.reshape(shape), a_host.reshape((1,) if len(shape) == 1 else (n, 1))
+        return q_host.reshape(x.shape), a_host.reshape((1,) if x.ndim == 1 else (n, 1))
 
     def matmul_int(self, q, w: PackedTernary) -> np.ndarray:
         """:func:`bitnet.matmul_int` on the GPU: exact int32 ``q @ codes.T``."""
         q = np.asarray(q)
         errors.check_dtype(q, "activations", [np.int8])
-        errors.check_ndim(q, "activations", (1, 2))
         weights = self.upload(w)
-        _check_features(q.shape[-1], weights)
-        rows = q.reshape(-1, q.shape[-1])
+        rows = _rows(q, "activations", weights.shape[1])
         with self._lock, self.arena.frame():
             q_dev = self.arena.zeros((rows.shape[0], weights.blocks * BLOCK_COLUMNS), np.int8)
             q_dev[:, : rows.shape[1]] = rows
@@ -154,10 +157,11 @@ class MetalBackend:
         The integer accumulators are exact; the final scaling is done in float32 on the GPU
         (the CPU path may round differently in the last bit).
         """
-        rows, shape = _activation_rows(x)
+        x = np.asarray(x)
+        errors.check_float(x, "activations")
         weights = self.upload(w)
-        _check_features(rows.shape[1], weights)
-        result_shape = shape[:-1] + (weights.shape[0],)
+        rows = _rows(x, "activations", weights.shape[1])
+        result_shape = x.shape[:-1] + (weights.shape[0],)
         if out is not None:
             _check_out(out, result_shape)
         with self._lock, self.arena.frame():
@@ -244,6 +248,7 @@ class MetalBackend:
         return params
 
     def _staged(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` copied into a pooled device buffer, as float32."""
         x = self.arena.empty(rows.shape, np.float32)
         x[...] = rows
         return x
@@ -315,25 +320,25 @@ def _import_metalcompute() -> ModuleType:
         ) from e
 
 
-def _activation_rows(x) -> tuple[np.ndarray, tuple[int, ...]]:
-    """``x`` as C-contiguous float32 rows ``(n, k)``, and its shape; the checks of bn.quantize_activations."""
-    x = np.asarray(x)
-    errors.check_float(x, "activations")
-    errors.check_ndim(x, "activations", (1, 2))
-    if x.shape[-1] == 0:
-        raise errors.ShapeError(f"activations must have at least one feature, got shape {x.shape}")
-    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32), x.shape
-
-
-def _check_features(k: int, w: MetalWeights) -> None:
-    if k != w.shape[1]:
-        raise errors.ShapeError(f"activations have {k} features, the weights take {w.shape[1]}")
+def _rows(a: np.ndarray, name: str, k: int) -> np.ndarray:
+    """``a`` (``(k,)`` or ``(..., k)``) as an ``(n, k)`` matrix, leading dimensions flattened."""
+    if a.ndim == 0:
+        raise errors.ShapeError(f"{name} must have at least 1 dimension (k,) or (n, k), got a scalar")
+    if a.shape[-1] != k:
+        raise errors.ShapeError(
+            f"{name} have {a.shape[-1]} features (last axis of shape {a.shape}), the weights take {k}"
+        )
+    return a.reshape(-1, k)
 
 
 def _check_out(out: np.ndarray, shape: tuple[int, ...]) -> None:
+    if not isinstance(out, np.ndarray):
+        raise errors.DTypeError(f"out must be a numpy array, got {type(out).__name__}")
     errors.check_dtype(out, "out", [np.float32])
     if out.shape != shape:
         raise errors.ShapeError(f"out must have shape {shape}, got {out.shape}")
+    if not out.flags.writeable:
+        raise errors.ShapeError("out must be a writeable array")
 
 
 __all__ = [
