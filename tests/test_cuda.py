@@ -29,11 +29,11 @@ def numpy_quantize(x):
 
 
 def numpy_matmul(x, t: bn.TernaryTensor):
-    """float32(acc / a * s) with the int32 accumulator computed in int64."""
+    """``float32(acc) / a * s`` in float32, the accumulator computed exactly in int64."""
     q, a = numpy_quantize(x)
     acc = q.astype(np.int64) @ t.codes.T.astype(np.int64)
     s = t.scale.reshape(1, -1) if t.granularity == "channel" else t.scale
-    return (acc.astype(np.float64) / a.astype(np.float64) * s.astype(np.float64)).astype(np.float32)
+    return acc.astype(np.float32) / a * s
 
 
 def ternary(rng, m, k, granularity="tensor"):
@@ -91,7 +91,7 @@ def test_matmul_int_exact(rng, m, k, n):
     [
         (1, 1, 1, "tensor"),  # one output, one input: all padding
         (45, 300, 1, "tensor"),  # decode path; 45 rows leave a partial block
-        (13, 600, 1, "channel"),  # per-row scales
+        (3, 2100, 1, "channel"),  # per-row scales; rows long enough for the 4-loads-per-lane steps
         (7, 257, 2, "tensor"),  # prefill path, k just past a block
         (10, 130, 10, "channel"),  # two token tiles, the second partial
     ],

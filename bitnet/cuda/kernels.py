@@ -21,8 +21,8 @@ Reductions: a warp sums its lanes with ``shfl_down_sync``; blocks reduce through
 shared memory. Every lane of a warp (every thread of a block for block reductions) makes
 the same reduction calls, which keeps the kernels valid under the simulator too.
 
-Output scaling is ``float32(float64(acc) / float64(a) * float64(s))``: exactly what
-``bitnet.ops.matmul`` computes on the CPU (numpy promotes int32 / float32 to float64).
+Output scaling is ``float32(acc) / a * s`` in float32 with IEEE division, exactly what the
+CPU kernels of ``bitnet.ops.matmul`` compute.
 """
 
 from __future__ import annotations
@@ -156,23 +156,45 @@ def quantize_token(x, k, words, amax_scratch, sum_scratch):
 
 
 @cuda.jit(device=True)
+def word_dot(word, t, qwords, acc):
+    """``acc + sum q (code + 1)`` over the 16 weights of word ``t`` of a row (see the layout above)."""
+    base = (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
+    acc = dp4a(qwords[base], word & CODE_MASK, acc)
+    acc = dp4a(qwords[base + 16], (word >> 2) & CODE_MASK, acc)
+    acc = dp4a(qwords[base + 32], (word >> 4) & CODE_MASK, acc)
+    return dp4a(qwords[base + 48], (word >> 6) & CODE_MASK, acc)
+
+
+@cuda.jit(device=True)
 def row_dot(weights, row, qwords, lane):
-    """This lane's part of ``sum q (code + 1)`` over weight row ``row`` (the warp's lanes split the words)."""
+    """This lane's part of ``sum q (code + 1)`` over weight row ``row`` (the warp's lanes split the words).
+
+    Four independent word loads per lane per step keep enough bytes in flight to stream
+    the weights near memory bandwidth; one load per step leaves it latency-bound.
+    """
+    words = weights.shape[1]
     acc = int32(0)
-    for t in range(lane, weights.shape[1], WARP):
-        word = weights[row, t]
-        base = (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
-        acc = dp4a(qwords[base], word & CODE_MASK, acc)
-        acc = dp4a(qwords[base + 16], (word >> 2) & CODE_MASK, acc)
-        acc = dp4a(qwords[base + 32], (word >> 4) & CODE_MASK, acc)
-        acc = dp4a(qwords[base + 48], (word >> 6) & CODE_MASK, acc)
+    t = lane
+    while t + 3 * WARP < words:
+        w0 = weights[row, t]
+        w1 = weights[row, t + WARP]
+        w2 = weights[row, t + 2 * WARP]
+        w3 = weights[row, t + 3 * WARP]
+        acc = word_dot(w0, t, qwords, acc)
+        acc = word_dot(w1, t + WARP, qwords, acc)
+        acc = word_dot(w2, t + 2 * WARP, qwords, acc)
+        acc = word_dot(w3, t + 3 * WARP, qwords, acc)
+        t += 4 * WARP
+    while t < words:
+        acc = word_dot(weights[row, t], t, qwords, acc)
+        t += WARP
     return acc
 
 
 @cuda.jit(device=True)
 def scaled(acc, a, s):
-    """``float32(acc / a * s)`` computed in float64, as numpy does for int32 / float32."""
-    return np.float32(np.float64(acc) / np.float64(a) * np.float64(s))
+    """``float32(acc) / a * s``, all in float32, as the CPU kernels compute it."""
+    return np.float32(acc) / a * s
 
 
 @cuda.jit
@@ -217,24 +239,17 @@ def quantize_gemv(x, k, weights, wscale, rows_per_warp, out):
 def tile_accumulate(weights, row, qwords, first_token, lane, acc):
     """``acc[t] = sum q (code + 1)`` (this lane's part) of row ``row`` for tokens ``first_token + t``.
 
-    Each weight word is loaded and decoded once for the whole tile of tokens.
+    Each weight word is loaded and decoded once for the whole tile of tokens. The token loop
+    has the constant trip count TOKEN_TILE so that it unrolls and ``acc`` stays in registers.
     """
-    ntokens = min(TOKEN_TILE, qwords.shape[0] - first_token)
-    for t in range(TOKEN_TILE):
-        acc[t] = 0
+    ntokens = qwords.shape[0] - first_token
+    for i in range(TOKEN_TILE):
+        acc[i] = 0
     for t in range(lane, weights.shape[1], WARP):
         word = weights[row, t]
-        codes0 = word & CODE_MASK
-        codes1 = (word >> 2) & CODE_MASK
-        codes2 = (word >> 4) & CODE_MASK
-        codes3 = (word >> 6) & CODE_MASK
-        base = (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
-        for i in range(ntokens):
-            q = qwords[first_token + i]
-            s = dp4a(q[base], codes0, acc[i])
-            s = dp4a(q[base + 16], codes1, s)
-            s = dp4a(q[base + 32], codes2, s)
-            acc[i] = dp4a(q[base + 48], codes3, s)
+        for i in range(TOKEN_TILE):
+            if i < ntokens:
+                acc[i] = word_dot(word, t, qwords[first_token + i], acc[i])
 
 
 @cuda.jit
