@@ -265,3 +265,37 @@ def test_metal_blocks_pool_whole_buffers():
         assert np.shares_memory(np.frombuffer(block, np.uint8), array)
     arena.release(small)
     assert arena.block_of(arena.empty(12, np.int8)) is not None and arena.stats().hits == 1
+
+
+# ------------------------------------------------------------------ layers
+
+
+def test_layer_to_metal_uploads_once_and_matches_cpu(monkeypatch, rng):
+    if find_compiler() is None:
+        pytest.skip(NO_COMPILER)
+    from bitnet.nn import BitLinear, scratch
+
+    recorder = Recorder(metalcompute_module(width=64))
+    backend = bridge.MetalBackend(mc_module=recorder)
+    monkeypatch.setattr(bridge, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(bridge, "_default", backend)
+    layer = BitLinear.from_float(rng.standard_normal((24, 40)).astype(np.float32), bias=np.ones(24, np.float32))
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    with scratch.step():
+        expected = layer(x).copy()
+    assert layer.to("metal") is layer and layer.device == "metal"
+    assert [e[0] for e in recorder.log if e[0] in ("buffer", "dispatch")] == ["buffer", "buffer"]  # weights, scale
+    with scratch.step():
+        np.testing.assert_allclose(layer(x), expected, rtol=3e-7)
+    assert len([e for e in recorder.events("buffer") if e[1] == "copied"]) == 2  # not uploaded again
+
+
+def test_layer_to_unavailable_device_says_why():
+    from bitnet.nn import BitLinear
+
+    layer = BitLinear.from_float(np.ones((2, 4), np.float32))
+    if bridge.unavailable_reason() is None:
+        pytest.skip("Metal is available here")
+    with pytest.raises(bn.DeviceError, match="not available"):
+        layer.to("metal")
+    assert layer.device == "cpu"

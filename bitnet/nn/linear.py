@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import errors
+from .. import backends, errors
 from ..formats import PackedTernary, convert, pack
 from ..ops import matmul
 from ..quant import quantize_weights
@@ -100,11 +100,27 @@ class BitLinear:
             start += w.shape[0]
         return cls(PackedTernary(KERNEL_FORMAT, shape, data, scale, "channel"))
 
+    device = backends.CPU
+    """Where the matmul runs: ``"cpu"``, or a backend of ``bn.devices()`` chosen with :meth:`to`."""
+
+    def to(self, device: str) -> BitLinear:
+        """Run this layer's matmul on ``device`` from now on; returns the layer.
+
+        A GPU backend with an ``upload`` (Metal) gets the weights now, once; ``bn.matmul``
+        reuses that copy. Raises DeviceError, with the reason, if ``device`` is not available.
+        """
+        if device != backends.CPU:
+            backend = backends.get_backend(device)
+            if hasattr(backend, "upload"):
+                backend.upload(self.weight)
+        self.device = device
+        return self
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``x`` of shape ``(n, in_features)`` float32 -> ``(n, out_features)`` float32 step temporary."""
         if self.input_norm is not None:
             x = self.input_norm(x)
-        out = matmul(x, self.weight, out=scratch.empty((x.shape[0], self.out_features)))
+        out = matmul(x, self.weight, out=scratch.empty((x.shape[0], self.out_features)), device=self.device)
         if self.bias is not None:
             out += self.bias
         return out
