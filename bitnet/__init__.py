@@ -17,11 +17,12 @@ from .errors import (
     DeviceError,
     DTypeError,
     FormatError,
+    GGUFError,
     InvalidValueError,
     ShapeError,
 )
 from .formats import FORMATS, PackedTernary, convert, pack, unpack
-from .io import load_pretrained, load_tokenizer
+from .io import load_gguf, load_gguf_tokenizer, load_pretrained, load_tokenizer, save_gguf
 from .memory import Arena, default_arena
 from .models import BitNetConfig, BitNetForCausalLM
 from .ops import get_num_threads, matmul, matmul_int, set_num_threads
@@ -32,14 +33,18 @@ __version__ = "0.1.0"
 __all__ = [
     "BitNetConfig",
     "BitNetForCausalLM",
+    "load_gguf",
+    "load_gguf_tokenizer",
     "load_pretrained",
     "load_tokenizer",
+    "save_gguf",
     "io",
     "models",
     "nn",
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",
+    "GGUFError",
     "FORMATS",
     "Arena",
     "ArenaDoubleReleaseError",
