@@ -24,6 +24,9 @@ from .weights import DeviceTernary, upload
 FUSED_MAX_SHARED_BYTES = 48 * 1024
 # Blocks wanted per launch before a warp takes on several rows (keeps every SM busy).
 MIN_BLOCKS = 512
+# Quantized-activation buffers kept for reuse, keyed by (tokens, kpad, stream).
+MAX_WORKSPACES = 16
+_WORKSPACES: dict = {}
 # dp4a needs compute capability 6.1 (Pascal) or newer.
 MIN_COMPUTE_CAPABILITY = (6, 1)
 
@@ -108,33 +111,49 @@ def _rows_per_warp(kernels, m: int) -> int:
     return 1
 
 
-def _quantize_on_device(kernels, x_dev, kpad: int):
-    """Launch ``quantize_rows``: packed int8 codes ``(n, kpad // 4)``, code sums and scales, on the GPU."""
+def _workspace(n: int, kpad: int, stream):
+    """Device buffers for ``n`` quantized tokens, reused by every call with the same shape and stream.
+
+    Reuse is safe because launches on one stream run in order; allocating per call would
+    put a cudaMalloc on every prefill matmul.
+    """
     from numba import cuda
 
+    key = (n, kpad, stream)
+    if key not in _WORKSPACES:
+        if len(_WORKSPACES) >= MAX_WORKSPACES:
+            _WORKSPACES.clear()
+        _WORKSPACES[key] = (
+            cuda.device_array((n, kpad // 4), np.int32, stream=stream),
+            cuda.device_array(n, np.int32, stream=stream),
+            cuda.device_array(n, np.float32, stream=stream),
+        )
+    return _WORKSPACES[key]
+
+
+def _quantize_on_device(kernels, x_dev, kpad: int, stream=0):
+    """Launch ``quantize_rows``: packed int8 codes ``(n, kpad // 4)``, code sums and scales, on the GPU."""
     n, k = x_dev.shape
-    qwords = cuda.device_array((n, kpad // 4), np.int32)
-    qsums = cuda.device_array(n, np.int32)
-    scales = cuda.device_array(n, np.float32)
-    kernels.quantize_rows[n, kernels.THREADS](x_dev, k, qwords, qsums, scales)
+    qwords, qsums, scales = _workspace(n, kpad, stream)
+    kernels.quantize_rows[n, kernels.THREADS, stream](x_dev, k, qwords, qsums, scales)
     return qwords, qsums, scales
 
 
-def _linear_2d(kernels, x_dev, w: DeviceTernary, out_dev) -> None:
+def _linear_2d(kernels, x_dev, w: DeviceTernary, out_dev, stream=0) -> None:
     """``out_dev[n, m] = matmul(x_dev[n, k], w)`` on the GPU; picks the decode or the prefill kernel."""
     n, k = x_dev.shape
     m = w.shape[0]
     if n == 1 and w.kpad <= FUSED_MAX_SHARED_BYTES:
         rows = _rows_per_warp(kernels, m)
         grid = (kernels.grid_rows(m, rows), n)
-        kernels.quantize_gemv[grid, kernels.THREADS, 0, w.kpad](x_dev, k, w.words, w.scale, rows, out_dev)
+        kernels.quantize_gemv[grid, kernels.THREADS, stream, w.kpad](x_dev, k, w.words, w.scale, rows, out_dev)
         return
-    qwords, qsums, scales = _quantize_on_device(kernels, x_dev, w.kpad)
+    qwords, qsums, scales = _quantize_on_device(kernels, x_dev, w.kpad, stream)
     grid = (kernels.grid_rows(m, 1), -(-n // kernels.TOKEN_TILE))
-    kernels.gemm[grid, kernels.THREADS](qwords, qsums, scales, w.words, w.scale, 1, out_dev)
+    kernels.gemm[grid, kernels.THREADS, stream](qwords, qsums, scales, w.words, w.scale, 1, out_dev)
 
 
-def linear(x, w: PackedTernary | DeviceTernary, out=None):
+def linear(x, w: PackedTernary | DeviceTernary, out=None, stream=0):
     """``matmul(x, w)`` with everything on the GPU: the form layers and models use.
 
     Parameters
@@ -144,6 +163,9 @@ def linear(x, w: PackedTernary | DeviceTernary, out=None):
     w : PackedTernary (uploaded on first use and cached in ``w.cache``) or DeviceTernary.
     out : optional device float32 array of the result's shape, written in place; passing
         one keeps allocations off the decode critical path.
+    stream : numba CUDA stream to launch on (default: the legacy default stream). With
+        ``cuda.external_stream(...)`` the launches can join another library's stream, e.g.
+        to be captured into a CUDA graph and replayed as one launch per decode step.
 
     Returns
     -------
@@ -164,7 +186,7 @@ def linear(x, w: PackedTernary | DeviceTernary, out=None):
     x2 = x_dev.reshape(1, x_shape[0]) if x_dev.ndim == 1 else x_dev
     shape = (w.shape[0],) if x_dev.ndim == 1 else (x_shape[0], w.shape[0])
     if out is None:
-        out = cuda.device_array(shape, np.float32)
+        out = cuda.device_array(shape, np.float32, stream=stream)
     else:
         out = _device_array(out)
         if out is None:
@@ -172,7 +194,7 @@ def linear(x, w: PackedTernary | DeviceTernary, out=None):
         errors.check_dtype(out, "out", [np.float32])
         if tuple(out.shape) != shape:
             raise errors.ShapeError(f"out must have shape {shape}, got {tuple(out.shape)}")
-    _linear_2d(kernels, x2, w, out.reshape(x2.shape[0], w.shape[0]))
+    _linear_2d(kernels, x2, w, out.reshape(x2.shape[0], w.shape[0]), stream)
     return out
 
 
