@@ -172,12 +172,13 @@ def pack_codes(codes: np.ndarray) -> PackedTernary:
 
 
 def load_pretrained(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
-    """Load an HF ``BitNetForCausalLM`` checkpoint directory.
+    """Load an HF ``BitNetForCausalLM`` checkpoint directory (or a ``.gguf`` file).
 
     Parameters
     ----------
     path : directory holding ``config.json`` and ``model.safetensors`` (or a sharded
-        ``model.safetensors.index.json`` with its shards).
+        ``model.safetensors.index.json`` with its shards); a path ending in ``.gguf`` is
+        read by :func:`bitnet.load_gguf`.
     head_dtype : storage of the embedding / output head: "auto" (as in the checkpoint),
         "f32", "f16", "bf16" or "int8" (per-row absmax, half of bf16's memory traffic).
 
@@ -193,6 +194,10 @@ def load_pretrained(path: str | Path, head_dtype: str = "auto") -> BitNetForCaus
     the config.
     """
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from .gguf import load_gguf
+
+        return load_gguf(path, head_dtype)
     if not path.is_dir():
         raise errors.CheckpointNotFoundError(f"model directory {path} does not exist")
     config = read_config(path)
