@@ -7,7 +7,7 @@ itself runs unchanged on the emulation. See the README's "Metal backend" section
 this does and does not prove about real Apple GPUs.
 """
 
-from .compiler import EmulatedLibrary, EmulationError, find_compiler
+from .compiler import EmulatedLibrary, EmulationError, find_compiler, load
 from .device import metalcompute_module
 
-__all__ = ["EmulatedLibrary", "EmulationError", "find_compiler", "metalcompute_module"]
+__all__ = ["EmulatedLibrary", "EmulationError", "find_compiler", "load", "metalcompute_module"]

@@ -10,6 +10,7 @@ per source text and compiler, into a cache directory shared by every process of 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -131,7 +132,7 @@ def cache_dir() -> Path:
 
 
 class EmulatedLibrary:
-    """The kernels of one MSL source, compiled for the CPU.
+    """The kernels of one MSL source, compiled for the CPU. Use :func:`load`, which builds each source once.
 
     Parameters
     ----------
@@ -139,17 +140,7 @@ class EmulatedLibrary:
         MSL source text, as given to ``metalcompute``'s ``Device.kernel``.
     """
 
-    _loaded: dict[str, EmulatedLibrary] = {}
-
-    def __new__(cls, source: str):
-        key = hashlib.sha256(source.encode()).hexdigest()
-        if key not in cls._loaded:
-            library = super().__new__(cls)
-            library._build(source, key)
-            cls._loaded[key] = library
-        return cls._loaded[key]
-
-    def _build(self, source: str, key: str) -> None:
+    def __init__(self, source: str) -> None:
         self.kernels = {k.name: k for k in parse_kernels(source)}
         cxx = find_compiler()
         if cxx is None:
@@ -197,3 +188,9 @@ def _compile(cxx: str, source: str, driver: str, folder: Path, library: Path) ->
         if result.returncode != 0:
             raise EmulationError(f"{cxx} could not compile the MSL source as C++:\n{result.stderr[-4000:]}")
         os.replace(built, library)  # atomic: a concurrent build of the same source loses nothing
+
+
+@functools.cache
+def load(source: str) -> EmulatedLibrary:
+    """The library of ``source``, built (or taken from the disk cache) once per process."""
+    return EmulatedLibrary(source)

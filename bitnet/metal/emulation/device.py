@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .compiler import EmulatedLibrary, EmulationError
+from .compiler import EmulatedLibrary, EmulationError, load
 
 GUARD_BYTES = 16 * 1024
 GUARD_VALUE = 0xA5
@@ -58,7 +58,7 @@ class Function:
 
 class Kernel:
     def __init__(self, source: str, width: int, reverse: bool) -> None:
-        self._library = EmulatedLibrary(source)
+        self._library = load(source)
         self._width, self._reverse = width, reverse
 
     def function(self, name: str) -> Function:

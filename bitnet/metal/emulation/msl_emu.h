@@ -9,7 +9,9 @@
 // * Address spaces: `device`, `constant`, `thread` are plain memory. A `threadgroup` variable
 //   becomes `static thread_local`: all the lanes of a threadgroup run as fibers on one OS
 //   thread, so they share it, exactly like threadgroup memory is shared by a threadgroup.
-//   (So threadgroup variables may only be declared in a kernel's body, as MSL requires.)
+//   (So threadgroup variables may only be declared in a kernel's body, as MSL requires.) Unlike
+//   the GPU's, this memory is not garbage when a threadgroup starts: it holds what the previous
+//   threadgroup left, so a kernel must be checked to write it before it reads it.
 // * Attributes: `[[buffer(i)]]`, `[[thread_position_in_grid]]`, ... are left to g++, which
 //   ignores them (-Wno-attributes); the generated driver (compiler.py) reads them from the
 //   source and passes buffer i and each thread's ids in their place.
