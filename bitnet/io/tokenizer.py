@@ -12,10 +12,16 @@ TOKENIZER_FILE = "tokenizer.json"
 def load_tokenizer(path: str | Path):
     """The ``tokenizers.Tokenizer`` of model directory ``path``, or None when it has no ``tokenizer.json``.
 
+    A ``.gguf`` file's tokenizer is read from its metadata (:func:`bitnet.load_gguf_tokenizer`).
+
     Raises
     ------
     CheckpointError when ``tokenizer.json`` exists but cannot be read, or ``tokenizers`` is not installed.
     """
+    if Path(path).suffix.lower() == ".gguf":
+        from .gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     file = Path(path) / TOKENIZER_FILE
     if not file.is_file():
         return None

@@ -224,6 +224,12 @@ class BitNetForCausalLM:
 
         save_pretrained(self, path)
 
+    def save_gguf(self, path, weight_format: str = "tq2_0", tokenizer=None) -> None:
+        """Write the model as a GGUF file of llama.cpp's ``bitnet`` architecture (see :func:`bitnet.io.save_gguf`)."""
+        from ..io.gguf import save_gguf
+
+        save_gguf(self, path, weight_format, tokenizer)
+
     def named_linears(self) -> Iterator[tuple[str, BitLinear]]:
         """``(HF module name, BitLinear)`` for every projection, in checkpoint order."""
         for i, layer in enumerate(self.layers):
