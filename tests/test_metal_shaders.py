@@ -135,12 +135,14 @@ kernel void simd_functions(device const int* in [[buffer(0)]], device int* out [
                            uint gid [[thread_position_in_grid]], uint lane [[thread_index_in_simdgroup]])
 {
     const int v = in[gid];
-    out[gid * 6 + 0] = simd_sum(v);
-    out[gid * 6 + 1] = simd_max(v);
-    out[gid * 6 + 2] = simd_min(v);
-    out[gid * 6 + 3] = simd_shuffle(v, ushort((lane * 7 + 3) % 32));
-    out[gid * 6 + 4] = simd_shuffle_xor(v, ushort(5));
-    out[gid * 6 + 5] = simd_shuffle_down(v, ushort(3));
+    out[gid * 8 + 0] = simd_sum(v);
+    out[gid * 8 + 1] = simd_max(v);
+    out[gid * 8 + 2] = simd_min(v);
+    out[gid * 8 + 3] = simd_shuffle(v, ushort((lane * 7 + 3) % 32));
+    out[gid * 8 + 4] = simd_shuffle_xor(v, ushort(5));
+    out[gid * 8 + 5] = simd_shuffle_down(v, ushort(3));
+    out[gid * 8 + 6] = simd_shuffle_up(v, ushort(2));
+    out[gid * 8 + 7] = simd_broadcast(v, ushort(9));
 }
 
 kernel void reverse_threadgroup(device const int* in [[buffer(0)]], device int* out [[buffer(1)]],
@@ -197,8 +199,8 @@ def probe(width, name, count, *arrays, reverse=False):
 
 def test_simd_functions_follow_msl(rng):
     values = rng.integers(-1000, 1000, 64).astype(np.int32)
-    out = np.frombuffer(probe(64, "simd_functions", 64, values, np.zeros(64 * 6, np.int32))[1], np.int32)
-    out = out.reshape(64, 6)
+    out = np.frombuffer(probe(64, "simd_functions", 64, values, np.zeros(64 * 8, np.int32))[1], np.int32)
+    out = out.reshape(64, 8)
     for g in range(2):
         v = values[32 * g : 32 * g + 32]
         lanes = np.arange(32)
@@ -209,6 +211,8 @@ def test_simd_functions_follow_msl(rng):
         np.testing.assert_array_equal(got[:, 3], v[(lanes * 7 + 3) % 32])
         np.testing.assert_array_equal(got[:, 4], v[lanes ^ 5])
         np.testing.assert_array_equal(got[:, 5], np.where(lanes + 3 < 32, v[np.minimum(lanes + 3, 31)], v))
+        np.testing.assert_array_equal(got[:, 6], np.where(lanes >= 2, v[np.maximum(lanes - 2, 0)], v))
+        np.testing.assert_array_equal(got[:, 7], v[9])
 
 
 @pytest.mark.parametrize("width", [32, 256])

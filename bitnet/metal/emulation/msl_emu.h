@@ -37,7 +37,6 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -60,9 +59,6 @@ struct vec4 {
     constexpr vec4(T x_, T y_, T z_, T w_) : x(x_), y(y_), z(z_), w(w_) {}
     template <class U>  // MSL's explicit conversion between vector types: element by element
     explicit constexpr vec4(const vec4<U>& v) : x(T(v.x)), y(T(v.y)), z(T(v.z)), w(T(v.w)) {}
-
-    T& operator[](uint i) { return (&x)[i]; }
-    const T& operator[](uint i) const { return (&x)[i]; }
 };
 
 template <class T, class F>
@@ -198,9 +194,6 @@ public:
                 if (lanes_[i].state == LaneState::runnable) {
                     running_ = i;
                     swapcontext(&scheduler_, &lanes_[i].context);
-                    if (!error_.empty()) {
-                        return error_;
-                    }
                 }
             }
             if (release_simd_groups()) {
@@ -263,11 +256,7 @@ private:
     {
         Threadgroup& self = *current();
         Lane& lane = self.lanes_[self.running_];
-        try {
-            self.kernel_(lane.ids);
-        } catch (const std::exception& e) {
-            self.error_ = e.what();
-        }
+        self.kernel_(lane.ids);
         lane.state = LaneState::returned;
     }  // uc_link resumes the scheduler
 
@@ -316,7 +305,6 @@ private:
     std::unique_ptr<char[]>* stacks_;
     ucontext_t scheduler_;
     uint running_ = 0;
-    std::string error_;
 };
 
 // Runs `kernel` over a 1-D grid as metalcompute does: ceil(count / width) threadgroups of
