@@ -7,7 +7,10 @@
    per token, into zero-padded rows of ``blocks * 256`` bytes;
 2. ``ternary_gemv`` (up to ``GEMV_MAX_TOKENS`` tokens) or ``ternary_gemm`` (more tokens, with
    threadgroup tiles) from ternary_matmul.metal: int32 accumulation, ``acc / a * s`` at the end;
-3. reading the output back, zero-copy (the buffers are in unified memory).
+3. copying the output out of its buffer through a numpy view (unified memory: no transfer).
+
+Each dispatch is waited for before the next one is made, so no ordering between command
+buffers is relied on.
 
 Weights are uploaded once per :class:`~bitnet.PackedTernary` (kept in ``w.cache``) in the
 ``i2`` layout, which the shaders read as it is. Activations, outputs and the small
