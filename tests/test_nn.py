@@ -1,0 +1,148 @@
+"""bitnet.nn layers against the formulas written plainly in numpy (float64 where it helps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bitnet as bn
+from bitnet.nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding
+from bitnet.nn.embedding import bf16_bits_to_float, float_to_bf16_bits
+
+
+def reference_bitlinear(x, codes, scale):
+    """HF BitLinear: per-row absmax int8 activations, integer matmul, then ``/ a * scale``."""
+    a = 127 / np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-5)
+    q = np.clip(np.rint(x * a), -128, 127)
+    return (q @ codes.T.astype(np.float64)) / a * scale
+
+
+@pytest.mark.parametrize("m, k", [(8, 64), (36, 72), (20, 300)])
+def test_bitlinear_from_float_matches_reference(rng, m, k):
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    layer = BitLinear.from_float(w)
+    t = bn.quantize_weights(w)
+    np.testing.assert_allclose(layer(x), reference_bitlinear(x, t.codes, float(t.scale)), rtol=1e-5, atol=1e-5)
+    assert layer.weight.format == "i2" and (layer.out_features, layer.in_features) == (m, k)
+
+
+@pytest.mark.parametrize("divide", [False, True])
+def test_bitlinear_from_packed_hf_bytes_and_bias(rng, divide):
+    codes = rng.integers(-1, 2, (12, 64)).astype(np.int8)
+    data = bn.pack(bn.TernaryTensor(codes, np.float32(1.0).reshape(())), "hf").data
+    bias = rng.standard_normal(12).astype(np.float32)
+    layer = BitLinear.from_packed(data, (12, 64), 4.0, "hf", divide=divide, bias=bias)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    scale = 0.25 if divide else 4.0
+    np.testing.assert_allclose(layer(x), reference_bitlinear(x, codes, scale) + bias, rtol=1e-5, atol=1e-4)
+    assert layer.checkpoint_scale == (np.float32(4.0), divide)
+
+
+def test_bitlinear_input_norm_is_applied_first(rng):
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    norm = RMSNorm(rng.uniform(0.5, 1.5, 64), 1e-6)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_array_equal(BitLinear.from_float(w, input_norm=norm)(x), BitLinear.from_float(w)(norm(x)))
+
+
+def test_stacked_layers_give_the_same_outputs_and_share_bytes(rng):
+    layers = [BitLinear.from_float(rng.standard_normal((m, 64)).astype(np.float32)) for m in (16, 8, 8)]
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    separate = [layer(x).copy() for layer in layers]
+    stacked = BitLinear.stacked(layers)
+    np.testing.assert_array_equal(stacked(x), np.concatenate(separate, axis=1))
+    assert all(np.shares_memory(layer.weight.data, stacked.weight.data) for layer in layers)
+    for layer, before in zip(layers, separate, strict=True):
+        np.testing.assert_array_equal(layer(x), before)
+
+
+def test_rmsnorm_matches_formula(rng):
+    x = rng.standard_normal((4, 96)).astype(np.float32) * 3
+    w = rng.uniform(0.5, 1.5, 96).astype(np.float32)
+    expected = w * x / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(RMSNorm(w, 1e-5)(x), expected, rtol=2e-6, atol=1e-6)
+
+
+def test_rope_rotates_half_pairs_by_position(rng):
+    d, theta = 16, 10000.0
+    rope = RotaryEmbedding(d, theta)
+    x = rng.standard_normal((5, 3, d)).astype(np.float32)
+    start = 300  # past the initial table: it grows
+    angle = (start + np.arange(5))[:, None, None] * theta ** (-np.arange(0, d, 2) / d)
+    first, second = x[..., : d // 2], x[..., d // 2 :]
+    expected = np.concatenate([first * np.cos(angle) - second * np.sin(angle),
+                               second * np.cos(angle) + first * np.sin(angle)], axis=-1)
+    rope.apply(x, start)
+    np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(bn.ShapeError):
+        RotaryEmbedding(7, theta)
+
+
+def reference_attention(q, k, v, start):
+    """Causal softmax attention with query head h reading kv head h // group, in float64."""
+    n, heads, d = q.shape
+    group = heads // k.shape[1]
+    out = np.empty((n, heads, d))
+    for h in range(heads):
+        scores = q[:, h] @ k[:, h // group].T / np.sqrt(d)
+        future = np.arange(k.shape[0])[None, :] > (start + np.arange(n))[:, None]
+        scores[future] = -np.inf
+        p = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // group]
+    return out.reshape(n, heads * d)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_attention_core_matches_reference_with_gqa(rng, heads, kv_heads):
+    d, n, start = 8, 5, 3
+    hidden = heads * d
+    projections = [BitLinear.from_float(rng.standard_normal(shape).astype(np.float32))
+                   for shape in ((hidden, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, hidden))]
+    attention = Attention(*projections, RMSNorm(np.ones(hidden)), heads, kv_heads, d, RotaryEmbedding(d, 1e4))
+    q = rng.standard_normal((n, heads, d)).astype(np.float32)
+    k = rng.standard_normal((start + n, kv_heads, d)).astype(np.float32)
+    v = rng.standard_normal((start + n, kv_heads, d)).astype(np.float32)
+    with bn.nn.scratch.step():
+        got = attention._attend(q, k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), start).copy()
+    np.testing.assert_allclose(got, reference_attention(q, k, v, start), rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_grows_by_doubling_and_keeps_contents():
+    cache = KVCache(layers=2, kv_heads=1, head_dim=4, capacity=4)
+    cache.keys[1][:, :3] = 7.0
+    cache.length = 3
+    cache.reserve(9)
+    assert cache.capacity == 16 and cache.keys[1].shape == (1, 16, 4)
+    assert (cache.keys[1][:, :3] == 7.0).all()
+
+
+def test_mlp_is_relu2_gated_with_sub_norm(rng):
+    h, i = 64, 96
+    gate, up = (BitLinear.from_float(rng.standard_normal((i, h)).astype(np.float32)) for _ in range(2))
+    down = BitLinear.from_float(rng.standard_normal((h, i)).astype(np.float32))
+    norm = RMSNorm(rng.uniform(0.5, 1.5, i))
+    x = rng.standard_normal((3, h)).astype(np.float32)
+    expected = down(norm(np.maximum(gate(x), 0) ** 2 * up(x)))
+    np.testing.assert_allclose(MLP(gate, up, down, norm)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("f32", 1e-6), ("f16", 2e-3), ("bf16", 1e-2), ("int8", 3e-2)])
+def test_embedding_storage_rows_and_logits(rng, dtype, rtol):
+    w = rng.standard_normal((300, 72)).astype(np.float32)
+    table = Embedding.from_weights(w, dtype)
+    assert table.dtype == dtype and table.vocab_size == 300
+    ids = np.array([0, 299, 5, 5])
+    np.testing.assert_allclose(table.rows(ids), w[ids], rtol=rtol, atol=rtol * 3)
+    h = rng.standard_normal((2, 72)).astype(np.float32)
+    exact = h @ table.float_weights().T  # the stored values, so only summation order differs
+    np.testing.assert_allclose(table.logits(h), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_bits_round_to_nearest_even_like_ml_dtypes(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.concatenate([rng.standard_normal(1000).astype(np.float32),
+                        np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0e38], np.float32)])
+    reference = x.astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(float_to_bf16_bits(x), reference.view(np.uint16))
+    np.testing.assert_array_equal(bf16_bits_to_float(float_to_bf16_bits(x)), reference.astype(np.float32))
