@@ -56,7 +56,7 @@ def _head_label(model) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate text from an HF BitNet model directory, streaming it, then report tokens/s."""
+    """Generate text from an HF BitNet model directory or a .gguf file, streaming it, then report tokens/s."""
     model = bn.load_pretrained(args.model_dir, head_dtype=args.head)
     tokenizer = bn.load_tokenizer(args.model_dir)
     if tokenizer is None:
