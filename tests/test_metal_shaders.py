@@ -125,6 +125,25 @@ def test_kernels_agree_with_each_other_on_any_width(rng):
         np.testing.assert_array_equal(r, results[0])
 
 
+@pytest.mark.slow
+def test_fuzz_random_shapes_and_widths(rng):
+    for _ in range(60):
+        n, m, k = (int(v) for v in rng.integers(1, [80, 150, 1300]))
+        width = 32 * int(rng.integers(1, 33))
+        device = metalcompute_module(width, reverse=bool(rng.integers(2))).Device()
+        p, q, padded, a = matmul_inputs(rng, n, m, k, ["tensor", "channel"][int(rng.integers(2))])
+        for kernel in SHAPES:
+            np.testing.assert_array_equal(dispatch_matmul(device, kernel, p, padded, a, scaled=False),
+                                          bn.matmul_int(q, p), err_msg=f"{kernel} {n}x{m}x{k} width {width}")
+        x = awkward_activations(rng, n, k)
+        stride = padded_width(k)
+        q_buf, a_buf = run(device, "quantize_activations", n * 32, x, np.zeros((n, stride), np.int8),
+                           np.zeros(n, np.float32), np.array([n, k, stride], np.uint32))[1:3]
+        q_ref, a_ref = bn.quantize_activations(x)
+        np.testing.assert_array_equal(np.frombuffer(q_buf, np.int8).reshape(n, stride)[:, :k], q_ref)
+        np.testing.assert_array_equal(np.frombuffer(a_buf, np.float32), a_ref.reshape(-1))
+
+
 # ------------------------------------------------------------------ the emulator itself
 
 PROBE = """
