@@ -31,16 +31,16 @@ kernel void quantize_activations(
     device char* q [[buffer(1)]],
     device float* act_scale [[buffer(2)]],
     constant uint* shape [[buffer(3)]],
-    uint group [[threadgroup_position_in_grid]],
-    uint simdgroup [[simdgroup_index_in_threadgroup]],
-    uint simdgroups [[simdgroups_per_threadgroup]],
+    uint group_index [[threadgroup_position_in_grid]],
+    uint simdgroup_index [[simdgroup_index_in_threadgroup]],
+    uint simdgroup_count [[simdgroups_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_width [[threads_per_simdgroup]])
 {
     const uint n = shape[0];
     const uint k = shape[1];
     const uint row_stride = shape[2];
-    const uint row = group * simdgroups + simdgroup;
+    const uint row = group_index * simdgroup_count + simdgroup_index;
     if (row >= n) {
         return;
     }

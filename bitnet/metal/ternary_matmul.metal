@@ -85,15 +85,15 @@ kernel void ternary_gemv(
     device const float* weight_scale [[buffer(3)]],
     device uint* out [[buffer(4)]],
     constant uint* params [[buffer(5)]],
-    uint group [[threadgroup_position_in_grid]],
-    uint simdgroup [[simdgroup_index_in_threadgroup]],
-    uint simdgroups [[simdgroups_per_threadgroup]],
+    uint group_index [[threadgroup_position_in_grid]],
+    uint simdgroup_index [[simdgroup_index_in_threadgroup]],
+    uint simdgroup_count [[simdgroups_per_threadgroup]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_width [[threads_per_simdgroup]])
 {
     const MatmulShape shape = read_shape(params);
     const uint row_blocks = (shape.m + GEMV_ROWS - 1) / GEMV_ROWS;
-    const uint work = group * simdgroups + simdgroup;
+    const uint work = group_index * simdgroup_count + simdgroup_index;
     const uint t = work / row_blocks;
     if (t >= shape.n) {
         return;  // a whole SIMD group past the end of the grid
@@ -151,7 +151,7 @@ kernel void ternary_gemm(
     device const float* weight_scale [[buffer(3)]],
     device uint* out [[buffer(4)]],
     constant uint* params [[buffer(5)]],
-    uint group [[threadgroup_position_in_grid]],
+    uint group_index [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint width [[threads_per_threadgroup]])
 {
@@ -161,11 +161,11 @@ kernel void ternary_gemm(
     const MatmulShape shape = read_shape(params);
     const uint row_tiles = (shape.m + TILE_ROWS - 1) / TILE_ROWS;
     const uint token_tiles = (shape.n + TILE_TOKENS - 1) / TILE_TOKENS;
-    if (group >= row_tiles * token_tiles) {
+    if (group_index >= row_tiles * token_tiles) {
         return;  // the whole threadgroup leaves together, before any barrier
     }
-    const uint first_row = (group % row_tiles) * TILE_ROWS;
-    const uint first_token = (group / row_tiles) * TILE_TOKENS;
+    const uint first_row = (group_index % row_tiles) * TILE_ROWS;
+    const uint first_token = (group_index / row_tiles) * TILE_TOKENS;
     const uint row_words = shape.blocks * WORDS_PER_BLOCK;
     const uint q_stride = shape.blocks * CHAR4_PER_BLOCK;
 
