@@ -1,0 +1,195 @@
+"""Checkpoint I/O without transformers: save/load round trips, sharded files, tokenizers, and the errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import bitnet as bn
+
+pytest.importorskip("safetensors")
+pytest.importorskip("ml_dtypes")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+TINY = dict(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, eos_token_id=None, bos_token_id=None)
+IDS = np.array([3, 14, 15, 92, 65, 35])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny random model and the directory it was saved to."""
+    model = bn.models.random_model(bn.BitNetConfig(**TINY, tie_word_embeddings=False), seed=1, head_dtype="f32")
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    return model, path
+
+
+def copy_checkpoint(src, dst, tensors=None, config=None):
+    """``src`` rewritten into ``dst`` with its tensors and/or config.json dict replaced."""
+    dst.mkdir(exist_ok=True)
+    save_file(load_file(src / "model.safetensors") if tensors is None else tensors, dst / "model.safetensors")
+    raw = json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(raw if config is None else config(raw)))
+    return dst
+
+
+def test_round_trip_keeps_bytes_and_logits(saved, tmp_path):
+    model, path = saved
+    loaded = bn.load_pretrained(path)
+    np.testing.assert_array_equal(loaded.forward(IDS), model.forward(IDS))
+    loaded.save_pretrained(tmp_path)
+    first, second = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].dtype == second[name].dtype and first[name].tobytes() == second[name].tobytes(), name
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "bitnet"
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(saved, tmp_path):
+    model, path = saved
+    tensors = load_file(path / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, members in shards.items():
+        save_file({name: tensors[name] for name in members}, tmp_path / shard)
+        weight_map.update({name: shard for name in members})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    np.testing.assert_array_equal(bn.load_pretrained(tmp_path).forward(IDS), model.forward(IDS))
+
+
+@pytest.mark.parametrize("head_dtype", ["bf16", "int8", "f16"])
+def test_head_dtype_option_changes_storage_only_slightly(saved, head_dtype):
+    model, path = saved
+    loaded = bn.load_pretrained(path, head_dtype=head_dtype)
+    assert loaded.lm_head.dtype == head_dtype and loaded.embed_tokens.dtype == head_dtype
+    reference = model.forward(IDS)
+    assert np.abs(loaded.forward(IDS) - reference).max() <= 0.05 * np.abs(reference).max()
+
+
+def test_bf16_float_checkpoint_is_quantized_with_absmean_on_load(saved, tmp_path):
+    import ml_dtypes
+
+    _, path = saved
+    rng = np.random.default_rng(0)
+    tensors = load_file(path / "model.safetensors")
+    floats = {}
+    for name in list(tensors):
+        if name.endswith("weight_scale"):
+            del tensors[name]
+        elif tensors[name].dtype == np.uint8:  # packed projection -> random bf16 float weights
+            shape = bn.load_pretrained(path).config.linear_shapes()[name.split(".", 3)[3].rsplit(".", 1)[0]]
+            floats[name] = rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+            tensors[name] = floats[name]
+    config = copy_checkpoint(path, tmp_path, tensors, lambda raw: {**raw, "quantization_config": None})
+    model = bn.load_pretrained(config)
+    layer = model.layers[1].mlp.down_proj
+    expected = bn.quantize_weights(floats["model.layers.1.mlp.down_proj.weight"].astype(np.float32))
+    np.testing.assert_array_equal(bn.unpack(layer.weight).codes, expected.codes)
+    assert float(layer.weight.scale) == float(expected.scale)
+
+
+def test_missing_directory_and_files(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(bn.CheckpointNotFoundError, match="does not exist"):
+        bn.load_pretrained(tmp_path / "nowhere")
+    with pytest.raises(bn.CheckpointNotFoundError, match="config.json"):
+        bn.load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(bn.CheckpointNotFoundError, match="model.safetensors"):
+        bn.load_pretrained(tmp_path)
+    assert isinstance(bn.CheckpointNotFoundError("x"), FileNotFoundError)
+
+
+def test_unsupported_model_type_and_rope(saved, tmp_path):
+    _, path = saved
+    copy_checkpoint(path, tmp_path / "llama", config=lambda raw: {**raw, "model_type": "llama"})
+    with pytest.raises(bn.ConfigError, match="unsupported model_type 'llama'"):
+        bn.load_pretrained(tmp_path / "llama")
+    copy_checkpoint(path, tmp_path / "yarn", config=lambda raw: {**raw, "rope_parameters": {"rope_type": "yarn"}})
+    with pytest.raises(bn.ConfigError, match="rope type 'yarn'"):
+        bn.load_pretrained(tmp_path / "yarn")
+    (tmp_path / "llama" / "config.json").write_text("{not json")
+    with pytest.raises(bn.CheckpointError, match="not valid JSON"):
+        bn.load_pretrained(tmp_path / "llama")
+
+
+@pytest.mark.parametrize("key, value", [("intermediate_size", 128), ("num_key_value_heads", 4), ("vocab_size", 121)])
+def test_shape_disagreeing_with_config(saved, tmp_path, key, value):
+    _, path = saved
+    copy_checkpoint(path, tmp_path, config=lambda raw: {**raw, key: value})
+    with pytest.raises(bn.CheckpointError, match="config .*disagree|implies"):
+        bn.load_pretrained(tmp_path)
+
+
+def test_missing_tensor(saved, tmp_path):
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.ffn_sub_norm.weight"]
+    copy_checkpoint(path, tmp_path, tensors)
+    with pytest.raises(bn.CheckpointError, match="ffn_sub_norm.weight' is missing"):
+        bn.load_pretrained(tmp_path)
+
+
+def test_truncated_safetensors(saved, tmp_path):
+    _, path = saved
+    copy_checkpoint(path, tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(bn.CheckpointError, match="truncated or corrupt"):
+        bn.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("offset", [0, 3, 8, 12, 40])
+def test_corrupt_safetensors_header(saved, tmp_path, offset):
+    _, path = saved
+    copy_checkpoint(path, tmp_path)
+    data = bytearray((tmp_path / "model.safetensors").read_bytes())
+    for i in range(offset, offset + 4):
+        data[i] ^= 0xFF
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(bn.CheckpointError):
+        bn.load_pretrained(tmp_path)
+
+
+def test_corrupt_packed_weights_are_reported(saved, tmp_path):
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.weight"][0, :4] = 0xFF  # the 2-bit value 3 encodes no ternary code
+    copy_checkpoint(path, tmp_path, tensors)
+    with pytest.raises(bn.CheckpointError, match="o_proj.weight is corrupt"):
+        bn.load_pretrained(tmp_path)
+
+
+def write_word_tokenizer(path, vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)} | {"[UNK]": vocab_size - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+
+
+def test_tokenizer_and_cli_generate(saved, tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    model, path = saved
+    assert bn.load_tokenizer(path) is None
+    copy_checkpoint(path, tmp_path)
+    write_word_tokenizer(tmp_path, model.config.vocab_size)
+    tokenizer = bn.load_tokenizer(tmp_path)
+    ids = tokenizer.encode("w3 w14 w15").ids
+    assert ids == [3, 14, 15]
+    expected = tokenizer.decode(model.generate(ids, 4))
+    from bitnet.cli import main
+
+    assert main(["generate", str(tmp_path), "--prompt", "w3 w14 w15", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("w3 w14 w15" + expected)
+    assert "prompt: 3 tokens" in out and "decode: 3 tokens" in out and "tok/s" in out and "f32 head" in out
+    (tmp_path / "tokenizer.json").write_text("garbage")
+    with pytest.raises(bn.CheckpointError, match="tokenizer"):
+        bn.load_tokenizer(tmp_path)
