@@ -21,8 +21,7 @@ from .kernels import matmul as kernels
 
 KERNEL_PATH = cpu_features.selected_path()
 _REPACKED = "i2"  # key in PackedTernary.cache for weights repacked into the kernel layout
-_NO_FLOAT_OUT = np.empty((0, 0), np.float32)
-_NO_ACT_SCALE = np.empty(0, np.float32)
+_PREPARED = "matmul"  # key in PackedTernary.cache for the arrays the kernels take
 _MAX_K = 2**24  # beyond this an exact int8 x ternary dot product may not fit in int32
 
 
@@ -51,10 +50,14 @@ def get_num_threads() -> int:
 def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
     """The i2 payload, the scale as a flat float32 array, and the scale's step per output row.
 
-    Weights in another format are repacked to i2 once and kept in ``w.cache``.
+    Weights in another format are repacked to i2 once; the result is kept in ``w.cache``
+    (so is this triple, which saves the checks on every later call).
     """
     if not isinstance(w, PackedTernary):
         raise errors.DTypeError(f"weights must be a bn.PackedTernary (from bn.pack), got {type(w).__name__}")
+    prepared = w.cache.get(_PREPARED)
+    if prepared is not None:
+        return prepared
     if w.granularity == "group":
         raise errors.FormatError(
             f"matmul supports per-tensor and per-channel weight scales, not granularity='group' "
@@ -68,10 +71,9 @@ def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
         if _REPACKED not in w.cache:
             w.cache[_REPACKED] = convert(w, _REPACKED).data
         data = w.cache[_REPACKED]
-    if not data.flags.c_contiguous:
-        data = np.ascontiguousarray(data)
-    scale_step = 1 if w.granularity == "channel" else 0
-    return data, w.scale.reshape(-1), scale_step
+    prepared = (np.ascontiguousarray(data), w.scale.reshape(-1), 1 if w.granularity == "channel" else 0)
+    w.cache[_PREPARED] = prepared
+    return prepared
 
 
 def _workspace(n: int, k_padded: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,8 +109,9 @@ def _checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _isa(path: str | None):
-    return kernels.ISAS[KERNEL_PATH if path is None else path]
+def _entry_points(path: str | None):
+    """The compiled (float, int) matmul entry points of ``path`` (default ``KERNEL_PATH``)."""
+    return kernels.ENTRY_POINTS[KERNEL_PATH if path is None else path]
 
 
 def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> np.ndarray:
@@ -142,8 +145,7 @@ def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> n
         padded[:, :k] = rows
         padded[:, k:] = 0
         np.sum(rows, axis=1, dtype=np.int32, out=q_sum)
-        kernels.ternary_matmul(_isa(path), data, padded, q_sum, _NO_ACT_SCALE, w.scale.reshape(-1), 0,
-                               acc, _NO_FLOAT_OUT, False)
+        _entry_points(path)[1](data, padded, q_sum, acc)
     return acc.reshape(q.shape[:-1] + (m,))
 
 
@@ -191,6 +193,5 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     result = _checked_out(out, x.shape[:-1] + (m,))
     if n:
         q, act_scale, q_sum = _workspace(n, data.shape[1] * 4)
-        kernels.quantize_and_matmul(_isa(path), rows, data, q, act_scale, q_sum, scale, scale_step,
-                                    result.reshape(n, m))
+        _entry_points(path)[0](rows, data, q, act_scale, q_sum, scale, scale_step, result.reshape(n, m))
     return result

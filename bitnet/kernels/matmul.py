@@ -42,6 +42,7 @@ from .simd import (
     byte_vector_size,
     dot_acc,
     load_bytes,
+    prefetch,
     shift_right_acc,
     shift_right_bytes,
     splat_bytes,
@@ -53,10 +54,12 @@ BLOCK = 256  # weights per i2 block
 BLOCK_BYTES = 64  # bytes per i2 block
 FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lanes stay < 2**31)
 TILE_ROWS = 2
-TILE_TOKENS = 4
+TILE_TOKENS = 8
+K_CHUNK_BLOCKS = 12  # GEMM k-chunk: 8 tokens x 12 x 256 bytes of activations = 24 KB, fits L1
+PAIRS_PER_TASK = 16  # row pairs per parallel task (one scratch allocation per task)
+PREFETCH_BYTES = 1024  # how far ahead of the loads the GEMV loop prefetches weights
 
 PORTABLE = IsaMarker("portable", 0)
-ISAS = {"avx512vnni": AVX512VNNI, "avxvnni": AVXVNNI, "avx2": AVX2, "portable": PORTABLE}
 
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False)
 _ACT_LEVELS = np.float32(127.0)
@@ -134,6 +137,8 @@ def _row_pair_simd(isa, w, r0, r1, q, t):
         a00, a01, a02, a03 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
         a10, a11, a12, a13 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
         for b in range(start, min(nb, start + FOLD_BLOCKS)):
+            prefetch(w, r0 * wb + b * BLOCK_BYTES + PREFETCH_BYTES)
+            prefetch(w, r1 * wb + b * BLOCK_BYTES + PREFETCH_BYTES)
             for h in range(0, BLOCK_BYTES, step):
                 x0 = load_bytes(isa, w, r0 * wb + b * BLOCK_BYTES + h)
                 x1 = load_bytes(isa, w, r1 * wb + b * BLOCK_BYTES + h)
@@ -156,45 +161,51 @@ def _row_pair_simd(isa, w, r0, r1, q, t):
 
 
 @njit(**_KERNEL)
-def _tile_simd(isa, w, r0, r1, q, t0, t1, t2, t3):
-    """``sum(c q[t])`` for rows ``r0, r1`` x tokens ``t0..t3`` (GEMM inner loop), as 8 int64s."""
-    nb = w.shape[1] // BLOCK_BYTES
+def _tile_simd(isa, w, r0, r1, q, t, b0, b1):
+    """``sum(c q[t + j])`` over blocks ``b0 .. b1 - 1`` for rows ``r0, r1`` x tokens ``t .. t + 7``.
+
+    Returns 16 int64s: row ``r0`` for the 8 tokens, then row ``r1``. 16 accumulators and
+    the 2 decoded code vectors fit the 32 AVX-512 registers; activations are memory operands.
+    """
     wb, kp = w.shape[1], q.shape[1]
     step = byte_vector_size(isa)
     three = splat_bytes(isa, 3)
-    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = 0
-    for start in range(0, nb, FOLD_BLOCKS):
+    s00 = s01 = s02 = s03 = s04 = s05 = s06 = s07 = 0
+    s10 = s11 = s12 = s13 = s14 = s15 = s16 = s17 = 0
+    for start in range(b0, b1, FOLD_BLOCKS):
         a00, a01, a02, a03 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+        a04, a05, a06, a07 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
         a10, a11, a12, a13 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-        for b in range(start, min(nb, start + FOLD_BLOCKS)):
+        a14, a15, a16, a17 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+        for b in range(start, min(b1, start + FOLD_BLOCKS)):
             for h in range(0, BLOCK_BYTES, step):
                 x0 = load_bytes(isa, w, r0 * wb + b * BLOCK_BYTES + h)
                 x1 = load_bytes(isa, w, r1 * wb + b * BLOCK_BYTES + h)
                 for i in range(4):
                     c0 = and_bytes(shift_right_bytes(x0, 2 * i), three)
                     c1 = and_bytes(shift_right_bytes(x1, 2 * i), three)
-                    at = b * BLOCK + 64 * i + h
-                    v = load_bytes(isa, q, t0 * kp + at)
-                    a00 = dot_acc(isa, a00, c0, v)
-                    a10 = dot_acc(isa, a10, c1, v)
-                    v = load_bytes(isa, q, t1 * kp + at)
-                    a01 = dot_acc(isa, a01, c0, v)
-                    a11 = dot_acc(isa, a11, c1, v)
-                    v = load_bytes(isa, q, t2 * kp + at)
-                    a02 = dot_acc(isa, a02, c0, v)
-                    a12 = dot_acc(isa, a12, c1, v)
-                    v = load_bytes(isa, q, t3 * kp + at)
-                    a03 = dot_acc(isa, a03, c0, v)
-                    a13 = dot_acc(isa, a13, c1, v)
-        s00 += sum_acc(a00)
-        s01 += sum_acc(a01)
-        s02 += sum_acc(a02)
-        s03 += sum_acc(a03)
-        s10 += sum_acc(a10)
-        s11 += sum_acc(a11)
-        s12 += sum_acc(a12)
-        s13 += sum_acc(a13)
-    return s00, s01, s02, s03, s10, s11, s12, s13
+                    at = t * kp + b * BLOCK + 64 * i + h
+                    v = load_bytes(isa, q, at)
+                    a00, a10 = dot_acc(isa, a00, c0, v), dot_acc(isa, a10, c1, v)
+                    v = load_bytes(isa, q, at + kp)
+                    a01, a11 = dot_acc(isa, a01, c0, v), dot_acc(isa, a11, c1, v)
+                    v = load_bytes(isa, q, at + 2 * kp)
+                    a02, a12 = dot_acc(isa, a02, c0, v), dot_acc(isa, a12, c1, v)
+                    v = load_bytes(isa, q, at + 3 * kp)
+                    a03, a13 = dot_acc(isa, a03, c0, v), dot_acc(isa, a13, c1, v)
+                    v = load_bytes(isa, q, at + 4 * kp)
+                    a04, a14 = dot_acc(isa, a04, c0, v), dot_acc(isa, a14, c1, v)
+                    v = load_bytes(isa, q, at + 5 * kp)
+                    a05, a15 = dot_acc(isa, a05, c0, v), dot_acc(isa, a15, c1, v)
+                    v = load_bytes(isa, q, at + 6 * kp)
+                    a06, a16 = dot_acc(isa, a06, c0, v), dot_acc(isa, a16, c1, v)
+                    v = load_bytes(isa, q, at + 7 * kp)
+                    a07, a17 = dot_acc(isa, a07, c0, v), dot_acc(isa, a17, c1, v)
+        s00, s01, s02, s03 = s00 + sum_acc(a00), s01 + sum_acc(a01), s02 + sum_acc(a02), s03 + sum_acc(a03)
+        s04, s05, s06, s07 = s04 + sum_acc(a04), s05 + sum_acc(a05), s06 + sum_acc(a06), s07 + sum_acc(a07)
+        s10, s11, s12, s13 = s10 + sum_acc(a10), s11 + sum_acc(a11), s12 + sum_acc(a12), s13 + sum_acc(a13)
+        s14, s15, s16, s17 = s14 + sum_acc(a14), s15 + sum_acc(a15), s16 + sum_acc(a16), s17 + sum_acc(a17)
+    return (s00, s01, s02, s03, s04, s05, s06, s07, s10, s11, s12, s13, s14, s15, s16, s17)
 
 
 # --- portable inner loops (plain Numba; LLVM vectorizes them for the target CPU) ----------------
@@ -224,23 +235,29 @@ def _block_dot_portable(w, r, q, t, b):
 
 
 @njit(**_KERNEL)
-def _row_pair_portable(w, r0, r1, q, t):
-    nb = w.shape[1] // BLOCK_BYTES
+def _row_pair_portable(w, r0, r1, q, t, b0=0, b1=-1):
+    """``sum(c q[t])`` for rows ``r0`` and ``r1`` over blocks ``b0 .. b1 - 1`` (default: all)."""
+    if b1 < 0:
+        b1 = w.shape[1] // BLOCK_BYTES
     total0 = 0
     total1 = 0
-    for b in range(nb):
+    for b in range(b0, b1):
         total0 += _block_dot_portable(w, r0, q, t, b)
         total1 += _block_dot_portable(w, r1, q, t, b)
     return total0, total1
 
 
 @njit(**_KERNEL)
-def _tile_portable(w, r0, r1, q, t0, t1, t2, t3):
-    s00, s10 = _row_pair_portable(w, r0, r1, q, t0)
-    s01, s11 = _row_pair_portable(w, r0, r1, q, t1)
-    s02, s12 = _row_pair_portable(w, r0, r1, q, t2)
-    s03, s13 = _row_pair_portable(w, r0, r1, q, t3)
-    return s00, s01, s02, s03, s10, s11, s12, s13
+def _tile_portable(w, r0, r1, q, t, b0, b1):
+    s00, s10 = _row_pair_portable(w, r0, r1, q, t, b0, b1)
+    s01, s11 = _row_pair_portable(w, r0, r1, q, t + 1, b0, b1)
+    s02, s12 = _row_pair_portable(w, r0, r1, q, t + 2, b0, b1)
+    s03, s13 = _row_pair_portable(w, r0, r1, q, t + 3, b0, b1)
+    s04, s14 = _row_pair_portable(w, r0, r1, q, t + 4, b0, b1)
+    s05, s15 = _row_pair_portable(w, r0, r1, q, t + 5, b0, b1)
+    s06, s16 = _row_pair_portable(w, r0, r1, q, t + 6, b0, b1)
+    s07, s17 = _row_pair_portable(w, r0, r1, q, t + 7, b0, b1)
+    return (s00, s01, s02, s03, s04, s05, s06, s07, s10, s11, s12, s13, s14, s15, s16, s17)
 
 
 # --- one generic driver, specialised per instruction set at compile time -----------------------
@@ -250,7 +267,7 @@ def _row_pair(isa, w, r0, r1, q, t):
     """Compile-time dispatch to the GEMV inner loop of ``isa`` (see the overload below)."""
 
 
-def _tile(isa, w, r0, r1, q, t0, t1, t2, t3):
+def _tile(isa, w, r0, r1, q, t, b0, b1):
     """Compile-time dispatch to the GEMM inner loop of ``isa``."""
 
 
@@ -262,10 +279,10 @@ def _row_pair_for(isa, w, r0, r1, q, t):
 
 
 @overload(_tile, jit_options=_KERNEL)
-def _tile_for(isa, w, r0, r1, q, t0, t1, t2, t3):
+def _tile_for(isa, w, r0, r1, q, t, b0, b1):
     if isa.isa == "portable":
-        return lambda isa, w, r0, r1, q, t0, t1, t2, t3: _tile_portable(w, r0, r1, q, t0, t1, t2, t3)
-    return lambda isa, w, r0, r1, q, t0, t1, t2, t3: _tile_simd(isa, w, r0, r1, q, t0, t1, t2, t3)
+        return lambda isa, w, r0, r1, q, t, b0, b1: _tile_portable(w, r0, r1, q, t, b0, b1)
+    return lambda isa, w, r0, r1, q, t, b0, b1: _tile_simd(isa, w, r0, r1, q, t, b0, b1)
 
 
 @njit(**_KERNEL)
@@ -278,39 +295,118 @@ def _emit(t, r, total, q_sum, act_scale, scale, scale_step, acc, out, as_float):
         acc[t, r] = value
 
 
+@njit(**_KERNEL)
+def _gemm_row_pair(isa, w, r0, r1, q, tokens, sums):
+    """Rows ``r0, r1`` x the first ``tokens`` tokens (a multiple of 8) into ``sums`` (2, >= tokens).
+
+    The blocks are taken in chunks of at most ``K_CHUNK_BLOCKS`` so that the 8 token rows of
+    ``q`` a tile reads stay in L1 (at k = 6912 a whole tile is 55 KB, more than L1).
+    """
+    nb = w.shape[1] // BLOCK_BYTES
+    chunks = (nb + K_CHUNK_BLOCKS - 1) // K_CHUNK_BLOCKS
+    per_chunk = (nb + chunks - 1) // chunks
+    sums[:, :tokens] = 0
+    for b0 in range(0, nb, per_chunk):
+        b1 = min(nb, b0 + per_chunk)
+        for t in range(0, tokens, TILE_TOKENS):
+            part = _tile(isa, w, r0, r1, q, t, b0, b1)
+            for j in range(TILE_TOKENS):
+                sums[0, t + j] += part[j]
+                sums[1, t + j] += part[TILE_TOKENS + j]
+
+
 @njit(parallel=True, **_KERNEL)
 def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """``q @ (c - 1).T`` for i2 data ``w`` (m, 64 nb) and padded int8 ``q`` (n, 256 nb).
 
     Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
     ``acc / act_scale[t] * scale[r * scale_step]`` (``scale_step`` 0 for one scale per tensor).
-    Row pairs are spread over threads; an odd last row is paired with itself.
+
+    Threads take fixed runs of ``PAIRS_PER_TASK`` row pairs (an odd last row is paired with
+    itself). Tokens go in tiles of ``TILE_TOKENS`` through the GEMM loop; the rest (and
+    ``n == 1``) through the GEMV loop, which rereads the row pair from L1 for each token.
     """
     m = w.shape[0]
     n = q.shape[0]
+    tiled = n - n % TILE_TOKENS
     pairs = (m + TILE_ROWS - 1) // TILE_ROWS
-    if n == 1:
-        for p in prange(pairs):
+    for task in prange((pairs + PAIRS_PER_TASK - 1) // PAIRS_PER_TASK):
+        sums = np.empty((TILE_ROWS, tiled), np.int64)
+        for p in range(task * PAIRS_PER_TASK, min(pairs, (task + 1) * PAIRS_PER_TASK)):
             r0 = TILE_ROWS * p
             r1 = min(r0 + 1, m - 1)
-            s0, s1 = _row_pair(isa, w, r0, r1, q, 0)
-            _emit(0, r0, s0, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit(0, r1, s1, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-        return
-    for p in prange(pairs):
-        r0 = TILE_ROWS * p
-        r1 = min(r0 + 1, m - 1)
-        for t0 in range(0, n, TILE_TOKENS):
-            t1, t2, t3 = min(t0 + 1, n - 1), min(t0 + 2, n - 1), min(t0 + 3, n - 1)
-            s00, s01, s02, s03, s10, s11, s12, s13 = _tile(isa, w, r0, r1, q, t0, t1, t2, t3)
-            for t, s0, s1 in ((t0, s00, s10), (t1, s01, s11), (t2, s02, s12), (t3, s03, s13)):
+            if tiled:
+                _gemm_row_pair(isa, w, r0, r1, q, tiled, sums)
+            for t in range(tiled):
+                _emit(t, r0, sums[0, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
+                _emit(t, r1, sums[1, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            for t in range(tiled, n):
+                s0, s1 = _row_pair(isa, w, r0, r1, q, t)
                 _emit(t, r0, s0, q_sum, act_scale, scale, scale_step, acc, out, as_float)
                 _emit(t, r1, s1, q_sum, act_scale, scale, scale_step, acc, out, as_float)
 
 
 @njit(**_KERNEL)
-def quantize_and_matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, out):
+def _matmul_float(isa, x, w, q, act_scale, q_sum, scale, scale_step, out):
     """``out = matmul(x, w)`` in one compiled call: quantize ``x`` into ``q``, then multiply."""
     quantize_padded(x, q, act_scale, q_sum)
-    no_int_out = np.empty((0, 0), np.int32)
-    ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, no_int_out, out, True)
+    ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, np.empty((0, 0), np.int32), out, True)
+
+
+@njit(**_KERNEL)
+def _matmul_int(isa, w, q, q_sum, acc):
+    """``acc = q @ codes.T`` for an already padded int8 ``q`` and its row sums ``q_sum``."""
+    unused = np.empty(0, np.float32)
+    ternary_matmul(isa, w, q, q_sum, unused, unused, 0, acc, np.empty((0, 0), np.float32), False)
+
+
+# Entry points, a (float, int) pair per path. The ISA marker is a compile-time constant in
+# each, so Python passes only arrays: a marker argument would cost ~3 us of type dispatch.
+
+
+@njit(**_KERNEL)
+def matmul_float_avx512vnni(x, w, q, act_scale, q_sum, scale, scale_step, out):
+    _matmul_float(AVX512VNNI, x, w, q, act_scale, q_sum, scale, scale_step, out)
+
+
+@njit(**_KERNEL)
+def matmul_int_avx512vnni(w, q, q_sum, acc):
+    _matmul_int(AVX512VNNI, w, q, q_sum, acc)
+
+
+@njit(**_KERNEL)
+def matmul_float_avxvnni(x, w, q, act_scale, q_sum, scale, scale_step, out):
+    _matmul_float(AVXVNNI, x, w, q, act_scale, q_sum, scale, scale_step, out)
+
+
+@njit(**_KERNEL)
+def matmul_int_avxvnni(w, q, q_sum, acc):
+    _matmul_int(AVXVNNI, w, q, q_sum, acc)
+
+
+@njit(**_KERNEL)
+def matmul_float_avx2(x, w, q, act_scale, q_sum, scale, scale_step, out):
+    _matmul_float(AVX2, x, w, q, act_scale, q_sum, scale, scale_step, out)
+
+
+@njit(**_KERNEL)
+def matmul_int_avx2(w, q, q_sum, acc):
+    _matmul_int(AVX2, w, q, q_sum, acc)
+
+
+@njit(**_KERNEL)
+def matmul_float_portable(x, w, q, act_scale, q_sum, scale, scale_step, out):
+    _matmul_float(PORTABLE, x, w, q, act_scale, q_sum, scale, scale_step, out)
+
+
+@njit(**_KERNEL)
+def matmul_int_portable(w, q, q_sum, acc):
+    _matmul_int(PORTABLE, w, q, q_sum, acc)
+
+
+ENTRY_POINTS = {
+    "avx512vnni": (matmul_float_avx512vnni, matmul_int_avx512vnni),
+    "avxvnni": (matmul_float_avxvnni, matmul_int_avxvnni),
+    "avx2": (matmul_float_avx2, matmul_int_avx2),
+    "portable": (matmul_float_portable, matmul_int_portable),
+}

@@ -14,7 +14,7 @@ instruction set. The markers must only be used on CPUs that have the features
 
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
 / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
-``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator vectors.
+``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator vectors; ``prefetch``.
 """
 
 from __future__ import annotations
@@ -226,10 +226,36 @@ def shift_right_acc(typingctx, a, count):
 
 @intrinsic
 def sum_acc(typingctx, a):
-    """The sum of the int32 lanes of ``a``, widened to int64 first so it cannot overflow."""
+    """The sum of the int32 lanes of ``a`` as an int64.
+
+    Summed in int32 (a few shuffles and adds): the kernels keep their lanes small enough
+    (see ``FOLD_BLOCKS`` in ``bitnet.kernels.matmul``) that the total cannot overflow.
+    """
 
     def codegen(context, builder, sig, args):
-        wide = ir.VectorType(ir.IntType(64), a.lanes)
-        return _call(builder, f"llvm.vector.reduce.add.v{a.lanes}i64", ir.IntType(64), [builder.sext(args[0], wide)])
+        total = _call(builder, f"llvm.vector.reduce.add.v{a.lanes}i32", ir.IntType(32), [args[0]])
+        return builder.sext(total, ir.IntType(64))
 
     return types.int64(a), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Hint the CPU to pull the cache line holding flat element ``index`` of ``array`` into L1.
+
+    Portable LLVM (``llvm.prefetch``): ``prefetcht0`` on x86, ``prfm pldl1keep`` on aarch64.
+    Never faults, so it may point past the end of the array.
+    """
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        offset = context.cast(builder, args[1], sig.args[1], types.intp)
+        pointer = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        read, keep_in_all_levels, data_cache = (ir.Constant(i32, v) for v in (0, 3, 1))
+        fnty = ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [pointer, read, keep_in_all_levels, data_cache])
+        return context.get_dummy_value()
+
+    return types.none(array, index), codegen
