@@ -107,6 +107,18 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time bn.matmul (activation quantization included) against numpy float32 on the same shapes."""
+    from . import bench
+
+    shapes = bench.SHAPES if args.quick else (*bench.SHAPES, bench.STREAM_SHAPE)
+    paths = args.paths.split(",") if args.paths else bench.default_paths()
+    print(f"matmul: i2 weights, float32 activations; {args.threads or bn.get_num_threads()} threads; "
+          f"default path {bn.ops.KERNEL_PATH}; median wall time; numpy float32 x @ w.T in the same run")
+    print(bench.format_table(bench.run(shapes, paths, args.threads, min_time=args.min_time)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bitnet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--head", choices=HEAD_CHOICES, default="auto", help="embedding/head storage")
     generate.set_defaults(run=cmd_generate)
+    matmul_bench = sub.add_parser("bench", help=cmd_bench.__doc__)
+    matmul_bench.add_argument("--threads", type=int, default=None, help="default: numba's setting")
+    matmul_bench.add_argument("--paths", help="kernel paths, comma-separated (default: the selected one and portable)")
+    matmul_bench.add_argument("--quick", action="store_true", help="skip the 519 MB DRAM-streaming shape")
+    matmul_bench.add_argument("--min-time", type=float, default=0.3, help="seconds spent timing each row")
+    matmul_bench.set_defaults(run=cmd_bench)
     bench = sub.add_parser("bench-model", help=cmd_bench_model.__doc__)
     bench.add_argument("--layers", type=int, default=30)
     bench.add_argument("--head", choices=HEAD_CHOICES[1:], default="bf16", help="embedding/head storage")
