@@ -140,7 +140,8 @@ def _reader_class():
         def _get(self, offset, dtype, count=1, override_order=None):
             end = int(offset) + np.dtype(dtype).itemsize * int(count)
             if end > len(self.data):
-                raise errors.GGUFError(f"the file ends at byte {len(self.data)}, inside its header")
+                raise errors.GGUFError(f"its header reads past the end of the file ({len(self.data)} bytes): "
+                                       f"a length or count in it is corrupt, or the file is truncated")
             return super()._get(offset, dtype, count, override_order)
 
         def _build_tensors(self, start_offs, fields):
@@ -192,6 +193,7 @@ class GGUFFile:
         if reader.byte_order != "I":
             raise self.error("the file is big-endian; only little-endian GGUF files are supported")
         self.fields = reader.fields
+        self.data_offset: int = reader.data_offset  # where the tensor payloads begin
         self.tensors: dict[str, GGUFTensor] = {}
         for tensor in reader.tensors:
             if tensor.name in self.tensors:
@@ -320,19 +322,25 @@ def _float_array(file: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
     kind = tensor.type_id
     if kind == types.F32 or kind == types.F16:
         values = tensor.data.view(np.float32 if kind == types.F32 else np.float16)
-        finite = np.isfinite(values).all()
+        finite = _all_finite(values, np.isfinite)
     elif kind == types.BF16:
         bits = tensor.data.view(np.uint16)
-        finite = ((bits & 0x7F80) != 0x7F80).all()  # an all-ones exponent is Inf or NaN
+        finite = _all_finite(bits, lambda b: (b & 0x7F80) != 0x7F80)  # an all-ones exponent is Inf or NaN
         values = _bf16(bits)
     elif kind in (types.TQ1_0, types.TQ2_0, I2_S_TYPE):
         raise file.error(f"tensor {tensor.name!r} has the ternary type {tensor.type_name}; float weights were expected")
     else:
         values = _dequantize(file, tensor)
-        finite = np.isfinite(values).all()
+        finite = _all_finite(values, np.isfinite)
     if not finite:
         raise file.error(f"tensor {tensor.name!r} holds NaN or Inf values")
     return values.reshape(tensor.shape)
+
+
+def _all_finite(values: np.ndarray, is_finite, chunk: int = 1 << 22) -> bool:
+    """``is_finite(values).all()``, a chunk at a time: an embedding table is hundreds of MB."""
+    flat = values.reshape(-1)
+    return all(is_finite(flat[start:start + chunk]).all() for start in range(0, flat.size, chunk))
 
 
 def _bf16(bits: np.ndarray) -> np.ndarray:
