@@ -72,16 +72,21 @@ def _require_cuda():
 def _device_array(x):
     """``x`` as a numba device array if it lives on the GPU, else None.
 
-    Anything with ``__cuda_array_interface__`` (torch CUDA tensors, CuPy arrays) counts. The
-    simulator has no such interface: there its own device arrays are the GPU's.
+    Numba device arrays pass through as they are (no wrapper to build on the decode path);
+    anything else with ``__cuda_array_interface__`` (torch CUDA tensors, CuPy arrays) is
+    wrapped. The simulator has no such interface: there its own device arrays are the GPU's.
     """
-    from numba import cuda
+    from numba import config, cuda
 
-    if hasattr(cuda, "is_cuda_array"):
-        return cuda.as_cuda_array(x) if cuda.is_cuda_array(x) else None
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    if config.ENABLE_CUDASIM:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-    return x if isinstance(x, FakeCUDAArray) else None
+        return x if isinstance(x, FakeCUDAArray) else None
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    if isinstance(x, DeviceNDArray):
+        return x
+    return cuda.as_cuda_array(x) if cuda.is_cuda_array(x) else None
 
 
 def _resident(w: PackedTernary | DeviceTernary) -> DeviceTernary:
@@ -149,8 +154,8 @@ def _linear_2d(kernels, x_dev, w: DeviceTernary, out_dev, stream=0) -> None:
         kernels.quantize_gemv[grid, kernels.THREADS, stream, w.kpad](x_dev, k, w.words, w.scale, rows, out_dev)
         return
     qwords, qsums, scales = _quantize_on_device(kernels, x_dev, w.kpad, stream)
-    grid = (kernels.grid_rows(m, 1), -(-n // kernels.TOKEN_TILE))
-    kernels.gemm[grid, kernels.THREADS, stream](qwords, qsums, scales, w.words, w.scale, 1, out_dev)
+    grid = (kernels.grid_rows(m, kernels.GEMM_ROWS), -(-n // kernels.TOKEN_TILE))
+    kernels.gemm[grid, kernels.THREADS, stream](qwords, qsums, scales, w.words, w.scale, out_dev)
 
 
 def linear(x, w: PackedTernary | DeviceTernary, out=None, stream=0):
@@ -163,9 +168,9 @@ def linear(x, w: PackedTernary | DeviceTernary, out=None, stream=0):
     w : PackedTernary (uploaded on first use and cached in ``w.cache``) or DeviceTernary.
     out : optional device float32 array of the result's shape, written in place; passing
         one keeps allocations off the decode critical path.
-    stream : numba CUDA stream to launch on (default: the legacy default stream). With
-        ``cuda.external_stream(...)`` the launches can join another library's stream, e.g.
-        to be captured into a CUDA graph and replayed as one launch per decode step.
+    stream : numba CUDA stream to launch on (default: the legacy default stream): the one
+        ``StepGraph`` hands its step, or ``cuda.external_stream(...)`` to join another
+        library's stream.
 
     Returns
     -------
@@ -187,14 +192,14 @@ def linear(x, w: PackedTernary | DeviceTernary, out=None, stream=0):
     shape = (w.shape[0],) if x_dev.ndim == 1 else (x_shape[0], w.shape[0])
     if out is None:
         out = cuda.device_array(shape, np.float32, stream=stream)
-    else:
-        out = _device_array(out)
-        if out is None:
-            raise errors.DeviceError("out must be a device array when x is one")
-        errors.check_dtype(out, "out", [np.float32])
-        if tuple(out.shape) != shape:
-            raise errors.ShapeError(f"out must have shape {shape}, got {tuple(out.shape)}")
-    _linear_2d(kernels, x2, w, out.reshape(x2.shape[0], w.shape[0]), stream)
+    out_dev = _device_array(out)
+    if out_dev is None:
+        raise errors.DeviceError("out must be a device array when x is one")
+    errors.check_dtype(out_dev, "out", [np.float32])
+    if tuple(out_dev.shape) != shape:
+        raise errors.ShapeError(f"out must have shape {shape}, got {tuple(out_dev.shape)}")
+    out2 = out_dev.reshape(1, shape[0]) if x_dev.ndim == 1 else out_dev
+    _linear_2d(kernels, x2, w, out2, stream)
     return out
 
 
@@ -255,8 +260,8 @@ def matmul_int(q, w: PackedTernary | DeviceTernary) -> np.ndarray:
     padded[:, :k] = rows
     qsums = rows.sum(axis=1, dtype=np.int64).astype(np.int32)
     out_dev = cuda.device_array((n, w.shape[0]), np.int32)
-    grid = (kernels.grid_rows(w.shape[0], 1), -(-n // kernels.TOKEN_TILE))
+    grid = (kernels.grid_rows(w.shape[0], kernels.GEMM_ROWS), -(-n // kernels.TOKEN_TILE))
     qwords = cuda.to_device(padded.view(np.int32))
-    kernels.gemm_int[grid, kernels.THREADS](qwords, cuda.to_device(qsums), w.words, 1, out_dev)
+    kernels.gemm_int[grid, kernels.THREADS](qwords, cuda.to_device(qsums), w.words, out_dev)
     result = out_dev.copy_to_host()
     return result.reshape(w.shape[0]) if q.ndim == 1 else result

@@ -39,6 +39,10 @@ FULL_MASK = 0xFFFFFFFF
 CODE_MASK = 0x03030303  # the low 2 bits of each byte
 WORDS_PER_BLOCK = 16  # uint32 words in one 64-byte i2 block of 256 weights
 TOKEN_TILE = 8  # tokens sharing each weight load in the GEMM kernel
+GEMM_ROWS = 4  # rows a warp computes together in the GEMM: each activation load serves 4 rows
+TILE_ACCUMULATORS = GEMM_ROWS * TOKEN_TILE  # int32 accumulators per lane in the GEMM
+LANE_WORDS = 8  # weight words per lane per GEMV step: a step covers 8 * 32 * 16 = 4096 columns
+CHUNK_WORDS = LANE_WORDS * WARP
 
 INT8_LEVELS = np.float32(127.0)
 ACTIVATION_ABSMAX_MIN = np.float32(1e-5)
@@ -132,11 +136,13 @@ def quantize_token(x, k, words, amax_scratch, sum_scratch):
     """
     amax = np.float32(0.0)
     finite = 1
-    for j in range(cuda.threadIdx.x, k, cuda.blockDim.x):
-        v = abs(x[j])
-        if not (v <= FLOAT32_MAX):
-            finite = 0
-        amax = max(amax, v)
+    for u in range(cuda.threadIdx.x, words.shape[0], cuda.blockDim.x):
+        for e in range(4):  # a constant trip count: unrolled, four loads in flight
+            if 4 * u + e < k:
+                v = abs(x[4 * u + e])
+                if not (v <= FLOAT32_MAX):
+                    finite = 0
+                amax = max(amax, v)
     all_finite = cuda.syncthreads_and(finite)
     amax = block_max(amax, amax_scratch)
     a = INT8_LEVELS / max(amax, ACTIVATION_ABSMAX_MIN)
@@ -166,28 +172,50 @@ def word_dot(word, t, qwords, acc):
 
 
 @cuda.jit(device=True)
-def row_dot(weights, row, qwords, lane):
-    """This lane's part of ``sum q (code + 1)`` over weight row ``row`` (the warp's lanes split the words).
+def load_chunk(weights, row, first):
+    """Words ``first + 32 j`` (j = 0..7) of weight row ``row``; 0 past the row or past the last row.
 
-    Four independent word loads per lane per step keep enough bytes in flight to stream
-    the weights near memory bandwidth; one load per step leaves it latency-bound.
+    Eight independent loads per lane in flight are what keeps a GEMV streaming near memory
+    bandwidth; one load at a time leaves it waiting on latency.
     """
-    words = weights.shape[1]
-    acc = int32(0)
-    t = lane
-    while t + 3 * WARP < words:
-        w0 = weights[row, t]
-        w1 = weights[row, t + WARP]
-        w2 = weights[row, t + 2 * WARP]
-        w3 = weights[row, t + 3 * WARP]
-        acc = word_dot(w0, t, qwords, acc)
-        acc = word_dot(w1, t + WARP, qwords, acc)
-        acc = word_dot(w2, t + 2 * WARP, qwords, acc)
-        acc = word_dot(w3, t + 3 * WARP, qwords, acc)
-        t += 4 * WARP
-    while t < words:
-        acc = word_dot(weights[row, t], t, qwords, acc)
-        t += WARP
+    rows, words = weights.shape
+    zero = np.uint32(0)
+    ok = row < rows
+    return (
+        weights[row, first] if ok and first < words else zero,
+        weights[row, first + WARP] if ok and first + WARP < words else zero,
+        weights[row, first + 2 * WARP] if ok and first + 2 * WARP < words else zero,
+        weights[row, first + 3 * WARP] if ok and first + 3 * WARP < words else zero,
+        weights[row, first + 4 * WARP] if ok and first + 4 * WARP < words else zero,
+        weights[row, first + 5 * WARP] if ok and first + 5 * WARP < words else zero,
+        weights[row, first + 6 * WARP] if ok and first + 6 * WARP < words else zero,
+        weights[row, first + 7 * WARP] if ok and first + 7 * WARP < words else zero,
+    )
+
+
+@cuda.jit(device=True)
+def chunk_dot(chunk, first, words, qwords, acc):
+    """``acc + sum q (code + 1)`` over the words of ``chunk`` (from ``load_chunk(..., first)``).
+
+    Written out word by word: a loop would index the tuple with a variable.
+    """
+    w0, w1, w2, w3, w4, w5, w6, w7 = chunk
+    if first < words:
+        acc = word_dot(w0, first, qwords, acc)
+    if first + WARP < words:
+        acc = word_dot(w1, first + WARP, qwords, acc)
+    if first + 2 * WARP < words:
+        acc = word_dot(w2, first + 2 * WARP, qwords, acc)
+    if first + 3 * WARP < words:
+        acc = word_dot(w3, first + 3 * WARP, qwords, acc)
+    if first + 4 * WARP < words:
+        acc = word_dot(w4, first + 4 * WARP, qwords, acc)
+    if first + 5 * WARP < words:
+        acc = word_dot(w5, first + 5 * WARP, qwords, acc)
+    if first + 6 * WARP < words:
+        acc = word_dot(w6, first + 6 * WARP, qwords, acc)
+    if first + 7 * WARP < words:
+        acc = word_dot(w7, first + 7 * WARP, qwords, acc)
     return acc
 
 
@@ -215,79 +243,103 @@ def quantize_gemv(x, k, weights, wscale, rows_per_warp, out):
     (``kpad`` bytes of dynamic shared memory), then each warp computes ``rows_per_warp`` outputs.
 
     Re-quantizing per block costs a k-float read from L2 per block, far less than the weights
-    the block streams; it saves a launch and a global round trip on the decode critical path.
+    the block streams; it saves a launch on the decode critical path. Each warp starts loading
+    its first row before the quantization and the next row's first 4096 columns before
+    reducing the current one, so the weight stream never waits on barriers or shuffles.
     """
     qwords = cuda.shared.array(0, SHARED_INT32)
     amax_scratch = cuda.shared.array(WARPS, np.float32)
     sum_scratch = cuda.shared.array(WARPS, np.int32)
-    token = cuda.blockIdx.y
-    a, qsum = quantize_token(x[token], k, qwords, amax_scratch, sum_scratch)
+    rows, words = weights.shape
     lane = cuda.threadIdx.x % WARP
     warps = cuda.blockDim.x // WARP
     first = cuda.blockIdx.x * warps * rows_per_warp + cuda.threadIdx.x // WARP
+    token = cuda.blockIdx.y
+    chunk = load_chunk(weights, first, lane)
+    a, qsum = quantize_token(x[token], k, qwords, amax_scratch, sum_scratch)
     for i in range(rows_per_warp):
         row = first + i * warps
-        acc = int32(0)
-        if row < weights.shape[0]:
-            acc = row_dot(weights, row, qwords, lane)
+        following = load_chunk(weights, row + warps if i + 1 < rows_per_warp else rows, lane)
+        acc = chunk_dot(chunk, lane, words, qwords, int32(0))
+        for start in range(CHUNK_WORDS + lane, words, CHUNK_WORDS):  # rows past 4096 columns
+            acc = chunk_dot(load_chunk(weights, row, start), start, words, qwords, acc)
         acc = warp_sum(acc)
-        if lane == 0 and row < weights.shape[0]:
+        if lane == 0 and row < rows:
             out[token, row] = scaled(acc - qsum, a, wscale[row])
+        chunk = following
 
 
 @cuda.jit(device=True)
-def tile_accumulate(weights, row, qwords, first_token, lane, acc):
-    """``acc[t] = sum q (code + 1)`` (this lane's part) of row ``row`` for tokens ``first_token + t``.
+def row_word(weights, row, t):
+    return weights[row, t] if row < weights.shape[0] else np.uint32(0)
 
-    Each weight word is loaded and decoded once for the whole tile of tokens. The token loop
-    has the constant trip count TOKEN_TILE so that it unrolls and ``acc`` stays in registers.
+
+@cuda.jit(device=True)
+def tile_accumulate(weights, first_row, qwords, first_token, lane, acc):
+    """``acc[r * TOKEN_TILE + i]`` = this lane's part of ``sum q (code + 1)`` for row
+    ``first_row + r`` (r < GEMM_ROWS) and token ``first_token + i`` (i < TOKEN_TILE).
+
+    Each weight word is loaded and decoded once for the tile's tokens, and each activation
+    word once for its GEMM_ROWS rows. Loops have constant trip counts so that they unroll
+    and ``acc`` lives in registers.
     """
     ntokens = qwords.shape[0] - first_token
-    for i in range(TOKEN_TILE):
+    for i in range(TILE_ACCUMULATORS):
         acc[i] = 0
     for t in range(lane, weights.shape[1], WARP):
-        word = weights[row, t]
-        for i in range(TOKEN_TILE):
-            if i < ntokens:
-                acc[i] = word_dot(word, t, qwords[first_token + i], acc[i])
+        base = (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
+        w0 = row_word(weights, first_row, t)
+        w1 = row_word(weights, first_row + 1, t)
+        w2 = row_word(weights, first_row + 2, t)
+        w3 = row_word(weights, first_row + 3, t)
+        for sub in range(4):
+            c0 = (w0 >> (2 * sub)) & CODE_MASK
+            c1 = (w1 >> (2 * sub)) & CODE_MASK
+            c2 = (w2 >> (2 * sub)) & CODE_MASK
+            c3 = (w3 >> (2 * sub)) & CODE_MASK
+            for i in range(TOKEN_TILE):
+                if i < ntokens:
+                    q = qwords[first_token + i, base + 16 * sub]
+                    acc[i] = dp4a(q, c0, acc[i])
+                    acc[TOKEN_TILE + i] = dp4a(q, c1, acc[TOKEN_TILE + i])
+                    acc[2 * TOKEN_TILE + i] = dp4a(q, c2, acc[2 * TOKEN_TILE + i])
+                    acc[3 * TOKEN_TILE + i] = dp4a(q, c3, acc[3 * TOKEN_TILE + i])
+
+
+@cuda.jit(device=True)
+def gemm_tile(qwords, weights, acc):
+    """Accumulate this warp's tile; returns (first row, first token, lane)."""
+    lane = cuda.threadIdx.x % WARP
+    first_row = (cuda.blockIdx.x * (cuda.blockDim.x // WARP) + cuda.threadIdx.x // WARP) * GEMM_ROWS
+    first_token = cuda.blockIdx.y * TOKEN_TILE
+    tile_accumulate(weights, first_row, qwords, first_token, lane, acc)
+    return first_row, first_token, lane
 
 
 @cuda.jit
-def gemm(qwords, qsums, scales, weights, wscale, rows_per_warp, out):
-    """Prefill path: block (``blockIdx.x``, ``blockIdx.y``) does ``rows_per_warp`` rows per warp
-    for tokens ``TOKEN_TILE * blockIdx.y ...``; activations come quantized by ``quantize_rows``."""
-    acc = cuda.local.array(TOKEN_TILE, np.int32)
-    lane = cuda.threadIdx.x % WARP
-    warps = cuda.blockDim.x // WARP
-    first = cuda.blockIdx.x * warps * rows_per_warp + cuda.threadIdx.x // WARP
-    first_token = cuda.blockIdx.y * TOKEN_TILE
-    for i in range(rows_per_warp):
-        row = first + i * warps
-        if row < weights.shape[0]:
-            tile_accumulate(weights, row, qwords, first_token, lane, acc)
-        for t in range(TOKEN_TILE):
-            total = warp_sum(acc[t] if row < weights.shape[0] else int32(0))
-            token = first_token + t
-            if lane == 0 and row < weights.shape[0] and token < out.shape[0]:
+def gemm(qwords, qsums, scales, weights, wscale, out):
+    """Prefill path: each warp computes GEMM_ROWS rows x TOKEN_TILE tokens (grid: row blocks x
+    token tiles); activations come quantized by ``quantize_rows``."""
+    acc = cuda.local.array(TILE_ACCUMULATORS, np.int32)
+    first_row, first_token, lane = gemm_tile(qwords, weights, acc)
+    for r in range(GEMM_ROWS):
+        for i in range(TOKEN_TILE):
+            total = warp_sum(acc[r * TOKEN_TILE + i])
+            row, token = first_row + r, first_token + i
+            if lane == 0 and row < out.shape[1] and token < out.shape[0]:
                 out[token, row] = scaled(total - qsums[token], scales[token], wscale[row])
 
 
 @cuda.jit
-def gemm_int(qwords, qsums, weights, rows_per_warp, out):
+def gemm_int(qwords, qsums, weights, out):
     """``gemm`` without the scaling: exact int32 ``q @ codes.T`` (for ``matmul_int``)."""
-    acc = cuda.local.array(TOKEN_TILE, np.int32)
-    lane = cuda.threadIdx.x % WARP
-    warps = cuda.blockDim.x // WARP
-    first = cuda.blockIdx.x * warps * rows_per_warp + cuda.threadIdx.x // WARP
-    first_token = cuda.blockIdx.y * TOKEN_TILE
-    for i in range(rows_per_warp):
-        row = first + i * warps
-        if row < weights.shape[0]:
-            tile_accumulate(weights, row, qwords, first_token, lane, acc)
-        for t in range(TOKEN_TILE):
-            total = warp_sum(acc[t] if row < weights.shape[0] else int32(0))
-            token = first_token + t
-            if lane == 0 and row < weights.shape[0] and token < out.shape[0]:
+    acc = cuda.local.array(TILE_ACCUMULATORS, np.int32)
+    first_row, first_token, lane = gemm_tile(qwords, weights, acc)
+    for r in range(GEMM_ROWS):
+        for i in range(TOKEN_TILE):
+            total = warp_sum(acc[r * TOKEN_TILE + i])
+            row, token = first_row + r, first_token + i
+            if lane == 0 and row < out.shape[1] and token < out.shape[0]:
                 out[token, row] = total - qsums[token]
 
 
