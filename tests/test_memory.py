@@ -128,8 +128,9 @@ def test_empty_accepts_shape_spellings_and_rejects_bad_ones():
     assert arena.empty(np.int64(4)).shape == (4,)
     assert arena.empty([2, 3], "int16").shape == (2, 3)
     assert arena.empty((2,), [("x", "f4"), ("y", "i4")]).dtype.names == ("x", "y")
-    with pytest.raises(bn.ShapeError, match="negative"):
-        arena.empty((3, -1))
+    for bad in [(3, -1), (-2, -3), -5]:
+        with pytest.raises(bn.ShapeError, match="negative"):
+            arena.empty(bad)
     with pytest.raises(bn.DTypeError, match="object"):
         arena.empty(3, object)
     assert arena.stats().live_arrays == 3

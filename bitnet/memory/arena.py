@@ -30,6 +30,8 @@ DEBUG_ENV = "BITNET_ARENA_DEBUG"
 POISON_BYTE = 0xAB
 """Released integer and byte buffers are filled with this byte in debug mode (floats get NaN)."""
 
+_Allocation = tuple  # (array, pool, block, offset, size): a plain tuple, the cheapest record to build
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -164,9 +166,9 @@ class Arena:
             dtype = self._check_dtype(dtype)
         if type(shape) is not tuple:
             shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if shape and min(shape) < 0:
-            raise ShapeError(f"array shape {shape} has a negative dimension; every dimension must be >= 0")
         nbytes = dtype.itemsize * math.prod(shape)
+        if nbytes <= 0:
+            _check_shape(shape)  # an even number of negative dimensions is caught by view() below
         if ALIGNMENT < nbytes <= SMALL_LIMIT:  # the common case, inlined: a power-of-two class
             pool, size = self._classes, 1 << (nbytes - 1).bit_length()
         else:
@@ -183,8 +185,9 @@ class Arena:
                 array = self._backend.view(block, offset, shape, dtype)
             except BaseException:
                 pool.give(block, offset, size)
+                _check_shape(shape)
                 raise
-            self._live[id(array)] = _Allocation(array, pool, block, offset, size)
+            self._live[id(array)] = (array, pool, block, offset, size)
             self._used += size
             if self._used > self._peak:
                 self._peak = self._used
@@ -282,7 +285,7 @@ class Arena:
         >>> bool(np.shares_memory(block, a))
         True
         """
-        return self._live_allocation(array, "block_of").block
+        return self._live_allocation(array, "block_of")[2]
 
     def offset_of(self, array: np.ndarray) -> int:
         """Byte offset of ``array`` inside :meth:`block_of` ``(array)``.
@@ -292,7 +295,7 @@ class Arena:
         ArenaForeignArrayError
             ``array`` is not a live array of this arena.
         """
-        return self._live_allocation(array, "offset_of").offset
+        return self._live_allocation(array, "offset_of")[3]
 
     # ---------------------------------------------------------------- stats and limits
 
@@ -435,15 +438,16 @@ class Arena:
     def _give_back(self, allocation: _Allocation) -> None:
         if self._debug:
             self._poison(allocation)
-        allocation.pool.give(allocation.block, allocation.offset, allocation.size)
-        self._used -= allocation.size
+        _, pool, block, offset, size = allocation
+        pool.give(block, offset, size)
+        self._used -= size
 
     def _release_all(self, arrays: Iterable[np.ndarray]) -> None:
         """Release the arrays that are still live; the rest were released by hand already."""
         with self._lock:
             for array in arrays:
                 allocation = self._live.get(id(array))
-                if allocation is not None and allocation.array is array:
+                if allocation is not None and allocation[0] is array:
                     del self._live[id(array)]
                     self._give_back(allocation)
 
@@ -461,14 +465,13 @@ class Arena:
 
     def _poison(self, allocation: _Allocation) -> None:
         """Debug mode: fill the released memory with NaN / 0xAB and make the released array read-only."""
-        array = allocation.array
+        array, _, block, offset, size = allocation
         # Sizes are multiples of 64 bytes, so a float region divides evenly into its own elements.
         if array.dtype.kind in "fc":
             region_dtype, poison = array.dtype, np.nan
         else:
             region_dtype, poison = np.dtype(np.uint8), POISON_BYTE
-        length = allocation.size // region_dtype.itemsize
-        self._backend.view(allocation.block, allocation.offset, (length,), region_dtype).fill(poison)
+        self._backend.view(block, offset, (size // region_dtype.itemsize,), region_dtype).fill(poison)
         array.flags.writeable = False
         self._released[id(array)] = array
 
@@ -516,19 +519,6 @@ class Arena:
         except TypeError:  # an unhashable spelling, e.g. a list of fields: checked on every call
             pass
         return checked
-
-
-class _Allocation:
-    """One live array and the pooled memory under it."""
-
-    __slots__ = ("array", "pool", "block", "offset", "size")
-
-    def __init__(self, array: np.ndarray, pool: SizeClassPool | CarvedPool, block: object, offset: int, size: int):
-        self.array = array
-        self.pool = pool
-        self.block = block
-        self.offset = offset
-        self.size = size
 
 
 class _FrameStacks(threading.local):
@@ -629,6 +619,11 @@ def default_arena() -> Arena:
             if _default is None:
                 _default = Arena()
     return _default
+
+
+def _check_shape(shape: tuple) -> None:
+    if any(d < 0 for d in shape):
+        raise ShapeError(f"array shape {shape} has a negative dimension; every dimension must be >= 0")
 
 
 def _debug_from_environment() -> bool:
