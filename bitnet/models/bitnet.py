@@ -33,8 +33,9 @@ class DecoderLayer:
 
     def __call__(self, x: np.ndarray, cache: KVCache, index: int) -> None:
         """Update the residual stream ``x`` (``(n, hidden)``) in place."""
-        x += self.attention(self.input_norm(x), cache, index)
-        x += self.mlp(self.post_attention_norm(x))
+        with scratch.step():  # this layer's temporaries are reused by the next layer
+            attended = self.attention(self.input_norm(x), cache, index)
+            x += self.mlp(self.post_attention_norm.add_and_normalize(x, attended))
 
 
 def build_layers(config: BitNetConfig, weights: dict[str, object]) -> tuple[list[DecoderLayer], RMSNorm]:
@@ -98,7 +99,9 @@ class BitNetForCausalLM:
         c = self.config
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity)
 
-    def forward(self, input_ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
+    def forward(
+        self, input_ids, cache: KVCache | None = None, last_only: bool = False, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Float32 logits for each token of ``input_ids``.
 
         Parameters
@@ -107,6 +110,7 @@ class BitNetForCausalLM:
         cache : continue the sequence held in this cache (its keys/values are extended);
             None runs ``input_ids`` as a whole new sequence.
         last_only : return only the last position's logits, shape ``(1, vocab_size)``.
+        out : float32 array of the result's shape to write the logits into.
 
         Returns
         -------
@@ -117,12 +121,12 @@ class BitNetForCausalLM:
             cache = self.new_cache(len(ids))
         cache.reserve(cache.length + len(ids))
         with scratch.step():
-            x = self.embed_tokens.rows(ids)
+            x = self.embed_tokens.rows(ids, out=scratch.empty((len(ids), self.config.hidden_size)))
             for index, layer in enumerate(self.layers):
                 layer(x, cache, index)
             cache.length += len(ids)
             h = self.norm(x[-1:] if last_only else x)
-            return self.lm_head.logits(h)
+            return self.lm_head.logits(h, out=out)
 
     __call__ = forward
 
@@ -146,12 +150,14 @@ class BitNetForCausalLM:
         sampler = Sampler(temperature, top_k, top_p, seed)
         cache = self.new_cache(len(ids) + max_new_tokens)
         logits = self.forward(ids, cache, last_only=True)
+        step_ids = np.zeros(1, np.int64)  # the decode loop reuses these two buffers
         for produced in range(1, max_new_tokens + 1):
             token = sampler(logits[0])
             yield token
             if token in stop_ids or produced == max_new_tokens:
                 return
-            logits = self.forward(np.array([token]), cache)
+            step_ids[0] = token
+            self.forward(step_ids, cache, out=logits)
 
     def generate(
         self,

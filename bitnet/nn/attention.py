@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
-from . import scratch
+from . import float_kernels, scratch
 from .linear import BitLinear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -84,16 +84,14 @@ class Attention:
         except errors.InvalidValueError:
             self.qkv_proj = None
 
-    def _project(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Queries ``(n, heads, d)``, keys and values ``(n, kv_heads, d)``."""
-        n, d = x.shape[0], self.head_dim
+    def _project(self, x: np.ndarray) -> np.ndarray:
+        """Queries, keys and values side by side: ``(n, (heads + 2 kv_heads) head_dim)``."""
         if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
-            q_end, k_end = self.heads * d, (self.heads + self.kv_heads) * d
-            q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
-        else:
-            q, k, v = (proj(x) for proj in self.projections)
-        return q.reshape(n, self.heads, d), k.reshape(n, self.kv_heads, d), v.reshape(n, self.kv_heads, d)
+            return self.qkv_proj(x)
+        parts = [proj(x) for proj in self.projections]
+        qkv = scratch.empty((x.shape[0], sum(p.shape[1] for p in parts)))
+        np.concatenate(parts, axis=1, out=qkv)
+        return qkv
 
     def __call__(self, x: np.ndarray, cache: KVCache, layer: int) -> np.ndarray:
         """Attend ``x`` (``(n, hidden)``, positions ``cache.length ..``) to itself and the cache.
@@ -102,31 +100,23 @@ class Attention:
         ``cache.length`` once all layers have run.
         """
         n, start = x.shape[0], cache.length
-        q, k, v = self._project(x)
-        self.rope.apply(q, start)
-        self.rope.apply(k, start)
-        end = start + n
+        qkv = self._project(x)
+        self.rope.reserve(start + n)
+        queries = scratch.empty((n, self.heads, self.head_dim))
         keys, values = cache.keys[layer], cache.values[layer]
-        keys[:, start:end] = k.transpose(1, 0, 2)
-        values[:, start:end] = v.transpose(1, 0, 2)
-        context = self._attend(q, keys[:, :end], values[:, :end], start)
+        float_kernels.rope_into_cache(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
+                                      queries, keys, values)
+        context = self._attend(queries, keys, values, start)
         return self.o_proj(self.sub_norm(context))
 
-    def _attend(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
-        """Causal softmax attention of ``q`` (``(n, heads, d)``) over ``keys``/``values`` ``(kv_heads, T, d)``."""
-        n, d, group = q.shape[0], self.head_dim, self.heads // self.kv_heads
-        # Rows of each kv head's block are (query head in its group, token): one batched matmul.
-        grouped = q.reshape(n, self.kv_heads, group, d).transpose(1, 2, 0, 3).reshape(self.kv_heads, group * n, d)
-        scores = np.matmul(grouped, keys.transpose(0, 2, 1))
-        scores *= self.scaling
-        if n > 1:
-            query_pos = start + np.arange(n)
-            future = np.arange(keys.shape[1])[None, :] > query_pos[:, None]
-            scores.reshape(self.kv_heads, group, n, -1)[:, :, future] = -np.inf
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        context = np.matmul(scores, values)
-        out = scratch.empty((n, self.heads * d))
-        out.reshape(n, self.kv_heads, group, d)[...] = context.reshape(self.kv_heads, group, n, d).transpose(2, 0, 1, 3)
-        return out
+    def _attend(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+        """Causal attention of ``queries`` (``(n, heads, d)``, from position ``start``) over the cache.
+
+        ``keys``/``values`` are ``(kv_heads, capacity, d)`` with positions ``0 .. start + n - 1`` filled.
+        """
+        n = queries.shape[0]
+        # Sized by the cache capacity, not the current length, so decode steps reuse one buffer.
+        scores = scratch.empty((self.heads, keys.shape[1]))
+        context = scratch.empty((n, self.heads * self.head_dim))
+        float_kernels.causal_attention(queries, keys, values, start, self.scaling, scores, context)
+        return context

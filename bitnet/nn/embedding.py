@@ -84,16 +84,20 @@ class Embedding:
         """The table as float32 (a full-size copy: for saving and tests, not for inference)."""
         return self.rows(np.arange(self.vocab_size))
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """Float32 rows ``(len(ids), hidden)`` for token ids (a new array)."""
-        if self.dtype == "bf16":
+    def rows(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Float32 rows ``(len(ids), hidden)`` for token ids, written into ``out`` when given."""
+        if out is None:
             out = np.empty((len(ids), self.hidden_size), np.float32)
+        if self.dtype == "bf16":
             head_kernels.rows_bf16(self.table, ids, out)
-            return out
-        rows = self.table[ids].astype(np.float32)
-        if self.dtype == "int8":
-            rows *= self.row_scale[ids, None]
-        return rows
+        elif self.dtype == "f32":
+            np.take(self.table, ids, axis=0, out=out)
+        else:
+            for row, token in zip(out, ids, strict=True):
+                row[...] = self.table[token]
+                if self.dtype == "int8":
+                    row *= self.row_scale[token]
+        return out
 
     def logits(self, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``h @ table.T`` for ``h`` of shape ``(n, hidden)`` float32 -> ``(n, vocab)`` float32."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
+from . import float_kernels, scratch
 from .linear import BitLinear
 from .norm import RMSNorm
 
@@ -28,14 +29,17 @@ class MLP:
         except errors.InvalidValueError:
             self.gate_up_proj = None
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def _gate_up(self, x: np.ndarray) -> np.ndarray:
+        """``[gate(x) | up(x)]`` side by side: ``(n, 2 intermediate)``."""
         if self.gate_up_proj is not None:
-            gate_up = self.gate_up_proj(x)
-            width = gate_up.shape[1] // 2
-            gate, up = gate_up[:, :width], gate_up[:, width:]
-        else:
-            gate, up = (proj(x) for proj in self.projections)
-        np.maximum(gate, 0.0, out=gate)
-        gate *= gate
-        gate *= up
-        return self.down_proj(self.sub_norm(gate))
+            return self.gate_up_proj(x)
+        parts = [proj(x) for proj in self.projections]
+        gate_up = scratch.empty((x.shape[0], 2 * parts[0].shape[1]))
+        np.concatenate(parts, axis=1, out=gate_up)
+        return gate_up
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        gate_up = self._gate_up(x)
+        hidden = scratch.empty((x.shape[0], gate_up.shape[1] // 2))
+        float_kernels.relu2_gate_rms_norm(gate_up, self.sub_norm.weight, self.sub_norm.eps, hidden)
+        return self.down_proj(hidden)

@@ -1,10 +1,10 @@
-"""RMSNorm, computed in float32 as HF's ``BitNetRMSNorm``: ``w * x / sqrt(mean(x^2) + eps)``."""
+"""RMSNorm, computed in float32 as HF's ``BitNetRMSNorm``: ``w * (x / sqrt(mean(x^2) + eps))``."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import scratch
+from . import float_kernels, scratch
 
 
 class RMSNorm:
@@ -21,10 +21,13 @@ class RMSNorm:
         self.eps = np.float32(eps)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Normalize the rows of ``x`` (``(n, features)`` float32); returns a new step temporary."""
-        mean_square = np.einsum("ij,ij->i", x, x)[:, None]
-        mean_square /= np.float32(x.shape[-1])
+        """Normalize the rows of ``x`` (``(n, features)`` float32, C-contiguous) into a new step temporary."""
         out = scratch.empty(x.shape)
-        np.multiply(x, 1.0 / np.sqrt(mean_square + self.eps), out=out)
-        out *= self.weight
+        float_kernels.rms_norm(x, self.weight, self.eps, out)
+        return out
+
+    def add_and_normalize(self, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """``x += delta`` in place (a residual update), then return ``self(x)``, in one pass."""
+        out = scratch.empty(x.shape)
+        float_kernels.add_rms_norm(x, delta, self.weight, self.eps, out)
         return out

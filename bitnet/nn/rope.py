@@ -14,8 +14,8 @@ class RotaryEmbedding:
 
     ``inv_freq[i] = 1 / theta ** (2 i / head_dim)``; position ``p`` rotates the pair
     ``(x[i], x[i + head_dim / 2])`` by ``p * inv_freq[i]`` (the "rotate half" layout of HF,
-    not interleaved pairs). The tables are float32, computed like transformers does, and
-    grow by doubling when a longer position is asked for.
+    not interleaved pairs). The tables are float32 ``(positions, head_dim)`` with the
+    frequencies repeated twice, computed like transformers does, and grow by doubling.
 
     Parameters
     ----------
@@ -29,23 +29,28 @@ class RotaryEmbedding:
         self.head_dim = head_dim
         exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
         self.inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
-        self._grow(INITIAL_POSITIONS)
+        self._build(INITIAL_POSITIONS)
 
-    def _grow(self, positions: int) -> None:
+    def _build(self, positions: int) -> None:
         freqs = np.arange(positions, dtype=np.float32)[:, None] * self.inv_freq[None, :]
-        self.cos = np.cos(freqs).astype(np.float32)
-        self.sin = np.sin(freqs).astype(np.float32)
+        angles = np.concatenate([freqs, freqs], axis=1)
+        self.cos = np.cos(angles).astype(np.float32)
+        self.sin = np.sin(angles).astype(np.float32)
+
+    def reserve(self, positions: int) -> None:
+        """Make the tables cover positions ``0 .. positions - 1``, doubling as needed."""
+        if positions > self.cos.shape[0]:
+            size = self.cos.shape[0]
+            while size < positions:
+                size *= 2
+            self._build(size)
 
     def apply(self, x: np.ndarray, start: int) -> None:
         """Rotate ``x`` of shape ``(n, heads, head_dim)`` in place, row ``i`` being position ``start + i``."""
         n = x.shape[0]
-        if start + n > self.cos.shape[0]:
-            self._grow(max(2 * self.cos.shape[0], start + n))
+        self.reserve(start + n)
         cos = self.cos[start : start + n, None, :]
         sin = self.sin[start : start + n, None, :]
         half = self.head_dim // 2
-        first, second = x[..., :half], x[..., half:]
-        rotated_first = first * cos - second * sin
-        second *= cos
-        second += first * sin
-        first[...] = rotated_first
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        x[...] = x * cos + rotated * sin
