@@ -138,11 +138,11 @@ def _reader_class():
 
     class Reader(gguf.GGUFReader):
         def _get(self, offset, dtype, count=1, override_order=None):
-            end = int(offset) + np.dtype(dtype).itemsize * int(count)
-            if end > len(self.data):
+            values = super()._get(offset, dtype, count, override_order)
+            if len(values) != count:
                 raise errors.GGUFError(f"its header reads past the end of the file ({len(self.data)} bytes): "
                                        f"a length or count in it is corrupt, or the file is truncated")
-            return super()._get(offset, dtype, count, override_order)
+            return values
 
         def _build_tensors(self, start_offs, fields):
             self.tensors = [self._tensor(start_offs, field) for field in fields]
