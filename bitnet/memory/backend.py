@@ -46,7 +46,11 @@ class BlockBackend(Protocol):
         ...
 
     def free(self, block: object) -> None:
-        """Give ``block`` back to the system; the arena never uses it again."""
+        """Drop ``block``: the arena never uses it again.
+
+        Views made by :meth:`view` may still be alive (a caller's bug, but it happens); their
+        memory must stay valid until they are collected, as it does for numpy buffers.
+        """
         ...
 
 
