@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import bitnet as bn
-from bitnet.io.gguf import WEIGHT_FORMATS, GGUFFile, GGUFTensor, linear_shapes, read_ternary, save_gguf
+from bitnet.io.gguf import WEIGHT_FORMATS, GGUFFile, GGUFTensor, read_ternary, save_gguf
 from bitnet.io.gguf_tokenizer import LLAMA3_PATTERN, build_tokenizer
 from bitnet.nn import BitLinear
 from bitnet.quant import TernaryTensor
@@ -63,7 +63,7 @@ def tiny_model(vocab: int = 48, hidden: int = 256, intermediate: int = 512, laye
         max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1)
     weights: dict[str, object] = {}
     for i in range(layers):
-        for name, shape in linear_shapes(config).items():
+        for name, shape in config.linear_shapes().items():
             codes = rng.integers(-1, 2, shape).astype(np.int8)
             scale = rng.uniform(0.02, 0.2, (shape[0], 1) if granularity == "channel" else ()).astype(np.float32)
             if fp16_scales:
@@ -458,3 +458,21 @@ def test_metadata_that_disagrees_with_the_tensors_is_refused(model, tmp_path):
     (tmp_path / "more.gguf").write_bytes(bytes(data))
     with pytest.raises(bn.GGUFError, match="blk.2.attn_q.weight' is missing"):
         bn.load_gguf(tmp_path / "more.gguf")
+
+
+def test_block_scales_varying_within_rows_are_refused_clearly(model, tmp_path):
+    def projection(codes, scale):
+        data = bn.pack(TernaryTensor(codes, scale.reshape(())), "tq2_0").data.copy()
+        blocks = data.reshape(codes.shape[0], -1, 66)
+        if blocks.shape[1] > 1:  # a different d for the second block of every row
+            blocks[:, 1, 64:] = np.array([scale * 2], np.float16).view(np.uint8)
+        return [("weight", data, gguf.GGMLQuantizationType.TQ2_0)]
+
+    write_foreign_gguf(tmp_path / "g.gguf", model, projection)
+    with pytest.raises(bn.GGUFError, match="differ within rows"):
+        bn.load_gguf(tmp_path / "g.gguf")
+
+
+def test_unknown_head_dtype_is_refused_before_reading(saved):
+    with pytest.raises(bn.InvalidValueError, match="head_dtype"):
+        bn.load_gguf(saved["tq2_0"], head_dtype="f64")

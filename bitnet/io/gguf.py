@@ -37,6 +37,7 @@ from ..formats import PackedTernary, pack, unpack
 from ..formats import i2_s as i2_s_format
 from ..models import BitNetConfig, BitNetForCausalLM
 from ..nn import BitLinear
+from ..nn.embedding import DTYPES as EMBEDDING_DTYPES
 from ..nn.embedding import bf16_bits_to_float
 from ..quant import TernaryTensor, quantize_weights
 from . import gguf_tokenizer
@@ -46,6 +47,8 @@ ARCHITECTURE = "bitnet"
 READ_ARCHITECTURES = (ARCHITECTURE, "bitnet-b1.58", "bitnet-25")
 
 I2_S_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml fork
+# ggml type id -> bitnet.formats name of the ternary payload types.
+TERNARY_TYPES = {34: "tq1_0", 35: "tq2_0", I2_S_TYPE: "i2_s"}
 MOSTLY_I2_S = 40  # its LLAMA_FTYPE_MOSTLY_I2_S
 WEIGHT_FORMATS = ("tq2_0", "tq1_0", "i2_s")
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's value when rope.freq_base is absent
@@ -327,7 +330,7 @@ def _float_array(file: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
         bits = tensor.data.view(np.uint16)
         finite = _all_finite(bits, lambda b: (b & 0x7F80) != 0x7F80)  # an all-ones exponent is Inf or NaN
         values = _bf16(bits)
-    elif kind in (types.TQ1_0, types.TQ2_0, I2_S_TYPE):
+    elif kind in TERNARY_TYPES:
         raise file.error(f"tensor {tensor.name!r} has the ternary type {tensor.type_name}; float weights were expected")
     else:
         values = _dequantize(file, tensor)
@@ -407,17 +410,15 @@ def read_ternary(tensor: GGUFTensor) -> PackedTernary:
     ------
     FormatError for another type, or a payload with negative or non-finite scales.
     """
-    gguf = _gguf()
     rows, cols = tensor.shape
-    if tensor.type_id == I2_S_TYPE:
+    format = TERNARY_TYPES.get(tensor.type_id)
+    if format is None:
+        raise errors.FormatError(f"type {tensor.type_name} is not a ternary type")
+    if format == "i2_s":
         scale = i2_s_format.stored_scale(tensor.data)
         if not np.isfinite(scale) or scale < 0:
             raise errors.FormatError(f"its I2_S scale is {scale}")
         return PackedTernary("i2_s", (rows, cols), tensor.data, np.float32(scale).reshape(()))
-    formats = {gguf.GGMLQuantizationType.TQ2_0: "tq2_0", gguf.GGMLQuantizationType.TQ1_0: "tq1_0"}
-    format = formats.get(tensor.type_id)
-    if format is None:
-        raise errors.FormatError(f"type {tensor.type_name} is not a ternary type")
     data = tensor.data.reshape(rows, -1)
     scale, granularity = _tq_scale(data, format, rows)
     group_size = TQ_BLOCK if granularity == "group" else None
@@ -439,7 +440,7 @@ def _read_linear(file: GGUFFile, name: str, shape: tuple[int, int]) -> BitLinear
     """The projection ``name`` (``blk.0.attn_q``) with its optional ``.scale`` and ``.bias`` tensors."""
     tensor = _tensor(file, f"{name}.weight", shape)
     try:
-        if tensor.type_id in (I2_S_TYPE, 34, 35):
+        if tensor.type_id in TERNARY_TYPES:
             weight = read_ternary(tensor)
         else:
             weight = pack(_ternary_from_float(_as_float32(file, tensor)), "i2")
@@ -462,7 +463,10 @@ def _output_scale(file: GGUFFile, name: str) -> np.float32:
     tensor = file.tensors[name]
     if math.prod(tensor.shape) != 1:
         raise file.error(f"tensor {name!r} must hold one value, got shape {tensor.shape}")
-    return np.float32(_as_float32(file, tensor).reshape(-1)[0])
+    factor = np.float32(_as_float32(file, tensor).reshape(-1)[0])
+    if factor <= 0:
+        raise file.error(f"tensor {name!r} holds {factor}; an output scale must be positive")
+    return factor
 
 
 def _rescaled(weight: PackedTernary, factor: np.float32) -> PackedTernary:
@@ -479,7 +483,7 @@ def _read_weights(file: GGUFFile, config: BitNetConfig) -> dict[str, object]:
     c = config
     weights: dict[str, object] = {}
     used = set(IGNORED_TENSORS)
-    shapes = linear_shapes(c)
+    shapes = c.linear_shapes()
     norm_sizes = {"mlp.ffn_sub_norm": c.intermediate_size}
     for i in range(c.num_hidden_layers):
         for hf_name, gguf_name in PROJECTIONS.items():
@@ -503,15 +507,6 @@ def _read_weights(file: GGUFFile, config: BitNetConfig) -> dict[str, object]:
         raise file.error(f"tensor {unused[0]!r} (and {len(unused) - 1} more) is not part of a "
                          f"{c.num_hidden_layers}-layer bitnet model: the metadata and tensors disagree")
     return weights
-
-
-def linear_shapes(config: BitNetConfig) -> dict[str, tuple[int, int]]:
-    """``(out_features, in_features)`` of each projection of a decoder layer, by HF module name."""
-    c = config
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    h, i = c.hidden_size, c.intermediate_size
-    return {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
 
 
 def load_gguf(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
@@ -540,15 +535,11 @@ def load_gguf(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
     >>> model = bn.load_gguf("ggml-model-i2_s.gguf")            # doctest: +SKIP
     >>> tokenizer = bn.load_gguf_tokenizer("ggml-model-i2_s.gguf")  # doctest: +SKIP
     """
+    if head_dtype not in ("auto", *EMBEDDING_DTYPES):
+        raise errors.unknown_name("head_dtype", head_dtype, ("auto", *EMBEDDING_DTYPES))
     file = GGUFFile(path)
     config = read_config(file)
-    weights = _read_weights(file, config)
-    try:
-        return BitNetForCausalLM.from_weights(config, weights, head_dtype)
-    except errors.CheckpointError:
-        raise
-    except errors.BitNetError as exc:
-        raise file.error(f"the weights do not form a model ({exc})") from None
+    return BitNetForCausalLM.from_weights(config, _read_weights(file, config), head_dtype)
 
 
 def load_gguf_tokenizer(path: str | Path):
