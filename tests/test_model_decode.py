@@ -1,0 +1,137 @@
+"""Generation: cached decode against full re-forwards, cache growth, sampling, streaming, buffer reuse."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import bitnet as bn
+from bitnet.models import Sampler
+
+PROMPT = np.array([5, 77, 3, 120, 64, 9])
+
+
+@pytest.fixture(scope="module", params=[(4, 2, True), (6, 1, False), (4, 4, True)], ids=["gqa2", "mqa", "mha"])
+def model(request):
+    heads, kv_heads, tied = request.param
+    config = bn.BitNetConfig(vocab_size=130, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
+                             eos_token_id=None, bos_token_id=None)
+    return bn.models.random_model(config, seed=heads + kv_heads, head_dtype="f32")
+
+
+def assert_same_logits(ours, expected):
+    """Equal up to float32 summation order: activation quantization is per row and attention
+    per query, so a row gets the same int8 codes alone or in a batch; only BLAS/kernel
+    summation order differs between a 1-row and an n-row call (measured ~1e-7 of the range)."""
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_cached_decode_equals_full_reforward_of_the_growing_sequence(model):
+    cache = model.new_cache(capacity=2)  # small on purpose: it must grow (doubling) on the way
+    step_logits = [model.forward(PROMPT, cache, last_only=True)[0]]
+    tokens = list(PROMPT)
+    for _ in range(10):
+        tokens.append(int(np.argmax(step_logits[-1])))
+        step_logits.append(model.forward(np.array(tokens[-1:]), cache)[0])
+    assert cache.length == len(tokens) and cache.capacity == 16
+    for i, logits in enumerate(step_logits):
+        full = model.forward(np.array(tokens[: len(PROMPT) + i]))
+        assert_same_logits(logits, full[-1])
+    assert model.generate(PROMPT, 10) == tokens[len(PROMPT):]
+
+
+def test_forward_rows_do_not_depend_on_the_rest_of_the_prompt(model):
+    full = model.forward(PROMPT)
+    assert_same_logits(model.forward(PROMPT[:3]), full[:3])
+    assert_same_logits(model.forward(PROMPT, last_only=True), full[-1:])
+
+
+def test_long_sequence_grows_rope_and_cache(model):
+    ids = np.arange(300) % model.config.vocab_size  # past the initial 256-position tables
+    full = model.forward(ids)
+    cache = model.new_cache(capacity=8)
+    model.forward(ids[:-1], cache)
+    assert_same_logits(model.forward(ids[-1:], cache)[0], full[-1])
+
+
+def test_stream_callback_and_stop_tokens(model):
+    greedy = model.generate(PROMPT, 8)
+    seen = []
+    assert model.generate(PROMPT, 8, callback=seen.append) == greedy == seen
+    assert list(model.stream(PROMPT, 8)) == greedy
+    assert model.generate(PROMPT, 8, stop=[greedy[2]]) == greedy[: greedy.index(greedy[2]) + 1]
+    assert model.generate(PROMPT, 1) == greedy[:1]
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(model):
+    greedy = model.generate(PROMPT, 6)
+    first = model.generate(PROMPT, 6, temperature=1.0, seed=3)
+    assert model.generate(PROMPT, 6, temperature=1.0, seed=3) == first
+    assert model.generate(PROMPT, 6, temperature=0.8, top_k=1, seed=4) == greedy
+    assert model.generate(PROMPT, 6, temperature=0.8, top_p=1e-6, seed=4) == greedy
+
+
+def test_sampler_frequencies_follow_temperature_top_k_top_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    draws = 4000
+
+    def frequencies(**options):
+        sampler = Sampler(seed=0, **options)
+        return np.bincount([sampler(logits) for _ in range(draws)], minlength=4) / draws
+
+    np.testing.assert_allclose(frequencies(temperature=1.0), [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    np.testing.assert_allclose(frequencies(temperature=1.0, top_k=2), [0.625, 0.375, 0, 0], atol=0.03)
+    np.testing.assert_allclose(frequencies(temperature=1.0, top_p=0.75), [0.625, 0.375, 0, 0], atol=0.03)
+    hot = frequencies(temperature=4.0)
+    assert hot[3] > 0.15 and hot[0] < 0.4  # flatter than the model's distribution
+    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(bn.InvalidValueError):
+            Sampler(**bad)
+
+
+def test_bad_input_ids(model):
+    with pytest.raises(bn.ShapeError):
+        model.forward(np.zeros((2, 3), np.int64))
+    with pytest.raises(bn.ShapeError):
+        model.forward([])
+    with pytest.raises(bn.DTypeError):
+        model.forward(np.array([1.5]))
+    with pytest.raises(bn.InvalidValueError, match="token ids must lie"):
+        model.forward([model.config.vocab_size])
+
+
+def _decode_steps(model, steps):
+    cache = model.new_cache(64)
+    logits = model.forward(PROMPT, cache, last_only=True)
+    token = np.zeros(1, np.int64)
+    for _ in range(steps):
+        token[0] = int(np.argmax(logits[0]))
+        model.forward(token, cache, out=logits)
+    return cache, logits, token
+
+
+def test_decode_steps_allocate_no_new_buffers_after_the_first():
+    config = bn.BitNetConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, eos_token_id=None)
+    model = bn.models.random_model(config, head_dtype="bf16")
+    arena = bn.default_arena()
+    cache, logits, token = _decode_steps(model, 2)
+    misses = arena.miss_count()
+    for _ in range(5):
+        token[0] = int(np.argmax(logits[0]))
+        model.forward(token, cache, out=logits)
+    assert arena.miss_count() == misses  # every temporary came back from the arena's pool
+    tracemalloc.start()
+    try:
+        for _ in range(3):
+            token[0] = int(np.argmax(logits[0]))
+            model.forward(token, cache, out=logits)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Outside the arena a step allocates only small bookkeeping (Python objects, the matmul's
+    # int8 activation row): nothing like a logits row (32 KiB here), a KV-cache copy or a table.
+    assert peak < 16 * 1024, peak
