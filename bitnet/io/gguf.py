@@ -592,6 +592,13 @@ def save_gguf(model: BitNetForCausalLM, path: str | Path, weight_format: str = "
         error below 2**-11); i2_s keeps the float32 scale exactly but only one per tensor.
     tokenizer : optional byte-level BPE ``tokenizers.Tokenizer`` to store as ``tokenizer.ggml.*``.
 
+    Notes
+    -----
+    llama.cpp's ``bitnet`` architecture ties the output head to ``token_embd`` and has no
+    projection biases: an untied head (``output.weight``) or biases (``blk.N.*.bias``) are
+    written so that :func:`load_gguf` gives the same model back, but llama.cpp will not load
+    such a file.
+
     Raises
     ------
     GGUFError when the model cannot be written in ``weight_format`` (shape, scale
