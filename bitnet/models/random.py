@@ -21,7 +21,7 @@ from .config import BitNetConfig
 _VALID_I2_BYTES = np.array(
     [a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3) for d in range(3)], np.uint8
 )
-_EMBEDDING_ROWS_PER_BLOCK = 4096
+_EMBEDDING_ROWS_PER_BLOCK = 1024
 
 
 def random_linear(rng: np.random.Generator, out_features: int, in_features: int) -> BitLinear:

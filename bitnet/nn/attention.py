@@ -118,5 +118,6 @@ class Attention:
         # Sized by the cache capacity, not the current length, so decode steps reuse one buffer.
         scores = scratch.empty((self.heads, keys.shape[1]))
         context = scratch.empty((n, self.heads * self.head_dim))
-        float_kernels.causal_attention(queries, keys, values, start, self.scaling, scores, context)
+        kernels = float_kernels.for_attention(n, start + n)
+        kernels.causal_attention(queries, keys, values, start, self.scaling, scores, context)
         return context

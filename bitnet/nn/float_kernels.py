@@ -5,17 +5,25 @@ Each kernel writes into a buffer its caller provides (a step temporary from
 between two matmuls into a single call, which keeps the Python overhead per token low.
 The arithmetic follows HF transformers' float32 BitNet: ``w * (x / sqrt(mean(x^2) + eps))``,
 rope as ``x * cos + rotate_half(x) * sin``, softmax as ``exp(s - max) / sum``.
+
+Row kernels exist twice: ``serial.<name>`` for decode steps, whose few rows are too little
+work to pay for waking the thread pool (and a busy machine makes that wake-up slow), and
+``parallel.<name>``, which splits rows (or heads) over threads for prefill. Both compile the
+same Python source, so they compute the same values.
 """
 
 from __future__ import annotations
+
+from types import FunctionType, SimpleNamespace
 
 import numpy as np
 from numba import njit, prange
 
 _KERNEL = dict(fastmath=True, cache=True, nogil=True, boundscheck=False)
+PARALLEL_MIN_ROWS = 8  # below this many tokens a call runs on the calling thread
+PARALLEL_MIN_CONTEXT = 512  # attention over this many positions is worth threads even for one token
 
 
-@njit(parallel=True, **_KERNEL)
 def rms_norm(x, weight, eps, out):
     """``out[i] = weight * x[i] / sqrt(mean(x[i]^2) + eps)`` for each row ``i``."""
     n, k = x.shape
@@ -28,7 +36,6 @@ def rms_norm(x, weight, eps, out):
             out[i, j] = weight[j] * (x[i, j] * inv)
 
 
-@njit(parallel=True, **_KERNEL)
 def add_rms_norm(x, delta, weight, eps, out):
     """``x += delta`` (the residual update), then ``out = rms_norm(x)``."""
     n, k = x.shape
@@ -72,7 +79,6 @@ def rope_into_cache(qkv, heads, kv_heads, cos, sin, start, queries, keys, values
             values[h, pos, :] = qkv[i, v_base + h * d : v_base + (h + 1) * d]
 
 
-@njit(parallel=True, **_KERNEL)
 def causal_attention(queries, keys, values, start, scaling, scores, out):
     """Softmax attention of each query over cache positions ``0 .. start + i`` (causal).
 
@@ -109,7 +115,6 @@ def causal_attention(queries, keys, values, start, scaling, scores, out):
                     context[j] += p * values[kv, t, j]
 
 
-@njit(parallel=True, **_KERNEL)
 def relu2_gate_rms_norm(gate_up, weight, eps, out):
     """``out = rms_norm(relu(gate)^2 * up)`` with ``gate_up = [gate | up]`` side by side per row."""
     n, width = out.shape
@@ -123,3 +128,26 @@ def relu2_gate_rms_norm(gate_up, weight, eps, out):
         inv = np.float32(1.0) / np.sqrt(acc / np.float32(width) + eps)
         for j in range(width):
             out[i, j] = weight[j] * (out[i, j] * inv)
+
+
+def _renamed(f: FunctionType, suffix: str) -> FunctionType:
+    """A copy of ``f`` under another name, so that Numba's on-disk cache keeps both compilations apart."""
+    copy = FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
+    copy.__qualname__ = f.__qualname__ + suffix
+    return copy
+
+
+_ROW_KERNELS = (rms_norm, add_rms_norm, causal_attention, relu2_gate_rms_norm)
+serial = SimpleNamespace(**{f.__name__: njit(**_KERNEL)(f) for f in _ROW_KERNELS})
+parallel = SimpleNamespace(**{f.__name__: njit(parallel=True, **_KERNEL)(_renamed(f, "_parallel"))
+                              for f in _ROW_KERNELS})
+
+
+def for_rows(n: int) -> SimpleNamespace:
+    """The kernel set to use for a call on ``n`` tokens."""
+    return parallel if n >= PARALLEL_MIN_ROWS else serial
+
+
+def for_attention(n: int, context: int) -> SimpleNamespace:
+    """The kernel set for attention of ``n`` queries over ``context`` positions."""
+    return parallel if n >= PARALLEL_MIN_ROWS or context >= PARALLEL_MIN_CONTEXT else serial

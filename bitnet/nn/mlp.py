@@ -41,5 +41,5 @@ class MLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         gate_up = self._gate_up(x)
         hidden = scratch.empty((x.shape[0], gate_up.shape[1] // 2))
-        float_kernels.relu2_gate_rms_norm(gate_up, self.sub_norm.weight, self.sub_norm.eps, hidden)
+        float_kernels.for_rows(x.shape[0]).relu2_gate_rms_norm(gate_up, self.sub_norm.weight, self.sub_norm.eps, hidden)
         return self.down_proj(hidden)

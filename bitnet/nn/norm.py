@@ -23,11 +23,11 @@ class RMSNorm:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Normalize the rows of ``x`` (``(n, features)`` float32, C-contiguous) into a new step temporary."""
         out = scratch.empty(x.shape)
-        float_kernels.rms_norm(x, self.weight, self.eps, out)
+        float_kernels.for_rows(x.shape[0]).rms_norm(x, self.weight, self.eps, out)
         return out
 
     def add_and_normalize(self, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """``x += delta`` in place (a residual update), then return ``self(x)``, in one pass."""
         out = scratch.empty(x.shape)
-        float_kernels.add_rms_norm(x, delta, self.weight, self.eps, out)
+        float_kernels.for_rows(x.shape[0]).add_rms_norm(x, delta, self.weight, self.eps, out)
         return out
