@@ -22,8 +22,6 @@ from .weights import DeviceTernary, upload
 # A block keeps the token's int8 codes (kpad bytes) in shared memory in the fused decode
 # kernel; past the default 48 KiB per block the two-launch path takes over.
 FUSED_MAX_SHARED_BYTES = 48 * 1024
-# Blocks wanted per launch before a warp takes on several rows (keeps every SM busy).
-MIN_BLOCKS = 512
 # Quantized-activation buffers kept for reuse, keyed by (tokens, kpad, stream).
 MAX_WORKSPACES = 16
 _WORKSPACES: dict = {}
@@ -108,12 +106,22 @@ def _check_features(k: int, w) -> None:
         raise errors.ShapeError(f"activations have {k} features, the weights take {w.shape[1]}")
 
 
+@functools.cache
+def _multiprocessors() -> int:
+    """Multiprocessors of the current GPU; 1 under the simulator (tests then run several rows per warp)."""
+    from numba import config, cuda
+
+    return 1 if config.ENABLE_CUDASIM else cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
 def _rows_per_warp(kernels, m: int) -> int:
-    """Rows each warp computes: more per warp only while the launch still has MIN_BLOCKS blocks."""
-    for rows in (4, 2):
-        if kernels.grid_rows(m, rows) >= MIN_BLOCKS:
-            return rows
-    return 1
+    """Rows per warp for a GEMV grid that fills the GPU's resident block slots once.
+
+    Each block quantizes the token before its rows, so fewer, longer-lived blocks pay that
+    cost fewer times; one wave of blocks also leaves no tail wave half empty.
+    """
+    blocks = _multiprocessors() * kernels.GEMV_BLOCKS_PER_SM
+    return max(1, -(-m // (blocks * kernels.WARPS)))
 
 
 def _workspace(n: int, kpad: int, stream):

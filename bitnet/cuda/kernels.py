@@ -50,6 +50,10 @@ FLOAT32_MAX = np.float32(3.4028235e38)
 NAN32 = np.float32(np.nan)
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+# GEMV blocks resident per multiprocessor: registers are capped so that this many fit
+# (65536 / (256 * 2) = 128 per thread, no spills); the backend sizes the grid to fill them once.
+GEMV_BLOCKS_PER_SM = 2
+GEMV_LIMITS = {} if SIMULATOR else {"launch_bounds": (THREADS, GEMV_BLOCKS_PER_SM)}
 # Dynamic shared memory's element type: the simulator sizes it with ``dtype.itemsize``.
 SHARED_INT32 = np.dtype(np.int32) if SIMULATOR else int32
 
@@ -127,44 +131,101 @@ def block_sum(value, scratch):
 
 
 @cuda.jit(device=True)
+def load4(x, k, u):
+    """``x[4u .. 4u+3]`` (the values of activation word ``u``), 0 past ``k``."""
+    zero = np.float32(0.0)
+    j = 4 * u
+    return (
+        x[j] if j < k else zero,
+        x[j + 1] if j + 1 < k else zero,
+        x[j + 2] if j + 2 < k else zero,
+        x[j + 3] if j + 3 < k else zero,
+    )
+
+
+@cuda.jit(device=True)
+def absmax4(values, amax, finite):
+    """``amax`` and the ``finite`` flag updated with four values."""
+    for v in values:
+        v = abs(v)
+        if not (v <= FLOAT32_MAX):
+            finite = 0
+        amax = max(amax, v)
+    return amax, finite
+
+
+@cuda.jit(device=True)
+def pack4(values, a):
+    """The int8 codes of four values at scale ``a``, packed into an int32 (little-endian), and their sum."""
+    v0, v1, v2, v3 = values
+    q0 = min(max(round(v0 * a), -128), 127)
+    q1 = min(max(round(v1 * a), -128), 127)
+    q2 = min(max(round(v2 * a), -128), 127)
+    q3 = min(max(round(v3 * a), -128), 127)
+    word = (q0 & 0xFF) | ((q1 & 0xFF) << 8) | ((q2 & 0xFF) << 16) | ((q3 & 0xFF) << 24)
+    return word - ((word >> 31) << 32), q0 + q1 + q2 + q3  # the bit pattern as a signed int32
+
+
+@cuda.jit(device=True)
 def quantize_token(x, k, words, amax_scratch, sum_scratch):
     """Quantize ``x[:k]`` (one token) into int8 codes packed in ``words``; the whole block works on it.
 
     Returns ``(a, qsum)``: the float32 scale ``127 / max(max|x|, 1e-5)`` (NaN, with all codes 0,
     if ``x`` holds NaN or Inf) and the int32 sum of the codes. Bit for bit the formula of
     ``bitnet.kernels.quantize.quantize_rows_int8``: float32 product, round half to even.
+
+    Each thread loads its first four words (16 values: all of ``x`` up to 4096 columns at 256
+    threads) at once and keeps them in registers across the block reduction, so a token
+    costs one round trip to memory, not one per loop step and pass.
     """
-    amax = np.float32(0.0)
-    finite = 1
-    for u in range(cuda.threadIdx.x, words.shape[0], cuda.blockDim.x):
-        for e in range(4):  # a constant trip count: unrolled, four loads in flight
-            if 4 * u + e < k:
-                v = abs(x[4 * u + e])
-                if not (v <= FLOAT32_MAX):
-                    finite = 0
-                amax = max(amax, v)
+    tid = cuda.threadIdx.x
+    stride = cuda.blockDim.x
+    nwords = words.shape[0]
+    held0 = load4(x, k, tid)
+    held1 = load4(x, k, tid + stride)
+    held2 = load4(x, k, tid + 2 * stride)
+    held3 = load4(x, k, tid + 3 * stride)
+    amax, finite = absmax4(held0, np.float32(0.0), 1)
+    amax, finite = absmax4(held1, amax, finite)
+    amax, finite = absmax4(held2, amax, finite)
+    amax, finite = absmax4(held3, amax, finite)
+    for u in range(tid + 4 * stride, nwords, stride):  # rows past 4 words per thread
+        amax, finite = absmax4(load4(x, k, u), amax, finite)
     all_finite = cuda.syncthreads_and(finite)
     amax = block_max(amax, amax_scratch)
-    a = INT8_LEVELS / max(amax, ACTIVATION_ABSMAX_MIN)
     if not all_finite:
-        a = NAN32
+        for u in range(tid, nwords, stride):
+            words[u] = 0
+        return NAN32, block_sum(int32(0), sum_scratch)
+    a = INT8_LEVELS / max(amax, ACTIVATION_ABSMAX_MIN)
     qsum = 0
-    for u in range(cuda.threadIdx.x, words.shape[0], cuda.blockDim.x):
-        word = 0
-        for e in range(4):
-            j = 4 * u + e
-            if all_finite and j < k:
-                q = min(max(round(x[j] * a), -128), 127)
-                qsum += q
-                word |= (q & 0xFF) << (8 * e)
-        words[u] = word - ((word >> 31) << 32)  # the unsigned bit pattern as a signed int32
+    if tid < nwords:
+        words[tid], s = pack4(held0, a)
+        qsum += s
+    if tid + stride < nwords:
+        words[tid + stride], s = pack4(held1, a)
+        qsum += s
+    if tid + 2 * stride < nwords:
+        words[tid + 2 * stride], s = pack4(held2, a)
+        qsum += s
+    if tid + 3 * stride < nwords:
+        words[tid + 3 * stride], s = pack4(held3, a)
+        qsum += s
+    for u in range(tid + 4 * stride, nwords, stride):
+        words[u], s = pack4(load4(x, k, u), a)
+        qsum += s
     return a, block_sum(int32(qsum), sum_scratch)
 
 
 @cuda.jit(device=True)
-def word_dot(word, t, qwords, acc):
-    """``acc + sum q (code + 1)`` over the 16 weights of word ``t`` of a row (see the layout above)."""
-    base = (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
+def activation_base(t):
+    """Index of the activation word that pairs with sub-word 0 of weight word ``t`` (see the layout)."""
+    return (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
+
+
+@cuda.jit(device=True)
+def word_dot(word, base, qwords, acc):
+    """``acc + sum q (code + 1)`` over the 16 weights of a word; ``base = activation_base(t)``."""
     acc = dp4a(qwords[base], word & CODE_MASK, acc)
     acc = dp4a(qwords[base + 16], (word >> 2) & CODE_MASK, acc)
     acc = dp4a(qwords[base + 32], (word >> 4) & CODE_MASK, acc)
@@ -200,22 +261,23 @@ def chunk_dot(chunk, first, words, qwords, acc):
     Written out word by word: a loop would index the tuple with a variable.
     """
     w0, w1, w2, w3, w4, w5, w6, w7 = chunk
+    base = activation_base(first)  # word first + 32 j pairs with activations base + 128 j
     if first < words:
-        acc = word_dot(w0, first, qwords, acc)
+        acc = word_dot(w0, base, qwords, acc)
     if first + WARP < words:
-        acc = word_dot(w1, first + WARP, qwords, acc)
+        acc = word_dot(w1, base + 128, qwords, acc)
     if first + 2 * WARP < words:
-        acc = word_dot(w2, first + 2 * WARP, qwords, acc)
+        acc = word_dot(w2, base + 2 * 128, qwords, acc)
     if first + 3 * WARP < words:
-        acc = word_dot(w3, first + 3 * WARP, qwords, acc)
+        acc = word_dot(w3, base + 3 * 128, qwords, acc)
     if first + 4 * WARP < words:
-        acc = word_dot(w4, first + 4 * WARP, qwords, acc)
+        acc = word_dot(w4, base + 4 * 128, qwords, acc)
     if first + 5 * WARP < words:
-        acc = word_dot(w5, first + 5 * WARP, qwords, acc)
+        acc = word_dot(w5, base + 5 * 128, qwords, acc)
     if first + 6 * WARP < words:
-        acc = word_dot(w6, first + 6 * WARP, qwords, acc)
+        acc = word_dot(w6, base + 6 * 128, qwords, acc)
     if first + 7 * WARP < words:
-        acc = word_dot(w7, first + 7 * WARP, qwords, acc)
+        acc = word_dot(w7, base + 7 * 128, qwords, acc)
     return acc
 
 
@@ -237,15 +299,15 @@ def quantize_rows(x, k, qwords, qsums, scales):
         qsums[token] = qsum
 
 
-@cuda.jit
+@cuda.jit(**GEMV_LIMITS)
 def quantize_gemv(x, k, weights, wscale, rows_per_warp, out):
     """Decode path, one launch: each block quantizes token ``blockIdx.y`` into shared memory
     (``kpad`` bytes of dynamic shared memory), then each warp computes ``rows_per_warp`` outputs.
 
-    Re-quantizing per block costs a k-float read from L2 per block, far less than the weights
-    the block streams; it saves a launch on the decode critical path. Each warp starts loading
-    its first row before the quantization and the next row's first 4096 columns before
-    reducing the current one, so the weight stream never waits on barriers or shuffles.
+    The launch has about as many blocks as fit on the GPU at once, so each block pays for the
+    quantization once and then streams many rows. Each warp starts loading its first row
+    before quantizing, and the next row's first 4096 columns before reducing the current
+    one, so the weight stream does not wait on barriers or shuffles.
     """
     qwords = cuda.shared.array(0, SHARED_INT32)
     amax_scratch = cuda.shared.array(WARPS, np.float32)
@@ -287,7 +349,7 @@ def tile_accumulate(weights, first_row, qwords, first_token, lane, acc):
     for i in range(TILE_ACCUMULATORS):
         acc[i] = 0
     for t in range(lane, weights.shape[1], WARP):
-        base = (t // WORDS_PER_BLOCK) * 64 + t % WORDS_PER_BLOCK
+        base = activation_base(t)
         w0 = row_word(weights, first_row, t)
         w1 = row_word(weights, first_row + 1, t)
         w2 = row_word(weights, first_row + 2, t)
