@@ -101,8 +101,9 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     r = bench_model(model, args.prompt_tokens, args.decode_tokens, args.seed)
     print(f"prefill: {r.prompt_tokens} tokens, {r.prefill_tokens_per_second:.1f} tok/s")
     print(f"decode:  {r.decode_tokens} tokens, {r.decode_tokens_per_second:.2f} tok/s "
-          f"({1e3 * r.decode_seconds / r.decode_tokens:.1f} ms/token, matmul kernels "
-          f"{1e3 * r.kernel_seconds_per_step:.1f} ms, outside them {100 * r.overhead_share:.1f}%)")
+          f"({1e3 * r.decode_seconds_per_token:.1f} ms/token median; matmul kernels "
+          f"{1e3 * r.kernel_seconds_per_step:.1f} ms, outside them {100 * r.overhead_share:.1f}%; "
+          f"Python overhead {1e3 * r.python_seconds_per_step:.2f} ms = {100 * r.python_share:.1f}%)")
     print(f"peak RSS: {r.peak_rss_bytes / 2**30:.2f} GiB")
     return 0
 

@@ -2,8 +2,15 @@
 
 ``bench_model`` drives :class:`BitNetForCausalLM` the way generation does (one prefill of
 the prompt, then one cached step per token) and reports tokens/s, the peak RSS of the
-process, and the share of a decode step spent outside the matmul kernels (the BitLinear
-matmuls and the head), measured by replaying exactly those kernel calls on their own.
+process, and two views of what a decode step spends beside the weight streaming:
+
+* outside the matmul kernels: the step minus a replay of exactly its BitLinear matmuls and
+  head on their own (so norms, rope, attention and Python all count as "outside");
+* Python overhead: the decode step of a model with the same layers and heads but tiny widths,
+  where the kernels have almost nothing to do, so what remains is the per-token cost of the
+  Python code, kernel dispatch and the arena.
+
+Every time is the median of several steps, which keeps a busy machine's outliers out.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import numpy as np
 
 from ..ops import matmul
 from .bitnet import BitNetForCausalLM
+from .config import BitNetConfig
+from .random import random_model
 
 
 @dataclass
@@ -26,6 +35,7 @@ class BenchResult:
     prefill_seconds: float
     decode_seconds: float
     kernel_seconds_per_step: float
+    python_seconds_per_step: float
     peak_rss_bytes: int
 
     @property
@@ -39,8 +49,16 @@ class BenchResult:
     @property
     def overhead_share(self) -> float:
         """Fraction of a decode step outside the matmul kernels (Python, norms, rope, attention)."""
-        step = self.decode_seconds / self.decode_tokens
-        return max(0.0, 1.0 - self.kernel_seconds_per_step / step)
+        return max(0.0, 1.0 - self.kernel_seconds_per_step / self.decode_seconds_per_token)
+
+    @property
+    def decode_seconds_per_token(self) -> float:
+        return self.decode_seconds / self.decode_tokens
+
+    @property
+    def python_share(self) -> float:
+        """Fraction of a decode step that is Python, dispatch and arena overhead."""
+        return min(1.0, self.python_seconds_per_step / self.decode_seconds_per_token)
 
 
 def peak_rss_bytes() -> int:
@@ -49,7 +67,7 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def kernel_seconds_per_step(model: BitNetForCausalLM, repeats: int = 3) -> float:
+def kernel_seconds_per_step(model: BitNetForCausalLM, repeats: int = 5) -> float:
     """Time of the matmul kernels of one decode step alone: every BitLinear of every layer, and the head."""
     rng = np.random.default_rng(0)
     calls = []
@@ -69,30 +87,58 @@ def kernel_seconds_per_step(model: BitNetForCausalLM, repeats: int = 3) -> float
         model.lm_head.logits(h, out=logits)
 
     step()
-    best = float("inf")
+    return _median_seconds(step, repeats)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return best
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _decode_step_seconds(model: BitNetForCausalLM, steps: int, prompt: np.ndarray) -> list[float]:
+    """Wall time of each of ``steps`` greedy decode steps after prefilling ``prompt``."""
+    cache = model.new_cache(len(prompt) + steps + 1)
+    logits = model.forward(prompt, cache, last_only=True)
+    token = np.zeros(1, np.int64)
+    times = []
+    for _ in range(steps):
+        token[0] = int(np.argmax(logits[0]))
+        start = time.perf_counter()
+        model.forward(token, cache, out=logits)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def python_seconds_per_step(config: BitNetConfig, steps: int = 20) -> float:
+    """Median decode step of a model with ``config``'s layers and heads but tiny widths."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    skeleton = BitNetConfig(vocab_size=256, hidden_size=8 * heads, intermediate_size=64, head_dim=8,
+                            num_hidden_layers=config.num_hidden_layers, num_attention_heads=heads,
+                            num_key_value_heads=kv_heads, eos_token_id=None)
+    model = random_model(skeleton, head_dtype="f32")
+    _decode_step_seconds(model, 3, np.arange(8))  # warm-up
+    return float(np.median(_decode_step_seconds(model, steps, np.arange(8))))
 
 
 def bench_model(
     model: BitNetForCausalLM, prompt_tokens: int = 64, decode_tokens: int = 32, seed: int = 0
 ) -> BenchResult:
-    """Prefill a random prompt of ``prompt_tokens`` ids, then decode ``decode_tokens`` greedy steps."""
+    """Prefill a random prompt of ``prompt_tokens`` ids, then time ``decode_tokens`` greedy steps.
+
+    ``decode_seconds`` is the median step times ``decode_tokens``, so one descheduled step on
+    a shared machine does not drag the rate down.
+    """
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, model.config.vocab_size, prompt_tokens)
-    model.forward(prompt[:8], last_only=True)  # warm-up: compile kernels, touch the weights
-    cache = model.new_cache(prompt_tokens + decode_tokens + 1)
+    _decode_step_seconds(model, 2, prompt[:8])  # warm-up: compile kernels, touch the weights
     start = time.perf_counter()
-    logits = model.forward(prompt, cache, last_only=True)
+    model.forward(prompt, last_only=True)
     prefill = time.perf_counter() - start
-    token = int(np.argmax(logits[0]))
-    start = time.perf_counter()
-    for _ in range(decode_tokens):
-        logits = model.forward(np.array([token]), cache)
-        token = int(np.argmax(logits[0]))
-    decode = time.perf_counter() - start
+    step = float(np.median(_decode_step_seconds(model, decode_tokens, prompt)))
     kernels = kernel_seconds_per_step(model)
-    return BenchResult(prompt_tokens, decode_tokens, prefill, decode, kernels, peak_rss_bytes())
+    python = python_seconds_per_step(model.config)
+    return BenchResult(prompt_tokens, decode_tokens, prefill, step * decode_tokens, kernels, python, peak_rss_bytes())
