@@ -63,7 +63,7 @@ def test_supported_paths_follow_the_features():
 def test_matmul_int_is_exact_for_every_format(rng, path, fmt):
     t = ternary(rng, 37, 517)
     p = bn.pack(t, fmt)
-    q = random_q(rng, 6, 517)
+    q = random_q(rng, 19, 517)  # two GEMM tiles of 8 tokens and 3 through the GEMV loop
     got = bn.matmul_int(q, p, path=path)
     assert got.dtype == np.int32
     assert np.array_equal(got, int_reference(q, t.codes))
@@ -233,8 +233,8 @@ def test_nan_or_inf_in_a_row_gives_a_nan_row(rng, path, bad):
 def test_results_do_not_depend_on_the_thread_count(rng, path):
     t = ternary(rng, 301, 1100, "channel")
     p = bn.pack(t, "i2")
-    x = rng.standard_normal((7, 1100)).astype(np.float32)
-    q = random_q(rng, 7, 1100)
+    x = rng.standard_normal((19, 1100)).astype(np.float32)
+    q = random_q(rng, 19, 1100)
     before = bn.get_num_threads()
     try:
         results = []
