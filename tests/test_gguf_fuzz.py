@@ -12,7 +12,6 @@ The default run has a few thousand cases; ``pytest -m slow`` runs many more.
 from __future__ import annotations
 
 import signal
-import time
 
 import numba
 import numpy as np
@@ -75,35 +74,39 @@ def _timeout(signum, frame):
     raise TimeoutError(f"a case ran over {CASE_SECONDS} s")
 
 
-def load_everything(path) -> None:
-    """Load the model, run it, and load the tokenizer; a BitNetError anywhere is a fine answer."""
+def load_everything(path) -> bool:
+    """Load the model, run it, and load the tokenizer; a BitNetError anywhere is a fine answer.
+
+    Returns whether the model loaded.
+    """
+    loaded = True
     try:
         bn.load_gguf(path)(PROMPT)
     except bn.BitNetError:
-        pass
+        loaded = False
     try:
         tokenizer = bn.load_gguf_tokenizer(path)
         if tokenizer is not None:
             tokenizer.decode(tokenizer.encode("fuzz me 123").ids)
     except bn.BitNetError:
         pass
+    return loaded
 
 
-def run_cases(originals, tmp_path, cases: int, seed: int) -> dict[str, int]:
-    """Run ``cases`` mutations per format; returns how many loaded fine, by format."""
-    loaded = {}
+def run_cases(originals, tmp_path, cases: int, seed: int) -> int:
+    """Run ``cases`` mutations per format; returns how many corrupt files still loaded."""
+    loaded = 0
     target = tmp_path / "case.gguf"
     previous = signal.signal(signal.SIGALRM, _timeout)
     try:
         for weight_format, (data, header) in originals.items():
             rng = np.random.default_rng([seed, WEIGHT_FORMATS.index(weight_format)])
-            loaded[weight_format] = 0
             for case in range(cases):
                 what, corrupt = mutate(data, header, rng)
                 target.write_bytes(corrupt)
                 signal.alarm(CASE_SECONDS)
                 try:
-                    load_everything(target)
+                    loaded += load_everything(target)
                 except Exception as exc:
                     raise AssertionError(
                         f"{weight_format} case {case} (seed {seed}: {what}) raised {type(exc).__name__}, "
@@ -124,9 +127,10 @@ def test_originals_load(originals, tmp_path):
 
 
 def test_fuzz_corrupt_and_truncated_files(originals, single_thread, tmp_path):
-    start = time.perf_counter()
-    run_cases(originals, tmp_path, cases=800, seed=SEED)
-    assert time.perf_counter() - start < 600
+    cases = 700
+    loaded = run_cases(originals, tmp_path, cases, seed=SEED)
+    # Flips in weight payloads leave a loadable file; most header damage does not.
+    assert 0 < loaded < len(originals) * cases / 2
 
 
 @pytest.mark.slow

@@ -140,6 +140,16 @@ def _reader_class():
     gguf = _gguf()
 
     class Reader(gguf.GGUFReader):
+        # The package maps the file as a np.memmap and reads its header in many small
+        # slices; slicing a plain ndarray over the same mapping is several times faster.
+        @property
+        def data(self) -> np.ndarray:
+            return self._mapped
+
+        @data.setter
+        def data(self, mapped: np.ndarray) -> None:
+            self._mapped = mapped.view(np.ndarray)
+
         def _get(self, offset, dtype, count=1, override_order=None):
             values = super()._get(offset, dtype, count, override_order)
             if len(values) != count:
