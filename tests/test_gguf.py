@@ -476,3 +476,14 @@ def test_block_scales_varying_within_rows_are_refused_clearly(model, tmp_path):
 def test_unknown_head_dtype_is_refused_before_reading(saved):
     with pytest.raises(bn.InvalidValueError, match="head_dtype"):
         bn.load_gguf(saved["tq2_0"], head_dtype="f64")
+
+
+def test_projections_of_other_types_are_refused_not_misread(model, tmp_path):
+    def projection(codes, scale):
+        values = (codes * scale).astype(np.float32)
+        return [("weight", gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                 gguf.GGMLQuantizationType.Q8_0)]
+
+    write_foreign_gguf(tmp_path / "q8.gguf", model, projection)
+    with pytest.raises(bn.GGUFError, match="must be TQ1_0, TQ2_0, I2_S"):
+        bn.load_gguf(tmp_path / "q8.gguf")

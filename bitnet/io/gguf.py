@@ -49,6 +49,7 @@ READ_ARCHITECTURES = (ARCHITECTURE, "bitnet-b1.58", "bitnet-25")
 I2_S_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml fork
 # ggml type id -> bitnet.formats name of the ternary payload types.
 TERNARY_TYPES = {34: "tq1_0", 35: "tq2_0", I2_S_TYPE: "i2_s"}
+FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16
 MOSTLY_I2_S = 40  # its LLAMA_FTYPE_MOSTLY_I2_S
 WEIGHT_FORMATS = ("tq2_0", "tq1_0", "i2_s")
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's value when rope.freq_base is absent
@@ -452,8 +453,13 @@ def _read_linear(file: GGUFFile, name: str, shape: tuple[int, int]) -> BitLinear
     try:
         if tensor.type_id in TERNARY_TYPES:
             weight = read_ternary(tensor)
-        else:
+        elif tensor.type_id in FLOAT_TYPES:
             weight = pack(_ternary_from_float(_as_float32(file, tensor)), "i2")
+        else:
+            # Other ids include bitnet.cpp's kernel-specific TL1/TL2, whose numbers upstream
+            # ggml has since given to other types: refuse rather than misread them.
+            raise errors.FormatError("a projection must be TQ1_0, TQ2_0, I2_S, F32, F16 or BF16 "
+                                     "(bitnet.cpp's TL1/TL2 files cannot be read: use its i2_s file)")
         if weight.granularity == "group":
             raise errors.FormatError("its TQ block scales differ within rows, and the kernels hold one scale per row")
         if f"{name}.scale" in file.tensors:
