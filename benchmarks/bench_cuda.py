@@ -150,6 +150,33 @@ def bench_linear(rng, m, k, n) -> dict:
     return dict(t_gpu=t_gpu, t_wall=t_wall, b_gpu=b_gpu, b_wall=b_wall, tbytes=m * (k + 255) // 256 * 64)
 
 
+def gemv_variants(rng, shapes=((20480, 3200), (128256, 2560), (2560, 6912))) -> list[str]:
+    """GPU us of the decode kernel for resident blocks per SM x rows prefetched into L2."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = [f"  {'m x k':14s} " + " ".join(f"{f'{b}/SM pf{p}':>9s}" for b in (2, 3, 4) for p in (0, 2, 4))]
+    compiled = {b: kernels.make_quantize_gemv(b) for b in (2, 3, 4)}
+    for m, k in shapes:
+        resident = uploaded_copies(random_ternary(rng, m, k), copies_for(m * k // 4))
+        x = cuda.to_device(rng.standard_normal((1, k)).astype(np.float32))
+        out = cuda.device_array((1, m), np.float32)
+        times = []
+        for b, kernel in compiled.items():
+            per_warp = max(1, -(-m // (sms * b * kernels.WARPS)))
+            launch = kernel[(kernels.grid_rows(m, per_warp), 1), kernels.THREADS, 0, resident[0].kpad]
+            for p in (0, 2, 4):
+                times.append(time_calls(variant_call(launch, resident, x, out, per_warp, p))[0])
+        rows.append(f"  {f'{m}x{k}':14s} " + " ".join(f"{t:9.1f}" for t in times))
+    return rows
+
+
+def variant_call(launch, resident, x, out, per_warp, prefetch):
+    def call(i):
+        w = resident[i % len(resident)]
+        launch(x, w.shape[1], w.words, w.scale, per_warp, prefetch, out)
+
+    return call
+
+
 def launch_overhead(rng) -> list[str]:
     """Host-side cost of one launch: an empty numba kernel, a raw GEMV launch, linear(), torch F.linear."""
 
@@ -168,7 +195,7 @@ def launch_overhead(rng) -> list[str]:
     rows = []
     for name, call in [
         ("empty numba kernel", lambda i: empty[1, 32]()),
-        ("raw quantize_gemv launch", lambda i: raw(x, 2560, w.words, w.scale, 1, out)),
+        ("raw quantize_gemv launch", lambda i: raw(x, 2560, w.words, w.scale, 1, kernels.GEMV_PREFETCH_ROWS, out)),
         ("bn.cuda.linear (checks + launch)", lambda i: bn.cuda.linear(x, w, out=out)),
         ("torch F.linear bf16", lambda i: F.linear(xb, wb)),
     ]:
@@ -245,6 +272,7 @@ def main() -> None:
           f"torch stream handle {torch.cuda.current_stream().cuda_stream}")
     section("device copy", lambda: [f"  {copy_bandwidth():.2f} TB/s (read + write)"])
     section("bit-exactness on the GPU", lambda: check_bit_exact(rng))
+    section("decode kernel variants, GPU us (blocks per SM, rows prefetched to L2)", lambda: gemv_variants(rng))
     decode = DECODE[:3] if args.quick else DECODE
     prefill = PREFILL[:1] if args.quick else PREFILL
     header = (f"{'shape (m x k)':22s} {'n':>4s} {'ternary GPU us':>15s} {'wall us':>8s} {'weights TB/s':>13s} "

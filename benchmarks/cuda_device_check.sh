@@ -9,6 +9,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
 #     -d .whl numpy==2.4.6 numba-cuda==0.30.4 cuda-core==1.2.2 cuda-pathfinder==1.9.1
 # and run:  bash benchmarks/cuda_device_check.sh   (logs in $OUT, or /tmp/cuda-check)
+# TESTS=0 skips the tests, NCU=0 the profile; extra arguments go to bench_cuda.py.
 set -uo pipefail
 OUT=${OUT:-/tmp/cuda-check}
 mkdir -p "$OUT"
@@ -34,9 +35,9 @@ if [ "$R" != "None" ]; then
 fi
 echo "unavailable_reason: $R" | tee -a "$OUT/env.txt"
 
-timeout 200 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -W ignore::DeprecationWarning \
+[ "${TESTS:-1}" = 1 ] && timeout 200 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -W ignore::DeprecationWarning \
     tests/test_cuda.py tests/test_cuda_simulator.py 2>&1 | tee "$OUT/tests.txt" | tail -25
-if command -v ncu >/dev/null; then  # hardware counters of the kernels (works on Firecracker machines)
+if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then  # hardware counters of the kernels (works on Firecracker machines)
     timeout 150 ncu --clock-control none -k 'regex:quantize_gemv|gemm|quantize_rows' -c 6 --section SpeedOfLight \
         --section Occupancy --section LaunchStats python3 benchmarks/bench_cuda.py --profile >"$OUT/ncu.txt" 2>&1
     grep -E "quantize_gemv|gemm|quantize_rows|Duration|DRAM Throughput|Memory Throughput|Registers Per|Occupancy" \

@@ -159,7 +159,9 @@ def _linear_2d(kernels, x_dev, w: DeviceTernary, out_dev, stream=0) -> None:
     if n == 1 and w.kpad <= FUSED_MAX_SHARED_BYTES:
         rows = _rows_per_warp(kernels, m)
         grid = (kernels.grid_rows(m, rows), n)
-        kernels.quantize_gemv[grid, kernels.THREADS, stream, w.kpad](x_dev, k, w.words, w.scale, rows, out_dev)
+        kernels.quantize_gemv[grid, kernels.THREADS, stream, w.kpad](
+            x_dev, k, w.words, w.scale, rows, kernels.GEMV_PREFETCH_ROWS, out_dev
+        )
         return
     qwords, qsums, scales = _quantize_on_device(kernels, x_dev, w.kpad, stream)
     grid = (kernels.grid_rows(m, kernels.GEMM_ROWS), -(-n // kernels.TOKEN_TILE))
