@@ -28,7 +28,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from ..nn.embedding import DTYPES as EMBEDDING_DTYPES
 from ..nn.embedding import bf16_bits_to_float
 from ..quant import TernaryTensor, quantize_weights
 from . import gguf_tokenizer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 ARCHITECTURE = "bitnet"
 # bitnet.cpp's names for the same network (its 2B4T file says "bitnet-b1.58").
@@ -558,7 +561,7 @@ def load_gguf(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
     return BitNetForCausalLM.from_weights(config, _read_weights(file, config), head_dtype)
 
 
-def load_gguf_tokenizer(path: str | Path):
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer | None:
     """The ``tokenizers.Tokenizer`` described by a GGUF file's ``tokenizer.ggml.*`` metadata.
 
     Returns None when the file holds no tokenizer. Byte-level BPE (``tokenizer.ggml.model``
@@ -594,7 +597,9 @@ def load_gguf_tokenizer(path: str | Path):
 # Writing
 
 
-def save_gguf(model: BitNetForCausalLM, path: str | Path, weight_format: str = "tq2_0", tokenizer=None) -> None:
+def save_gguf(
+    model: BitNetForCausalLM, path: str | Path, weight_format: str = "tq2_0", tokenizer: Tokenizer | None = None
+) -> None:
     """Write ``model`` as a GGUF file of llama.cpp's ``bitnet`` architecture.
 
     Parameters
@@ -664,7 +669,7 @@ def _write_metadata(writer, config: BitNetConfig, weight_format: str) -> None:
         writer.add_eos_token_id(c.stop_token_ids[0])
 
 
-def _write_tokenizer(writer, tokenizer, config: BitNetConfig) -> None:
+def _write_tokenizer(writer, tokenizer: Tokenizer, config: BitNetConfig) -> None:
     stop = config.stop_token_ids
     values = gguf_tokenizer.tokenizer_metadata(tokenizer, config.bos_token_id, stop[0] if stop else None)
     writer.add_tokenizer_model(values[gguf_tokenizer.MODEL_KEY])

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 MODEL_KEY = "tokenizer.ggml.model"
 PRE_KEY = "tokenizer.ggml.pre"
@@ -58,7 +61,7 @@ def build_tokenizer(
     merges: Sequence[str],
     bos_token_id: int | None = None,
     add_bos: bool | None = None,
-):
+) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` from the values of the ``tokenizer.ggml.*`` keys.
 
     Parameters
@@ -142,7 +145,7 @@ def _prepend_bos(tokenizer, tokens: Sequence[str], bos_token_id: int) -> None:
     )
 
 
-def tokenizer_metadata(tokenizer, bos_token_id: int | None, eos_token_id: int | None) -> dict[str, Any]:
+def tokenizer_metadata(tokenizer: Tokenizer, bos_token_id: int | None, eos_token_id: int | None) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` values of a byte-level BPE ``tokenizers.Tokenizer``.
 
     Raises
