@@ -8,7 +8,8 @@ process, and two views of what a decode step spends beside the weight streaming:
   head on their own (so norms, rope, attention and Python all count as "outside");
 * Python overhead: the decode step of a model with the same layers and heads but tiny widths,
   where the kernels have almost nothing to do, so what remains is the per-token cost of the
-  Python code, kernel dispatch and the arena.
+  Python code, kernel dispatch and the arena. It runs on one thread: with nothing to share,
+  threads would only add the pool's wake-up latency, which a busy machine inflates.
 
 Every time is the median of several steps, which keeps a busy machine's outliers out.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ops import matmul
+from ..ops import get_num_threads, matmul, set_num_threads
 from .bitnet import BitNetForCausalLM
 from .config import BitNetConfig
 from .random import random_model
@@ -120,8 +121,13 @@ def python_seconds_per_step(config: BitNetConfig, steps: int = 20) -> float:
                             num_hidden_layers=config.num_hidden_layers, num_attention_heads=heads,
                             num_key_value_heads=kv_heads, eos_token_id=None)
     model = random_model(skeleton, head_dtype="f32")
-    _decode_step_seconds(model, 3, np.arange(8))  # warm-up
-    return float(np.median(_decode_step_seconds(model, steps, np.arange(8))))
+    threads = get_num_threads()
+    set_num_threads(1)
+    try:
+        _decode_step_seconds(model, 3, np.arange(8))  # warm-up
+        return float(np.median(_decode_step_seconds(model, steps, np.arange(8))))
+    finally:
+        set_num_threads(threads)
 
 
 def bench_model(

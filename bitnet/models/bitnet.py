@@ -33,9 +33,8 @@ class DecoderLayer:
 
     def __call__(self, x: np.ndarray, cache: KVCache, index: int) -> None:
         """Update the residual stream ``x`` (``(n, hidden)``) in place."""
-        with scratch.step():  # this layer's temporaries are reused by the next layer
-            attended = self.attention(self.input_norm(x), cache, index)
-            x += self.mlp(self.post_attention_norm.add_and_normalize(x, attended))
+        attended = self.attention(self.input_norm(x), cache, index)
+        x += self.mlp(self.post_attention_norm.add_and_normalize(x, attended))
 
 
 def build_layers(config: BitNetConfig, weights: dict[str, object]) -> tuple[list[DecoderLayer], RMSNorm]:
@@ -44,7 +43,9 @@ def build_layers(config: BitNetConfig, weights: dict[str, object]) -> tuple[list
     rope = RotaryEmbedding(c.head_dim, c.rope_theta)
 
     def norm(name: str) -> RMSNorm:
-        return RMSNorm(weights[name], c.rms_norm_eps)
+        # The tag names the role, shared by all layers: "self_attn.attn_sub_norm.weight", ...
+        role = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+        return RMSNorm(weights[name], c.rms_norm_eps, tag=role)
 
     layers = []
     for i in range(c.num_hidden_layers):

@@ -81,15 +81,18 @@ class Attention:
         self.scaling = np.float32(head_dim**-0.5)
         try:
             self.qkv_proj = BitLinear.stacked(list(self.projections))
+            self.qkv_proj.tag = "self_attn.qkv_proj"
         except errors.InvalidValueError:
             self.qkv_proj = None
+        for name, proj in zip(("q_proj", "k_proj", "v_proj", "o_proj"), (*self.projections, o_proj), strict=True):
+            proj.tag = f"self_attn.{name}"
 
     def _project(self, x: np.ndarray) -> np.ndarray:
         """Queries, keys and values side by side: ``(n, (heads + 2 kv_heads) head_dim)``."""
         if self.qkv_proj is not None:
             return self.qkv_proj(x)
         parts = [proj(x) for proj in self.projections]
-        qkv = scratch.empty((x.shape[0], sum(p.shape[1] for p in parts)))
+        qkv = scratch.reused("self_attn.qkv", (x.shape[0], sum(p.shape[1] for p in parts)))
         np.concatenate(parts, axis=1, out=qkv)
         return qkv
 
@@ -102,7 +105,7 @@ class Attention:
         n, start = x.shape[0], cache.length
         qkv = self._project(x)
         self.rope.reserve(start + n)
-        queries = scratch.empty((n, self.heads, self.head_dim))
+        queries = scratch.reused("self_attn.queries", (n, self.heads, self.head_dim))
         keys, values = cache.keys[layer], cache.values[layer]
         float_kernels.rope_into_cache(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
                                       queries, keys, values)
@@ -116,8 +119,8 @@ class Attention:
         """
         n = queries.shape[0]
         # Sized by the cache capacity, not the current length, so decode steps reuse one buffer.
-        scores = scratch.empty((self.heads, keys.shape[1]))
-        context = scratch.empty((n, self.heads * self.head_dim))
+        scores = scratch.reused("self_attn.scores", (self.heads, keys.shape[1]))
+        context = scratch.reused("self_attn.context", (n, self.heads * self.head_dim))
         kernels = float_kernels.for_attention(n, start + n)
         kernels.causal_attention(queries, keys, values, start, self.scaling, scores, context)
         return context

@@ -38,6 +38,7 @@ class BitLinear:
             raise errors.ShapeError(f"bias must have shape ({self.out_features},), got {self.bias.shape}")
         self.input_norm = input_norm
         self.checkpoint_scale: tuple[np.ndarray, bool] | None = None
+        self.tag: str | None = None  # role of the output buffer shared across layers (scratch.reused)
 
     @property
     def out_features(self) -> int:
@@ -120,7 +121,8 @@ class BitLinear:
         """``x`` of shape ``(n, in_features)`` float32 -> ``(n, out_features)`` float32 step temporary."""
         if self.input_norm is not None:
             x = self.input_norm(x)
-        out = matmul(x, self.weight, out=scratch.empty((x.shape[0], self.out_features)), device=self.device)
+        out = scratch.reused(self.tag, (x.shape[0], self.out_features))
+        out = matmul(x, self.weight, out=out, device=self.device)
         if self.bias is not None:
             out += self.bias
         return out

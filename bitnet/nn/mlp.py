@@ -26,20 +26,23 @@ class MLP:
         self.sub_norm = sub_norm
         try:
             self.gate_up_proj = BitLinear.stacked([gate_proj, up_proj])
+            self.gate_up_proj.tag = "mlp.gate_up_proj"
         except errors.InvalidValueError:
             self.gate_up_proj = None
+        for name, proj in zip(("gate_proj", "up_proj", "down_proj"), (gate_proj, up_proj, down_proj), strict=True):
+            proj.tag = f"mlp.{name}"
 
     def _gate_up(self, x: np.ndarray) -> np.ndarray:
         """``[gate(x) | up(x)]`` side by side: ``(n, 2 intermediate)``."""
         if self.gate_up_proj is not None:
             return self.gate_up_proj(x)
         parts = [proj(x) for proj in self.projections]
-        gate_up = scratch.empty((x.shape[0], 2 * parts[0].shape[1]))
+        gate_up = scratch.reused("mlp.gate_up", (x.shape[0], 2 * parts[0].shape[1]))
         np.concatenate(parts, axis=1, out=gate_up)
         return gate_up
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         gate_up = self._gate_up(x)
-        hidden = scratch.empty((x.shape[0], gate_up.shape[1] // 2))
+        hidden = scratch.reused("mlp.hidden", (x.shape[0], gate_up.shape[1] // 2))
         float_kernels.for_rows(x.shape[0]).relu2_gate_rms_norm(gate_up, self.sub_norm.weight, self.sub_norm.eps, hidden)
         return self.down_proj(hidden)

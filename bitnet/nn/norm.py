@@ -14,20 +14,22 @@ class RMSNorm:
     ----------
     weight : array_like of float, shape ``(features,)``; kept as float32.
     eps : the epsilon added to the mean square (``rms_norm_eps`` of the config).
+    tag : role of the output buffer shared across layers (see ``bitnet.nn.scratch.reused``).
     """
 
-    def __init__(self, weight: np.ndarray, eps: float = 1e-5) -> None:
+    def __init__(self, weight: np.ndarray, eps: float = 1e-5, tag: str | None = None) -> None:
         self.weight = np.ascontiguousarray(weight, dtype=np.float32)
         self.eps = np.float32(eps)
+        self.tag = tag
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Normalize the rows of ``x`` (``(n, features)`` float32, C-contiguous) into a new step temporary."""
-        out = scratch.empty(x.shape)
+        out = scratch.reused(self.tag, x.shape)
         float_kernels.for_rows(x.shape[0]).rms_norm(x, self.weight, self.eps, out)
         return out
 
     def add_and_normalize(self, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """``x += delta`` in place (a residual update), then return ``self(x)``, in one pass."""
-        out = scratch.empty(x.shape)
+        out = scratch.reused(self.tag, x.shape)
         float_kernels.for_rows(x.shape[0]).add_rms_norm(x, delta, self.weight, self.eps, out)
         return out

@@ -1,14 +1,21 @@
 """Where every per-step temporary of the model comes from.
 
-The layers never call ``np.empty`` for a temporary themselves: they ask :func:`empty`, and
-each forward or decode step runs inside :func:`step`. With the arena of ``bitnet.memory``
-installed, ``step`` is one arena frame, so the buffers of a decode step are recycled from
-the previous step instead of being allocated again. Without it, plain ``np.empty`` is used.
+The layers never call ``np.empty`` for a temporary themselves: they ask :func:`empty` or
+:func:`reused`, and each forward or decode step runs inside :func:`step`. With the arena of
+``bitnet.memory``, ``step`` is one arena frame, so the buffers of a decode step are recycled
+from the previous step instead of being allocated again; without it, ``np.empty`` is used.
+
+:func:`reused` hands every call with the same ``(tag, shape)`` in a step the same buffer.
+Layers tag their temporaries by role ("self_attn.q_proj", ...), so layer 2 writes into the
+buffers layer 1 used: a step asks the arena for a dozen buffers instead of a dozen per
+layer. A tag is only for a value that is dead before the same call site runs again, which
+holds for per-layer temporaries because layers run one after another.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,6 +24,8 @@ try:
     from ..memory import default_arena
 except ImportError:  # the arena is optional: fall back to numpy's allocator
     default_arena = None
+
+_local = threading.local()  # per thread: the stack of open steps' tagged buffers
 
 
 def arena():
@@ -32,12 +41,32 @@ def empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     return current.empty(shape, dtype)
 
 
+def reused(tag: str | None, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """The current step's buffer for ``(tag, shape, dtype)``, made on first use; untagged calls get a new one."""
+    steps = getattr(_local, "steps", None)
+    if tag is None or not steps:
+        return empty(shape, dtype)
+    key = (tag, shape, dtype)
+    buffers = steps[-1]
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = empty(shape, dtype)
+    return buffer
+
+
 @contextlib.contextmanager
 def step() -> Iterator[None]:
     """Scope of one forward or decode step: its temporaries are released on exit."""
+    steps = getattr(_local, "steps", None)
+    if steps is None:
+        steps = _local.steps = []
+    steps.append({})
     current = arena()
-    if current is None:
-        yield
-        return
-    with current.frame():
-        yield
+    try:
+        if current is None:
+            yield
+        else:
+            with current.frame():
+                yield
+    finally:
+        steps.pop()
