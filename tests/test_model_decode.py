@@ -135,3 +135,23 @@ def test_decode_steps_allocate_no_new_buffers_after_the_first():
     # Outside the arena a step allocates only small bookkeeping (Python objects, the matmul's
     # int8 activation row): nothing like a logits row (32 KiB here), a KV-cache copy or a table.
     assert peak < 16 * 1024, peak
+
+
+def test_bench_model_reports_rates_and_overhead():
+    from bitnet.models.bench import bench_model
+
+    config = bn.BitNetConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+    result = bench_model(bn.models.random_model(config, head_dtype="int8"), prompt_tokens=8, decode_tokens=4)
+    assert result.prefill_tokens_per_second > 0 and result.decode_tokens_per_second > 0
+    assert 0 <= result.overhead_share <= 1 and 0 < result.python_share <= 1
+    assert result.peak_rss_bytes > 0
+
+
+@pytest.mark.slow
+def test_cli_bench_model_one_layer(capsys):
+    from bitnet.cli import main
+
+    assert main(["bench-model", "--layers", "1", "--head", "int8", "--prompt-tokens", "4", "--decode-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 head" in out and "prefill: 4 tokens" in out and "Python overhead" in out and "peak RSS" in out
