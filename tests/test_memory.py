@@ -126,6 +126,9 @@ def test_a_released_buffer_is_handed_back_for_the_same_size(nbytes):
 def test_empty_accepts_shape_spellings_and_rejects_bad_ones():
     arena = bn.Arena()
     assert arena.empty(np.int64(4)).shape == (4,)
+    assert arena.empty((np.int32(3), np.int64(1000)), np.float32).shape == (3, 1000)
+    with pytest.raises(bn.ShapeError, match="integers"):
+        arena.empty((2.5, 3))
     assert arena.empty([2, 3], "int16").shape == (2, 3)
     assert arena.empty((2,), [("x", "f4"), ("y", "i4")]).dtype.names == ("x", "y")
     for bad in [(3, -1), (-2, -3), -5]:
@@ -133,7 +136,7 @@ def test_empty_accepts_shape_spellings_and_rejects_bad_ones():
             arena.empty(bad)
     with pytest.raises(bn.DTypeError, match="object"):
         arena.empty(3, object)
-    assert arena.stats().live_arrays == 3
+    assert arena.stats().live_arrays == 4
 
 
 # ---------------------------------------------------------------- size classes and carving

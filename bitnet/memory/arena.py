@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 import threading
 import weakref
@@ -167,8 +168,9 @@ class Arena:
         if type(shape) is not tuple:
             shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
         nbytes = dtype.itemsize * math.prod(shape)
-        if nbytes <= 0:
-            _check_shape(shape)  # an even number of negative dimensions is caught by view() below
+        if type(nbytes) is not int or nbytes <= 0:  # numpy integers, floats, negative dimensions
+            shape = _checked_shape(shape)
+            nbytes = dtype.itemsize * math.prod(shape)
         if ALIGNMENT < nbytes <= SMALL_LIMIT:  # the common case, inlined: a power-of-two class
             pool, size = self._classes, 1 << (nbytes - 1).bit_length()
         else:
@@ -185,7 +187,7 @@ class Arena:
                 array = self._backend.view(block, offset, shape, dtype)
             except BaseException:
                 pool.give(block, offset, size)
-                _check_shape(shape)
+                _checked_shape(shape)  # an even number of negative dimensions shows only here
                 raise
             self._live[id(array)] = (array, pool, block, offset, size)
             self._used += size
@@ -621,9 +623,15 @@ def default_arena() -> Arena:
     return _default
 
 
-def _check_shape(shape: tuple) -> None:
-    if any(d < 0 for d in shape):
+def _checked_shape(shape: tuple) -> tuple[int, ...]:
+    """``shape`` as Python ints; ShapeError for a dimension that is negative or not an integer."""
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise ShapeError(f"array shape {shape!r} must hold integers; pass whole numbers, e.g. (n, k)") from None
+    if any(d < 0 for d in dims):
         raise ShapeError(f"array shape {shape} has a negative dimension; every dimension must be >= 0")
+    return dims
 
 
 def _debug_from_environment() -> bool:
