@@ -4,6 +4,7 @@ Facts come from outside the arena where possible: addresses (``ctypes.data``),
 ``np.shares_memory``, ``tracemalloc`` and the calls a backend actually received.
 """
 
+import doctest
 import threading
 import tracemalloc
 
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 
 import bitnet as bn
+import bitnet.memory.arena
+import bitnet.memory.backend
 from bitnet.memory import ALIGNMENT, DEBUG_ENV, POISON_BYTE, CPUBlocks
 from bitnet.memory.pools import LARGE_BLOCK, LARGE_GRAIN, SMALL_LIMIT, size_class
 
@@ -580,3 +583,8 @@ def test_debug_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv(DEBUG_ENV, "maybe")
     with pytest.raises(bn.InvalidValueError, match=DEBUG_ENV):
         bn.Arena()
+
+
+@pytest.mark.parametrize("module", [bitnet.memory.arena, bitnet.memory.backend])
+def test_docstring_examples_run(module):
+    assert doctest.testmod(module).failed == 0

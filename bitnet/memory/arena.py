@@ -115,6 +115,13 @@ class Arena:
         self._limit: int | None = None
         self.set_limit(limit)
 
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"Arena(backend={self._backend.name!r}, used={s.used_bytes}, total={s.total_bytes}, "
+            f"live_arrays={s.live_arrays}, limit={s.limit}, debug={self._debug})"
+        )
+
     @property
     def backend(self) -> BlockBackend:
         """The block backend this arena draws memory from."""
@@ -146,8 +153,8 @@ class Arena:
         Raises
         ------
         ArenaLimitError
-            A new block would take the arena over its limit (no array is handed out, and live
-            arrays and counters are unchanged).
+            A new block would take the arena over its limit. No array is handed out and live
+            arrays are untouched (pooled free blocks may have been given back to make room).
         ShapeError
             ``shape`` has a negative dimension.
         DTypeError
@@ -195,7 +202,7 @@ class Arena:
                 self._peak = self._used
         stack = self._frames.stack
         if stack:
-            stack[-1].adopt(array)
+            stack[-1]._track(array)
         return array
 
     def zeros(self, shape: int | Sequence[int], dtype: DTypeLike = np.float32) -> np.ndarray:
@@ -397,10 +404,10 @@ class Arena:
             if self._limit is not None and self._total > self._limit:
                 self._drain_free_blocks()
 
-    # ---------------------------------------------------------------- internals (callers hold the lock)
+    # ---------------------------------------------------------------- internals
 
     def _new_block(self, pool: SizeClassPool | CarvedPool, size: int) -> tuple[object, int]:
-        """Get a block from the backend after a pool miss; ``(block, offset)`` of the first ``size`` bytes."""
+        """After a pool miss (lock held): a new block, and ``(block, offset)`` of its first ``size`` bytes."""
         block_size = self._block_size_under_limit(size, pool.new_block_size(size))
         try:
             block = self._backend.allocate(block_size)
@@ -438,6 +445,7 @@ class Arena:
         )
 
     def _give_back(self, allocation: _Allocation) -> None:
+        """Return a live allocation's memory to its pool (lock held; already out of ``_live``)."""
         if self._debug:
             self._poison(allocation)
         _, pool, block, offset, size = allocation
@@ -454,6 +462,7 @@ class Arena:
                     self._give_back(allocation)
 
     def _drain_free_blocks(self) -> int:
+        """Give every wholly free block back to the backend (lock held); the bytes given back."""
         freed = 0
         for pool in (self._classes, self._carved):
             if pool is None:
@@ -572,7 +581,7 @@ class Frame:
         arrays, self._arrays = self._arrays, {}
         self._arena._release_all(arrays.values())
 
-    def adopt(self, array: np.ndarray) -> None:
+    def _track(self, array: np.ndarray) -> None:
         """Make ``array`` (just allocated) part of this frame; called by :meth:`Arena.empty`."""
         self._arrays[id(array)] = array
 
@@ -598,7 +607,7 @@ class Frame:
             )
         del self._arrays[id(array)]
         if self._parent is not None:
-            self._parent.adopt(array)
+            self._parent._track(array)
         return array
 
 
