@@ -43,6 +43,7 @@ GEMM_ROWS = 4  # rows a warp computes together in the GEMM: each activation load
 TILE_ACCUMULATORS = GEMM_ROWS * TOKEN_TILE  # int32 accumulators per lane in the GEMM
 LANE_WORDS = 8  # weight words per lane per GEMV step: a step covers 8 * 32 * 16 = 4096 columns
 CHUNK_WORDS = LANE_WORDS * WARP
+HELD_ACTIVATIONS = 4 * LANE_WORDS  # activation words a GEMV lane keeps in registers
 
 INT8_LEVELS = np.float32(127.0)
 ACTIVATION_ABSMAX_MIN = np.float32(1e-5)
@@ -307,6 +308,52 @@ def chunk_dot(chunk, first, words, qwords, acc):
 
 
 @cuda.jit(device=True)
+def hold_activations(qwords, lane, held):
+    """Fill ``held[4 j + s]`` with the activation word that sub-word ``s`` of weight word
+    ``lane + 32 j`` pairs with (j < 8, s < 4; 0 past the end): a lane's activations for the
+    first 4096 columns of every row, loaded once and kept in registers."""
+    base = activation_base(lane)
+    for j in range(LANE_WORDS):
+        for sub in range(4):
+            u = base + 128 * j + 16 * sub
+            held[4 * j + sub] = qwords[u] if u < qwords.shape[0] else 0
+
+
+@cuda.jit(device=True)
+def held_word_dot(word, held, j, acc):
+    """``word_dot`` for word ``j`` of a chunk, with the activations from ``hold_activations``."""
+    acc = dp4a(held[4 * j], word & CODE_MASK, acc)
+    acc = dp4a(held[4 * j + 1], (word >> 2) & CODE_MASK, acc)
+    acc = dp4a(held[4 * j + 2], (word >> 4) & CODE_MASK, acc)
+    return dp4a(held[4 * j + 3], (word >> 6) & CODE_MASK, acc)
+
+
+@cuda.jit(device=True)
+def held_chunk_dot(chunk, held, acc):
+    """``chunk_dot`` of the first chunk of a row, from registers only. Words past the row are
+    0 (``load_chunk``), and a 0 word adds nothing (``code + 1 = 0``), so no bounds checks."""
+    w0, w1, w2, w3, w4, w5, w6, w7 = chunk
+    acc = held_word_dot(w0, held, 0, acc)
+    acc = held_word_dot(w1, held, 1, acc)
+    acc = held_word_dot(w2, held, 2, acc)
+    acc = held_word_dot(w3, held, 3, acc)
+    acc = held_word_dot(w4, held, 4, acc)
+    acc = held_word_dot(w5, held, 5, acc)
+    acc = held_word_dot(w6, held, 6, acc)
+    return held_word_dot(w7, held, 7, acc)
+
+
+@cuda.jit(device=True)
+def warp_allsum(value):
+    """Sum of ``value`` over the 32 lanes, returned to every lane (butterfly of xor shuffles)."""
+    offset = WARP // 2
+    while offset > 0:
+        value += cuda.shfl_xor_sync(FULL_MASK, value, offset)
+        offset //= 2
+    return value
+
+
+@cuda.jit(device=True)
 def scaled(acc, a, s):
     """``float32(acc) / a * s``, all in float32, as the CPU kernels compute it."""
     return np.float32(acc) / a * s
@@ -337,6 +384,7 @@ def quantize_gemv_body(x, k, weights, wscale, rows_per_warp, prefetch_rows, out)
     qwords = cuda.shared.array(0, SHARED_INT32)
     amax_scratch = cuda.shared.array(WARPS, np.float32)
     sum_scratch = cuda.shared.array(WARPS, np.int32)
+    held = cuda.local.array(HELD_ACTIVATIONS, np.int32)
     rows, words = weights.shape
     lane = cuda.threadIdx.x % WARP
     warps = cuda.blockDim.x // WARP
@@ -346,17 +394,24 @@ def quantize_gemv_body(x, k, weights, wscale, rows_per_warp, prefetch_rows, out)
     for i in range(1, prefetch_rows + 1):
         prefetch_row(weights, first + i * warps, lane)
     a, qsum = quantize_token(x[token], k, qwords, amax_scratch, sum_scratch)
+    hold_activations(qwords, lane, held)
+    mine = int32(0)  # lane l keeps the sum of the warp's row l (mod 32) until they are written
     for i in range(rows_per_warp):
         row = first + i * warps
         following = load_chunk(weights, row + warps if i + 1 < rows_per_warp else rows, lane)
         if i + 1 + prefetch_rows < rows_per_warp:
             prefetch_row(weights, row + (1 + prefetch_rows) * warps, lane)
-        acc = chunk_dot(chunk, lane, words, qwords, int32(0))
+        acc = held_chunk_dot(chunk, held, int32(0))
         for start in range(CHUNK_WORDS + lane, words, CHUNK_WORDS):  # rows past 4096 columns
             acc = chunk_dot(load_chunk(weights, row, start), start, words, qwords, acc)
-        acc = warp_sum(acc)
-        if lane == 0 and row < rows:
-            out[token, row] = scaled(acc - qsum, a, wscale[row])
+        total = warp_allsum(acc)
+        if lane == i % WARP:
+            mine = total
+        if i % WARP == WARP - 1 or i == rows_per_warp - 1:
+            # Scale and store up to 32 rows at once, one per lane, instead of one lane per row.
+            own = first + (i - i % WARP + lane) * warps
+            if lane <= i % WARP and own < rows:
+                out[token, own] = scaled(mine - qsum, a, wscale[own])
         chunk = following
 
 

@@ -2,9 +2,10 @@
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` numba runs every CUDA thread of a block as a Python
 thread, but ``cuda.shfl_down_sync`` is missing, so the kernels of ``bitnet.cuda.kernels``
-could not run there unchanged. ``install()`` adds it to the simulator's fake ``cuda``
-module: the 32 lanes of a warp meet at a barrier, publish their values, meet again and
-each reads lane ``lane + delta`` (its own value past the end of the warp, as on the GPU).
+could not run there unchanged. ``install()`` adds it and ``shfl_xor_sync`` to the
+simulator's fake ``cuda`` module: the 32 lanes of a warp meet at a barrier, publish their
+values, meet again and each reads its source lane (``lane + delta``, its own value past the
+end of the warp, as on the GPU; or ``lane ^ mask``).
 
 Like a real full-mask shuffle, every lane of the warp must make the call, and the block
 size must be a multiple of 32.
@@ -31,17 +32,27 @@ def _warp_state(thread) -> tuple[threading.Barrier, list]:
         return warps[warp]
 
 
-def _shfl_down_sync(self, mask, value, delta):
+def _shuffle(mask, value, source):
+    """Every lane publishes ``value``, then reads lane ``source(lane)`` (its own if that is None)."""
     if mask != 0xFFFFFFFF:
-        raise NotImplementedError("the simulator's shfl_down_sync supports only the full warp mask")
+        raise NotImplementedError("the simulator's warp shuffles support only the full warp mask")
     thread = threading.current_thread()
     barrier, values = _warp_state(thread)
     lane = thread.thread_id % WARP
     values[lane] = value
     barrier.wait()
-    result = values[lane + delta] if lane + delta < WARP else value
+    other = source(lane)
+    result = value if other is None else values[other]
     barrier.wait()  # nobody overwrites a slot before every lane has read it
     return result
+
+
+def _shfl_down_sync(self, mask, value, delta):
+    return _shuffle(mask, value, lambda lane: lane + delta if lane + delta < WARP else None)
+
+
+def _shfl_xor_sync(self, mask, value, lane_mask):
+    return _shuffle(mask, value, lambda lane: lane ^ lane_mask)
 
 
 def install() -> None:
@@ -50,3 +61,4 @@ def install() -> None:
 
     if not hasattr(FakeCUDAModule, "shfl_down_sync"):
         FakeCUDAModule.shfl_down_sync = _shfl_down_sync
+        FakeCUDAModule.shfl_xor_sync = _shfl_xor_sync
