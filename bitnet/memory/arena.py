@@ -202,7 +202,7 @@ class Arena:
                 self._peak = self._used
         stack = self._frames.stack
         if stack:
-            stack[-1]._track(array)
+            stack[-1]._arrays.append(array)
         return array
 
     def zeros(self, shape: int | Sequence[int], dtype: DTypeLike = np.float32) -> np.ndarray:
@@ -453,12 +453,15 @@ class Arena:
         self._used -= size
 
     def _release_all(self, arrays: Iterable[np.ndarray]) -> None:
-        """Release the arrays that are still live; the rest were released by hand already."""
+        """Release the arrays that are still live; the rest were released by hand already.
+
+        The caller holds every array in ``arrays``, so no other live array can have the same id.
+        """
+        live = self._live
         with self._lock:
             for array in arrays:
-                allocation = self._live.get(id(array))
-                if allocation is not None and allocation[0] is array:
-                    del self._live[id(array)]
+                allocation = live.pop(id(array), None)
+                if allocation is not None:
                     self._give_back(allocation)
 
     def _drain_free_blocks(self) -> int:
@@ -555,7 +558,7 @@ class Frame:
 
     def __init__(self, arena: Arena):
         self._arena = arena
-        self._arrays: dict[int, np.ndarray] = {}  # holds the arrays, so their ids stay unique until exit
+        self._arrays: list[np.ndarray] = []  # appended to by Arena.empty; holding them keeps their ids unique
         self._parent: Frame | None = None
         self._active = False
 
@@ -578,12 +581,8 @@ class Frame:
         stack.pop()
         self._active = False
         self._parent = None
-        arrays, self._arrays = self._arrays, {}
-        self._arena._release_all(arrays.values())
-
-    def _track(self, array: np.ndarray) -> None:
-        """Make ``array`` (just allocated) part of this frame; called by :meth:`Arena.empty`."""
-        self._arrays[id(array)] = array
+        arrays, self._arrays = self._arrays, []
+        self._arena._release_all(arrays)
 
     def keep(self, array: np.ndarray) -> np.ndarray:
         """Let ``array`` outlive this frame: it moves to the enclosing frame, or to the caller.
@@ -600,15 +599,16 @@ class Frame:
         ArenaForeignArrayError
             ``array`` was not allocated in this frame.
         """
-        if self._arrays.get(id(array)) is not array:
-            raise ArenaForeignArrayError(
-                "keep: this array was not allocated inside this frame; keep only arrays this frame's "
-                "arena.empty()/zeros() calls returned"
-            )
-        del self._arrays[id(array)]
-        if self._parent is not None:
-            self._parent._track(array)
-        return array
+        for i, mine in enumerate(self._arrays):
+            if mine is array:
+                del self._arrays[i]
+                if self._parent is not None:
+                    self._parent._arrays.append(array)
+                return array
+        raise ArenaForeignArrayError(
+            "keep: this array was not allocated inside this frame; keep only arrays this frame's "
+            "arena.empty()/zeros() calls returned"
+        )
 
 
 _default: Arena | None = None
