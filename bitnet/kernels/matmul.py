@@ -56,7 +56,8 @@ FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lan
 TILE_ROWS = 2
 TILE_TOKENS = 8
 K_CHUNK_BLOCKS = 12  # GEMM k-chunk: 8 tokens x 12 x 256 bytes of activations = 24 KB, fits L1
-ROWS_PER_TASK = 32  # rows per parallel task: a multiple of TILE_ROWS; one scratch array per task
+PARALLEL_TASKS = 32  # tasks the rows are cut into: even shares for 1, 2, 4, 8, 16 or 32 threads
+GEMM_ROWS = 32  # rows a GEMM pass takes over one L1-resident activation tile (a multiple of TILE_ROWS)
 PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the portable path cannot overflow
 PREFETCH_BYTES = 1024  # how far ahead of the loads the GEMV loop prefetches weights
 
@@ -65,7 +66,9 @@ PORTABLE = IsaMarker("portable", 0)
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False)
 _ACT_LEVELS = np.float32(127.0)
 _ACT_ABSMAX_MIN = np.float32(1e-5)
-_FLOAT32_MAX = np.float32(3.4028235e38)
+_NO_SCRATCH = np.zeros(0, np.int16)  # a constant: the SIMD paths allocate nothing per task
+_ABS_BITS = np.uint32(0x7FFFFFFF)  # float32 bits without the sign
+_INF_BITS = np.uint32(0x7F800000)  # float32 bits of +Inf; NaNs are above
 
 
 # --- activation quantization, fused ahead of the matmul ------------------------------------
@@ -78,27 +81,31 @@ def _quantize_row(x, t, q, act_scale, q_sum):
     The formula of ``bitnet.quant.quantize_activations`` (float32 throughout):
     ``a = 127 / max(max|x|, 1e-5)``, ``q = clip(rint(x a), -128, 127)``; a row holding
     NaN or Inf gets ``a = NaN`` and ``q = 0``, so its outputs come out NaN.
+
+    ``max|x|`` is taken on the float bits as unsigned integers (sign bit cleared), which
+    order like the magnitudes and vectorize, unlike a float ``max`` that must honour NaN
+    (7x faster); bits at or above those of +Inf flag a NaN or Inf.
     """
     k = x.shape[1]
-    amax = np.float32(0.0)
-    finite = True
+    row = x[t]
+    bits = row.view(np.uint32)
+    top = np.uint32(0)
     for j in range(k):
-        v = abs(x[t, j])
-        if not (v <= _FLOAT32_MAX):
-            finite = False
-        amax = max(amax, v)
+        top = max(top, np.uint32(bits[j] & _ABS_BITS))
     q[t, k:] = 0
-    if not finite:
+    if top >= _INF_BITS:
         act_scale[t] = np.float32(np.nan)
         q[t, :k] = 0
         q_sum[t] = 0
         return
+    amax = np.array([top]).view(np.float32)[0]
     a = _ACT_LEVELS / max(amax, _ACT_ABSMAX_MIN)
     act_scale[t] = a
+    out = q[t, :k]
     total = 0
     for j in range(k):
-        v = np.int8(min(max(np.rint(x[t, j] * a), np.float32(-128.0)), np.float32(127.0)))
-        q[t, j] = v
+        v = np.int8(min(max(np.rint(row[j] * a), np.float32(-128.0)), np.float32(127.0)))
+        out[j] = v
         total += v
     q_sum[t] = total
 
@@ -106,11 +113,7 @@ def _quantize_row(x, t, q, act_scale, q_sum):
 @njit(parallel=True, **_KERNEL)
 def quantize_padded(x, q, act_scale, q_sum):
     """Quantize every row of ``x`` (n, k) into ``q`` (n, >= k, zero-padded), ``act_scale`` and ``q_sum``."""
-    n = x.shape[0]
-    if n == 1:
-        _quantize_row(x, 0, q, act_scale, q_sum)
-        return
-    for t in prange(n):
+    for t in prange(x.shape[0]):
         _quantize_row(x, t, q, act_scale, q_sum)
 
 
@@ -286,6 +289,17 @@ def _tile_for(isa, w, r0, r1, q, t, b0, b1, lanes):
     return lambda isa, w, r0, r1, q, t, b0, b1, lanes: _tile_simd(isa, w, r0, r1, q, t, b0, b1)
 
 
+def _scratch(isa):
+    """Scratch for the inner loops of ``isa``: int16 lanes (64,) for the portable path, else nothing."""
+
+
+@overload(_scratch, jit_options=_KERNEL)
+def _scratch_for(isa):
+    if isa.isa == "portable":
+        return lambda isa: np.empty(BLOCK_BYTES, np.int16)
+    return lambda isa: _NO_SCRATCH
+
+
 @njit(**_KERNEL)
 def _emit(t, r, total, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """Store one result: the int32 accumulator, or ``acc / a[t] * s[r]`` in float32."""
@@ -327,24 +341,31 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
     Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
     ``acc / act_scale[t] * scale[r * scale_step]`` (``scale_step`` 0 for one scale per tensor).
 
-    Threads take fixed runs of ``ROWS_PER_TASK`` rows, in pairs (an odd last row is paired
-    with itself). Tokens go in tiles of ``TILE_TOKENS`` through the GEMM loop; the rest (and
-    ``n == 1``) through the GEMV loop, which rereads the row pair from L1 for each token.
+    The rows are cut into ``PARALLEL_TASKS`` tasks (fewer for small ``m``) of an even number of
+    rows, taken in pairs (an odd last row is paired with itself); Numba's static schedule
+    deals the tasks out to the threads. Which task computes a row never changes its value.
+    Tokens go in tiles of ``TILE_TOKENS`` through the GEMM loop, ``GEMM_ROWS`` rows at a
+    time; the rest (and ``n == 1``) through the GEMV loop, which rereads the row pair from
+    L1 for each token.
     """
     m = w.shape[0]
     n = q.shape[0]
     tiled = n - n % TILE_TOKENS
-    for task in prange((m + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        first = task * ROWS_PER_TASK
-        rows = min(m - first, ROWS_PER_TASK)
-        lanes = np.empty(BLOCK_BYTES, np.int16)  # scratch of the portable loops
+    per_task = -(-m // PARALLEL_TASKS)
+    per_task += per_task % TILE_ROWS
+    for task in prange((m + per_task - 1) // per_task):
+        first = task * per_task
+        last = min(m, first + per_task)
+        lanes = _scratch(isa)
         if tiled:
-            sums = np.empty((ROWS_PER_TASK + 1, tiled), np.int64)
-            _gemm_rows(isa, w, first, rows, q, tiled, sums, lanes)
-            for i in range(rows):
-                for t in range(tiled):
-                    _emit(t, first + i, sums[i, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
-        for r0 in range(first, first + rows, TILE_ROWS):
+            sums = np.empty((GEMM_ROWS + 1, tiled), np.int64)
+            for start in range(first, last, GEMM_ROWS):
+                rows = min(last - start, GEMM_ROWS)
+                _gemm_rows(isa, w, start, rows, q, tiled, sums, lanes)
+                for i in range(rows):
+                    for t in range(tiled):
+                        _emit(t, start + i, sums[i, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
+        for r0 in range(first, last, TILE_ROWS):
             r1 = min(r0 + 1, m - 1)
             for t in range(tiled, n):
                 s0, s1 = _row_pair(isa, w, r0, r1, q, t, lanes)
@@ -355,7 +376,10 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
 @njit(**_KERNEL)
 def _matmul_float(isa, x, w, q, act_scale, q_sum, scale, scale_step, out):
     """``out = matmul(x, w)`` in one compiled call: quantize ``x`` into ``q``, then multiply."""
-    quantize_padded(x, q, act_scale, q_sum)
+    if x.shape[0] == 1:  # a parallel region for one row would cost more than the row
+        _quantize_row(x, 0, q, act_scale, q_sum)
+    else:
+        quantize_padded(x, q, act_scale, q_sum)
     ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, np.empty((0, 0), np.int32), out, True)
 
 
