@@ -55,6 +55,7 @@ def write_checkpoint(
     packed=True,
     float_dtype=torch.float32,
     use_rms_norm=False,
+    attention_bias=False,
     seed=0,
 ):
     """A random BitNet checkpoint directory in HF format; returns the path."""
@@ -65,7 +66,7 @@ def write_checkpoint(
     config = transformers.BitNetConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None, rope_parameters={
+        tie_word_embeddings=tied, attention_bias=attention_bias, bos_token_id=None, eos_token_id=None, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0},
     )
     model = transformers.BitNetForCausalLM(config)
@@ -74,7 +75,9 @@ def write_checkpoint(
         if name == "lm_head.weight" and tied:
             continue
         short = name.split(".")[-2]
-        if short in LINEAR_NAMES:
+        if name.endswith(".bias"):
+            tensors[name] = (0.5 * torch.randn(t.shape)).to(float_dtype)
+        elif short in LINEAR_NAMES:
             module = name[: -len(".weight")]
             tensors.update(_projection(module, t.shape, linear_class, packed, float_dtype, pack_weights))
             if use_rms_norm:
@@ -139,6 +142,7 @@ CASES = {
     "mha-odd-hidden": dict(heads=6, kv_heads=6, hidden=96, intermediate=160, vocab=101),
     "mqa-hidden72": dict(heads=3, kv_heads=1, hidden=72, intermediate=120, tied=False),
     "input-rms-norm": dict(use_rms_norm=True, seed=3),
+    "attention-bias": dict(attention_bias=True, seed=4),
 }
 
 
