@@ -28,6 +28,7 @@ import statistics
 import time
 import traceback
 
+import cuda_gemv_experiments as experiments  # beside this script
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -151,28 +152,33 @@ def bench_linear(rng, m, k, n) -> dict:
 
 
 def gemv_variants(rng, shapes=((20480, 3200), (128256, 2560), (2560, 6912))) -> list[str]:
-    """GPU us of the decode kernel for resident blocks per SM x rows prefetched into L2."""
+    """GPU us of the decode kernel at 2, 3 and 4 resident blocks per SM, and of the experimental
+    variants of cuda_gemv_experiments.py (checked bit-identical to the library kernel)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows = [f"  {'m x k':14s} " + " ".join(f"{f'{b}/SM pf{p}':>9s}" for b in (2, 3, 4) for p in (0, 2, 4))]
-    compiled = {b: kernels.make_quantize_gemv(b) for b in (2, 3, 4)}
+    kernels_by_name = {f"lib {b}/SM": (kernels.make_quantize_gemv(b), b) for b in (2, 3, 4)}
+    kernels_by_name.update({name: (kernel, 2) for name, kernel in experiments.VARIANTS.items()})
+    rows = [f"  {'m x k':14s} " + " ".join(f"{name:>10s}" for name in kernels_by_name)]
     for m, k in shapes:
         resident = uploaded_copies(random_ternary(rng, m, k), copies_for(m * k // 4))
         x = cuda.to_device(rng.standard_normal((1, k)).astype(np.float32))
-        out = cuda.device_array((1, m), np.float32)
-        times = []
-        for b, kernel in compiled.items():
-            per_warp = max(1, -(-m // (sms * b * kernels.WARPS)))
+        reference = bn.cuda.linear(x, resident[0]).copy_to_host()
+        cells = []
+        for kernel, blocks in kernels_by_name.values():
+            per_warp = max(1, -(-m // (sms * blocks * kernels.WARPS)))
             launch = kernel[(kernels.grid_rows(m, per_warp), 1), kernels.THREADS, 0, resident[0].kpad]
-            for p in (0, 2, 4):
-                times.append(time_calls(variant_call(launch, resident, x, out, per_warp, p))[0])
-        rows.append(f"  {f'{m}x{k}':14s} " + " ".join(f"{t:9.1f}" for t in times))
+            out = cuda.device_array((1, m), np.float32)
+            launch(x, k, resident[0].words, resident[0].scale, per_warp, out)
+            same = np.array_equal(out.copy_to_host(), reference)
+            cells.append(f"{time_calls(variant_call(launch, resident, x, out, per_warp))[0]:9.1f}{'' if same else '!'}")
+        rows.append(f"  {f'{m}x{k}':14s} " + " ".join(f"{c:>10s}" for c in cells))
+    rows.append("  (! = output differs from the library kernel)")
     return rows
 
 
-def variant_call(launch, resident, x, out, per_warp, prefetch):
+def variant_call(launch, resident, x, out, per_warp):
     def call(i):
         w = resident[i % len(resident)]
-        launch(x, w.shape[1], w.words, w.scale, per_warp, prefetch, out)
+        launch(x, w.shape[1], w.words, w.scale, per_warp, out)
 
     return call
 
@@ -195,7 +201,7 @@ def launch_overhead(rng) -> list[str]:
     rows = []
     for name, call in [
         ("empty numba kernel", lambda i: empty[1, 32]()),
-        ("raw quantize_gemv launch", lambda i: raw(x, 2560, w.words, w.scale, 1, kernels.GEMV_PREFETCH_ROWS, out)),
+        ("raw quantize_gemv launch", lambda i: raw(x, 2560, w.words, w.scale, 1, out)),
         ("bn.cuda.linear (checks + launch)", lambda i: bn.cuda.linear(x, w, out=out)),
         ("torch F.linear bf16", lambda i: F.linear(xb, wb)),
     ]:
@@ -264,6 +270,14 @@ def main() -> None:
             w = backend.upload(random_ternary(rng, m, k))
             for _ in range(3):
                 bn.cuda.linear(x, w)
+        m, k = 20480, 3200
+        per_warp = -(-m // (torch.cuda.get_device_properties(0).multi_processor_count * 2 * kernels.WARPS))
+        w = backend.upload(random_ternary(rng, m, k))
+        x = cuda.to_device(rng.standard_normal((1, k)).astype(np.float32))
+        out = cuda.device_array((1, m), np.float32)
+        grid = (kernels.grid_rows(m, per_warp), 1)
+        for kernel in experiments.VARIANTS.values():
+            kernel[grid, kernels.THREADS, 0, w.kpad](x, k, w.words, w.scale, per_warp, out)
         cuda.synchronize()
         return
     props = torch.cuda.get_device_properties(0)
@@ -272,7 +286,7 @@ def main() -> None:
           f"torch stream handle {torch.cuda.current_stream().cuda_stream}")
     section("device copy", lambda: [f"  {copy_bandwidth():.2f} TB/s (read + write)"])
     section("bit-exactness on the GPU", lambda: check_bit_exact(rng))
-    section("decode kernel variants, GPU us (blocks per SM, rows prefetched to L2)", lambda: gemv_variants(rng))
+    section("decode kernel variants, GPU us", lambda: gemv_variants(rng))
     decode = DECODE[:3] if args.quick else DECODE
     prefill = PREFILL[:1] if args.quick else PREFILL
     header = (f"{'shape (m x k)':22s} {'n':>4s} {'ternary GPU us':>15s} {'wall us':>8s} {'weights TB/s':>13s} "

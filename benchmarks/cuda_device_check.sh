@@ -38,9 +38,9 @@ echo "unavailable_reason: $R" | tee -a "$OUT/env.txt"
 [ "${TESTS:-1}" = 1 ] && timeout 200 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -W ignore::DeprecationWarning \
     tests/test_cuda.py tests/test_cuda_simulator.py 2>&1 | tee "$OUT/tests.txt" | tail -25
 if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then  # hardware counters of the kernels (works on Firecracker machines)
-    timeout 150 ncu --clock-control none -k 'regex:quantize_gemv|gemm|quantize_rows' -c 6 --section SpeedOfLight \
-        --section Occupancy --section LaunchStats python3 benchmarks/bench_cuda.py --profile >"$OUT/ncu.txt" 2>&1
-    grep -E "quantize_gemv|gemm|quantize_rows|Duration|DRAM Throughput|Memory Throughput|Registers Per|Occupancy" \
-        "$OUT/ncu.txt" | grep -v -i warn | head -60
+    timeout 150 ncu --clock-control none -k 'regex:gemv' -c 4 --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section SchedulerStats python3 benchmarks/bench_cuda.py --profile >"$OUT/ncu.txt" 2>&1
+    grep -E "gemv|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Warp Cycles|Eligible|Issued Warp|No Eligible" \
+        "$OUT/ncu.txt" | grep -v -E "^==PROF==" | sed -E 's/\(Array<.*//' | head -60
 fi
 timeout 330 python3 benchmarks/bench_cuda.py "$@" 2>&1 | tee "$OUT/bench.txt" | grep -v -i "warning"

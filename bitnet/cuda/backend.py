@@ -160,7 +160,7 @@ def _linear_2d(kernels, x_dev, w: DeviceTernary, out_dev, stream=0) -> None:
         rows = _rows_per_warp(kernels, m)
         grid = (kernels.grid_rows(m, rows), n)
         kernels.quantize_gemv[grid, kernels.THREADS, stream, w.kpad](
-            x_dev, k, w.words, w.scale, rows, kernels.GEMV_PREFETCH_ROWS, out_dev
+            x_dev, k, w.words, w.scale, rows, out_dev
         )
         return
     qwords, qsums, scales = _quantize_on_device(kernels, x_dev, w.kpad, stream)

@@ -54,7 +54,6 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # GEMV blocks resident per multiprocessor: registers are capped so that this many fit
 # (65536 / (256 * 2) = 128 per thread, no spills); the backend sizes the grid to fill them once.
 GEMV_BLOCKS_PER_SM = 2
-GEMV_PREFETCH_ROWS = 2  # rows each warp keeps requested into L2 ahead of the one it loads
 # Dynamic shared memory's element type: the simulator sizes it with ``dtype.itemsize``.
 SHARED_INT32 = np.dtype(np.int32) if SIMULATOR else int32
 
@@ -72,35 +71,10 @@ if SIMULATOR:
             acc += q * ((code_word >> (8 * i)) & 0xFF)
         return acc
 
-    def prefetch_l2(array, row, col):
-        """No-op: the simulator has no caches."""
-
 else:
     from llvmlite import ir
     from numba import types
-    from numba.cuda import cgutils
     from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def prefetch_l2(typingctx, array, row, col):
-        """PTX ``prefetch.L2``: start moving the cache line of ``array[row, col]`` into L2.
-
-        It holds no register and waits for nothing, so a warp can have the next rows'
-        weights on their way from device memory while it works on the current one.
-        """
-        signature = types.void(array, row, col)
-
-        def codegen(context, builder, sig, args):
-            arytype = sig.args[0]
-            ary = context.make_array(arytype)(context, builder, args[0])
-            indices = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], sig.args[1:], strict=True)]
-            pointer = cgutils.get_item_pointer(context, builder, arytype, ary, indices)
-            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [pointer.type]), "prefetch.L2 [$0];", "l",
-                               side_effect=True)
-            builder.call(asm, [pointer])
-            return context.get_dummy_value()
-
-        return signature, codegen
 
     @intrinsic
     def dp4a(typingctx, qword, code_word, acc):
@@ -371,15 +345,14 @@ def quantize_rows(x, k, qwords, qsums, scales):
         qsums[token] = qsum
 
 
-def quantize_gemv_body(x, k, weights, wscale, rows_per_warp, prefetch_rows, out):
+def quantize_gemv_body(x, k, weights, wscale, rows_per_warp, out):
     """Decode path, one launch: each block quantizes token ``blockIdx.y`` into shared memory
     (``kpad`` bytes of dynamic shared memory), then each warp computes ``rows_per_warp`` outputs.
 
     The launch has about as many blocks as fit on the GPU at once, so each block pays for the
     quantization once and then streams many rows. Each warp starts loading its first row
     before quantizing, and the next row's first 4096 columns before reducing the current
-    one, so the weight stream does not wait on barriers or shuffles; ``prefetch_rows`` rows
-    further ahead are requested into L2 (no registers held), so that the loads find them there.
+    one, so the weight stream does not wait on barriers or shuffles.
     """
     qwords = cuda.shared.array(0, SHARED_INT32)
     amax_scratch = cuda.shared.array(WARPS, np.float32)
@@ -391,16 +364,12 @@ def quantize_gemv_body(x, k, weights, wscale, rows_per_warp, prefetch_rows, out)
     first = cuda.blockIdx.x * warps * rows_per_warp + cuda.threadIdx.x // WARP
     token = cuda.blockIdx.y
     chunk = load_chunk(weights, first, lane)
-    for i in range(1, prefetch_rows + 1):
-        prefetch_row(weights, first + i * warps, lane)
     a, qsum = quantize_token(x[token], k, qwords, amax_scratch, sum_scratch)
     hold_activations(qwords, lane, held)
     mine = int32(0)  # lane l keeps the sum of the warp's row l (mod 32) until they are written
     for i in range(rows_per_warp):
         row = first + i * warps
         following = load_chunk(weights, row + warps if i + 1 < rows_per_warp else rows, lane)
-        if i + 1 + prefetch_rows < rows_per_warp:
-            prefetch_row(weights, row + (1 + prefetch_rows) * warps, lane)
         acc = held_chunk_dot(chunk, held, int32(0))
         for start in range(CHUNK_WORDS + lane, words, CHUNK_WORDS):  # rows past 4096 columns
             acc = chunk_dot(load_chunk(weights, row, start), start, words, qwords, acc)
@@ -413,16 +382,6 @@ def quantize_gemv_body(x, k, weights, wscale, rows_per_warp, prefetch_rows, out)
             if lane <= i % WARP and own < rows:
                 out[token, own] = scaled(mine - qsum, a, wscale[own])
         chunk = following
-
-
-@cuda.jit(device=True)
-def prefetch_row(weights, row, lane):
-    """Ask L2 for row ``row`` of the weights, if it exists: lane ``l`` requests the 128-byte
-    line starting at word ``32 l`` (rows start 256-byte aligned), the warp 32 lines per step."""
-    rows, words = weights.shape
-    if row < rows:
-        for t in range(lane * WARP, words, WARP * WARP):
-            prefetch_l2(weights, row, t)
 
 
 def make_quantize_gemv(blocks_per_sm: int):
