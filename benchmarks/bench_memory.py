@@ -3,8 +3,6 @@ one decode step's worth of allocations, and peak memory of 1000 matmul calls wit
 an arena-held ``out``.
 """
 
-import tracemalloc
-
 import numpy as np
 
 import bitnet as bn
@@ -112,24 +110,3 @@ class MatmulLoop:
     def peakmem_matmul_1000_no_arena(self, rows):
         for _ in range(1000):
             bn.matmul(self.x, self.w)
-
-    # Process peak memory is set by the setup (float64 weights, Numba); what the loop itself
-    # allocates shows in tracemalloc, which sees numpy's buffers.
-    def track_loop_traced_peak_arena_out(self, rows):
-        return _traced_peak_kib(lambda: self.peakmem_matmul_1000_arena_out(rows))
-
-    def track_loop_traced_peak_no_arena(self, rows):
-        return _traced_peak_kib(lambda: self.peakmem_matmul_1000_no_arena(rows))
-
-    track_loop_traced_peak_arena_out.unit = "KiB"
-    track_loop_traced_peak_no_arena.unit = "KiB"
-
-
-def _traced_peak_kib(run):
-    tracemalloc.start()
-    try:
-        start = tracemalloc.get_traced_memory()[0]
-        run()
-        return (tracemalloc.get_traced_memory()[1] - start) / 1024
-    finally:
-        tracemalloc.stop()
