@@ -83,6 +83,10 @@ class Arena:
     but its contents change under it. Keeping such views is the caller's bug; debug mode makes
     it visible (NaN / ``0xAB`` contents, and writes through the released array raise).
 
+    The arena keeps every live array until it is released: an array dropped without a release
+    and outside any frame stays allocated, as with ``malloc`` without ``free``. Frames make
+    that mistake hard to write.
+
     All methods are thread-safe; frames are per thread.
 
     Examples
