@@ -28,9 +28,9 @@ def address(a):
 class RecordingBlocks(CPUBlocks):
     """CPU blocks that remember every allocate and free call, so tests can count them."""
 
-    def __init__(self, supports_offsets=True):
-        self.supports_offsets = supports_offsets
-        self.name = "recording"
+    name = "recording"
+
+    def __init__(self):
         self.allocated = []
         self.freed = []
 
