@@ -146,3 +146,14 @@ def test_bf16_bits_round_to_nearest_even_like_ml_dtypes(rng):
     reference = x.astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(float_to_bf16_bits(x), reference.view(np.uint16))
     np.testing.assert_array_equal(bf16_bits_to_float(float_to_bf16_bits(x)), reference.astype(np.float32))
+
+
+def test_layers_built_side_by_side_stack_without_a_copy(rng):
+    from bitnet.models.random import random_linears
+
+    layers = random_linears(rng, [512, 128, 128], 256)
+    base = layers[0].weight.data.base
+    stacked = BitLinear.stacked(layers)
+    assert stacked.weight.data.base is base and stacked.weight.shape == (768, 256)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    np.testing.assert_array_equal(stacked(x)[:, 512:640], layers[1](x))

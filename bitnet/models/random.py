@@ -26,12 +26,26 @@ _EMBEDDING_ROWS_PER_BLOCK = 1024
 
 def random_linear(rng: np.random.Generator, out_features: int, in_features: int) -> BitLinear:
     """A BitLinear with uniform random ternary codes and scale ``1 / sqrt(in_features)`` (outputs ~ unit size)."""
+    return random_linears(rng, [out_features], in_features)[0]
+
+
+def random_linears(rng: np.random.Generator, out_features: list[int], in_features: int) -> list[BitLinear]:
+    """BitLinears sharing an input, their packed rows drawn as one array (so they stack without a copy)."""
     scale = np.asarray(1.0 / np.sqrt(in_features), np.float32)
+    rows = sum(out_features)
     if in_features % BLOCK == 0:
-        picks = rng.integers(0, len(_VALID_I2_BYTES), (out_features, in_features // 4), dtype=np.uint8)
-        return BitLinear(PackedTernary("i2", (out_features, in_features), _VALID_I2_BYTES[picks], scale))
-    codes = rng.integers(-1, 2, (out_features, in_features), dtype=np.int8)
-    return BitLinear(pack(TernaryTensor(codes, scale), "i2"))
+        data = np.empty((rows, in_features // 4), np.uint8)
+        for start in range(0, rows, 1024):  # small random blocks: no model-sized temporary
+            block = data[start : start + 1024]
+            np.take(_VALID_I2_BYTES, rng.integers(0, len(_VALID_I2_BYTES), block.shape, dtype=np.uint8), out=block)
+    else:
+        codes = rng.integers(-1, 2, (rows, in_features), dtype=np.int8)
+        data = pack(TernaryTensor(codes, scale), "i2").data
+    layers, start = [], 0
+    for out in out_features:
+        layers.append(BitLinear(PackedTernary("i2", (out, in_features), data[start : start + out], scale)))
+        start += out
+    return layers
 
 
 def random_table(rng: np.random.Generator, rows: int, cols: int, dtype: str) -> Embedding:
@@ -68,8 +82,11 @@ def random_model(config: BitNetConfig, seed: int = 0, head_dtype: str = "bf16") 
     ones = {size: np.ones(size, np.float32) for size in (c.hidden_size, c.intermediate_size)}
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        for short, (out_features, in_features) in c.linear_shapes().items():
-            weights[p + short] = random_linear(rng, out_features, in_features)
+        shapes = c.linear_shapes()
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)):
+            linears = random_linears(rng, [shapes[name][0] for name in group], shapes[group[0]][1])
+            weights.update({p + name: linear for name, linear in zip(group, linears, strict=True)})
         for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm"):
             weights[f"{p}{norm}.weight"] = ones[c.hidden_size]
         weights[f"{p}mlp.ffn_sub_norm.weight"] = ones[c.intermediate_size]

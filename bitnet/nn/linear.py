@@ -90,7 +90,9 @@ class BitLinear:
         if any(layer.bias is not None or layer.input_norm is not None for layer in layers):
             raise errors.InvalidValueError("only layers without bias or input norm can be stacked")
         weights = [layer.weight for layer in layers]
-        data = np.concatenate([w.data for w in weights])
+        data = _adjacent_rows([w.data for w in weights])
+        if data is None:
+            data = np.concatenate([w.data for w in weights])
         scale = np.concatenate([np.broadcast_to(w.scale, (w.shape[0], 1)) for w in weights]).astype(np.float32)
         shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
         # The layers keep their own weights as row views of the stacked bytes: no second copy.
@@ -126,3 +128,25 @@ class BitLinear:
         if self.bias is not None:
             out += self.bias
         return out
+
+
+def _adjacent_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
+    """The one array that ``arrays`` are consecutive row blocks of, or None if they are not.
+
+    Weights built already side by side (e.g. by ``bitnet.models.random_model``) are then
+    stacked without a copy, which keeps a big model's peak memory at its size.
+    """
+    base = arrays[0].base
+    if not isinstance(base, np.ndarray) or not base.flags.c_contiguous:
+        return None
+    row_bytes = arrays[0].shape[1] * base.itemsize
+    offset = arrays[0].ctypes.data - base.ctypes.data
+    for before, after in zip(arrays, arrays[1:], strict=False):
+        if after.base is not base or after.shape[1] != arrays[0].shape[1] or not after.flags.c_contiguous:
+            return None
+        if after.ctypes.data != before.ctypes.data + before.nbytes:
+            return None
+    if offset % row_bytes or base.nbytes % row_bytes:
+        return None
+    start = offset // row_bytes
+    return base.reshape(-1, arrays[0].shape[1])[start : start + sum(a.shape[0] for a in arrays)]
