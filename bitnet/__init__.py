@@ -3,7 +3,7 @@
 ``import bitnet as bn`` gives the whole user API.
 """
 
-from . import io, metrics, models, nn
+from . import cuda, io, metrics, models, nn  # cuda imports numba.cuda only when it runs
 from .backends import devices
 from .errors import (
     ArenaDoubleReleaseError,
@@ -61,6 +61,7 @@ __all__ = [
     "ShapeError",
     "TernaryTensor",
     "convert",
+    "cuda",
     "default_arena",
     "devices",
     "get_num_threads",

@@ -49,7 +49,7 @@ def unavailable_reason() -> str | None:
         cuda.current_context()
         capability = cuda.get_current_device().compute_capability
     except Exception as e:
-        return f"no CUDA driver / GPU found: {str(e).strip()}"
+        return f"no CUDA driver / GPU found: {' '.join(str(e).split()).rstrip(' :')}"  # numba's is multi-line
     if capability < MIN_COMPUTE_CAPABILITY:
         return f"the GPU has compute capability {capability}; dp4a needs {MIN_COMPUTE_CAPABILITY} or newer"
     return None
