@@ -22,6 +22,12 @@ from .kernels import matmul as kernels
 KERNEL_PATH = cpu_features.selected_path()
 _REPACKED = "i2"  # key in PackedTernary.cache for weights repacked into the kernel layout
 _PREPARED = "matmul"  # key in PackedTernary.cache for the arrays the kernels take
+# Placeholders for the kernel arguments one operation does not use (same types as the used ones,
+# so both operations share one compiled kernel).
+_NO_X = np.empty((0, 0), np.float32)
+_NO_SCALE = np.empty(0, np.float32)
+_NO_ACC = np.empty((0, 0), np.int32)
+_NO_OUT = np.empty((0, 0), np.float32)
 _MAX_K = 2**24  # beyond this an exact int8 x ternary dot product may not fit in int32
 
 
@@ -71,7 +77,11 @@ def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
         if _REPACKED not in w.cache:
             w.cache[_REPACKED] = convert(w, _REPACKED).data
         data = w.cache[_REPACKED]
-    prepared = (np.ascontiguousarray(data), w.scale.reshape(-1), 1 if w.granularity == "channel" else 0)
+    # Always hand the kernels a read-only view: memory-mapped weights are read-only, and one
+    # array type means one compiled kernel instead of two.
+    data = np.ascontiguousarray(data).view()
+    data.flags.writeable = False
+    prepared = (data, w.scale.reshape(-1), 1 if w.granularity == "channel" else 0)
     w.cache[_PREPARED] = prepared
     return prepared
 
@@ -109,8 +119,8 @@ def _checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _entry_points(path: str | None):
-    """The compiled (float, int) matmul entry points of ``path`` (default ``KERNEL_PATH``)."""
+def _kernel(path: str | None):
+    """The compiled matmul entry point of ``path`` (default ``KERNEL_PATH``)."""
     return kernels.ENTRY_POINTS[KERNEL_PATH if path is None else path]
 
 
@@ -145,7 +155,7 @@ def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> n
         padded[:, :k] = rows
         padded[:, k:] = 0
         np.sum(rows, axis=1, dtype=np.int32, out=q_sum)
-        _entry_points(path)[1](data, padded, q_sum, acc)
+        _kernel(path)(_NO_X, data, padded, _NO_SCALE, q_sum, _NO_SCALE, 0, acc, _NO_OUT, False)
     return acc.reshape(q.shape[:-1] + (m,))
 
 
@@ -193,5 +203,5 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     result = _checked_out(out, x.shape[:-1] + (m,))
     if n:
         q, act_scale, q_sum = _workspace(n, data.shape[1] * 4)
-        _entry_points(path)[0](rows, data, q, act_scale, q_sum, scale, scale_step, result.reshape(n, m))
+        _kernel(path)(rows, data, q, act_scale, q_sum, scale, scale_step, _NO_ACC, result.reshape(n, m), True)
     return result

@@ -374,69 +374,49 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
 
 
 @njit(**_KERNEL)
-def _matmul_float(isa, x, w, q, act_scale, q_sum, scale, scale_step, out):
-    """``out = matmul(x, w)`` in one compiled call: quantize ``x`` into ``q``, then multiply."""
-    if x.shape[0] == 1:  # a parallel region for one row would cost more than the row
-        _quantize_row(x, 0, q, act_scale, q_sum)
-    else:
-        quantize_padded(x, q, act_scale, q_sum)
-    ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, np.empty((0, 0), np.int32), out, True)
+def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
+    """One entry for both operations, so each path compiles once.
+
+    ``as_float``: quantize ``x`` into ``q``, ``act_scale``, ``q_sum`` and write the float32
+    result into ``out``. Otherwise ``q`` (padded) and ``q_sum`` are given and the exact
+    int32 accumulators go to ``acc``. Unused arrays may be empty.
+    """
+    if as_float:
+        if x.shape[0] == 1:  # a parallel region for one row would cost more than the row
+            _quantize_row(x, 0, q, act_scale, q_sum)
+        else:
+            quantize_padded(x, q, act_scale, q_sum)
+    ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+
+
+# Entry points, one per path with the same arguments as ``_matmul`` minus the ISA marker,
+# which is a compile-time constant here: as an argument it would cost ~3 us of type
+# dispatch per call.
 
 
 @njit(**_KERNEL)
-def _matmul_int(isa, w, q, q_sum, acc):
-    """``acc = q @ codes.T`` for an already padded int8 ``q`` and its row sums ``q_sum``."""
-    unused = np.empty(0, np.float32)
-    ternary_matmul(isa, w, q, q_sum, unused, unused, 0, acc, np.empty((0, 0), np.float32), False)
-
-
-# Entry points, a (float, int) pair per path. The ISA marker is a compile-time constant in
-# each, so Python passes only arrays: a marker argument would cost ~3 us of type dispatch.
+def matmul_avx512vnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
+    _matmul(AVX512VNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
 
 
 @njit(**_KERNEL)
-def matmul_float_avx512vnni(x, w, q, act_scale, q_sum, scale, scale_step, out):
-    _matmul_float(AVX512VNNI, x, w, q, act_scale, q_sum, scale, scale_step, out)
+def matmul_avxvnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
+    _matmul(AVXVNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
 
 
 @njit(**_KERNEL)
-def matmul_int_avx512vnni(w, q, q_sum, acc):
-    _matmul_int(AVX512VNNI, w, q, q_sum, acc)
+def matmul_avx2(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
+    _matmul(AVX2, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
 
 
 @njit(**_KERNEL)
-def matmul_float_avxvnni(x, w, q, act_scale, q_sum, scale, scale_step, out):
-    _matmul_float(AVXVNNI, x, w, q, act_scale, q_sum, scale, scale_step, out)
-
-
-@njit(**_KERNEL)
-def matmul_int_avxvnni(w, q, q_sum, acc):
-    _matmul_int(AVXVNNI, w, q, q_sum, acc)
-
-
-@njit(**_KERNEL)
-def matmul_float_avx2(x, w, q, act_scale, q_sum, scale, scale_step, out):
-    _matmul_float(AVX2, x, w, q, act_scale, q_sum, scale, scale_step, out)
-
-
-@njit(**_KERNEL)
-def matmul_int_avx2(w, q, q_sum, acc):
-    _matmul_int(AVX2, w, q, q_sum, acc)
-
-
-@njit(**_KERNEL)
-def matmul_float_portable(x, w, q, act_scale, q_sum, scale, scale_step, out):
-    _matmul_float(PORTABLE, x, w, q, act_scale, q_sum, scale, scale_step, out)
-
-
-@njit(**_KERNEL)
-def matmul_int_portable(w, q, q_sum, acc):
-    _matmul_int(PORTABLE, w, q, q_sum, acc)
+def matmul_portable(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
+    _matmul(PORTABLE, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
 
 
 ENTRY_POINTS = {
-    "avx512vnni": (matmul_float_avx512vnni, matmul_int_avx512vnni),
-    "avxvnni": (matmul_float_avxvnni, matmul_int_avxvnni),
-    "avx2": (matmul_float_avx2, matmul_int_avx2),
-    "portable": (matmul_float_portable, matmul_int_portable),
+    "avx512vnni": matmul_avx512vnni,
+    "avxvnni": matmul_avxvnni,
+    "avx2": matmul_avx2,
+    "portable": matmul_portable,
 }
