@@ -15,7 +15,7 @@ import importlib.util
 
 import numpy as np
 
-from .. import errors
+from .. import backends, errors
 from ..formats import PackedTernary
 from .weights import DeviceTernary, upload
 
@@ -59,9 +59,7 @@ def _require_cuda():
     """The kernels module, or DeviceError with the reason and an install hint."""
     reason = unavailable_reason()
     if reason is not None:
-        raise errors.DeviceError(
-            f"device 'cuda' is not available: {reason}. Install: pip install numba-cuda, with an NVIDIA driver present"
-        )
+        raise errors.DeviceError(f"device 'cuda' is not available: {reason}. Install: {backends.INSTALL_HINTS['cuda']}")
     from . import kernels
 
     return kernels

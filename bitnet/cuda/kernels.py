@@ -17,9 +17,14 @@ Layouts (made by ``bitnet.cuda.weights`` and ``bitnet.cuda.backend``)
   ``sum q (code + 1)``; subtracting the token's ``sum q`` (made while quantizing) leaves the
   exact ``sum q code``. Padding columns have ``q = 0``, so they add nothing.
 
-Reductions: a warp sums its lanes with ``shfl_down_sync``; blocks reduce through 8 words of
-shared memory. Every lane of a warp (every thread of a block for block reductions) makes
-the same reduction calls, which keeps the kernels valid under the simulator too.
+Reductions: a warp sums its lanes with ``shfl_down_sync`` or an ``shfl_xor_sync`` butterfly;
+blocks reduce through 8 words of shared memory. Every lane of a warp (every thread of a
+block for block reductions) makes the same reduction calls, which keeps the kernels valid
+under the simulator too (``bitnet.cuda.simulator`` supplies the shuffles there).
+
+Kernels: ``quantize_rows`` (one block per token), ``quantize_gemv`` (decode: one launch,
+quantization fused), ``gemm`` / ``gemm_int`` (prefill and ``matmul_int``, after
+``quantize_rows``). Measurements and what was tried: ``benchmarks/NOTES.md``.
 
 Output scaling is ``float32(acc) / a * s`` in float32 with IEEE division, exactly what the
 CPU kernels of ``bitnet.ops.matmul`` compute.
@@ -236,8 +241,7 @@ def word_dot(word, base, qwords, acc):
 def load_chunk(weights, row, first):
     """Words ``first + 32 j`` (j = 0..7) of weight row ``row``; 0 past the row or past the last row.
 
-    Eight independent loads per lane in flight are what keeps a GEMV streaming near memory
-    bandwidth; one load at a time leaves it waiting on latency.
+    Eight independent loads per lane are in flight together, instead of one per loop step.
     """
     rows, words = weights.shape
     zero = np.uint32(0)
@@ -351,8 +355,8 @@ def quantize_gemv_body(x, k, weights, wscale, rows_per_warp, out):
 
     The launch has about as many blocks as fit on the GPU at once, so each block pays for the
     quantization once and then streams many rows. Each warp starts loading its first row
-    before quantizing, and the next row's first 4096 columns before reducing the current
-    one, so the weight stream does not wait on barriers or shuffles.
+    before quantizing, and the next row's first 4096 columns before working on the current
+    one. Results are scaled and stored 32 rows at a time, one row per lane.
     """
     qwords = cuda.shared.array(0, SHARED_INT32)
     amax_scratch = cuda.shared.array(WARPS, np.float32)
@@ -394,6 +398,7 @@ quantize_gemv = make_quantize_gemv(GEMV_BLOCKS_PER_SM)
 
 @cuda.jit(device=True)
 def row_word(weights, row, t):
+    """Word ``t`` of weight row ``row``, 0 for a row past the matrix."""
     return weights[row, t] if row < weights.shape[0] else np.uint32(0)
 
 
