@@ -103,7 +103,11 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
           f"{config.intermediate_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}, vocab "
           f"{config.vocab_size}; ternary weights {ternary / 2**20:.0f} MiB, {_head_label(model)} "
           f"{model.lm_head.nbytes / 2**20:.0f} MiB; built in {built:.1f} s; {args.threads} threads")
-    r = bench_model(model, args.prompt_tokens, args.decode_tokens, args.seed)
+    # On a shared machine other processes steal cycles: report the best of --repeats runs.
+    runs = [bench_model(model, args.prompt_tokens, args.decode_tokens, args.seed) for _ in range(args.repeats)]
+    r = max(runs, key=lambda run: run.decode_tokens_per_second)
+    if args.repeats > 1:
+        print("decode tok/s per run: " + ", ".join(f"{run.decode_tokens_per_second:.2f}" for run in runs))
     print(f"prefill: {r.prompt_tokens} tokens, {r.prefill_tokens_per_second:.1f} tok/s")
     print(f"decode:  {r.decode_tokens} tokens, {r.decode_tokens_per_second:.2f} tok/s "
           f"({1e3 * r.decode_seconds_per_token:.1f} ms/token median; matmul kernels "
@@ -155,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=64)
     bench.add_argument("--decode-tokens", type=int, default=32)
     bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(run=cmd_bench_model)
     return parser
