@@ -2,8 +2,9 @@
 
 Run on a machine with an NVIDIA GPU, numba-cuda and torch (a plain script, not asv)::
 
-    python benchmarks/bench_cuda.py            # the full table (a few minutes with uploads)
-    python benchmarks/bench_cuda.py --quick    # fewer shapes and repeats
+    python benchmarks/bench_cuda.py            # everything below (about a minute on an H200)
+    python benchmarks/bench_cuda.py --quick    # fewer shapes
+    python benchmarks/bench_cuda.py --profile  # a few launches of each kernel, for ncu
 
 Both sides are measured in the same run, on the same card:
 
@@ -15,8 +16,10 @@ Both sides are measured in the same run, on the same card:
   loop sees, launch cost included.
 
 It also checks, on the GPU, that results are bit-identical to the CPU kernels, measures the
-device-to-device copy bandwidth, the launch overhead, and a BitNet-2B block's seven decode
-matmuls, plain and replayed from a CUDA graph (one launch for the whole step).
+device-to-device copy bandwidth, the decode kernel at other register caps and the variants of
+``cuda_gemv_experiments.py``, the launch overhead, and a BitNet-2B block's seven decode
+matmuls, plain and replayed from a CUDA graph (``bn.cuda.StepGraph``: one launch per step).
+``cuda_device_check.sh`` runs it, with the tests, on a lent GPU machine.
 """
 
 from __future__ import annotations
