@@ -193,3 +193,16 @@ def test_tokenizer_and_cli_generate(saved, tmp_path, capsys):
     (tmp_path / "tokenizer.json").write_text("garbage")
     with pytest.raises(bn.CheckpointError, match="tokenizer"):
         bn.load_tokenizer(tmp_path)
+
+
+def test_config_reads_hf_keys_and_defaults_like_transformers():
+    config = bn.BitNetConfig.from_dict({"model_type": "bitnet", "hidden_size": 64, "num_attention_heads": 8,
+                                        "num_key_value_heads": None, "rope_theta": 10000.0,
+                                        "quantization_config": {"quant_method": "bitnet",
+                                                                "linear_class": "autobitlinear"}})
+    assert (config.num_key_value_heads, config.head_dim, config.rope_theta) == (8, 8, 10000.0)
+    assert config.linear_class == "autobitlinear" and not config.tie_word_embeddings
+    legacy = bn.BitNetConfig.from_dict({"model_type": "bitnet", "rope_scaling": None, "eos_token_id": [1, 2]})
+    assert legacy.rope_theta == 500000.0 and legacy.stop_token_ids == [1, 2]
+    with pytest.raises(bn.ConfigError, match="linear_class"):
+        bn.BitNetConfig.from_dict({"model_type": "bitnet", "quantization_config": {"linear_class": "fancy"}})

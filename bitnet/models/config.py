@@ -88,6 +88,8 @@ class BitNetConfig:
         values["use_rms_norm"] = bool(quant.get("use_rms_norm", False))
         values["linear_rms_norm_eps"] = float(quant.get("rms_norm_eps") or 1e-6)
         values["extra"] = {key: value for key, value in config.items() if key not in known}
+        if config.get("num_key_value_heads") is None and "num_attention_heads" in config:
+            values["num_key_value_heads"] = config["num_attention_heads"]  # HF: no GQA unless said
         values["bos_token_id"] = config.get("bos_token_id")
         values["eos_token_id"] = config.get("eos_token_id")
         values["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
