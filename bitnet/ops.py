@@ -19,7 +19,10 @@ from .formats import PackedTernary, convert
 from .kernels import cpu_features
 from .kernels import matmul as kernels
 
-KERNEL_PATH = cpu_features.selected_path()
+try:
+    KERNEL_PATH = cpu_features.selected_path()
+except ValueError as bad_setting:  # a BITNET_KERNEL value this machine cannot honour
+    raise errors.InvalidValueError(str(bad_setting)) from None
 _REPACKED = "i2"  # key in PackedTernary.cache for weights repacked into the kernel layout
 _PREPARED = "matmul"  # key in PackedTernary.cache for the arrays the kernels take
 # Placeholders for the kernel arguments one operation does not use (same types as the used ones,
@@ -36,6 +39,10 @@ def set_num_threads(n: int) -> None:
 
     A thin wrapper over ``numba.set_num_threads``: the setting is per calling thread, and
     results are bit-identical whatever it is.
+
+    Parameters
+    ----------
+    n : int, the number of threads.
 
     Raises
     ------

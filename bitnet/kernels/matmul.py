@@ -11,19 +11,22 @@ activations, which is what the x86 byte multiply-add instructions take, and subt
 
 Two kernels per instruction set:
 
-* ``n == 1`` (decode, GEMV): two rows at a time. Instead of shifting each byte to get
-  code ``i``, it masks it in place (``byte & (3 << 2i)`` = ``c_i * 4**i``) into a separate
-  accumulator per ``i``, and divides by ``4**i`` once at the end (exact: every lane is a
-  multiple of ``4**i``). One load, four ``and`` and four multiply-adds per 256 weights.
-* ``n > 1`` (prefill, GEMM): a tile of 2 rows x 4 tokens. Each 64-byte weight block is
-  decoded (shift + mask) once into registers and reused for the 4 tokens, so the decode
-  cost does not grow with ``n``; the tile's activations (4 rows of ``q``) stay in L1.
+* GEMV (``n == 1``, and the ``n % 8`` tokens left after the GEMM tiles): two rows at a time.
+  Instead of shifting each byte to get code ``i``, it masks it in place
+  (``byte & (3 << 2i)`` = ``c_i * 4**i``) into a separate accumulator per ``i``, and divides
+  by ``4**i`` once at the end (exact: every lane is a multiple of ``4**i``). One load, four
+  ``and`` and four multiply-adds per 256 weights; weights are prefetched 1 KB ahead.
+* GEMM (``n >= 8``): a tile of 2 rows x 8 tokens (16 accumulators). Each 64-byte weight block
+  is decoded (shift + mask) once into registers and reused for the 8 tokens, so the decode
+  cost does not grow with ``n``. The k axis is cut into chunks so that a tile's activations
+  stay in L1 while ``GEMM_ROWS`` rows pass over them.
 
 Accumulator lanes are flushed into int64 totals every ``FOLD_BLOCKS`` blocks, so no int32
 lane can overflow whatever ``k``; the result is exact whenever it fits in int32.
 
 Work is split over output rows with ``prange``; every output value is computed by one
-thread in a fixed order, so results are bit-identical for any thread count.
+task in a fixed order, so results are bit-identical for any thread count. The SIMD
+primitives come from ``simd.py``; ``PORTABLE`` selects plain Numba loops instead, for any CPU.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ def quantize_padded(x, q, act_scale, q_sum):
 
 @njit(**_KERNEL)
 def _unmask(a0, a1, a2, a3):
-    """Sum of the four masked accumulators: lane ``i`` holds ``4**i`` times its true value."""
+    """Sum of the four masked accumulators: accumulator ``i`` holds ``4**i`` times its true value."""
     folded = add_acc(add_acc(a0, shift_right_acc(a1, 2)), add_acc(shift_right_acc(a2, 4), shift_right_acc(a3, 6)))
     return sum_acc(folded)
 
