@@ -303,9 +303,12 @@ def _scratch_for(isa):
     return lambda isa: _NO_SCRATCH
 
 
-@njit(**_KERNEL)
+@njit(inline="always", **_KERNEL)
 def _emit(t, r, total, q_sum, act_scale, scale, scale_step, acc, out, as_float):
-    """Store one result: the int32 accumulator, or ``acc / a[t] * s[r]`` in float32."""
+    """Store one result: the int32 accumulator, or ``acc / a[t] * s[r]`` in float32.
+
+    Inlined by Numba itself, so its five array arguments are not passed for every output.
+    """
     value = np.int32(total - q_sum[t])
     if as_float:
         out[t, r] = np.float32(value) / act_scale[t] * scale[r * scale_step]
