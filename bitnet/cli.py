@@ -124,7 +124,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     shapes = bench.SHAPES if args.quick else (*bench.SHAPES, bench.STREAM_SHAPE)
     paths = args.paths.split(",") if args.paths else bench.default_paths()
     print(f"matmul: i2 weights, float32 activations; {args.threads or bn.get_num_threads()} threads; "
-          f"default path {bn.ops.KERNEL_PATH}; median wall time; numpy float32 x @ w.T in the same run")
+          f"default path {bn.ops.KERNEL_PATH}; us: median wall time, best: fastest run; "
+          f"numpy float32 x @ w.T timed in the same run")
     print(bench.format_table(bench.run(shapes, paths, args.threads, min_time=args.min_time)))
     return 0
 
