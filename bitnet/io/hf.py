@@ -8,7 +8,6 @@ with absmean.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,44 +73,95 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 class _TensorReader:
-    """Tensors by name from one or several open safetensors files, with checkpoint errors."""
+    """Tensors by name from one or several safetensors files, with checkpoint errors.
 
-    def __init__(self, path: Path, stack: contextlib.ExitStack) -> None:
-        safetensors = _safetensors()
-        self.names: dict[str, object] = {}
+    A file is opened (memory-mapped) only while one tensor is copied out of it: pages a
+    mapping has touched count in the process's memory until it is closed, so keeping the
+    files open would add the checkpoint's size on top of the model being built.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.safetensors = _safetensors()
+        self.names: dict[str, Path] = {}
         files = _weight_files(path)
         for file in sorted(set(files.values())) or [path / WEIGHTS_FILE]:
-            try:
-                handle = stack.enter_context(safetensors.safe_open(str(file), framework="np"))
-                keys = handle.keys()
-            except Exception as exc:  # safetensors raises its own untyped errors for bad files
-                raise errors.CheckpointError(
-                    f"{file} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
-                    f"re-download or re-save it"
-                ) from None
-            for key in keys:
-                self.names[key] = (handle, file)
+            with self._open(file) as handle:
+                self.names.update(dict.fromkeys(handle.keys(), file))
+
+    def _open(self, file: Path):
+        try:
+            return self.safetensors.safe_open(str(file), framework="np")
+        except Exception as exc:  # safetensors raises its own untyped errors for bad files
+            raise errors.CheckpointError(
+                f"{file} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
+                f"re-download or re-save it"
+            ) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """The tensor ``name``; CheckpointError when missing, unreadable or not of ``shape``."""
+    def _handle_of(self, name: str) -> tuple[object, Path]:
         if name not in self.names:
             raise errors.CheckpointError(f"tensor {name!r} is missing from the checkpoint")
-        handle, file = self.names[name]
-        try:
-            tensor = handle.get_tensor(name)
-        except Exception as exc:
-            raise errors.CheckpointError(
-                f"cannot read tensor {name!r} from {file} ({exc}); the file may be corrupt"
-            ) from None
+        return self._open(self.names[name]), self.names[name]
+
+    def shape(self, name: str) -> list[int]:
+        """The stored shape of tensor ``name``."""
+        handle, _ = self._handle_of(name)
+        with handle:
+            return handle.get_slice(name).get_shape()
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of tensor ``name``."""
+        handle, file = self._handle_of(name)
+        with handle:
+            try:
+                return handle.get_slice(name)[start:stop]
+            except Exception as exc:
+                raise errors.CheckpointError(
+                    f"cannot read tensor {name!r} from {file} ({exc}); the file may be corrupt"
+                ) from None
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor ``name``; CheckpointError when missing, unreadable or not of ``shape``."""
+        handle, file = self._handle_of(name)
+        with handle:
+            try:
+                tensor = handle.get_tensor(name)
+            except Exception as exc:
+                raise errors.CheckpointError(
+                    f"cannot read tensor {name!r} from {file} ({exc}); the file may be corrupt"
+                ) from None
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise errors.CheckpointError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but the config implies {tuple(shape)}: "
                 f"config.json and the weights disagree"
             )
         return tensor
+
+
+TABLE_ROWS_PER_READ = 8192
+
+
+def _read_table(reader: _TensorReader, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """An embedding table, copied out a block of rows per file opening.
+
+    The table is the biggest tensor (656 MB of bf16 for 2B4T); reading it in one go would hold
+    its mapped file pages and its copy in memory at the same time.
+    """
+    first = reader.get_rows(name, 0, 1)
+    if tuple(reader.shape(name)) != tuple(shape):
+        raise errors.CheckpointError(
+            f"tensor {name!r} has shape {tuple(reader.shape(name))} but the config implies {tuple(shape)}: "
+            f"config.json and the weights disagree"
+        )
+    if first.dtype.kind != "f" and first.dtype.name != "bfloat16":
+        raise errors.CheckpointError(f"embedding tables must be float, got dtype {first.dtype}")
+    table = np.empty(shape, first.dtype)
+    for start in range(0, shape[0], TABLE_ROWS_PER_READ):
+        stop = min(start + TABLE_ROWS_PER_READ, shape[0])
+        table[start:stop] = reader.get_rows(name, start, stop)
+    return table
 
 
 def _as_float32(tensor: np.ndarray) -> np.ndarray:
@@ -202,29 +252,22 @@ def load_pretrained(path: str | Path, head_dtype: str = "auto") -> BitNetForCaus
         raise errors.CheckpointNotFoundError(f"model directory {path} does not exist")
     config = read_config(path)
     c = config
-    with contextlib.ExitStack() as stack:
-        reader = _TensorReader(path, stack)
-        weights: dict[str, object] = {}
-        for i in range(c.num_hidden_layers):
-            for short, shape in c.linear_shapes().items():
-                name = f"model.layers.{i}.{short}"
-                weights[name] = _read_linear(reader, name, shape, c)
-            for norm, size in (("input_layernorm", c.hidden_size), ("post_attention_layernorm", c.hidden_size),
-                               ("self_attn.attn_sub_norm", c.hidden_size), ("mlp.ffn_sub_norm", c.intermediate_size)):
-                name = f"model.layers.{i}.{norm}.weight"
-                weights[name] = _as_float32(reader.get(name, (size,)))
-        weights["model.norm.weight"] = _as_float32(reader.get("model.norm.weight", (c.hidden_size,)))
-        table_shape = (c.vocab_size, c.hidden_size)
-        weights["model.embed_tokens.weight"] = _float_table(reader.get("model.embed_tokens.weight", table_shape))
-        if not c.tie_word_embeddings:
-            weights["lm_head.weight"] = _float_table(reader.get("lm_head.weight", table_shape))
-        return BitNetForCausalLM.from_weights(config, weights, head_dtype)
-
-
-def _float_table(tensor: np.ndarray) -> np.ndarray:
-    if tensor.dtype.kind != "f" and tensor.dtype.name != "bfloat16":
-        raise errors.CheckpointError(f"embedding tables must be float, got dtype {tensor.dtype}")
-    return tensor
+    reader = _TensorReader(path)
+    weights: dict[str, object] = {}
+    for i in range(c.num_hidden_layers):
+        for short, shape in c.linear_shapes().items():
+            name = f"model.layers.{i}.{short}"
+            weights[name] = _read_linear(reader, name, shape, c)
+        for norm, size in (("input_layernorm", c.hidden_size), ("post_attention_layernorm", c.hidden_size),
+                           ("self_attn.attn_sub_norm", c.hidden_size), ("mlp.ffn_sub_norm", c.intermediate_size)):
+            name = f"model.layers.{i}.{norm}.weight"
+            weights[name] = _as_float32(reader.get(name, (size,)))
+    weights["model.norm.weight"] = _as_float32(reader.get("model.norm.weight", (c.hidden_size,)))
+    table_shape = (c.vocab_size, c.hidden_size)
+    weights["model.embed_tokens.weight"] = _read_table(reader, "model.embed_tokens.weight", table_shape)
+    if not c.tie_word_embeddings:
+        weights["lm_head.weight"] = _read_table(reader, "lm_head.weight", table_shape)
+    return BitNetForCausalLM.from_weights(config, weights, head_dtype)
 
 
 def _embedding_tensor(embedding) -> np.ndarray:
