@@ -207,3 +207,21 @@ def test_config_reads_hf_keys_and_defaults_like_transformers():
     assert legacy.rope_theta == 500000.0 and legacy.stop_token_ids == [1, 2]
     with pytest.raises(bn.ConfigError, match="linear_class"):
         bn.BitNetConfig.from_dict({"model_type": "bitnet", "quantization_config": {"linear_class": "fancy"}})
+
+
+def test_unpacked_ternary_weights_with_weight_scale_load_like_packed(saved, tmp_path):
+    """AutoBitLinear checkpoints may hold the codes as floats beside ``weight_scale``."""
+    model, path = saved
+    tensors = load_file(path / "model.safetensors")
+    shapes = bn.io.read_config(path).linear_shapes()
+    for name in list(tensors):
+        if tensors[name].dtype == np.uint8:
+            shape = shapes[name.split(".", 3)[3].rsplit(".", 1)[0]]
+            packed = bn.PackedTernary("hf", shape, tensors[name], np.float32(1.0).reshape(()))
+            tensors[name] = bn.unpack(packed).codes.astype(np.float32)
+    copy_checkpoint(path, tmp_path, tensors)
+    np.testing.assert_array_equal(bn.load_pretrained(tmp_path).forward(IDS), model.forward(IDS))
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = 0.5
+    copy_checkpoint(path, tmp_path, tensors)
+    with pytest.raises(bn.CheckpointError, match="only -1, 0 and \\+1"):
+        bn.load_pretrained(tmp_path)
