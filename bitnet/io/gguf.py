@@ -374,7 +374,9 @@ def _dequantize(file: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
     qtype = gguf.GGMLQuantizationType(tensor.type_id)
     try:
         byte_shape = gguf.quant_shape_to_byte_shape(tensor.shape, qtype)
-        return gguf.quants.dequantize(tensor.data.reshape(byte_shape), qtype).astype(np.float32)
+        # Corrupt block scales overflow to Inf/NaN, which the caller reports as an error.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return gguf.quants.dequantize(tensor.data.reshape(byte_shape), qtype).astype(np.float32)
     except NotImplementedError:
         raise file.error(f"tensor {tensor.name!r} has type {qtype.name}, which gguf.quants cannot dequantize") from None
 
