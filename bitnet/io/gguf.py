@@ -132,9 +132,11 @@ def payload_nbytes(type_id: int, shape: tuple[int, ...]) -> int:
 def _reader_class():
     """``gguf.GGUFReader`` hardened for untrusted files, and taught bitnet.cpp's I2_S type.
 
-    Two internal steps of the package's reader are replaced (the class is built on first
-    use, so that importing this module does not need ``gguf``):
+    Three internals of the package's reader are replaced (the class is built on first use,
+    so that importing this module does not need ``gguf``):
 
+    * ``data``, the file's mapping, is kept as a plain ndarray rather than a ``np.memmap``,
+      whose slicing costs several times more (the header is read in many small slices);
     * ``_get`` refuses reads past the end of the file: the package would return a short
       array, and an array length read from a corrupt file could then loop for a very long time;
     * ``_build_tensors`` accepts type id 36 (I2_S), which ``gguf.GGMLQuantizationType``
@@ -144,8 +146,6 @@ def _reader_class():
     gguf = _gguf()
 
     class Reader(gguf.GGUFReader):
-        # The package maps the file as a np.memmap and reads its header in many small
-        # slices; slicing a plain ndarray over the same mapping is several times faster.
         @property
         def data(self) -> np.ndarray:
             return self._mapped
