@@ -251,11 +251,13 @@ def _row_portable(w, r, q, t, b0, b1, lanes):
 
 @njit(**_KERNEL)
 def _row_pair_portable(w, r0, r1, q, t, b0, b1, lanes):
+    """The portable GEMV step: rows ``r0`` and ``r1`` (one after the other) with token ``t``."""
     return _row_portable(w, r0, q, t, b0, b1, lanes), _row_portable(w, r1, q, t, b0, b1, lanes)
 
 
 @njit(**_KERNEL)
 def _tile_portable(w, r0, r1, q, t, b0, b1, lanes):
+    """The portable GEMM tile, same result layout as ``_tile_simd``: 8 GEMV steps, no decode reuse."""
     s00, s10 = _row_pair_portable(w, r0, r1, q, t, b0, b1, lanes)
     s01, s11 = _row_pair_portable(w, r0, r1, q, t + 1, b0, b1, lanes)
     s02, s12 = _row_pair_portable(w, r0, r1, q, t + 2, b0, b1, lanes)
@@ -281,7 +283,7 @@ def _tile(isa, w, r0, r1, q, t, b0, b1, lanes):
 @overload(_row_pair, jit_options=_KERNEL)
 def _row_pair_for(isa, w, r0, r1, q, t, lanes):
     if isa.isa == "portable":
-        return lambda isa, w, r0, r1, q, t, lanes: _row_pair_portable(w, r0, r1, q, t, 0, w.shape[1] // 64, lanes)
+        return lambda isa, w, r0, r1, q, t, lanes: _row_pair_portable(w, r0, r1, q, t, 0, w.shape[1] // BLOCK_BYTES, lanes)
     return lambda isa, w, r0, r1, q, t, lanes: _row_pair_simd(isa, w, r0, r1, q, t)
 
 
