@@ -258,9 +258,11 @@ def _size(file: GGUFFile, key: str, default: Any = ...) -> int:
 
 
 def _positive_float(file: GGUFFile, key: str, default: Any = ...) -> float:
+    """A positive metadata number the float32 model math can use (a normal float32, not 0 after rounding)."""
     value = float(file.value(key, _FLOAT_TYPES, default))
-    if not math.isfinite(value) or value <= 0:
-        raise file.error(f"metadata key {key!r} must be a positive finite number, got {value!r}")
+    limits = np.finfo(np.float32)
+    if not limits.tiny <= value <= limits.max:
+        raise file.error(f"metadata key {key!r} must be a positive normal float32 number, got {value!r}")
     return value
 
 
