@@ -6,6 +6,7 @@ Each subcommand is one function ``cmd_<name>(args)``; ``main`` only parses and d
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -57,10 +58,15 @@ def _head_label(model) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text from an HF BitNet model directory or a .gguf file, streaming it, then report tokens/s."""
-    model = bn.load_pretrained(args.model_dir, head_dtype=args.head)
-    tokenizer = bn.load_tokenizer(args.model_dir)
+    try:
+        model = bn.load_pretrained(args.model_dir, head_dtype=args.head)
+        tokenizer = bn.load_tokenizer(args.model_dir)
+    except bn.BitNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if tokenizer is None:
-        raise bn.CheckpointNotFoundError(f"{args.model_dir} has no tokenizer.json to encode the prompt with")
+        print(f"error: {args.model_dir} has no tokenizer.json to encode the prompt with", file=sys.stderr)
+        return 2
     prompt = tokenizer.encode(args.prompt).ids
     print(args.prompt, end="", flush=True)
     generated: list[int] = []

@@ -225,3 +225,13 @@ def test_unpacked_ternary_weights_with_weight_scale_load_like_packed(saved, tmp_
     copy_checkpoint(path, tmp_path, tensors)
     with pytest.raises(bn.CheckpointError, match="only -1, 0 and \\+1"):
         bn.load_pretrained(tmp_path)
+
+
+def test_cli_generate_reports_errors_without_a_traceback(saved, tmp_path, capsys):
+    from bitnet.cli import main
+
+    _, path = saved
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", str(path), "--prompt", "hi"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
