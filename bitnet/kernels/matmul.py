@@ -283,7 +283,11 @@ def _tile(isa, w, r0, r1, q, t, b0, b1, lanes):
 @overload(_row_pair, jit_options=_KERNEL)
 def _row_pair_for(isa, w, r0, r1, q, t, lanes):
     if isa.isa == "portable":
-        return lambda isa, w, r0, r1, q, t, lanes: _row_pair_portable(w, r0, r1, q, t, 0, w.shape[1] // BLOCK_BYTES, lanes)
+
+        def portable(isa, w, r0, r1, q, t, lanes):
+            return _row_pair_portable(w, r0, r1, q, t, 0, w.shape[1] // BLOCK_BYTES, lanes)
+
+        return portable
     return lambda isa, w, r0, r1, q, t, lanes: _row_pair_simd(isa, w, r0, r1, q, t)
 
 
