@@ -127,9 +127,12 @@ def test_matmul_matches_the_float_formula(rng, path, granularity, shape):
     np.testing.assert_allclose(got, float_reference(x, t), rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_matmul_every_format_and_the_repack_is_cached(rng, fmt):
-    t = ternary(rng, 20, 300, "tensor")
+def test_matmul_every_format_and_the_repack_is_cached(rng, fmt, granularity):
+    if granularity not in bn.FORMATS[fmt].granularities:
+        pytest.skip(f"{fmt} holds no {granularity} scale")
+    t = ternary(rng, 20, 300, granularity)
     p = bn.pack(t, fmt)
     x = rng.standard_normal((2, 300)).astype(np.float32)
     np.testing.assert_allclose(bn.matmul(x, p), float_reference(x, t), rtol=2e-6)
@@ -263,3 +266,14 @@ def test_the_environment_variable_forces_a_path():
     env["BITNET_KERNEL"] = "sse9"
     failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert failed.returncode != 0 and "BITNET_KERNEL" in failed.stderr
+
+
+def test_bench_table_runs_on_a_small_shape():
+    from bitnet import bench
+
+    rows = bench.run([(64, 300, 1), (10, 257, 9)], paths=["portable", ops.KERNEL_PATH], min_time=0.0)
+    assert len(rows) == 4 and all(r.seconds > 0 and r.speedup > 0 for r in rows)
+    table = bench.format_table(rows)
+    assert "vs numpy f32" in table and "portable" in table
+    w = bench.random_i2_weights(5, 300)
+    assert set(np.unique(bn.unpack(w).codes)) <= {-1, 0, 1}
