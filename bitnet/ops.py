@@ -11,6 +11,8 @@ Kernel path: chosen at import from the CPU's features (``avx512vnni``, ``avxvnni
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
@@ -18,6 +20,7 @@ from . import backends, errors
 from .formats import PackedTernary, convert
 from .kernels import cpu_features
 from .kernels import matmul as kernels
+from .memory import Arena
 
 try:
     KERNEL_PATH = cpu_features.selected_path()
@@ -32,6 +35,12 @@ _NO_SCALE = np.empty(0, np.float32)
 _NO_ACC = np.empty((0, 0), np.int32)
 _NO_OUT = np.empty((0, 0), np.float32)
 _MAX_K = 2**24  # beyond this an exact int8 x ternary dot product may not fit in int32
+_WORKSPACE_SHAPES = 4  # workspaces kept per thread; a model needs one per (tokens, in_features) pair
+
+WORKSPACE_ARENA = Arena()
+"""Where matmul's temporaries come from (its stats show what matmul holds).
+
+A separate arena: workspaces outlive any caller's ``frame()``, which would otherwise release them."""
 
 
 def set_num_threads(n: int) -> None:
@@ -93,13 +102,36 @@ def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
     return prepared
 
 
+class _Workspaces(threading.local):
+    """Per thread: ``(n, k_padded)`` -> the temporaries of a matmul of that shape, oldest first."""
+
+    def __init__(self) -> None:
+        self.by_shape: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+_workspaces = _Workspaces()
+
+
 def _workspace(n: int, k_padded: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Temporaries of one matmul: int8 activations ``(n, k_padded)``, their scales and sums.
 
-    The kernel writes every element, zero padding included; this is the one place to
-    change where they come from.
+    Taken from ``WORKSPACE_ARENA`` on the first call of a shape and kept for the next call
+    of that shape on this thread (the oldest of more than ``_WORKSPACE_SHAPES`` shapes goes
+    back to the arena): repeated matmuls allocate nothing and pay a dict lookup, not an
+    arena round trip. The kernel writes every element, zero padding included.
     """
-    return np.empty((n, k_padded), np.int8), np.empty(n, np.float32), np.empty(n, np.int32)
+    cached = _workspaces.by_shape
+    buffers = cached.get((n, k_padded))
+    if buffers is None:
+        if len(cached) == _WORKSPACE_SHAPES:
+            for array in cached.pop(next(iter(cached))):
+                WORKSPACE_ARENA.release(array)
+        buffers = cached[(n, k_padded)] = (
+            WORKSPACE_ARENA.empty((n, k_padded), np.int8),
+            WORKSPACE_ARENA.empty(n, np.float32),
+            WORKSPACE_ARENA.empty(n, np.int32),
+        )
+    return buffers
 
 
 def _as_rows(a: np.ndarray, name: str, k: int) -> np.ndarray:

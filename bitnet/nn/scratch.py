@@ -3,7 +3,7 @@
 The layers never call ``np.empty`` for a temporary themselves: they ask :func:`empty` or
 :func:`reused`, and each forward or decode step runs inside :func:`step`. With the arena of
 ``bitnet.memory``, ``step`` is one arena frame, so the buffers of a decode step are recycled
-from the previous step instead of being allocated again; without it, ``np.empty`` is used.
+from the previous step instead of being allocated again.
 
 :func:`reused` hands every call with the same ``(tag, shape)`` in a step the same buffer.
 Layers tag their temporaries by role ("self_attn.q_proj", ...), so layer 2 writes into the
@@ -20,25 +20,21 @@ from collections.abc import Iterator
 
 import numpy as np
 
-try:
-    from ..memory import default_arena
-except ImportError:  # the arena is optional: fall back to numpy's allocator
-    default_arena = None
+from ..memory import default_arena
 
 _local = threading.local()  # per thread: the stack of open steps' tagged buffers
 
 
-def arena():
-    """The arena temporaries come from, or None when ``bitnet.memory`` is not available."""
-    return default_arena() if default_arena is not None else None
-
-
 def empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """An uninitialized temporary, valid until the enclosing :func:`step` ends."""
-    current = arena()
-    if current is None:
+    """An uninitialized temporary.
+
+    Inside a :func:`step` it comes from the default arena and lives until the step ends;
+    outside one (a layer called on its own) it is a plain array the caller owns, since no
+    frame would ever give an arena buffer back.
+    """
+    if not getattr(_local, "steps", None):
         return np.empty(shape, dtype)
-    return current.empty(shape, dtype)
+    return default_arena().empty(shape, dtype)
 
 
 def reused(tag: str | None, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -61,12 +57,8 @@ def step() -> Iterator[None]:
     if steps is None:
         steps = _local.steps = []
     steps.append({})
-    current = arena()
     try:
-        if current is None:
+        with default_arena().frame():
             yield
-        else:
-            with current.frame():
-                yield
     finally:
         steps.pop()

@@ -1,0 +1,70 @@
+"""Steady-state matmul and layer calls take their temporaries from arenas and allocate nothing new."""
+
+import tracemalloc
+
+import numpy as np
+
+import bitnet as bn
+from bitnet import ops
+
+# Every numpy buffer in these tests is larger than this, so a traced peak below it means
+# no array was allocated (only small Python objects).
+NO_ARRAY_BYTES = 4096
+
+
+def traced_peak(fn, repeats=50):
+    tracemalloc.start()
+    try:
+        for _ in range(repeats):
+            fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_repeated_matmul_with_out_allocates_nothing(rng):
+    w = bn.pack(bn.quantize_weights(rng.standard_normal((1200, 2000)).astype(np.float32)), "tq2_0")
+    for n in (1, 5):
+        x = rng.standard_normal((n, 2000)).astype(np.float32)
+        out = np.empty((n, 1200), np.float32)
+        bn.matmul(x, w, out=out)
+        expected = out.copy()
+        misses = ops.WORKSPACE_ARENA.miss_count()
+        assert traced_peak(lambda x=x, out=out: bn.matmul(x, w, out=out)) < NO_ARRAY_BYTES
+        assert ops.WORKSPACE_ARENA.miss_count() == misses
+        assert np.array_equal(out, expected)
+
+
+def test_workspaces_are_reused_and_bounded(rng):
+    w = bn.pack(bn.quantize_weights(rng.standard_normal((40, 300)).astype(np.float32)))
+    for n in range(1, 12):  # more shapes than are kept: the oldest go back to the arena
+        bn.matmul(rng.standard_normal((n, 300)).astype(np.float32), w)
+    held = ops.WORKSPACE_ARENA.stats().live_arrays
+    assert held == 3 * ops._WORKSPACE_SHAPES
+    bn.matmul(rng.standard_normal((11, 300)).astype(np.float32), w)
+    assert ops.WORKSPACE_ARENA.stats().live_arrays == held
+
+
+def test_repeated_layer_steps_allocate_nothing(rng):
+    layer = bn.nn.BitLinear.from_float(rng.standard_normal((1500, 1100)).astype(np.float32))
+    x = rng.standard_normal((3, 1100)).astype(np.float32)
+    arena = bn.default_arena()
+
+    def one_step():
+        with bn.nn.step():
+            y = layer(x)
+            assert y.shape == (3, 1500)
+
+    one_step()
+    misses, used = arena.miss_count(), arena.used_bytes()
+    assert traced_peak(one_step) < NO_ARRAY_BYTES
+    assert arena.miss_count() == misses and arena.used_bytes() == used
+
+
+def test_layer_outside_a_step_returns_caller_owned_arrays(rng):
+    layer = bn.nn.BitLinear.from_float(rng.standard_normal((30, 50)).astype(np.float32))
+    x = rng.standard_normal((2, 50)).astype(np.float32)
+    used = bn.default_arena().used_bytes()
+    first, second = layer(x), layer(x)
+    assert not np.shares_memory(first, second) and np.array_equal(first, second)
+    assert bn.default_arena().used_bytes() == used
