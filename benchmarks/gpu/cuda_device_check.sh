@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CUDA backend on a real GPU, in one go: install the carried wheels, run the CUDA tests on the
-# GPU (slow ones too), then benchmarks/bench_cuda.py against torch bf16 F.linear.
+# GPU (slow ones too), then benchmarks/gpu/bench_cuda.py against torch bf16 F.linear.
 #
 # Meant for this workplace's lent GPU machine (its python3 has torch, numba and numba-cuda, but
 # that numba-cuda fails to import with the image's numpy 2.5). Carry wheels in .whl/ (ignored
@@ -8,7 +8,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
 #     -d .whl numpy==2.4.6 numba-cuda==0.30.4 cuda-core==1.2.2 cuda-pathfinder==1.9.1
-# and run:  bash benchmarks/cuda_device_check.sh   (logs in $OUT, or /tmp/cuda-check)
+# and run:  bash benchmarks/gpu/cuda_device_check.sh   (logs in $OUT, or /tmp/cuda-check)
 # TESTS=0 skips the tests, NCU=0 the profile; extra arguments go to bench_cuda.py.
 set -uo pipefail
 OUT=${OUT:-/tmp/cuda-check}
@@ -39,8 +39,8 @@ echo "unavailable_reason: $R" | tee -a "$OUT/env.txt"
     tests/test_cuda.py tests/test_cuda_simulator.py 2>&1 | tee "$OUT/tests.txt" | tail -25
 if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then  # hardware counters of the kernels (works on Firecracker machines)
     timeout 150 ncu --clock-control none -k 'regex:gemv' -c 4 --section SpeedOfLight --section Occupancy \
-        --section WarpStateStats --section SchedulerStats python3 benchmarks/bench_cuda.py --profile >"$OUT/ncu.txt" 2>&1
+        --section WarpStateStats --section SchedulerStats python3 benchmarks/gpu/bench_cuda.py --profile >"$OUT/ncu.txt" 2>&1
     grep -E "gemv|Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Warp Cycles|Eligible|Issued Warp|No Eligible" \
         "$OUT/ncu.txt" | grep -v -E "^==PROF==" | sed -E 's/\(Array<.*//' | head -60
 fi
-timeout 330 python3 benchmarks/bench_cuda.py "$@" 2>&1 | tee "$OUT/bench.txt" | grep -v -i "warning"
+timeout 330 python3 benchmarks/gpu/bench_cuda.py "$@" 2>&1 | tee "$OUT/bench.txt" | grep -v -i "warning"

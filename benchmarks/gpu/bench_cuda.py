@@ -2,9 +2,9 @@
 
 Run on a machine with an NVIDIA GPU, numba-cuda and torch (a plain script, not asv)::
 
-    python benchmarks/bench_cuda.py            # everything below (about a minute on an H200)
-    python benchmarks/bench_cuda.py --quick    # fewer shapes
-    python benchmarks/bench_cuda.py --profile  # a few launches of each kernel, for ncu
+    python benchmarks/gpu/bench_cuda.py            # everything below (about a minute on an H200)
+    python benchmarks/gpu/bench_cuda.py --quick    # fewer shapes
+    python benchmarks/gpu/bench_cuda.py --profile  # a few launches of each kernel, for ncu
 
 Both sides are measured in the same run, on the same card:
 
