@@ -299,3 +299,25 @@ def test_layer_to_unavailable_device_says_why():
     with pytest.raises(bn.DeviceError, match="not available"):
         layer.to("metal")
     assert layer.device == "cpu"
+
+
+def test_model_to_metal_uploads_each_running_projection_once(monkeypatch, rng):
+    if find_compiler() is None:
+        pytest.skip(NO_COMPILER)
+    from bitnet.models import BitNetConfig, random_model
+
+    config = BitNetConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+    model = random_model(config, seed=3, head_dtype="f32")
+    ids = np.array([1, 7, 3, 9])
+    expected = model.forward(ids)
+    recorder = Recorder(metalcompute_module(width=64))
+    monkeypatch.setattr(bridge, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(bridge, "_default", bridge.MetalBackend(mc_module=recorder))
+    assert model.to("metal") is model
+    running = [lin for layer in model.layers for lin in (*layer.attention.running_linears, *layer.mlp.running_linears)]
+    assert all(lin.device == "metal" for lin in running)
+    uploads = len(recorder.events("buffer"))
+    assert uploads == 2 * len(running)  # weights and scale of each, nothing for the unstacked parts
+    np.testing.assert_allclose(model.forward(ids), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert len([e for e in recorder.events("buffer") if e[1] == "copied"]) == uploads  # not uploaded again

@@ -237,6 +237,19 @@ class BitNetForCausalLM:
 
         save_gguf(self, path, weight_format, tokenizer)
 
+    def to(self, device: str) -> BitNetForCausalLM:
+        """Run every ternary projection on ``device`` ("cpu", or a backend of ``bn.devices()``).
+
+        Each projection the forward pass calls uploads its weights once, now. Norms, rotary
+        embedding, attention and the head stay on the CPU, so activations cross to the
+        device and back once per projection. Raises DeviceError, with the reason, if
+        ``device`` is not available. Returns the model.
+        """
+        for layer in self.layers:
+            for linear in (*layer.attention.running_linears, *layer.mlp.running_linears):
+                linear.to(device)
+        return self
+
     def named_linears(self) -> Iterator[tuple[str, BitLinear]]:
         """``(HF module name, BitLinear)`` for every projection, in checkpoint order."""
         for i, layer in enumerate(self.layers):

@@ -87,6 +87,12 @@ class Attention:
         for name, proj in zip(("q_proj", "k_proj", "v_proj", "o_proj"), (*self.projections, o_proj), strict=True):
             proj.tag = f"self_attn.{name}"
 
+    @property
+    def running_linears(self) -> tuple[BitLinear, ...]:
+        """The projections the forward pass calls: the stacked q/k/v one in place of its parts."""
+        qkv = (self.qkv_proj,) if self.qkv_proj is not None else self.projections
+        return (*qkv, self.o_proj)
+
     def _project(self, x: np.ndarray) -> np.ndarray:
         """Queries, keys and values side by side: ``(n, (heads + 2 kv_heads) head_dim)``."""
         if self.qkv_proj is not None:

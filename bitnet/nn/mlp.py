@@ -32,6 +32,12 @@ class MLP:
         for name, proj in zip(("gate_proj", "up_proj", "down_proj"), (gate_proj, up_proj, down_proj), strict=True):
             proj.tag = f"mlp.{name}"
 
+    @property
+    def running_linears(self) -> tuple[BitLinear, ...]:
+        """The projections the forward pass calls: the stacked gate/up one in place of its parts."""
+        gate_up = (self.gate_up_proj,) if self.gate_up_proj is not None else self.projections
+        return (*gate_up, self.down_proj)
+
     def _gate_up(self, x: np.ndarray) -> np.ndarray:
         """``[gate(x) | up(x)]`` side by side: ``(n, 2 intermediate)``."""
         if self.gate_up_proj is not None:
