@@ -157,3 +157,18 @@ def test_layers_built_side_by_side_stack_without_a_copy(rng):
     assert stacked.weight.data.base is base and stacked.weight.shape == (768, 256)
     x = rng.standard_normal((2, 256)).astype(np.float32)
     np.testing.assert_array_equal(stacked(x)[:, 512:640], layers[1](x))
+
+
+def test_overflowing_activations_give_inf_or_nan_not_an_exception():
+    """A finite but absurd norm gain (a corrupt file can hold one) overflows float32 activations;
+    the float kernels must carry inf/NaN like numpy instead of raising ZeroDivisionError."""
+    from bitnet.models import BitNetConfig, random_model
+
+    config = BitNetConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+    model = random_model(config, seed=1, head_dtype="f32")
+    for layer in model.layers:
+        layer.mlp.sub_norm.weight[:] = np.float32(-2.8e25)
+        layer.input_norm.weight[:] = np.float32(3e38)
+    logits = model.forward(np.array([1, 2, 3]))
+    assert logits.shape == (3, 40) and not np.isfinite(logits).all()

@@ -19,7 +19,11 @@ from types import FunctionType, SimpleNamespace
 import numpy as np
 from numba import njit, prange
 
-_KERNEL = dict(fastmath=True, cache=True, nogil=True, boundscheck=False)
+# Reassociation lets the reductions vectorize. No "nnan"/"ninf" (a NaN or Inf activation must
+# come out as NaN or Inf, not as whatever the optimizer assumed), and numpy's error model so a
+# division by zero gives inf/NaN instead of raising ZeroDivisionError.
+_KERNEL = dict(fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True, nogil=True,
+               boundscheck=False)
 PARALLEL_MIN_ROWS = 8  # below this many tokens a call runs on the calling thread
 PARALLEL_MIN_CONTEXT = 512  # attention over this many positions is worth threads even for one token
 

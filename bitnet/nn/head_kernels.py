@@ -11,7 +11,9 @@ import numpy as np
 from numba import njit, prange
 
 ROWS_PER_TASK = 64
-_KERNEL = dict(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+# As in float_kernels: vectorizable reductions, IEEE NaN/Inf kept, numpy's division semantics.
+_KERNEL = dict(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True,
+               nogil=True, boundscheck=False)
 
 
 @njit(**_KERNEL)
