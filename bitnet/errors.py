@@ -87,6 +87,18 @@ def check_dtype(a: np.ndarray, name: str, allowed: Iterable[type | np.dtype | st
         raise DTypeError(f"{name} must have dtype {names}; got {a.dtype}. Convert it with .astype(...)")
 
 
+def token_rows(a: np.ndarray, name: str, k: int) -> np.ndarray:
+    """``a`` of shape ``(k,)`` or ``(..., k)`` as an ``(n, k)`` view (leading axes are tokens).
+
+    Raises ShapeError for a scalar or a last axis that is not ``k``.
+    """
+    if a.ndim == 0:
+        raise ShapeError(f"{name} must have at least 1 dimension (k,) or (n, k), got a scalar")
+    if a.shape[-1] != k:
+        raise ShapeError(f"{name} have {a.shape[-1]} features (last axis of shape {a.shape}), the weights take {k}")
+    return a.reshape(-1, k)
+
+
 def check_float(a: np.ndarray, name: str) -> None:
     """Raise DTypeError unless ``a`` holds real floating-point numbers."""
     if a.dtype.kind != "f":

@@ -134,17 +134,6 @@ def _workspace(n: int, k_padded: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return buffers
 
 
-def _as_rows(a: np.ndarray, name: str, k: int) -> np.ndarray:
-    """``a`` as a C-contiguous ``(n, k)`` matrix (leading dimensions flattened)."""
-    if a.ndim == 0:
-        raise errors.ShapeError(f"{name} must have at least 1 dimension (k,) or (n, k), got a scalar")
-    if a.shape[-1] != k:
-        raise errors.ShapeError(
-            f"{name} have {a.shape[-1]} features (last axis of shape {a.shape}), the weights take {k}"
-        )
-    return np.ascontiguousarray(a.reshape(-1, k))
-
-
 def _checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     if out is None:
         return np.empty(shape, np.float32)
@@ -187,7 +176,7 @@ def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> n
     q = np.asarray(q)
     errors.check_dtype(q, "activations", [np.int8])
     m, k = w.shape
-    rows = _as_rows(q, "activations", k)
+    rows = np.ascontiguousarray(errors.token_rows(q, "activations", k))
     n = rows.shape[0]
     acc = np.empty((n, m), np.int32)
     if n:
@@ -236,7 +225,7 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     x = np.asarray(x)
     errors.check_float(x, "activations")
     m, k = w.shape
-    rows = _as_rows(x, "activations", k)
+    rows = np.ascontiguousarray(errors.token_rows(x, "activations", k))
     if rows.dtype != np.float32:
         rows = rows.astype(np.float32)
     n = rows.shape[0]

@@ -134,7 +134,7 @@ class MetalBackend:
         errors.check_ndim(x, "activations", (1, 2))
         if x.shape[-1] == 0:
             raise errors.ShapeError(f"activations must have at least one feature, got shape {x.shape}")
-        rows = _rows(x, "activations", x.shape[-1])
+        rows = errors.token_rows(x, "activations", x.shape[-1])
         n, k = rows.shape
         with self._lock, self.arena.frame():
             q, a = self._quantize(self._staged(rows), ceil_div(k, BLOCK_COLUMNS))
@@ -146,7 +146,7 @@ class MetalBackend:
         q = np.asarray(q)
         errors.check_dtype(q, "activations", [np.int8])
         weights = self.upload(w)
-        rows = _rows(q, "activations", weights.shape[1])
+        rows = errors.token_rows(q, "activations", weights.shape[1])
         with self._lock, self.arena.frame():
             q_dev = self.arena.zeros((rows.shape[0], weights.blocks * BLOCK_COLUMNS), np.int8)
             q_dev[:, : rows.shape[1]] = rows
@@ -163,7 +163,7 @@ class MetalBackend:
         x = np.asarray(x)
         errors.check_float(x, "activations")
         weights = self.upload(w)
-        rows = _rows(x, "activations", weights.shape[1])
+        rows = errors.token_rows(x, "activations", weights.shape[1])
         result_shape = x.shape[:-1] + (weights.shape[0],)
         if out is not None:
             _check_out(out, result_shape)
@@ -323,15 +323,6 @@ def _import_metalcompute() -> ModuleType:
         ) from e
 
 
-def _rows(a: np.ndarray, name: str, k: int) -> np.ndarray:
-    """``a`` (``(k,)`` or ``(..., k)``) as an ``(n, k)`` matrix, leading dimensions flattened."""
-    if a.ndim == 0:
-        raise errors.ShapeError(f"{name} must have at least 1 dimension (k,) or (n, k), got a scalar")
-    if a.shape[-1] != k:
-        raise errors.ShapeError(
-            f"{name} have {a.shape[-1]} features (last axis of shape {a.shape}), the weights take {k}"
-        )
-    return a.reshape(-1, k)
 
 
 def _check_out(out: np.ndarray, shape: tuple[int, ...]) -> None:

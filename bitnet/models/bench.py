@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bench import timings
 from ..ops import get_num_threads, matmul, set_num_threads
 from .bitnet import BitNetForCausalLM
 from .config import BitNetConfig
@@ -87,17 +88,7 @@ def kernel_seconds_per_step(model: BitNetForCausalLM, repeats: int = 5) -> float
             matmul(x, weight, out=out)
         model.lm_head.logits(h, out=logits)
 
-    step()
-    return _median_seconds(step, repeats)
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return timings(step, min_time=0.0, min_repeats=repeats, max_repeats=repeats)[0]
 
 
 def _decode_step_seconds(model: BitNetForCausalLM, steps: int, prompt: np.ndarray) -> list[float]:
