@@ -8,7 +8,7 @@ checked against plain numpy in the tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import numpy as np
 
@@ -34,6 +34,8 @@ class QuantizedTensor:
     granularity : "tensor", "channel" or "group".
     group_size : int or None, the group length for ``granularity="group"``.
     bits : bits per code of the quantizer (1.58 for ternary).
+    check : constructor flag, default True: verify the codes' values (a pass over every code).
+        Code that made the codes itself (quantizers, unpacking) passes False.
     """
 
     codes: np.ndarray
@@ -41,8 +43,9 @@ class QuantizedTensor:
     granularity: str = "tensor"
     group_size: int | None = None
     bits: float = 1.58
+    check: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check: bool) -> None:
         errors.check_dtype(self.codes, "codes", [np.int8])
         errors.check_dtype(self.scale, "scale", [np.float32])
         check_scale_shape(self.codes.shape, self.scale, self.granularity, self.group_size)
@@ -65,9 +68,10 @@ class QuantizedTensor:
 class TernaryTensor(QuantizedTensor):
     """A :class:`QuantizedTensor` whose codes are -1, 0 or +1 (what every packing format holds)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        errors.check_ternary_codes(self.codes)
+    def __post_init__(self, check: bool) -> None:
+        super().__post_init__(check)
+        if check and not kq.codes_are_ternary(np.ascontiguousarray(self.codes)):
+            errors.check_ternary_codes(self.codes)  # raises, saying which values are wrong
 
 
 def check_scale_shape(shape, scale: np.ndarray, granularity: str, group_size: int | None) -> None:
@@ -261,7 +265,8 @@ def quantize_weights(
         scale2d, codes = _uniform(rows, granularity, group, bits)
     cls = TernaryTensor if method != "uniform" or bits == 2 else QuantizedTensor
     return cls(codes.reshape(w.shape), _shaped_scale(scale2d, granularity), granularity,
-               group_size if granularity == "group" else None, 1.58 if cls is TernaryTensor else float(bits))
+               group_size if granularity == "group" else None, 1.58 if cls is TernaryTensor else float(bits),
+               check=False)  # every quantizer above makes codes in range
 
 
 def quantize_activations(x, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
+from ..kernels.quantize import codes_are_ternary
 from ..quant import QuantizedTensor, TernaryTensor
 from . import base3, ggml_tq, hf, i2, i2_s  # noqa: F401  (each module registers its format)
 from .base import FORMATS, Format, PackedTernary, get_format
@@ -67,11 +68,11 @@ def unpack(p: PackedTernary) -> TernaryTensor:
     FormatError when the payload holds a 2-bit value 3, which no ternary format writes.
     """
     codes = np.ascontiguousarray(get_format(p.format).decode(p.data, p.shape))
-    if codes.size and codes.max() > 1:
+    if not codes_are_ternary(codes):
         raise errors.FormatError(
             f"corrupt {p.format} payload: it holds the 2-bit value 3, which encodes no ternary weight"
         )
-    return TernaryTensor(codes, p.scale, p.granularity, p.group_size)
+    return TernaryTensor(codes, p.scale, p.granularity, p.group_size, check=False)
 
 
 def convert(p: PackedTernary, format: str) -> PackedTernary:

@@ -21,14 +21,20 @@ def packed_shape(shape):
 
 
 def encode(codes, scale, granularity):
-    chunk = ceil_div(codes.shape[0], 4)
-    columns = np.ascontiguousarray(pad_columns(codes.T, 4 * chunk, fill=-1))
-    return np.ascontiguousarray(packing.pack_2bit(columns, chunk, False).T)
+    # Flattened, the layout is one 2-bit block whose chunk is the first quarter of the rows:
+    # field i of byte (r, col) holds element (i c + r, col). Columns are padded to a multiple of
+    # 4 (sliced off below) so the chunk is whole uint32 words for the kernel.
+    chunk_rows = ceil_div(codes.shape[0], 4)
+    rows = np.pad(codes, ((0, 4 * chunk_rows - codes.shape[0]), (0, 0)), constant_values=-1)
+    padded = np.ascontiguousarray(pad_columns(rows, 4))
+    packed = packing.pack_2bit(padded.reshape(1, -1), padded.size // 4, False)
+    return np.ascontiguousarray(packed.reshape(chunk_rows, -1)[:, : codes.shape[1]])
 
 
 def decode(data, shape):
-    columns = packing.unpack_2bit(np.ascontiguousarray(data.T), data.shape[0], False)
-    return columns[:, : shape[0]].T
+    padded = pad_columns(data, 4)
+    codes = packing.unpack_2bit(padded.reshape(1, -1), padded.size, False)
+    return codes.reshape(-1, padded.shape[1])[: shape[0], : shape[1]]
 
 
 HF = register(Format("hf", __doc__.split("\n")[0], ("tensor",), packed_shape, encode, decode))

@@ -13,7 +13,8 @@ all of them:
   ``v = sum(t_i * 3**(4 - i))`` stored as ``ceil(v * 256 / 243)``; trit ``i`` is read back
   without division as ``((byte * 3**i) mod 256) * 3 >> 8`` (ggml's TQ1_0 trick).
 
-Row lengths must be a whole number of blocks: callers pad with zero codes.
+Row lengths must be a whole number of blocks: callers pad with zero codes. The 2-bit kernels
+work on uint32 words, four codes at a time, so their ``chunk`` must be a multiple of 4.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from numba import njit, prange
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False)
 
 
+# Four int8 codes {-1, 0, 1} in a uint32 become four 2-bit fields {0, 1, 2}, with no carry or
+# borrow between bytes: (c & 0x7F) + 1 maps 0xFF, 0x00, 0x01 to 0x80, 0x01, 0x02, whose low 2 bits
+# are code + 1; and back, ((v | 0x80) - 1) ^ 0x80 maps 0, 1, 2 to 0xFF, 0x00, 0x01.
+_LOW7 = np.uint32(0x7F7F7F7F)
+_ONES = np.uint32(0x01010101)
+_FIELD = np.uint32(0x03030303)
+_HIGH = np.uint32(0x80808080)
+
+
 @njit(**_KERNEL)
 def _element_order(chunk, msb_first):
     """Offset of the element in bits 0-1 and the step to the next 2-bit field's element."""
@@ -31,41 +41,50 @@ def _element_order(chunk, msb_first):
 
 
 @njit(parallel=True, **_KERNEL)
-def pack_2bit(codes, chunk, msb_first):
-    rows, cols = codes.shape
-    block = 4 * chunk
-    # The four fields are written with constant shifts (so the loop over j vectorizes);
-    # MSB-first order is the same bytes with the elements taken in reverse.
+def _pack_2bit_words(words, chunk, msb_first):
+    """``pack_2bit`` on uint32 words (4 codes each); ``chunk`` counted in words."""
+    rows, cols = words.shape
     first, step = _element_order(chunk, msb_first)
-    out = np.empty((rows, cols // 4), np.uint8)
+    out = np.empty((rows, cols // 4), np.uint32)
     for r in prange(rows):
-        for b in range(cols // block):
-            src = b * block + first
+        for b in range(cols // (4 * chunk)):
+            src = 4 * b * chunk + first
             dst = b * chunk
             for j in range(chunk):
-                out[r, dst + j] = (np.uint8(codes[r, src + j] + 1)
-                                   | (np.uint8(codes[r, src + step + j] + 1) << 2)
-                                   | (np.uint8(codes[r, src + 2 * step + j] + 1) << 4)
-                                   | (np.uint8(codes[r, src + 3 * step + j] + 1) << 6))
+                f0 = ((words[r, src + j] & _LOW7) + _ONES) & _FIELD
+                f1 = ((words[r, src + step + j] & _LOW7) + _ONES) & _FIELD
+                f2 = ((words[r, src + 2 * step + j] & _LOW7) + _ONES) & _FIELD
+                f3 = ((words[r, src + 3 * step + j] & _LOW7) + _ONES) & _FIELD
+                out[r, dst + j] = f0 | (f1 << np.uint32(2)) | (f2 << np.uint32(4)) | (f3 << np.uint32(6))
     return out
 
 
 @njit(parallel=True, **_KERNEL)
-def unpack_2bit(data, chunk, msb_first):
-    rows, nbytes = data.shape
+def _unpack_2bit_words(words, chunk, msb_first):
+    """``unpack_2bit`` on uint32 words (4 bytes each); ``chunk`` counted in words."""
+    rows, cols = words.shape
     first, step = _element_order(chunk, msb_first)
-    codes = np.empty((rows, nbytes * 4), np.int8)
+    codes = np.empty((rows, cols * 4), np.uint32)
     for r in prange(rows):
-        for b in range(nbytes // chunk):
+        for b in range(cols // chunk):
             src = b * chunk
             dst = 4 * b * chunk + first
             for j in range(chunk):
-                byte = data[r, src + j]
-                codes[r, dst + j] = np.int8(byte & 3) - 1
-                codes[r, dst + step + j] = np.int8((byte >> 2) & 3) - 1
-                codes[r, dst + 2 * step + j] = np.int8((byte >> 4) & 3) - 1
-                codes[r, dst + 3 * step + j] = np.int8(byte >> 6) - 1
+                w = words[r, src + j]
+                for i in range(4):
+                    field = (w >> np.uint32(2 * i)) & _FIELD
+                    codes[r, dst + i * step + j] = ((field | _HIGH) - _ONES) ^ _HIGH
     return codes
+
+
+def pack_2bit(codes: np.ndarray, chunk: int, msb_first: bool) -> np.ndarray:
+    """int8 codes ``(rows, cols)`` -> uint8 ``(rows, cols // 4)``; ``chunk`` a multiple of 4."""
+    return _pack_2bit_words(codes.view(np.uint32), chunk // 4, msb_first).view(np.uint8)
+
+
+def unpack_2bit(data: np.ndarray, chunk: int, msb_first: bool) -> np.ndarray:
+    """uint8 ``(rows, nbytes)`` -> int8 codes ``(rows, 4 nbytes)``; ``chunk`` a multiple of 4."""
+    return _unpack_2bit_words(np.ascontiguousarray(data).view(np.uint32), chunk // 4, msb_first).view(np.int8)
 
 
 @njit(parallel=True, **_KERNEL)

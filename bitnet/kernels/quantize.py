@@ -83,3 +83,13 @@ def quantize_rows_int8(x, q, act_scale_out):
         for j in range(cols):
             v = np.rint(x[r, j] * a)
             q[r, j] = np.int8(min(max(v, np.float32(-128.0)), np.float32(127.0)))
+
+
+@njit(parallel=True, **_KERNEL)
+def codes_are_ternary(codes):
+    """Whether every int8 code is -1, 0 or +1, in one pass (``code + 1`` as a byte is at most 2)."""
+    flat = codes.reshape(-1).view(np.uint8)
+    outside = 0
+    for i in prange(flat.size):
+        outside += ((flat[i] + 1) & 0xFF) > 2
+    return outside == 0

@@ -136,13 +136,14 @@ def _adjacent_rows(arrays: list[np.ndarray]) -> np.ndarray | None:
     Weights built already side by side (e.g. by ``bitnet.models.random_model``) are then
     stacked without a copy, which keeps a big model's peak memory at its size.
     """
-    base = arrays[0].base
-    if not isinstance(base, np.ndarray) or not base.flags.c_contiguous:
+    owner = arrays[0].base
+    if not isinstance(owner, np.ndarray) or not owner.flags.c_contiguous:
         return None
+    base = owner.reshape(-1).view(arrays[0].dtype)  # in the rows' dtype, even if the bytes were made as words
     row_bytes = arrays[0].shape[1] * base.itemsize
     offset = arrays[0].ctypes.data - base.ctypes.data
     for before, after in zip(arrays, arrays[1:], strict=False):
-        if after.base is not base or after.shape[1] != arrays[0].shape[1] or not after.flags.c_contiguous:
+        if after.base is not owner or after.shape[1] != arrays[0].shape[1] or not after.flags.c_contiguous:
             return None
         if after.ctypes.data != before.ctypes.data + before.nbytes:
             return None
