@@ -300,5 +300,5 @@ def quantize_activations(x, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
     q = np.empty(rows.shape, np.int8)
     a = np.empty(rows.shape[0], np.float32)
-    kq.quantize_rows_int8(rows, q, a)
+    kq.quantize_padded(rows, q, a, np.empty(rows.shape[0], np.int32))  # the matmul's own quantizer
     return q.reshape(x.shape), a.reshape((1,) if x.ndim == 1 else (-1, 1))

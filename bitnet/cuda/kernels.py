@@ -177,7 +177,7 @@ def quantize_token(x, k, words, amax_scratch, sum_scratch):
 
     Returns ``(a, qsum)``: the float32 scale ``127 / max(max|x|, 1e-5)`` (NaN, with all codes 0,
     if ``x`` holds NaN or Inf) and the int32 sum of the codes. Bit for bit the formula of
-    ``bitnet.kernels.quantize.quantize_rows_int8``: float32 product, round half to even.
+    ``bitnet.kernels.quantize.quantize_row``: float32 product, round half to even.
 
     Each thread loads its first four words (16 values: all of ``x`` up to 4096 columns at 256
     threads) at once and keeps them in registers across the block reduction, so a token

@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
+from .quantize import quantize_padded, quantize_row
 from .simd import (
     AVX2,
     AVX512VNNI,
@@ -67,57 +68,7 @@ PREFETCH_BYTES = 1024  # how far ahead of the loads the GEMV loop prefetches wei
 PORTABLE = IsaMarker("portable", 0)
 
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False)
-_ACT_LEVELS = np.float32(127.0)
-_ACT_ABSMAX_MIN = np.float32(1e-5)
 _NO_SCRATCH = np.zeros(0, np.int16)  # a constant: the SIMD paths allocate nothing per task
-_ABS_BITS = np.uint32(0x7FFFFFFF)  # float32 bits without the sign
-_INF_BITS = np.uint32(0x7F800000)  # float32 bits of +Inf; NaNs are above
-
-
-# --- activation quantization, fused ahead of the matmul ------------------------------------
-
-
-@njit(**_KERNEL)
-def _quantize_row(x, t, q, act_scale, q_sum):
-    """Row ``t`` of ``x`` to int8 in ``q[t]`` (zero padding after it), its scale and ``sum(q)``.
-
-    The formula of ``bitnet.quant.quantize_activations`` (float32 throughout):
-    ``a = 127 / max(max|x|, 1e-5)``, ``q = clip(rint(x a), -128, 127)``; a row holding
-    NaN or Inf gets ``a = NaN`` and ``q = 0``, so its outputs come out NaN.
-
-    ``max|x|`` is taken on the float bits as unsigned integers (sign bit cleared), which
-    order like the magnitudes and vectorize, unlike a float ``max`` that must honour NaN
-    (7x faster); bits at or above those of +Inf flag a NaN or Inf.
-    """
-    k = x.shape[1]
-    row = x[t]
-    bits = row.view(np.uint32)
-    top = np.uint32(0)
-    for j in range(k):
-        top = max(top, np.uint32(bits[j] & _ABS_BITS))
-    q[t, k:] = 0
-    if top >= _INF_BITS:
-        act_scale[t] = np.float32(np.nan)
-        q[t, :k] = 0
-        q_sum[t] = 0
-        return
-    amax = np.array([top]).view(np.float32)[0]
-    a = _ACT_LEVELS / max(amax, _ACT_ABSMAX_MIN)
-    act_scale[t] = a
-    out = q[t, :k]
-    total = 0
-    for j in range(k):
-        v = np.int8(min(max(np.rint(row[j] * a), np.float32(-128.0)), np.float32(127.0)))
-        out[j] = v
-        total += v
-    q_sum[t] = total
-
-
-@njit(parallel=True, **_KERNEL)
-def quantize_padded(x, q, act_scale, q_sum):
-    """Quantize every row of ``x`` (n, k) into ``q`` (n, >= k, zero-padded), ``act_scale`` and ``q_sum``."""
-    for t in prange(x.shape[0]):
-        _quantize_row(x, t, q, act_scale, q_sum)
 
 
 # --- SIMD inner loops ------------------------------------------------------------------------
@@ -408,7 +359,7 @@ def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_floa
     """
     if as_float:
         if x.shape[0] == 1:  # a parallel region for one row would cost more than the row
-            _quantize_row(x, 0, q, act_scale, q_sum)
+            quantize_row(x, 0, q, act_scale, q_sum)
         else:
             quantize_padded(x, q, act_scale, q_sum)
     ternary_matmul(isa, w, _activations_for(isa, q), q_sum, act_scale, scale, scale_step, acc, out, as_float)
