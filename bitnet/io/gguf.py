@@ -38,7 +38,7 @@ from ..formats import i2_s as i2_s_format
 from ..models import BitNetConfig, BitNetForCausalLM
 from ..nn import BitLinear
 from ..nn.embedding import DTYPES as EMBEDDING_DTYPES
-from ..nn.embedding import bf16_bits_to_float
+from ..nn.embedding import as_float32, bf16_bits_to_float
 from ..quant import TernaryTensor, quantize_weights
 from . import gguf_tokenizer
 
@@ -384,10 +384,7 @@ def _dequantize(file: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
 
 
 def _as_float32(file: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
-    values = _float_array(file, tensor)
-    if values.dtype.name == "bfloat16":
-        return bf16_bits_to_float(values.view(np.uint16))
-    return values.astype(np.float32, copy=False)
+    return as_float32(_float_array(file, tensor))
 
 
 @functools.cache

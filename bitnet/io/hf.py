@@ -18,7 +18,7 @@ from .. import errors
 from ..formats import PackedTernary, pack, unpack
 from ..models import BitNetConfig, BitNetForCausalLM
 from ..nn import BitLinear, RMSNorm
-from ..nn.embedding import bf16_bits_to_float
+from ..nn.embedding import as_float32
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -165,11 +165,9 @@ def _read_table(reader: _TensorReader, name: str, shape: tuple[int, int]) -> np.
 
 
 def _as_float32(tensor: np.ndarray) -> np.ndarray:
-    if tensor.dtype.name == "bfloat16":
-        return bf16_bits_to_float(tensor.view(np.uint16))
-    if tensor.dtype.kind != "f":
+    if tensor.dtype.kind != "f" and tensor.dtype.name != "bfloat16":
         raise errors.CheckpointError(f"expected a float tensor, got dtype {tensor.dtype}")
-    return tensor.astype(np.float32)
+    return as_float32(tensor)
 
 
 def _read_linear(reader: _TensorReader, name: str, shape: tuple[int, int], config: BitNetConfig) -> BitLinear:

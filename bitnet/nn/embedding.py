@@ -23,6 +23,13 @@ def bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def as_float32(values: np.ndarray) -> np.ndarray:
+    """Float weights (float16/32/64, or ml_dtypes' bfloat16 as checkpoints hold it) as float32."""
+    if values.dtype.name == "bfloat16":
+        return bf16_bits_to_float(values.view(np.uint16))
+    return values.astype(np.float32, copy=False)
+
+
 class Embedding:
     """A ``(vocab, hidden)`` table: rows for token lookup, and ``h @ table.T`` for logits.
 
