@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from . import backends, errors
-from .formats import PackedTernary, convert
+from .formats import PackedTernary, kernel_layout
 from .kernels import cpu_features
 from .kernels import matmul as kernels
 from .memory import Arena
@@ -26,7 +26,6 @@ try:
     KERNEL_PATH = cpu_features.selected_path()
 except ValueError as bad_setting:  # a BITNET_KERNEL value this machine cannot honour
     raise errors.InvalidValueError(str(bad_setting)) from None
-_REPACKED = "i2"  # key in PackedTernary.cache for weights repacked into the kernel layout
 _PREPARED = "matmul"  # key in PackedTernary.cache for the arrays the kernels take
 # Placeholders for the kernel arguments one operation does not use (same types as the used ones,
 # so both operations share one compiled kernel).
@@ -72,27 +71,17 @@ def get_num_threads() -> int:
 def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
     """The i2 payload, the scale as a flat float32 array, and the scale's step per output row.
 
-    Weights in another format are repacked to i2 once; the result is kept in ``w.cache``
-    (so is this triple, which saves the checks on every later call).
+    Weights in another format are repacked to i2 once (``formats.kernel_layout``); this
+    triple is kept in ``w.cache`` too, which saves the checks on every later call.
     """
     if not isinstance(w, PackedTernary):
         raise errors.DTypeError(f"weights must be a bn.PackedTernary (from bn.pack), got {type(w).__name__}")
     prepared = w.cache.get(_PREPARED)
     if prepared is not None:
         return prepared
-    if w.granularity == "group":
-        raise errors.FormatError(
-            f"matmul supports per-tensor and per-channel weight scales, not granularity='group' "
-            f"(group_size={w.group_size}); quantize with granularity='tensor' or 'channel'"
-        )
+    data = kernel_layout(w).data
     if w.shape[1] > _MAX_K:
         raise errors.ShapeError(f"matmul supports up to {_MAX_K} input features (exact int32 sums), got {w.shape[1]}")
-    if w.format == _REPACKED:
-        data = w.data
-    else:
-        if _REPACKED not in w.cache:
-            w.cache[_REPACKED] = convert(w, _REPACKED).data
-        data = w.cache[_REPACKED]
     # Always hand the kernels a read-only view: memory-mapped weights are read-only, and one
     # array type means one compiled kernel instead of two.
     data = np.ascontiguousarray(data).view()

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import errors
-from ..formats import PackedTernary, convert
+from ..formats import PackedTernary, kernel_layout
 
 CACHE_KEY = "cuda"
 
@@ -49,11 +48,9 @@ def upload(w: PackedTernary) -> DeviceTernary:
     cached = w.cache.get(CACHE_KEY)
     if cached is not None:
         return cached
-    if w.granularity not in ("tensor", "channel"):
-        raise errors.FormatError("matmul needs a per-tensor or per-channel weight scale")
+    i2 = kernel_layout(w)
     from numba import cuda
 
-    i2 = w if w.format == "i2" else convert(w, "i2")
     words = np.ascontiguousarray(i2.data).view("<u4")
     scale = np.broadcast_to(w.scale.reshape(-1), (w.shape[0],)).astype(np.float32)
     resident = DeviceTernary(tuple(w.shape), cuda.to_device(words), cuda.to_device(scale))

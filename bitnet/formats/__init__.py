@@ -82,4 +82,31 @@ def convert(p: PackedTernary, format: str) -> PackedTernary:
     return pack(unpack(p), format)
 
 
-__all__ = ["FORMATS", "Format", "PackedTernary", "convert", "get_format", "pack", "unpack"]
+KERNEL_FORMAT = "i2"  # the layout every matmul kernel reads (CPU, Metal, CUDA)
+
+
+def kernel_layout(p: PackedTernary) -> PackedTernary:
+    """``p`` in the ``KERNEL_FORMAT`` layout, repacked once and kept in ``p.cache[KERNEL_FORMAT]``.
+
+    Every matmul backend goes through here, so a weight is repacked at most once however
+    many devices use it.
+
+    Raises
+    ------
+    FormatError for group-wise scales, which no matmul kernel takes (one scale per tensor or
+    per output row).
+    """
+    if p.granularity == "group":
+        raise errors.FormatError(
+            f"matmul needs a per-tensor or per-channel weight scale, not granularity='group' "
+            f"(group_size={p.group_size}); quantize with granularity='tensor' or 'channel'"
+        )
+    if p.format == KERNEL_FORMAT:
+        return p
+    if KERNEL_FORMAT not in p.cache:
+        p.cache[KERNEL_FORMAT] = convert(p, KERNEL_FORMAT)
+    return p.cache[KERNEL_FORMAT]
+
+
+__all__ = ["FORMATS", "KERNEL_FORMAT", "Format", "PackedTernary", "convert", "get_format", "kernel_layout", "pack",
+           "unpack"]

@@ -35,12 +35,11 @@ from types import ModuleType
 import numpy as np
 
 from .. import backends, errors
-from ..formats import PackedTernary, convert
+from ..formats import PackedTernary, kernel_layout
 from ..memory import Arena
 from . import shaders
 from .blocks import MetalBlocks
 
-KERNEL_FORMAT = "i2"
 """The packing format the shaders read (see ternary_matmul.metal)."""
 
 BLOCK_COLUMNS = 256
@@ -188,9 +187,7 @@ class MetalBackend:
             raise errors.DTypeError(f"weights must be a bn.PackedTernary (see bn.pack), got {type(w).__name__}")
         uploads = w.cache.setdefault(_CACHE_KEY, {})
         if self._key not in uploads:
-            if w.granularity not in ("tensor", "channel"):
-                raise errors.FormatError("matmul needs a per-tensor or per-channel weight scale")
-            packed = w if w.format == KERNEL_FORMAT else convert(w, KERNEL_FORMAT)
+            packed = kernel_layout(w)
             with self._lock:
                 uploads[self._key] = MetalWeights(
                     shape=w.shape,

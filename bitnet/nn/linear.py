@@ -5,13 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backends, errors
-from ..formats import PackedTernary, convert, pack
+from ..formats import KERNEL_FORMAT, PackedTernary, convert, pack
 from ..ops import matmul
 from ..quant import quantize_weights
 from . import scratch
 from .norm import RMSNorm
-
-KERNEL_FORMAT = "i2"
 
 
 class BitLinear:
