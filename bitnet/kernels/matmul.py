@@ -15,7 +15,7 @@ Two kernels per instruction set:
   Instead of shifting each byte to get code ``i``, it masks it in place
   (``byte & (3 << 2i)`` = ``c_i * 4**i``) into a separate accumulator per ``i``, and divides
   by ``4**i`` once at the end (exact: every lane is a multiple of ``4**i``). One load, four
-  ``and`` and four multiply-adds per 256 weights; weights are prefetched 1 KB ahead.
+  ``and`` and four multiply-adds per 256 weights; weights are prefetched 8 KB ahead.
 * GEMM (``n >= 8``): a tile of 2 rows x 8 tokens (16 accumulators). Each 64-byte weight block
   is decoded (shift + mask) once into registers and reused for the 8 tokens, so the decode
   cost does not grow with ``n``. The k axis is cut into chunks so that a tile's activations
@@ -63,7 +63,9 @@ K_CHUNK_BLOCKS = 12  # GEMM k-chunk: 8 tokens x 12 x 256 bytes of activations = 
 PARALLEL_TASKS = 32  # tasks the rows are cut into: even shares for 1, 2, 4, 8, 16 or 32 threads
 GEMM_ROWS = 32  # rows a GEMM pass takes over one L1-resident activation tile (a multiple of TILE_ROWS)
 PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the portable path cannot overflow
-PREFETCH_BYTES = 1024  # how far ahead of the loads the GEMV loop prefetches weights
+# How far ahead of the loads the GEMV loop prefetches weights: DRAM latency needs several KB in
+# flight per thread (4-16 KB all stream the model's GEMVs at ~22 GB/s, 1 KB at ~17; NOTES.md).
+PREFETCH_BYTES = 8192
 
 PORTABLE = IsaMarker("portable", 0)
 
