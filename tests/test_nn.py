@@ -7,6 +7,9 @@ import pytest
 
 import bitnet as bn
 from bitnet.nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding
+from bitnet.kernels import cpu_features
+from bitnet.kernels.simd import MARKERS
+from bitnet.nn import head_kernels
 from bitnet.nn.embedding import bf16_bits_to_float, float_to_bf16_bits
 
 
@@ -135,8 +138,57 @@ def test_embedding_storage_rows_and_logits(rng, dtype, rtol):
     ids = np.array([0, 299, 5, 5])
     np.testing.assert_allclose(table.rows(ids), w[ids], rtol=rtol, atol=rtol * 3)
     h = rng.standard_normal((2, 72)).astype(np.float32)
-    exact = h @ table.float_weights().T  # the stored values, so only summation order differs
-    np.testing.assert_allclose(table.logits(h), exact, rtol=1e-4, atol=1e-4)
+    exact = h @ table.float_weights().T  # the stored values: only summation order differs...
+    tol = 2e-2 if dtype == "int8" else 1e-4  # ...and, for int8, h's rounding (tested exactly below)
+    np.testing.assert_allclose(table.logits(h), exact, rtol=tol, atol=tol * np.abs(exact).max())
+
+
+def int8_head_reference(table, row_scale, h):
+    """llama.cpp's Q8_0 x Q8_0 written plainly: each block of 32 values of ``h`` to int8 by its
+    absmax (``a = 127 / max|x|``), exact int64 dot products per block, ``/ a``, times the row scale."""
+    out = np.zeros((h.shape[0], table.shape[0]))
+    for t, row in enumerate(h):
+        for start in range(0, h.shape[1], 32):
+            x = row[start : start + 32]
+            a = np.float32(127) / max(np.abs(x).max(), np.float32(1e-5))
+            q = np.clip(np.rint(x * a), -128, 127).astype(np.int64)
+            out[t] += (table[:, start : start + 32].astype(np.int64) @ q) / np.float64(a)
+    return out * row_scale
+
+
+@pytest.mark.parametrize("path", cpu_features.supported_paths())
+@pytest.mark.parametrize("vocab, width", [(1, 1), (5, 37), (7, 64), (9, 100), (300, 72), (33, 2560)])
+def test_int8_head_is_q8_0_dot_products(rng, path, vocab, width):
+    table = rng.integers(-127, 128, (vocab, width)).astype(np.int8)
+    table[vocab // 2] = 0
+    row_scale = rng.uniform(0.001, 0.1, vocab).astype(np.float32)
+    h = rng.standard_normal((3, width)).astype(np.float32)
+    h[1, : min(width, 40)] = 0  # an all-zero block
+    h[2, width // 2] = 3e30  # a huge value: its block's other values round to 0
+    q = np.empty(h.shape, np.int8)
+    lane_scale = np.empty((3, -(-width // 4)), np.float32)
+    out = np.empty((3, vocab), np.float32)
+    head_kernels.logits_int8(MARKERS[path], table, row_scale, h, q, lane_scale, out)
+    expected = int8_head_reference(table, row_scale, h)
+    for t in range(3):  # float32 sums of exact integer block dot products
+        np.testing.assert_allclose(out[t], expected[t], rtol=1e-5, atol=1e-5 * np.abs(expected[t]).max())
+
+
+def test_int8_head_nan_rows_and_thread_count():
+    rng = np.random.default_rng(7)
+    table = Embedding.from_weights(rng.standard_normal((1000, 200)).astype(np.float32), "int8")
+    h = rng.standard_normal((2, 200)).astype(np.float32)
+    threads = bn.get_num_threads()
+    try:
+        bn.set_num_threads(1)
+        one = table.logits(h)
+        bn.set_num_threads(threads)
+        np.testing.assert_array_equal(table.logits(h), one)
+    finally:
+        bn.set_num_threads(threads)
+    h[0, 150] = np.nan
+    logits = table.logits(h)
+    assert np.isnan(logits[0]).all() and np.array_equal(logits[1], one[1])
 
 
 def test_bf16_bits_round_to_nearest_even_like_ml_dtypes(rng):

@@ -40,7 +40,7 @@ from .simd import (
     AVX2,
     AVX512VNNI,
     AVXVNNI,
-    IsaMarker,
+    PORTABLE,
     add_acc,
     and_bytes,
     byte_vector_size,
@@ -66,8 +66,6 @@ PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the porta
 # How far ahead of the loads the GEMV loop prefetches weights: DRAM latency needs several KB in
 # flight per thread (4-16 KB all stream the model's GEMVs at ~22 GB/s, 1 KB at ~17; NOTES.md).
 PREFETCH_BYTES = 8192
-
-PORTABLE = IsaMarker("portable", 0)
 
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False)
 _NO_SCRATCH = np.zeros(0, np.int16)  # a constant: the SIMD paths allocate nothing per task

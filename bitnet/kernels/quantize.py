@@ -58,40 +58,58 @@ def ternarize(w, threshold, group):
 
 
 @njit(**_KERNEL)
-def quantize_row(x, t, q, act_scale, q_sum):
-    """Row ``t`` of ``x`` to int8 in ``q[t]`` (zero padding after it), its scale and ``sum(q)``.
+def quantize_span(src, dst):
+    """``dst = clip(rint(src a), -128, 127)`` as int8 with ``a = 127 / max(max|src|, 1e-5)``; returns ``(a, sum(dst))``.
 
-    The one implementation of per-token activation quantization, behind both
-    ``bn.quantize_activations`` and the matmul kernels (float32 throughout):
-    ``a = 127 / max(max|x|, 1e-5)``, ``q = clip(rint(x a), -128, 127)``; a row holding
-    NaN or Inf gets ``a = NaN`` and ``q = 0``, so its outputs come out NaN.
+    The one implementation of absmax int8 activation quantization (float32 throughout),
+    behind the per-token ``quantize_row`` and the per-block ``quantize_blocks``. ``src``
+    holding NaN or Inf gives ``a = NaN`` and ``dst = 0``, so the outputs come out NaN.
 
-    ``max|x|`` is taken on the float bits as unsigned integers (sign bit cleared), which
+    ``max|src|`` is taken on the float bits as unsigned integers (sign bit cleared), which
     order like the magnitudes and vectorize, unlike a float ``max`` that must honour NaN
     (7x faster than one); bits at or above those of +Inf flag a NaN or Inf.
     """
-    k = x.shape[1]
-    row = x[t]
-    bits = row.view(np.uint32)
+    bits = src.view(np.uint32)
     top = np.uint32(0)
-    for j in range(k):
+    for j in range(src.shape[0]):
         top = max(top, np.uint32(bits[j] & ABS_BITS))
-    q[t, k:] = 0
     if top >= INF_BITS:
-        act_scale[t] = np.float32(np.nan)
-        q[t, :k] = 0
-        q_sum[t] = 0
-        return
+        dst[:] = 0
+        return np.float32(np.nan), 0
     amax = np.array([top]).view(np.float32)[0]
     a = INT8_LEVELS / max(amax, ACTIVATION_ABSMAX_MIN)
-    act_scale[t] = a
-    out = q[t, :k]
     total = 0
-    for j in range(k):
-        v = np.int8(min(max(np.rint(row[j] * a), np.float32(-128.0)), np.float32(127.0)))
-        out[j] = v
+    for j in range(src.shape[0]):
+        v = np.int8(min(max(np.rint(src[j] * a), np.float32(-128.0)), np.float32(127.0)))
+        dst[j] = v
         total += v
-    q_sum[t] = total
+    return a, total
+
+
+@njit(**_KERNEL)
+def quantize_row(x, t, q, act_scale, q_sum):
+    """Row ``t`` of ``x`` to int8 in ``q[t]`` (zero padding after it), its scale ``a`` and ``sum(q)``.
+
+    Per-token quantization as BitNet's BitLinear does it (``quantize_span`` over the row).
+    """
+    k = x.shape[1]
+    q[t, k:] = 0
+    act_scale[t], q_sum[t] = quantize_span(x[t], q[t, :k])
+
+
+@njit(**_KERNEL)
+def quantize_blocks(x, t, q, lane_scale, block):
+    """Row ``t`` of ``x`` to int8 in ``q[t]``, each run of ``block`` values with its own scale.
+
+    ``lane_scale[t, i]`` is ``1 / a`` of the block holding values ``4 i .. 4 i + 3`` (one
+    entry per int32 lane of a byte dot product; ``block`` is a multiple of 4), which is what
+    the int8 head kernel multiplies each lane's dot product by.
+    """
+    k = x.shape[1]
+    for start in range(0, k, block):
+        stop = min(k, start + block)
+        a, _ = quantize_span(x[t, start:stop], q[t, start:stop])
+        lane_scale[t, start // 4 : (stop + 3) // 4] = np.float32(1.0) / a
 
 
 @njit(parallel=True, **_KERNEL)

@@ -14,7 +14,9 @@ instruction set. The markers must only be used on CPUs that have the features
 
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
 / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
-``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator vectors; ``prefetch``.
+``signed_dot_acc`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator
+vectors; ``zero_floats`` / ``scaled_add_floats`` / ``sum_floats`` on float32 vectors of the
+same lane count; ``prefetch``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class IsaType(types.Type):
 AVX512VNNI = IsaMarker("avx512vnni", 64)
 AVXVNNI = IsaMarker("avxvnni", 32)
 AVX2 = IsaMarker("avx2", 32)
+PORTABLE = IsaMarker("portable", 0)  # no vectors: kernels take their plain-Numba branch for it
+MARKERS = {marker.name: marker for marker in (AVX512VNNI, AVXVNNI, AVX2, PORTABLE)}
+"""The marker of each kernel path named in ``bitnet.kernels.cpu_features.PATHS``."""
 
 register_model(IsaType)(models.OpaqueModel)
 
@@ -177,6 +182,19 @@ def zero_acc(typingctx, isa):
     return vec(isa), codegen
 
 
+def _dot(builder, isa_name: str, acc, unsigned_bytes, signed_bytes):
+    """``acc`` plus the sums of 4 adjacent ``u8 x s8`` byte products, in each int32 lane."""
+    i32 = acc.type
+    if isa_name in ("avx512vnni", "avxvnni"):
+        width = 512 if isa_name == "avx512vnni" else 256
+        ops = [acc, builder.bitcast(unsigned_bytes, i32), builder.bitcast(signed_bytes, i32)]
+        return _call(builder, f"llvm.x86.avx512.vpdpbusd.{width}", i32, ops)
+    words = ir.VectorType(ir.IntType(16), 16)
+    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", words, [unsigned_bytes, signed_bytes])
+    ones = ir.Constant(words, [1] * 16)
+    return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.wd", i32, [pairs, ones]))
+
+
 @intrinsic
 def dot_acc(typingctx, isa, acc, codes, activations):
     """``acc`` plus, in each int32 lane, the sum of 4 adjacent products ``u8 codes * s8 activations``.
@@ -186,22 +204,29 @@ def dot_acc(typingctx, isa, acc, codes, activations):
     pairs of ``code <= 128`` times ``-128 <= activation <= 127`` stay within int16, so the
     saturation never triggers for the codes the kernels feed it.
     """
-    name = isa.isa
 
     def codegen(context, builder, sig, args):
-        _, acc_v, codes_v, act_v = args
-        i32 = acc_v.type
-        if name in ("avx512vnni", "avxvnni"):
-            width = 512 if name == "avx512vnni" else 256
-            ops = [acc_v, builder.bitcast(codes_v, i32), builder.bitcast(act_v, i32)]
-            return _call(builder, f"llvm.x86.avx512.vpdpbusd.{width}", i32, ops)
-        words = ir.VectorType(ir.IntType(16), 16)
-        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", words, [codes_v, act_v])
-        ones = ir.Constant(words, [1] * 16)
-        quads = _call(builder, "llvm.x86.avx2.pmadd.wd", i32, [pairs, ones])
-        return builder.add(acc_v, quads)
+        return _dot(builder, isa.isa, args[1], args[2], args[3])
 
     return acc(isa, acc, codes, activations), codegen
+
+
+@intrinsic
+def signed_dot_acc(typingctx, isa, acc, a, b):
+    """``acc`` plus, in each int32 lane, the sum of 4 adjacent products ``s8 a * s8 b`` (``b != -128``).
+
+    The byte multiply-adds take one unsigned operand, so the sign of ``a`` moves onto ``b``:
+    ``a * b = |a| * (b if a >= 0 else -b)``, with ``|a| <= 128`` as ``dot_acc`` requires.
+    """
+
+    def codegen(context, builder, sig, args):
+        _, acc_v, a_v, b_v = args
+        magnitude = _call(builder, f"llvm.abs.v{a.lanes}i8", a_v.type, [a_v, ir.Constant(ir.IntType(1), 0)])
+        negative = builder.icmp_signed("<", a_v, ir.Constant(a_v.type, [0] * a.lanes))
+        signed = builder.select(negative, builder.neg(b_v), b_v)
+        return _dot(builder, isa.isa, acc_v, magnitude, signed)
+
+    return acc(isa, acc, a, b), codegen
 
 
 @intrinsic
@@ -237,6 +262,61 @@ def sum_acc(typingctx, a):
         return builder.sext(total, ir.IntType(64))
 
     return types.int64(a), codegen
+
+
+class FloatVectorType(types.Type):
+    """An LLVM ``<lanes x float>`` held as one Numba value."""
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+        super().__init__(name=f"f32x{lanes}")
+
+    @property
+    def llvm_type(self) -> ir.VectorType:
+        return ir.VectorType(ir.FloatType(), self.lanes)
+
+
+register_model(FloatVectorType)(_VectorModel)
+
+
+@intrinsic
+def zero_floats(typingctx, isa):
+    """A float32 vector of zeros with as many lanes as an int32 accumulator of ``isa``."""
+    vec = FloatVectorType(isa.vector_bytes // 4)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(vec.llvm_type, [0.0] * vec.lanes)
+
+    return vec(isa), codegen
+
+
+@intrinsic
+def scaled_add_floats(typingctx, total, acc, scales, index):
+    """``total + float(acc) * scales[index : index + lanes]`` lane by lane (float32 ``scales``)."""
+    if not (isinstance(scales, types.Array) and scales.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        total_v, acc_v, scales_a, index_v = args
+        data = context.make_array(sig.args[2])(context, builder, scales_a).data
+        offset = context.cast(builder, index_v, sig.args[3], types.intp)
+        pointer = builder.bitcast(builder.gep(data, [offset]), total_v.type.as_pointer())
+        products = builder.fmul(builder.sitofp(acc_v, total_v.type), builder.load(pointer, align=4))
+        return builder.fadd(total_v, products)
+
+    return total(total, acc, scales, index), codegen
+
+
+@intrinsic
+def sum_floats(typingctx, total):
+    """The sum of the lanes of a float32 vector, by a fixed tree of adds (the same on every call)."""
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), args[0].type])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.fadd.v{total.lanes}f32")
+        return builder.call(fn, [ir.Constant(ir.FloatType(), -0.0), args[0]], fastmath=("reassoc",))
+
+    return types.float32(total), codegen
 
 
 @intrinsic
