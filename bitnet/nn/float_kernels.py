@@ -92,6 +92,7 @@ def causal_attention(queries, keys, values, start, scaling, scores, out):
     """
     n, heads, d = queries.shape
     group = heads // keys.shape[0]
+    scaling = np.float32(scaling)  # a Python float would turn the dot products into float64 (3x slower)
     for h in prange(heads):
         kv = h // group
         row = scores[h]
