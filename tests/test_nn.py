@@ -174,10 +174,13 @@ def test_int8_head_is_q8_0_dot_products(rng, path, vocab, width):
         np.testing.assert_allclose(out[t], expected[t], rtol=1e-5, atol=1e-5 * np.abs(expected[t]).max())
 
 
-def test_int8_head_nan_rows_and_thread_count():
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_head_kernels_nan_rows_and_thread_count(dtype):
+    """Row pairs (r, r + half) with an odd vocabulary, 1 vs 2 threads, a NaN in one token only."""
     rng = np.random.default_rng(7)
-    table = Embedding.from_weights(rng.standard_normal((1000, 200)).astype(np.float32), "int8")
+    table = Embedding.from_weights(rng.standard_normal((1001, 200)).astype(np.float32), dtype)
     h = rng.standard_normal((2, 200)).astype(np.float32)
+    np.testing.assert_allclose(table.logits(h), h @ table.float_weights().T, rtol=2e-2, atol=0.2)
     threads = bn.get_num_threads()
     try:
         bn.set_num_threads(1)

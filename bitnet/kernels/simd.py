@@ -16,7 +16,7 @@ Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat
 / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
 ``signed_dot_acc`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator
 vectors; ``zero_floats`` / ``scaled_add_floats`` / ``sum_floats`` on float32 vectors of the
-same lane count; ``prefetch``.
+same lane count; ``prefetch``; and the scalar ``bf16_to_float32``.
 """
 
 from __future__ import annotations
@@ -290,6 +290,26 @@ def zero_floats(typingctx, isa):
     return vec(isa), codegen
 
 
+def _element_pointer(context, builder, array_type, array, index_type, index, vector_type):
+    """Pointer to flat element ``index`` of a C-contiguous array, typed as a pointer to ``vector_type``."""
+    data = context.make_array(array_type)(context, builder, array).data
+    offset = context.cast(builder, index, index_type, types.intp)
+    return builder.bitcast(builder.gep(data, [offset]), vector_type.as_pointer())
+
+
+@intrinsic
+def bf16_to_float32(typingctx, word):
+    """One bf16 value (a raw uint16 word) as a float32 scalar, exactly."""
+    if not (isinstance(word, types.Integer) and word.bitwidth == 16 and not word.signed):
+        return None
+
+    def codegen(context, builder, sig, args):
+        wide = builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return types.float32(word), codegen
+
+
 @intrinsic
 def scaled_add_floats(typingctx, total, acc, scales, index):
     """``total + float(acc) * scales[index : index + lanes]`` lane by lane (float32 ``scales``)."""
@@ -298,9 +318,7 @@ def scaled_add_floats(typingctx, total, acc, scales, index):
 
     def codegen(context, builder, sig, args):
         total_v, acc_v, scales_a, index_v = args
-        data = context.make_array(sig.args[2])(context, builder, scales_a).data
-        offset = context.cast(builder, index_v, sig.args[3], types.intp)
-        pointer = builder.bitcast(builder.gep(data, [offset]), total_v.type.as_pointer())
+        pointer = _element_pointer(context, builder, sig.args[2], scales_a, sig.args[3], index_v, total_v.type)
         products = builder.fmul(builder.sitofp(acc_v, total_v.type), builder.load(pointer, align=4))
         return builder.fadd(total_v, products)
 

@@ -18,6 +18,7 @@ from numba.extending import overload
 
 from ..kernels.quantize import quantize_blocks
 from ..kernels.simd import (
+    bf16_to_float32,
     byte_vector_size,
     load_bytes,
     prefetch,
@@ -28,31 +29,48 @@ from ..kernels.simd import (
     zero_floats,
 )
 
-ROWS_PER_TASK = 64
 INT8_BLOCK = 32  # hidden-state values per activation scale of the int8 head (ggml's Q8_0 block)
-INT8_PREFETCH_ROWS = 2  # the int8 head prefetches its two rows this far ahead (NOTES.md)
+HEAD_PREFETCH_ROWS = 2  # the head kernels prefetch the rows this far ahead of their pair (NOTES.md)
 # As in float_kernels: vectorizable reductions, IEEE NaN/Inf kept, numpy's division semantics.
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True,
                nogil=True, boundscheck=False)
 _ROW_KERNEL = {**_KERNEL, "parallel": False, "inline": "always"}  # the body of one prange iteration
 
 
+@njit(**_ROW_KERNEL)
+def _row_pair(i, vocab):
+    """Rows ``(i, i + half)`` of a table of ``vocab`` rows (the odd middle row alone: ``(i, i)``).
+
+    The head kernels take rows in these pairs, so that each thread streams two regions of
+    the table at once, which DRAM serves 15% faster than one (NOTES.md).
+    """
+    half = (vocab + 1) // 2
+    first = np.int64(i)
+    return first, first + half if first + half < vocab else first
+
+
 @njit(**_KERNEL)
 def logits_bf16(table, h, out):
-    """``out[t, r] = sum_j bf16(table[r, j]) * h[t, j]``; ``table`` is uint16 ``(V, K)``."""
+    """``out[t, r] = sum_j bf16(table[r, j]) * h[t, j]``; ``table`` is uint16 ``(V, K)``.
+
+    A plain loop that LLVM vectorizes (widen, shift, FMA) for any CPU. Each row is computed
+    by one thread in a fixed order, so the result does not depend on the number of threads.
+    """
     vocab, width = table.shape
-    tasks = (vocab + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(tasks):
-        widened = np.empty(width, np.uint32)
-        row_float = widened.view(np.float32)
-        for r in range(task * ROWS_PER_TASK, min(vocab, (task + 1) * ROWS_PER_TASK)):
+    for i in prange((vocab + 1) // 2):
+        r0, r1 = _row_pair(i, vocab)
+        for j in range(0, width, 32):  # one prefetch per 64-byte line
+            prefetch(table, (r0 + HEAD_PREFETCH_ROWS) * width + j)
+            prefetch(table, (r1 + HEAD_PREFETCH_ROWS) * width + j)
+        for t in range(h.shape[0]):
+            acc0 = np.float32(0.0)
+            acc1 = np.float32(0.0)
             for j in range(width):
-                widened[j] = np.uint32(table[r, j]) << 16
-            for t in range(h.shape[0]):
-                acc = np.float32(0.0)
-                for j in range(width):
-                    acc += row_float[j] * h[t, j]
-                out[t, r] = acc
+                x = h[t, j]
+                acc0 += bf16_to_float32(table[r0, j]) * x
+                acc1 += bf16_to_float32(table[r1, j]) * x
+            out[t, r0] = acc0
+            out[t, r1] = acc1
 
 
 def _int8_row_pair(isa, table, row_scale, q, lane_scale, out, r0, r1):
@@ -75,7 +93,7 @@ def _int8_row_pair_for(isa, table, row_scale, q, lane_scale, out, r0, r1):
 def _int8_row_pair_simd(isa, table, row_scale, q, lane_scale, out, r0, r1):
     """Each run of 4 values meets in one int32 lane of a byte dot product, then gets its block's scale.
 
-    The rows ``INT8_PREFETCH_ROWS`` ahead of both are prefetched first: the hardware
+    The rows ``HEAD_PREFETCH_ROWS`` ahead of both are prefetched first: the hardware
     prefetcher alone keeps too few lines in flight to stream the table at DRAM speed. The
     SIMD loads take flat indexes into the C-contiguous arrays: a ``reshape`` here would update
     the arrays' reference counts once per row from every thread, which cost a third of the time.
@@ -85,8 +103,8 @@ def _int8_row_pair_simd(isa, table, row_scale, q, lane_scale, out, r0, r1):
     whole = width - width % step
     base0, base1 = r0 * width, r1 * width
     for j in range(0, width, 64):
-        prefetch(table, base0 + INT8_PREFETCH_ROWS * width + j)
-        prefetch(table, base1 + INT8_PREFETCH_ROWS * width + j)
+        prefetch(table, base0 + HEAD_PREFETCH_ROWS * width + j)
+        prefetch(table, base1 + HEAD_PREFETCH_ROWS * width + j)
     for t in range(q.shape[0]):
         total0, total1 = zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
@@ -127,17 +145,14 @@ def logits_int8(isa, table, row_scale, h, q, lane_scale, out):
     are exact integers, each block's sum is scaled once. A token with NaN or Inf in ``h``
     gets NaN logits. ``isa`` is a ``bitnet.kernels.simd`` marker.
 
-    Rows go in pairs ``(r, r + half)``, so each thread streams two regions of the table (15%
-    faster than one, like the ternary GEMV). Each row is computed by one thread in a fixed
-    order, so the result does not depend on the number of threads.
+    Rows go in pairs (``_row_pair``). Each row is computed by one thread in a fixed order, so
+    the result does not depend on the number of threads.
     """
     for t in range(h.shape[0]):
         quantize_blocks(h, t, q, lane_scale, INT8_BLOCK)
     vocab = table.shape[0]
-    half = (vocab + 1) // 2
-    for i in prange(half):
-        r0 = np.int64(i)
-        r1 = r0 + half if r0 + half < vocab else r0
+    for i in prange((vocab + 1) // 2):
+        r0, r1 = _row_pair(i, vocab)
         _int8_row_pair(isa, table, row_scale, q, lane_scale, out, r0, r1)
 
 
