@@ -111,6 +111,13 @@ def _call(builder, name: str, return_type, args):
     return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
 
 
+def _element_pointer(context, builder, array_type, array, index_type, index, value_type):
+    """Pointer to flat element ``index`` of a C-contiguous array (any shape), typed as ``value_type*``."""
+    data = context.make_array(array_type)(context, builder, array).data
+    offset = context.cast(builder, index, index_type, types.intp)
+    return builder.bitcast(builder.gep(data, [offset]), value_type.as_pointer())
+
+
 @intrinsic
 def byte_vector_size(typingctx, isa):
     """Bytes per vector register for ``isa`` (64 for AVX-512, 32 for AVX2/AVX-VNNI)."""
@@ -129,9 +136,7 @@ def load_bytes(typingctx, isa, array, index):
     vec = _bytes_type(isa)
 
     def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[1])(context, builder, args[1]).data
-        offset = context.cast(builder, args[2], sig.args[2], types.intp)
-        pointer = builder.bitcast(builder.gep(data, [offset]), vec.llvm_type.as_pointer())
+        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
         return builder.load(pointer, align=1)
 
     return vec(isa, array, index), codegen
@@ -290,13 +295,6 @@ def zero_floats(typingctx, isa):
     return vec(isa), codegen
 
 
-def _element_pointer(context, builder, array_type, array, index_type, index, vector_type):
-    """Pointer to flat element ``index`` of a C-contiguous array, typed as a pointer to ``vector_type``."""
-    data = context.make_array(array_type)(context, builder, array).data
-    offset = context.cast(builder, index, index_type, types.intp)
-    return builder.bitcast(builder.gep(data, [offset]), vector_type.as_pointer())
-
-
 @intrinsic
 def bf16_to_float32(typingctx, word):
     """One bf16 value (a raw uint16 word) as a float32 scalar, exactly."""
@@ -346,9 +344,7 @@ def prefetch(typingctx, array, index):
     """
 
     def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        offset = context.cast(builder, args[1], sig.args[1], types.intp)
-        pointer = builder.bitcast(builder.gep(data, [offset]), ir.IntType(8).as_pointer())
+        pointer = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(8))
         i32 = ir.IntType(32)
         read, keep_in_all_levels, data_cache = (ir.Constant(i32, v) for v in (0, 3, 1))
         fnty = ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32])
