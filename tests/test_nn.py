@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 import bitnet as bn
-from bitnet.nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding
 from bitnet.kernels import cpu_features
 from bitnet.kernels.simd import MARKERS
-from bitnet.nn import head_kernels
+from bitnet.nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, head_kernels
 from bitnet.nn.embedding import bf16_bits_to_float, float_to_bf16_bits
 
 
