@@ -57,7 +57,7 @@ def ternarize(w, threshold, group):
     return codes
 
 
-@njit(**_KERNEL)
+@njit(inline="always", **_KERNEL)  # as a call its loops ran 1.6x slower (0.9 -> 1.4 us at k = 2560)
 def quantize_span(src, dst):
     """``dst = clip(rint(src a), -128, 127)`` as int8 with ``a = 127 / max(max|src|, 1e-5)``; returns ``(a, sum(dst))``.
 

@@ -114,8 +114,8 @@ class Embedding:
         """``h @ table.T`` for ``h`` of shape ``(n, hidden)`` float32 -> ``(n, vocab)`` float32.
 
         With int8 storage ``h`` is rounded to int8 first, per block of 32 values
-        (``head_kernels.logits_int8``): a relative error of about 0.2% per value on top of
-        the table's own rounding.
+        (``head_kernels.logits_int8``): each value moves by at most 1/254 of its block's
+        largest magnitude, on top of the table's own rounding.
         """
         if out is None:
             out = np.empty((h.shape[0], self.vocab_size), np.float32)
