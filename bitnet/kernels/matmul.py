@@ -15,9 +15,9 @@ Two kernels per instruction set:
   Instead of shifting each byte to get code ``i``, it masks it in place
   (``byte & (3 << 2i)`` = ``c_i * 4**i``) into a separate accumulator per ``i``, and divides
   by ``4**i`` once at the end (exact: every lane is a multiple of ``4**i``). One load, four
-  ``and`` and four multiply-adds per 256 weights; weights are prefetched 4 KB ahead. A task pairs row ``r``
-  with row ``r + half`` of its range, so each thread reads two streams of weights at once,
-  which DRAM serves ~10% faster than one stream of adjacent rows.
+  ``and`` and four multiply-adds per 256 weights; weights are prefetched 4 KB ahead. A task
+  pairs row ``r`` with row ``r + half`` of its range, so each thread reads two streams of
+  weights at once, which DRAM serves ~10% faster than one stream of adjacent rows.
 * GEMM (``n >= 8``): a tile of 2 rows x 8 tokens (16 accumulators). Each 64-byte weight block
   is decoded (shift + mask) once into registers and reused for the 8 tokens, so the decode
   cost does not grow with ``n``. The k axis is cut into chunks so that a tile's activations
