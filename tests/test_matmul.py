@@ -55,7 +55,8 @@ def test_supported_paths_follow_the_features():
     assert cpu_features.supported_paths({"avx2"}) == ("avx2", "portable")
     assert cpu_features.supported_paths({"avx2", "avxvnni"}) == ("avxvnni", "avx2", "portable")
     full = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}
-    assert cpu_features.supported_paths(full) == cpu_features.PATHS
+    assert cpu_features.supported_paths(full) == cpu_features.PATHS[1:]
+    assert cpu_features.supported_paths(full | {"amx-tile", "amx-int8"}) == cpu_features.PATHS
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -233,18 +234,34 @@ def test_nan_or_inf_in_a_row_gives_a_nan_row(rng, path, bad):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("m, k, n", [(1, 1, 32), (37, 517, 33), (70, 700, 64), (33, 257, 100), (5, 64, 45)])
+def test_prefill_sized_batches_are_exact(rng, path, m, k, n):
+    """From 32 tokens the amx path multiplies in tiles of 32 rows x 32 tokens: partial tiles
+    of rows and tokens, k tails, and the extreme activations must all come out exact."""
+    t = ternary(rng, m, k)
+    p = bn.pack(t, "i2")
+    q = random_q(rng, n, k)
+    q[0] = -128
+    q[-1] = 127
+    assert np.array_equal(bn.matmul_int(q, p, path=path), int_reference(q, t.codes))
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    np.testing.assert_allclose(bn.matmul(x, p, path=path), float_reference(x, t), rtol=2e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_results_do_not_depend_on_the_thread_count(rng, path):
     t = ternary(rng, 301, 1100, "channel")
     p = bn.pack(t, "i2")
-    x = rng.standard_normal((19, 1100)).astype(np.float32)
-    q = random_q(rng, 19, 1100)
+    x = rng.standard_normal((40, 1100)).astype(np.float32)  # 40 tokens: AMX tiles on amx, 8-token tiles elsewhere
+    q = random_q(rng, 40, 1100)
     before = bn.get_num_threads()
     try:
         results = []
         for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
             bn.set_num_threads(threads)
             assert bn.get_num_threads() == threads
-            results.append((bn.matmul_int(q, p, path=path), bn.matmul(x, p, path=path), bn.matmul(x[0], p, path=path)))
+            results.append((bn.matmul_int(q, p, path=path), bn.matmul(x, p, path=path), bn.matmul(x[0], p, path=path),
+                            bn.matmul(x[:19], p, path=path)))
     finally:
         bn.set_num_threads(before)
     for other in results[1:]:

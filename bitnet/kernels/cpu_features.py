@@ -2,6 +2,8 @@
 
 Paths, fastest first:
 
+* ``amx``: the ``avx512vnni`` kernels, with Intel AMX tiles (``tdpbusd``) for prefill-sized
+  batches (Sapphire Rapids and later, where Linux grants the tiles: see ``bitnet.kernels.amx``).
 * ``avx512vnni``: 512-bit ``vpdpbusd`` (Intel Ice Lake / Sapphire Rapids and later, AMD Zen 4+).
 * ``avxvnni``: 256-bit ``vpdpbusd`` (Alder Lake and later; also on every AVX-512 VNNI CPU).
 * ``avx2``: 256-bit ``vpmaddubsw`` + ``vpmaddwd`` (Haswell and later).
@@ -15,17 +17,22 @@ instruction.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import llvmlite.binding as llvm
 from numba.core import config
 
+from . import amx
+
 ENV_VAR = "BITNET_KERNEL"
 PORTABLE = "portable"
-PATHS = ("avx512vnni", "avxvnni", "avx2", PORTABLE)
+PATHS = ("amx", "avx512vnni", "avxvnni", "avx2", PORTABLE)
+_AMX_FEATURES = ("amx-tile", "amx-int8")
 
 # The LLVM target features each SIMD path compiles to.
 _NEEDS = {
+    "amx": ("avx512f", "avx512bw", "avx512vnni", *_AMX_FEATURES),
     "avx512vnni": ("avx512f", "avx512bw", "avx512vnni"),
     "avxvnni": ("avx2", "avx512vl", "avx512vnni"),
     "avx2": ("avx2",),
@@ -35,7 +42,8 @@ _NEEDS = {
 _NEEDS_ALT = {"avxvnni": ("avx2", "avxvnni")}
 
 
-def _compile_target_features() -> set[str]:
+@functools.cache
+def _compile_target_features() -> frozenset[str]:
     """Features of the CPU Numba compiles for; empty when Numba is told to target another CPU.
 
     ``NUMBA_CPU_NAME`` (e.g. ``generic`` for portable caches) makes Numba compile for a CPU
@@ -43,8 +51,11 @@ def _compile_target_features() -> set[str]:
     portable path is safe there.
     """
     if config.CPU_NAME not in (None, "host"):
-        return set()
-    return {name for name, present in llvm.get_host_cpu_features().items() if present}
+        return frozenset()
+    features = {name for name, present in llvm.get_host_cpu_features().items() if present}
+    if all(f in features for f in _AMX_FEATURES) and not amx.request_permission():
+        features -= set(_AMX_FEATURES)  # the OS keeps the tiles: using them would kill the process
+    return frozenset(features)
 
 
 def supported_paths(features: set[str] | None = None) -> tuple[str, ...]:

@@ -26,6 +26,10 @@ Two kernels per instruction set:
 Accumulator lanes are flushed into int64 totals every ``FOLD_BLOCKS`` blocks, so no int32
 lane can overflow whatever ``k``; the result is exact whenever it fits in int32.
 
+* AMX (the ``amx`` path, ``n >= 32``): all tokens go through Intel AMX tiles instead
+  (``_gemm_amx``): 32 rows x 32 tokens per pass, the codes decoded to bytes once per 32
+  rows, ``tdpbusd`` doing 16 x 16 x 64 byte multiply-adds at a time (``bitnet.kernels.amx``).
+
 Work is split over output rows with ``prange``; every output value is computed by one
 task in a fixed order, so results are bit-identical for any thread count. The SIMD
 primitives come from ``simd.py``; ``PORTABLE`` selects plain Numba loops instead, for any CPU.
@@ -37,8 +41,11 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
+from . import amx
+from .amx import TILE_CONFIG, load_config, release_tiles, tile_dot, tile_load, tile_store, tile_zero
 from .quantize import quantize_padded, quantize_row
 from .simd import (
+    AMX,
     AVX2,
     AVX512VNNI,
     AVXVNNI,
@@ -69,8 +76,14 @@ PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the porta
 # several KB in flight per thread (4-16 KB stream the model's GEMVs ~25% faster than 1 KB; NOTES.md).
 PREFETCH_BYTES = 4096
 
+AMX_MIN_TOKENS = 32  # from this many tokens the amx path multiplies in tiles
+AMX_MAX_K = 2**22  # int32 tile sums stay exact below this: 2**22 x 2 x 128 < 2**31
+AMX_ROWS = 2 * amx.TILE_ROWS  # weight rows per tile pass (two code tiles)
+AMX_TOKENS = 2 * amx.TILE_ROWS  # tokens per tile pass (two activation tiles)
+
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False)
 _NO_SCRATCH = np.zeros(0, np.int16)  # a constant: the SIMD paths allocate nothing per task
+_NO_TILES = np.zeros((0, 0, 0), np.int32)
 
 
 # --- SIMD inner loops ------------------------------------------------------------------------
@@ -224,6 +237,98 @@ def _tile_portable(w, r0, r1, q, t, b0, b1, lanes):
     return (s00, s01, s02, s03, s04, s05, s06, s07, s10, s11, s12, s13, s14, s15, s16, s17)
 
 
+# --- AMX tiles (the amx path, prefill-sized batches) --------------------------------------------
+
+
+@njit(**_KERNEL)
+def _decode_codes(w, first, rows, codes):
+    """Stored codes (0, 1, 2) of rows ``first .. first + rows - 1`` into ``codes[i, k]``, one byte each."""
+    nb = w.shape[1] // BLOCK_BYTES
+    for i in range(rows):
+        packed = w[first + i]
+        row = codes[i]
+        for b in range(nb):
+            for j in range(BLOCK_BYTES):
+                x = packed[b * BLOCK_BYTES + j]
+                row[b * BLOCK + j] = x & 3
+                row[b * BLOCK + 64 + j] = (x >> 2) & 3
+                row[b * BLOCK + 128 + j] = (x >> 4) & 3
+                row[b * BLOCK + 192 + j] = x >> 6
+
+
+@njit(**_KERNEL)
+def _gemm_amx(w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """Rows ``first .. last - 1`` x all ``n`` tokens with AMX tiles, 32 rows x 32 tokens a pass.
+
+    Tiles 4, 5: the stored codes of 16 rows each (decoded to bytes once per 32 rows);
+    tiles 6, 7: 16 tokens' activations each (``tiles`` from ``amx.vnni_activations``);
+    tiles 0-3: the four 16 x 16 int32 sums. Rows past ``last`` and tokens past ``n`` are
+    computed on whatever the buffers hold and never stored.
+    """
+    chunks, _, tokens = tiles.shape
+    kp = chunks * amx.TILE_BYTES
+    codes = np.empty((AMX_ROWS, kp), np.uint8)
+    sums = np.empty((AMX_ROWS, AMX_TOKENS), np.int32)
+    stride = tokens * 4
+    load_config(TILE_CONFIG)
+    for start in range(first, last, AMX_ROWS):
+        rows = min(last - start, AMX_ROWS)
+        _decode_codes(w, start, rows, codes)
+        for t0 in range(0, tokens, AMX_TOKENS):
+            tile_zero(0)
+            tile_zero(1)
+            tile_zero(2)
+            tile_zero(3)
+            for c in range(chunks):
+                tile_load(4, codes, c * amx.TILE_BYTES, kp)
+                tile_load(5, codes, amx.TILE_ROWS * kp + c * amx.TILE_BYTES, kp)
+                at = c * amx.TILE_ROWS * tokens + t0
+                tile_load(6, tiles, at, stride)
+                tile_load(7, tiles, at + amx.TILE_ROWS, stride)
+                tile_dot(0, 4, 6)
+                tile_dot(1, 4, 7)
+                tile_dot(2, 5, 6)
+                tile_dot(3, 5, 7)
+            tile_store(0, sums, 0, AMX_TOKENS * 4)
+            tile_store(1, sums, amx.TILE_ROWS, AMX_TOKENS * 4)
+            tile_store(2, sums, amx.TILE_ROWS * AMX_TOKENS, AMX_TOKENS * 4)
+            tile_store(3, sums, amx.TILE_ROWS * AMX_TOKENS + amx.TILE_ROWS, AMX_TOKENS * 4)
+            for i in range(rows):
+                for j in range(min(AMX_TOKENS, n - t0)):
+                    _emit(t0 + j, start + i, sums[i, j], q_sum, act_scale, scale, scale_step, acc, out, as_float)
+    release_tiles()
+
+
+def _tile_activations(isa, q):
+    """The activations as AMX tile operands when the amx path multiplies this call in tiles, else empty."""
+
+
+@overload(_tile_activations, jit_options=_KERNEL)
+def _tile_activations_for(isa, q):
+    if isa.isa != "amx":
+        return lambda isa, q: _NO_TILES
+
+    def tiles(isa, q):
+        n, kp = q.shape
+        if n < AMX_MIN_TOKENS or kp > AMX_MAX_K:
+            return _NO_TILES
+        return amx.vnni_activations(q, -(-n // AMX_TOKENS) * AMX_TOKENS)
+
+    return tiles
+
+
+def _gemm_tiles(isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``_gemm_amx`` on the amx path; compiled to nothing elsewhere (no tile instructions there)."""
+
+
+@overload(_gemm_tiles, jit_options=_KERNEL)
+def _gemm_tiles_for(isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    if isa.isa == "amx":
+        return lambda isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float: (
+            _gemm_amx(w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float))
+    return lambda isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float: None
+
+
 # --- one generic driver, specialised per instruction set at compile time -----------------------
 
 
@@ -328,14 +433,18 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
     """
     m = w.shape[0]
     n = q.shape[0]
-    tiled = n - n % TILE_TOKENS
+    tiles = _tile_activations(isa, q)
+    on_tiles = tiles.shape[0] > 0
+    tiled = n if on_tiles else n - n % TILE_TOKENS
     per_task = -(-m // PARALLEL_TASKS)
     per_task += per_task % TILE_ROWS
     for task in prange((m + per_task - 1) // per_task):
         first = task * per_task
         last = min(m, first + per_task)
         lanes = _scratch(isa)
-        if tiled:
+        if on_tiles:
+            _gemm_tiles(isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+        elif tiled:
             sums = np.empty((GEMM_ROWS + 1, tiled), np.int64)
             for start in range(first, last, GEMM_ROWS):
                 rows = min(last - start, GEMM_ROWS)
@@ -374,6 +483,11 @@ def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_floa
 
 
 @njit(**_KERNEL)
+def matmul_amx(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
+    _matmul(AMX, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
+
+
+@njit(**_KERNEL)
 def matmul_avx512vnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
     _matmul(AVX512VNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
 
@@ -394,6 +508,7 @@ def matmul_portable(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_f
 
 
 ENTRY_POINTS = {
+    "amx": matmul_amx,
     "avx512vnni": matmul_avx512vnni,
     "avxvnni": matmul_avxvnni,
     "avx2": matmul_avx2,

@@ -47,10 +47,11 @@ class IsaType(types.Type):
 
 
 AVX512VNNI = IsaMarker("avx512vnni", 64)
+AMX = IsaMarker("amx", 64)  # AVX-512 VNNI vectors, plus AMX tiles where a kernel has a tile loop
 AVXVNNI = IsaMarker("avxvnni", 32)
 AVX2 = IsaMarker("avx2", 32)
 PORTABLE = IsaMarker("portable", 0)  # no vectors: kernels take their plain-Numba branch for it
-MARKERS = {marker.name: marker for marker in (AVX512VNNI, AVXVNNI, AVX2, PORTABLE)}
+MARKERS = {marker.name: marker for marker in (AMX, AVX512VNNI, AVXVNNI, AVX2, PORTABLE)}
 """The marker of each kernel path named in ``bitnet.kernels.cpu_features.PATHS``."""
 
 register_model(IsaType)(models.OpaqueModel)
@@ -190,8 +191,8 @@ def zero_acc(typingctx, isa):
 def _dot(builder, isa_name: str, acc, unsigned_bytes, signed_bytes):
     """``acc`` plus the sums of 4 adjacent ``u8 x s8`` byte products, in each int32 lane."""
     i32 = acc.type
-    if isa_name in ("avx512vnni", "avxvnni"):
-        width = 512 if isa_name == "avx512vnni" else 256
+    if isa_name in ("amx", "avx512vnni", "avxvnni"):
+        width = 256 if isa_name == "avxvnni" else 512
         ops = [acc, builder.bitcast(unsigned_bytes, i32), builder.bitcast(signed_bytes, i32)]
         return _call(builder, f"llvm.x86.avx512.vpdpbusd.{width}", i32, ops)
     words = ir.VectorType(ir.IntType(16), 16)

@@ -1,0 +1,173 @@
+"""Intel AMX tiles for the ternary GEMM: eight 1 KB tile registers and ``tdpbusd``.
+
+``tdpbusd`` multiplies a 16 x 64 tile of unsigned bytes (16 weight rows, 64 stored codes
+each) by a 16 x 64 tile of signed bytes holding 16 tokens' activations in "VNNI layout"
+(row ``k4`` holds, for each token, the 4 activations ``4 k4 .. 4 k4 + 3``), accumulating
+a 16 x 16 int32 tile: 16384 byte multiply-adds in one instruction, ~4x what ``vpdpbusd``
+gives a core. Everything here is exact integer arithmetic.
+
+Linux hands the tile registers to a process only after it asks (``arch_prctl``);
+``request_permission`` does that once, and ``bitnet.kernels.cpu_features`` offers the
+``amx`` path only when the CPU has the features and the OS said yes: executing a tile
+instruction without permission kills the process.
+
+The intrinsics take tile numbers as compile-time literals (``tile_dot(0, 4, 6)``), as the
+instructions encode them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+TILE_ROWS = 16  # rows of every tile
+TILE_BYTES = 64  # bytes per tile row: 64 codes, or 16 tokens x 4 activations, or 16 int32
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+_SYS_ARCH_PRCTL = 158  # x86-64
+
+
+def request_permission() -> bool:
+    """Ask Linux for the AMX tile registers for this process; True if granted (False off Linux/x86-64)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def tile_config() -> np.ndarray:
+    """The 64-byte ``ldtilecfg`` block: palette 1, all eight tiles 16 rows x 64 bytes."""
+    config = np.zeros(64, np.uint8)
+    config[0] = 1
+    config[16:32].view(np.uint16)[:] = TILE_BYTES
+    config[48:56] = TILE_ROWS
+    return config
+
+
+TILE_CONFIG = tile_config()
+
+_I8 = ir.IntType(8)
+_VOID = ir.VoidType()
+
+
+def _call(builder, name, args):
+    fnty = ir.FunctionType(_VOID, [a.type for a in args])
+    builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+
+
+def _address(context, builder, array_type, array, index_type, index):
+    data = context.make_array(array_type)(context, builder, array).data
+    offset = context.cast(builder, index, index_type, types.intp)
+    return builder.bitcast(builder.gep(data, [offset]), _I8.as_pointer())
+
+
+def _literals(*tiles) -> bool:
+    return all(isinstance(t, types.IntegerLiteral) for t in tiles)
+
+
+@intrinsic
+def load_config(typingctx, config):
+    """``ldtilecfg``: shape the calling thread's tiles as ``config`` (a 64-byte uint8 array) says."""
+
+    def codegen(context, builder, sig, args):
+        zero = context.get_constant(types.intp, 0)
+        _call(builder, "llvm.x86.ldtilecfg", [_address(context, builder, sig.args[0], args[0], types.intp, zero)])
+        return context.get_dummy_value()
+
+    return types.none(config), codegen
+
+
+@intrinsic
+def release_tiles(typingctx):
+    """``tilerelease``: give the calling thread's tile state back."""
+
+    def codegen(context, builder, sig, args):
+        _call(builder, "llvm.x86.tilerelease", [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def tile_zero(typingctx, tile):
+    """Set a tile to zeros."""
+    if not _literals(tile):
+        return None
+
+    def codegen(context, builder, sig, args):
+        _call(builder, "llvm.x86.tilezero", [ir.Constant(_I8, tile.literal_value)])
+        return context.get_dummy_value()
+
+    return types.none(tile), codegen
+
+
+@intrinsic
+def tile_load(typingctx, tile, array, index, stride):
+    """Load a tile's 16 rows from flat element ``index`` of ``array``, rows ``stride`` bytes apart."""
+    if not _literals(tile):
+        return None
+
+    def codegen(context, builder, sig, args):
+        address = _address(context, builder, sig.args[1], args[1], sig.args[2], args[2])
+        step = context.cast(builder, args[3], sig.args[3], types.int64)
+        _call(builder, "llvm.x86.tileloadd64", [ir.Constant(_I8, tile.literal_value), address, step])
+        return context.get_dummy_value()
+
+    return types.none(tile, array, index, stride), codegen
+
+
+@intrinsic
+def tile_store(typingctx, tile, array, index, stride):
+    """Store a tile's 16 rows at flat element ``index`` of ``array``, rows ``stride`` bytes apart."""
+    if not _literals(tile):
+        return None
+
+    def codegen(context, builder, sig, args):
+        address = _address(context, builder, sig.args[1], args[1], sig.args[2], args[2])
+        step = context.cast(builder, args[3], sig.args[3], types.int64)
+        _call(builder, "llvm.x86.tilestored64", [ir.Constant(_I8, tile.literal_value), address, step])
+        return context.get_dummy_value()
+
+    return types.none(tile, array, index, stride), codegen
+
+
+@intrinsic
+def tile_dot(typingctx, acc, codes, activations):
+    """``tdpbusd``: ``acc[i, j] += sum_k codes[i, k] (u8) * activations[k // 4, 4 j + k % 4] (s8)``."""
+    if not _literals(acc, codes, activations):
+        return None
+
+    def codegen(context, builder, sig, args):
+        tiles = [ir.Constant(_I8, t.literal_value) for t in (acc, codes, activations)]
+        _call(builder, "llvm.x86.tdpbusd", tiles)
+        return context.get_dummy_value()
+
+    return types.none(acc, codes, activations), codegen
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def vnni_activations(q, tokens):
+    """``q`` (n, kp) int8 as tile operands: int32 ``(kp // 64, 16, tokens)``, zero past ``n``.
+
+    Element ``[c, k4, t]`` holds the 4 activations ``64 c + 4 k4 .. + 3`` of token ``t``
+    (one int32 word of ``q``), so a tile load at ``[c, 0, t0]`` with a row stride of
+    ``4 tokens`` bytes is the activations tile of tokens ``t0 .. t0 + 15`` for k chunk ``c``.
+    """
+    n, kp = q.shape
+    words = q.view(np.int32)
+    chunks = kp // TILE_BYTES
+    out = np.zeros((chunks, TILE_ROWS, tokens), np.int32)
+    for t in range(n):
+        for c in range(chunks):
+            for k4 in range(TILE_ROWS):
+                out[c, k4, t] = words[t, TILE_ROWS * c + k4]
+    return out
