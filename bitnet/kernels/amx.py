@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -154,7 +154,7 @@ def tile_dot(typingctx, acc, codes, activations):
     return types.none(acc, codes, activations), codegen
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@njit(parallel=True, cache=True, nogil=True, boundscheck=False)
 def vnni_activations(q, tokens):
     """``q`` (n, kp) int8 as tile operands: int32 ``(kp // 64, 16, tokens)``, zero past ``n``.
 
@@ -166,7 +166,7 @@ def vnni_activations(q, tokens):
     words = q.view(np.int32)
     chunks = kp // TILE_BYTES
     out = np.zeros((chunks, TILE_ROWS, tokens), np.int32)
-    for t in range(n):
+    for t in prange(n):  # each token writes its own column
         for c in range(chunks):
             for k4 in range(TILE_ROWS):
                 out[c, k4, t] = words[t, TILE_ROWS * c + k4]

@@ -293,8 +293,8 @@ def _gemm_amx(w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc
             tile_store(1, sums, amx.TILE_ROWS, AMX_TOKENS * 4)
             tile_store(2, sums, amx.TILE_ROWS * AMX_TOKENS, AMX_TOKENS * 4)
             tile_store(3, sums, amx.TILE_ROWS * AMX_TOKENS + amx.TILE_ROWS, AMX_TOKENS * 4)
-            for i in range(rows):
-                for j in range(min(AMX_TOKENS, n - t0)):
+            for j in range(min(AMX_TOKENS, n - t0)):  # token-major: each token's outputs are adjacent
+                for i in range(rows):
                     _emit(t0 + j, start + i, sums[i, j], q_sum, act_scale, scale, scale_step, acc, out, as_float)
     release_tiles()
 
@@ -418,11 +418,13 @@ def _gemm_rows(isa, w, first_row, rows, q, tokens, sums, lanes):
 
 
 @njit(parallel=True, **_KERNEL)
-def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+def ternary_matmul(isa, w, q, tiles, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """``q @ (c - 1).T`` for i2 data ``w`` (m, 64 nb) and padded int8 ``q`` (n, 256 nb).
 
     Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
     ``acc / act_scale[t] * scale[r * scale_step]`` (``scale_step`` 0 for one scale per tensor).
+    ``tiles``: ``q`` as AMX tile operands (``_tile_activations``); when not empty, every
+    token goes through the AMX tile loop.
 
     The rows are cut into ``PARALLEL_TASKS`` tasks (fewer for small ``m``) of an even number of
     rows; Numba's static schedule deals the tasks out to the threads. Which task computes a
@@ -433,7 +435,6 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
     """
     m = w.shape[0]
     n = q.shape[0]
-    tiles = _tile_activations(isa, q)
     on_tiles = tiles.shape[0] > 0
     tiled = n if on_tiles else n - n % TILE_TOKENS
     per_task = -(-m // PARALLEL_TASKS)
@@ -449,8 +450,8 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
             for start in range(first, last, GEMM_ROWS):
                 rows = min(last - start, GEMM_ROWS)
                 _gemm_rows(isa, w, start, rows, q, tiled, sums, lanes)
-                for i in range(rows):
-                    for t in range(tiled):
+                for t in range(tiled):  # token-major: each token's outputs are adjacent
+                    for i in range(rows):
                         _emit(t, start + i, sums[i, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
         half = (last - first + 1) // 2
         for r0 in range(first, first + half):
@@ -474,7 +475,8 @@ def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_floa
             quantize_row(x, 0, q, act_scale, q_sum)
         else:
             quantize_padded(x, q, act_scale, q_sum)
-    ternary_matmul(isa, w, _activations_for(isa, q), q_sum, act_scale, scale, scale_step, acc, out, as_float)
+    tiles = _tile_activations(isa, q)
+    ternary_matmul(isa, w, _activations_for(isa, q), tiles, q_sum, act_scale, scale, scale_step, acc, out, as_float)
 
 
 # Entry points, one per path with the same arguments as ``_matmul`` minus the ISA marker,
