@@ -110,34 +110,31 @@ def tile_zero(typingctx, tile):
     return types.none(tile), codegen
 
 
-@intrinsic
-def tile_load(typingctx, tile, array, index, stride):
-    """Load a tile's 16 rows from flat element ``index`` of ``array``, rows ``stride`` bytes apart."""
-    if not _literals(tile):
-        return None
+def _tile_transfer(llvm_name: str, doc: str):
+    """An intrinsic ``(tile, array, index, stride)`` moving a tile's 16 rows to or from memory.
 
-    def codegen(context, builder, sig, args):
-        address = _address(context, builder, sig.args[1], args[1], sig.args[2], args[2])
-        step = context.cast(builder, args[3], sig.args[3], types.int64)
-        _call(builder, "llvm.x86.tileloadd64", [ir.Constant(_I8, tile.literal_value), address, step])
-        return context.get_dummy_value()
+    The rows start at flat element ``index`` of ``array`` and lie ``stride`` bytes apart.
+    """
 
-    return types.none(tile, array, index, stride), codegen
+    @intrinsic
+    def transfer(typingctx, tile, array, index, stride):
+        if not _literals(tile):
+            return None
+
+        def codegen(context, builder, sig, args):
+            address = _address(context, builder, sig.args[1], args[1], sig.args[2], args[2])
+            step = context.cast(builder, args[3], sig.args[3], types.int64)
+            _call(builder, llvm_name, [ir.Constant(_I8, tile.literal_value), address, step])
+            return context.get_dummy_value()
+
+        return types.none(tile, array, index, stride), codegen
+
+    transfer.__doc__ = doc
+    return transfer
 
 
-@intrinsic
-def tile_store(typingctx, tile, array, index, stride):
-    """Store a tile's 16 rows at flat element ``index`` of ``array``, rows ``stride`` bytes apart."""
-    if not _literals(tile):
-        return None
-
-    def codegen(context, builder, sig, args):
-        address = _address(context, builder, sig.args[1], args[1], sig.args[2], args[2])
-        step = context.cast(builder, args[3], sig.args[3], types.int64)
-        _call(builder, "llvm.x86.tilestored64", [ir.Constant(_I8, tile.literal_value), address, step])
-        return context.get_dummy_value()
-
-    return types.none(tile, array, index, stride), codegen
+tile_load = _tile_transfer("llvm.x86.tileloadd64", "Load a tile from memory (``tileloadd``).")
+tile_store = _tile_transfer("llvm.x86.tilestored64", "Store a tile to memory (``tilestored``).")
 
 
 @intrinsic
