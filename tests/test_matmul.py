@@ -59,6 +59,16 @@ def test_supported_paths_follow_the_features():
     assert cpu_features.supported_paths(full | {"amx-tile", "amx-int8"}) == cpu_features.PATHS
 
 
+def test_amx_is_offered_only_when_the_os_grants_the_tiles(monkeypatch):
+    """Tile instructions without Linux's permission kill the process: a refusal must drop the path."""
+    from bitnet.kernels import amx
+
+    monkeypatch.setattr(amx, "request_permission", lambda: False)
+    features = cpu_features._compile_target_features.__wrapped__()
+    assert not {"amx-tile", "amx-int8"} & features
+    assert "amx" not in cpu_features.supported_paths(set(features))
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matmul_int_is_exact_for_every_format(rng, path, fmt):
