@@ -23,8 +23,9 @@ import sys
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .simd import _call, _element_pointer
 
 TILE_ROWS = 16  # rows of every tile
 TILE_BYTES = 64  # bytes per tile row: 64 codes, or 16 tokens x 4 activations, or 16 int32
@@ -59,17 +60,6 @@ _I8 = ir.IntType(8)
 _VOID = ir.VoidType()
 
 
-def _call(builder, name, args):
-    fnty = ir.FunctionType(_VOID, [a.type for a in args])
-    builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
-
-
-def _address(context, builder, array_type, array, index_type, index):
-    data = context.make_array(array_type)(context, builder, array).data
-    offset = context.cast(builder, index, index_type, types.intp)
-    return builder.bitcast(builder.gep(data, [offset]), _I8.as_pointer())
-
-
 def _literals(*tiles) -> bool:
     return all(isinstance(t, types.IntegerLiteral) for t in tiles)
 
@@ -80,7 +70,8 @@ def load_config(typingctx, config):
 
     def codegen(context, builder, sig, args):
         zero = context.get_constant(types.intp, 0)
-        _call(builder, "llvm.x86.ldtilecfg", [_address(context, builder, sig.args[0], args[0], types.intp, zero)])
+        address = _element_pointer(context, builder, sig.args[0], args[0], types.intp, zero, _I8)
+        _call(builder, "llvm.x86.ldtilecfg", _VOID, [address])
         return context.get_dummy_value()
 
     return types.none(config), codegen
@@ -91,7 +82,7 @@ def release_tiles(typingctx):
     """``tilerelease``: give the calling thread's tile state back."""
 
     def codegen(context, builder, sig, args):
-        _call(builder, "llvm.x86.tilerelease", [])
+        _call(builder, "llvm.x86.tilerelease", _VOID, [])
         return context.get_dummy_value()
 
     return types.none(), codegen
@@ -104,7 +95,7 @@ def tile_zero(typingctx, tile):
         return None
 
     def codegen(context, builder, sig, args):
-        _call(builder, "llvm.x86.tilezero", [ir.Constant(_I8, tile.literal_value)])
+        _call(builder, "llvm.x86.tilezero", _VOID, [ir.Constant(_I8, tile.literal_value)])
         return context.get_dummy_value()
 
     return types.none(tile), codegen
@@ -122,9 +113,9 @@ def _tile_transfer(llvm_name: str, doc: str):
             return None
 
         def codegen(context, builder, sig, args):
-            address = _address(context, builder, sig.args[1], args[1], sig.args[2], args[2])
+            address = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], _I8)
             step = context.cast(builder, args[3], sig.args[3], types.int64)
-            _call(builder, llvm_name, [ir.Constant(_I8, tile.literal_value), address, step])
+            _call(builder, llvm_name, _VOID, [ir.Constant(_I8, tile.literal_value), address, step])
             return context.get_dummy_value()
 
         return types.none(tile, array, index, stride), codegen
@@ -145,7 +136,7 @@ def tile_dot(typingctx, acc, codes, activations):
 
     def codegen(context, builder, sig, args):
         tiles = [ir.Constant(_I8, t.literal_value) for t in (acc, codes, activations)]
-        _call(builder, "llvm.x86.tdpbusd", tiles)
+        _call(builder, "llvm.x86.tdpbusd", _VOID, tiles)
         return context.get_dummy_value()
 
     return types.none(acc, codes, activations), codegen
