@@ -53,7 +53,7 @@ def _head_label(model) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate text from an HF BitNet model directory or a .gguf file, streaming it, then report tokens/s."""
+    """Generate text from an HF BitNet model directory or a .gguf file (default: the bundled model), streaming it."""
     try:
         model = bn.load_pretrained(args.model_dir, head_dtype=args.head)
         tokenizer = bn.load_tokenizer(args.model_dir)
@@ -61,7 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if tokenizer is None:
-        print(f"error: {args.model_dir} has no tokenizer.json to encode the prompt with", file=sys.stderr)
+        source = args.model_dir or "the bundled model"
+        print(f"error: {source} has no tokenizer.json to encode the prompt with", file=sys.stderr)
         return 2
     prompt = tokenizer.encode(args.prompt).ids
     print(args.prompt, end="", flush=True)
@@ -130,6 +131,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a BitNet b1.58 model with quantization-aware training on a text corpus (needs the [train] extra)."""
+    try:
+        from .torch.config import TrainConfig
+        from .torch.train import train
+    except ImportError as exc:
+        print(f'error: training needs PyTorch and transformers ({exc}); pip install "bitnet[train]"', file=sys.stderr)
+        return 2
+    values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
+    try:
+        result = train(TrainConfig(**values), resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.no_progress, threads=args.threads)
+    except bn.BitNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.model_dir is not None:
+        print(f"held-out bits per byte: {result.held_out_bpb:.4f}; {result.tokens:,} tokens in "
+              f"{result.seconds / 60:.1f} min; model in {result.model_dir}")
+    return 0
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, with its default (the bundled model's recipe)."""
+    import dataclasses
+
+    from .torch.config import TrainConfig
+
+    defaults = TrainConfig(out_dir="")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if field.name == "out_dir":
+            parser.add_argument(flag, required=True, help="where the checkpoint, log and exported model go")
+        elif isinstance(default, bool) or default is None:
+            note = " (None: bf16 where the CPU has it)" if default is None else ""
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"default: %(default)s{note}")
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help="default: %(default)s")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bitnet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
     generate = sub.add_parser("generate", help=cmd_generate.__doc__)
-    generate.add_argument("model_dir")
+    generate.add_argument("model_dir", nargs="?", default=None,
+                          help="HF model directory or .gguf file (default: the model bundled in the package)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0)
@@ -163,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(run=cmd_bench_model)
+    train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    _add_train_arguments(train)
+    train.set_defaults(run=cmd_train)
     return parser
 
 

@@ -16,9 +16,10 @@ import numpy as np
 
 from .. import errors
 from ..formats import PackedTernary, pack, unpack
-from ..models import BitNetConfig, BitNetForCausalLM
+from ..models import BitNetConfig, BitNetForCausalLM, bundled_path
 from ..nn import BitLinear, RMSNorm
 from ..nn.embedding import as_float32
+from ..quant import TernaryTensor
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -214,19 +215,18 @@ def _read_linear(reader: _TensorReader, name: str, shape: tuple[int, int], confi
 
 def pack_codes(codes: np.ndarray) -> PackedTernary:
     """Ternary int8 codes ``(m, k)`` in the HF packed layout (unit scale)."""
-    from ..quant import TernaryTensor
-
     return pack(TernaryTensor(codes, np.float32(1.0).reshape(())), HF_PACK)
 
 
-def load_pretrained(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
+def load_pretrained(path: str | Path | None = None, head_dtype: str = "auto") -> BitNetForCausalLM:
     """Load an HF ``BitNetForCausalLM`` checkpoint directory (or a ``.gguf`` file).
 
     Parameters
     ----------
     path : directory holding ``config.json`` and ``model.safetensors`` (or a sharded
         ``model.safetensors.index.json`` with its shards); a path ending in ``.gguf`` is
-        read by :func:`bitnet.load_gguf`.
+        read by :func:`bitnet.load_gguf`; None loads the model shipped in the package
+        (:func:`bitnet.models.bundled_path`).
     head_dtype : storage of the embedding / output head: "auto" (as in the checkpoint),
         "f32", "f16", "bf16" or "int8" (per-row absmax, half of bf16's memory traffic).
 
@@ -241,7 +241,7 @@ def load_pretrained(path: str | Path, head_dtype: str = "auto") -> BitNetForCaus
     truncated or corrupt safetensors file, a missing tensor, or a shape that disagrees with
     the config.
     """
-    path = Path(path)
+    path = bundled_path() if path is None else Path(path)
     if path.suffix.lower() == ".gguf":
         from .gguf import load_gguf
 
@@ -266,6 +266,33 @@ def load_pretrained(path: str | Path, head_dtype: str = "auto") -> BitNetForCaus
     if not c.tie_word_embeddings:
         weights["lm_head.weight"] = _read_table(reader, "lm_head.weight", table_shape)
     return BitNetForCausalLM.from_weights(config, weights, head_dtype)
+
+
+def read_weights(path: str | Path, config: BitNetConfig) -> dict[str, np.ndarray | TernaryTensor]:
+    """Every tensor of an HF BitNet checkpoint by HF name, for training to go on from it.
+
+    Packed projection weights (or ternary ones with a ``weight_scale``) come as a
+    :class:`TernaryTensor` (codes and the float32 scale they multiply by, ``weight_scale`` or
+    its inverse as the config's ``linear_class`` says); every other tensor, float projections
+    included, as float32. Raises as :func:`load_pretrained`.
+    """
+    reader = _TensorReader(Path(path))
+    weights: dict[str, np.ndarray | TernaryTensor] = {}
+    projections = set()
+    for i in range(config.num_hidden_layers):
+        for short, shape in config.linear_shapes().items():
+            name = f"model.layers.{i}.{short}"
+            projections.add(name)
+            if reader.get(f"{name}.weight").dtype == np.uint8 or f"{name}.weight_scale" in reader:
+                weights[f"{name}.weight"] = unpack(_read_linear(reader, name, shape, config).weight)
+            else:
+                weights[f"{name}.weight"] = _as_float32(reader.get(f"{name}.weight", shape))
+    for name in reader.names:  # norms, embeddings, head and biases
+        if not (name.endswith(".weight") and name.rpartition(".")[0] in projections) and not name.endswith(
+            ".weight_scale"
+        ):
+            weights[name] = _as_float32(reader.get(name))
+    return weights
 
 
 def _embedding_tensor(embedding) -> np.ndarray:

@@ -5,20 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import errors
+from ..models import bundled_path
 
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path | None = None):
     """The ``tokenizers.Tokenizer`` of model directory ``path``, or None when it has no ``tokenizer.json``.
 
-    A ``.gguf`` file's tokenizer is read from its metadata (:func:`bitnet.load_gguf_tokenizer`).
+    A ``.gguf`` file's tokenizer is read from its metadata (:func:`bitnet.load_gguf_tokenizer`);
+    None gives the bundled model's tokenizer (:func:`bitnet.models.bundled_path`).
 
     Raises
     ------
     CheckpointError when ``tokenizer.json`` exists but cannot be read, or ``tokenizers`` is not installed.
     """
-    if Path(path).suffix.lower() == ".gguf":
+    path = bundled_path() if path is None else Path(path)
+    if path.suffix.lower() == ".gguf":
         from .gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(path)

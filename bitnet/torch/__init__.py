@@ -1,0 +1,28 @@
+"""``bitnet.torch``: quantization-aware training in PyTorch (extra ``[train]``; nothing else imports torch).
+
+- :class:`BitLinear`, :func:`replace_linear`, :func:`set_quantization`: QAT layers for any torch model.
+- :func:`build_model`, :func:`from_pretrained`: the BitNet b1.58 model (transformers' architecture).
+- :func:`export_pretrained`, :func:`to_bitnet`: to the HF packed layout and to bitnet's own model (then GGUF).
+- :func:`train`, :class:`TrainConfig`: the training loop behind ``python -m bitnet train``.
+
+Names load on first use, so ``bitnet.torch.config`` (the CLI's options) needs no torch.
+"""
+
+from importlib import import_module
+
+_HOMES = {
+    "BitLinear": "linear", "replace_linear": "linear", "set_quantization": "linear",
+    "build_model": "model", "from_pretrained": "model",
+    "export_pretrained": "export", "to_bitnet": "export",
+    "TrainConfig": "config", "learning_rate": "config",
+    "TrainResult": "train", "evaluate": "train", "read_log": "train", "train": "train",
+    "read_corpus": "corpus", "train_tokenizer": "corpus",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'bitnet.torch' has no attribute {name!r}")
+    return getattr(import_module(f".{_HOMES[name]}", __name__), name)
