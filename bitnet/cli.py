@@ -135,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train a BitNet b1.58 model with quantization-aware training on a text corpus (needs the [train] extra)."""
     try:
         from .torch.config import TrainConfig
-        from .torch.train import train
+        from .torch.training import train
     except ImportError as exc:
         print(f'error: training needs PyTorch and transformers ({exc}); pip install "bitnet[train]"', file=sys.stderr)
         return 2

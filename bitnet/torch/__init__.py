@@ -15,7 +15,7 @@ _HOMES = {
     "build_model": "model", "from_pretrained": "model",
     "export_pretrained": "export", "to_bitnet": "export",
     "TrainConfig": "config", "learning_rate": "config",
-    "TrainResult": "train", "evaluate": "train", "read_log": "train", "train": "train",
+    "TrainResult": "training", "evaluate": "training", "read_log": "training", "train": "training",
     "read_corpus": "corpus", "train_tokenizer": "corpus",
 }
 
