@@ -385,3 +385,22 @@ def test_stdlib_corpus():
     texts = dict(corpus.train + corpus.held_out)
     assert texts["json/__init__.py"] == (root / "json" / "__init__.py").read_text(encoding="utf-8")
     assert corpus.held_out_bytes == sum(len(t.encode()) for _, t in corpus.held_out)
+
+
+def test_cli_train_runs_the_same_loop_and_reports_errors_in_one_line(baseline, corpus_dir, tmp_path, capsys):
+    from bitnet.cli import main
+
+    config, _ = baseline
+    out = tmp_path / "cli"
+    flags = ["--corpus", str(corpus_dir), "--pattern", "*.py", "--vocab-size", "300", "--hidden-size", "256",
+             "--intermediate-size", "256", "--num-layers", "1", "--context", "32", "--batch-size", "4",
+             "--steps", str(STEPS), "--warmup-steps", "4", "--no-compile", "--checkpoint-every", "0", "--no-bf16",
+             "--threads", "1", "--no-progress"]
+    assert main(["train", "--out-dir", str(out), *flags]) == 0
+    assert "held-out bits per byte" in capsys.readouterr().out
+    assert losses_of(out) == losses_of(config.out_dir)  # the same run as train() with that config
+    before = snapshot(out)
+    assert main(["train", "--out-dir", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already exists" in err and "Traceback" not in err
+    assert snapshot(out) == before
