@@ -22,7 +22,7 @@ from .errors import (
     ShapeError,
 )
 from .formats import FORMATS, PackedTernary, convert, pack, unpack
-from .io import load_gguf, load_gguf_tokenizer, load_pretrained, load_tokenizer, save_gguf
+from .io import load_gguf, load_gguf_tokenizer, load_pretrained, load_tokenizer, save_gguf, save_pretrained
 from .memory import Arena, default_arena
 from .models import BitNetConfig, BitNetForCausalLM
 from .ops import get_num_threads, matmul, matmul_int, set_num_threads
@@ -38,6 +38,7 @@ __all__ = [
     "load_pretrained",
     "load_tokenizer",
     "save_gguf",
+    "save_pretrained",
     "io",
     "models",
     "nn",

@@ -44,6 +44,8 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def write_checkpoint(
     path,
     *,
+    family="bitnet",
+    rope=None,
     hidden=64,
     intermediate=96,
     heads=4,
@@ -58,18 +60,27 @@ def write_checkpoint(
     attention_bias=False,
     seed=0,
 ):
-    """A random BitNet checkpoint directory in HF format; returns the path."""
+    """A random ternary checkpoint directory in HF format; returns the path.
+
+    ``family`` "bitnet" is HF ``BitNetForCausalLM`` (relu2, sub-norms); "llama" is
+    ``LlamaForCausalLM`` with a bitnet ``quantization_config`` (silu, no sub-norms), the
+    Llama-architecture ternary family (HF1BitLLM, Falcon3-1.58bit; Falcon-E with
+    ``linear_class="autobitlinear"`` and ``use_rms_norm``). ``rope``: extra rope parameters.
+    """
     from safetensors.torch import save_file
     from transformers.integrations.bitnet import pack_weights
 
     torch.manual_seed(seed)
-    config = transformers.BitNetConfig(
+    classes = {"bitnet": (transformers.BitNetConfig, transformers.BitNetForCausalLM),
+               "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}
+    config_class, model_class = classes[family]
+    config = config_class(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         tie_word_embeddings=tied, attention_bias=attention_bias, bos_token_id=None, eos_token_id=None, rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0},
+            "rope_type": "default", "rope_theta": 10000.0, **(rope or {})},
     )
-    model = transformers.BitNetForCausalLM(config)
+    model = model_class(config)
     tensors = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and tied:
@@ -90,10 +101,10 @@ def write_checkpoint(
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
     raw = config.to_dict()
-    raw["architectures"] = ["BitNetForCausalLM"]
+    raw["architectures"] = [model_class.__name__]
     quant = {"quant_method": "bitnet", "linear_class": linear_class, "use_rms_norm": use_rms_norm, "rms_norm_eps": 1e-6,
              "quantization_mode": "offline" if packed else "online"}
-    if packed or linear_class == "autobitlinear":
+    if packed or linear_class == "autobitlinear" or family == "llama":
         raw["quantization_config"] = quant
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(raw, f)
@@ -116,7 +127,7 @@ def hf_reference(path):
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    model = transformers.BitNetForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
 
 
@@ -143,6 +154,14 @@ CASES = {
     "mqa-hidden72": dict(heads=3, kv_heads=1, hidden=72, intermediate=120, tied=False),
     "input-rms-norm": dict(use_rms_norm=True, seed=3),
     "attention-bias": dict(attention_bias=True, seed=4),
+    # The Llama-architecture ternary family: no sub-norms, silu (HF1BitLLM Llama3-8B-1.58, Falcon3-1.58bit) ...
+    "llama-gqa2-tied": dict(family="llama", seed=11),
+    "llama3-rope-untied": dict(family="llama", tied=False, heads=8, kv_heads=2, seed=12, rope={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "llama-linear-rope": dict(family="llama", seed=13, rope={"rope_type": "linear", "factor": 2.0}),
+    # ... and Falcon-E's settings: autobitlinear scales and an RMSNorm at each BitLinear input.
+    "llama-falcon-e": dict(family="llama", linear_class="autobitlinear", use_rms_norm=True, seed=14),
 }
 
 
@@ -175,7 +194,7 @@ def test_save_pretrained_round_trip(tmp_path):
 
     src = write_checkpoint(tmp_path / "src", tied=False, linear_class="bitlinear", seed=7)
     model = bn.load_pretrained(src)
-    model.save_pretrained(tmp_path / "dst")
+    bn.save_pretrained(model, tmp_path / "dst")
     before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "dst" / "model.safetensors")
     for name, tensor in before.items():
         if name.endswith(("weight_scale", "proj.weight")):

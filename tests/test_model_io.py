@@ -23,7 +23,7 @@ def saved(tmp_path_factory):
     """A tiny random model and the directory it was saved to."""
     model = bn.models.random_model(bn.BitNetConfig(**TINY, tie_word_embeddings=False), seed=1, head_dtype="f32")
     path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
+    bn.save_pretrained(model, path)
     return model, path
 
 
@@ -40,7 +40,7 @@ def test_round_trip_keeps_bytes_and_logits(saved, tmp_path):
     model, path = saved
     loaded = bn.load_pretrained(path)
     np.testing.assert_array_equal(loaded.forward(IDS), model.forward(IDS))
-    loaded.save_pretrained(tmp_path)
+    bn.save_pretrained(loaded, tmp_path)
     first, second = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert first.keys() == second.keys()
     for name in first:
@@ -108,8 +108,8 @@ def test_missing_directory_and_files(saved, tmp_path):
 
 def test_unsupported_model_type_and_rope(saved, tmp_path):
     _, path = saved
-    copy_checkpoint(path, tmp_path / "llama", config=lambda raw: {**raw, "model_type": "llama"})
-    with pytest.raises(bn.ConfigError, match="unsupported model_type 'llama'"):
+    copy_checkpoint(path, tmp_path / "llama", config=lambda raw: {**raw, "model_type": "gpt2"})
+    with pytest.raises(bn.ConfigError, match="unsupported model_type 'gpt2'"):
         bn.load_pretrained(tmp_path / "llama")
     copy_checkpoint(path, tmp_path / "yarn", config=lambda raw: {**raw, "rope_parameters": {"rope_type": "yarn"}})
     with pytest.raises(bn.ConfigError, match="rope type 'yarn'"):
@@ -117,6 +117,17 @@ def test_unsupported_model_type_and_rope(saved, tmp_path):
     (tmp_path / "llama" / "config.json").write_text("{not json")
     with pytest.raises(bn.CheckpointError, match="not valid JSON"):
         bn.load_pretrained(tmp_path / "llama")
+
+
+def test_weights_of_another_family_or_extra_layers_are_refused(saved, tmp_path):
+    """A BitNet checkpoint relabeled as the Llama-architecture family keeps sub-norm tensors no Llama has."""
+    _, path = saved
+    copy_checkpoint(path, tmp_path / "llama", config=lambda raw: {**raw, "model_type": "llama"})
+    with pytest.raises(bn.CheckpointError, match="sub_norm.*not part of the 2-layer LlamaForCausalLM"):
+        bn.load_pretrained(tmp_path / "llama")
+    copy_checkpoint(path, tmp_path / "fewer", config=lambda raw: {**raw, "num_hidden_layers": 1})
+    with pytest.raises(bn.CheckpointError, match="model.layers.1.* is not part of the 1-layer"):
+        bn.load_pretrained(tmp_path / "fewer")
 
 
 @pytest.mark.parametrize("key, value", [("intermediate_size", 128), ("num_key_value_heads", 4), ("vocab_size", 121)])

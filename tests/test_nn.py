@@ -119,14 +119,43 @@ def test_kv_cache_grows_by_doubling_and_keeps_contents():
     assert (cache.keys[1][:, :3] == 7.0).all()
 
 
-def test_mlp_is_relu2_gated_with_sub_norm(rng):
+@pytest.mark.parametrize("activation", ["relu2", "silu"])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_mlp_gated_activation_with_and_without_sub_norm(rng, activation, with_norm):
     h, i = 64, 96
     gate, up = (BitLinear.from_float(rng.standard_normal((i, h)).astype(np.float32)) for _ in range(2))
     down = BitLinear.from_float(rng.standard_normal((h, i)).astype(np.float32))
-    norm = RMSNorm(rng.uniform(0.5, 1.5, i))
-    x = rng.standard_normal((3, h)).astype(np.float32)
-    expected = down(norm(np.maximum(gate(x), 0) ** 2 * up(x)))
-    np.testing.assert_allclose(MLP(gate, up, down, norm)(x), expected, rtol=1e-5, atol=1e-5)
+    norm = RMSNorm(rng.uniform(0.5, 1.5, i)) if with_norm else None
+    x = (3 * rng.standard_normal((3, h))).astype(np.float32)
+    g, u = gate(x).astype(np.float64), up(x).astype(np.float64)
+    act = np.maximum(g, 0) ** 2 if activation == "relu2" else g / (1 + np.exp(-g))
+    hidden = (act * u).astype(np.float32)
+    expected = down(norm(hidden) if with_norm else hidden)
+    np.testing.assert_allclose(MLP(gate, up, down, norm, activation)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_without_sub_norm_projects_the_context(rng):
+    d, heads = 8, 2
+    hidden = heads * d
+    projections = [BitLinear.from_float(rng.standard_normal((hidden, hidden)).astype(np.float32)) for _ in range(4)]
+    attention = Attention(*projections, None, heads, heads, d, RotaryEmbedding(d, 1e4))
+    x = rng.standard_normal((3, hidden)).astype(np.float32)
+    with bn.nn.scratch.step():
+        cache = KVCache(1, heads, d)
+        got = attention(x, cache, 0).copy()
+        context = attention._attend(*_queries_keys_values(attention, x), 0).copy()
+        expected = projections[3](context)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def _queries_keys_values(attention, x):
+    """Rotated queries and the cache's keys/values for ``x`` at position 0 (what __call__ attends)."""
+    cache = KVCache(1, attention.kv_heads, attention.head_dim)
+    queries = np.empty((x.shape[0], attention.heads, attention.head_dim), np.float32)
+    qkv = attention._project(x)
+    bn.nn.float_kernels.rope_into_cache(qkv, attention.heads, attention.kv_heads, attention.rope.cos,
+                                        attention.rope.sin, 0, queries, cache.keys[0], cache.values[0])
+    return queries, cache.keys[0], cache.values[0]
 
 
 @pytest.mark.parametrize("dtype, rtol", [("f32", 1e-6), ("f16", 2e-3), ("bf16", 1e-2), ("int8", 3e-2)])

@@ -75,7 +75,7 @@ IGNORED_TENSORS = ("rope_freqs.weight",)
 # GGUFValueType ids (fixed by the file format): the integer kinds, the float kinds, and others.
 _INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)  # UINT8, INT8, UINT16, INT16, UINT32, INT32, UINT64, INT64
 _FLOAT_TYPES = (6, 12)  # FLOAT32, FLOAT64
-_INT32, _BOOL, _STRING, _ARRAY = 5, 7, 8, 9
+_INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 5, 6, 7, 8, 9
 TQ_BLOCK_BYTES = {"tq2_0": 66, "tq1_0": 54}
 
 
@@ -566,11 +566,12 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer | None:
     """The ``tokenizers.Tokenizer`` described by a GGUF file's ``tokenizer.ggml.*`` metadata.
 
     Returns None when the file holds no tokenizer. Byte-level BPE (``tokenizer.ggml.model``
-    "gpt2", pre-tokenizers "llama-bpe" and "gpt-2") is supported.
+    "gpt2", pre-tokenizers "llama-bpe" and "gpt-2") and SentencePiece BPE with byte fallback
+    ("llama": Llama 2, 1bitLLM) are supported.
 
     Raises
     ------
-    GGUFError for an unreadable file or another tokenizer kind (e.g. SentencePiece "llama").
+    GGUFError for an unreadable file, another tokenizer kind or inconsistent vocabulary data.
     """
     file = GGUFFile(path)
     model = file.value(gguf_tokenizer.MODEL_KEY, (_STRING,), None)
@@ -589,6 +590,9 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer | None:
             file.array(gguf_tokenizer.MERGES_KEY, _STRING) or [],
             _token_id(file, gguf_tokenizer.BOS_KEY, len(tokens)),
             file.value(gguf_tokenizer.ADD_BOS_KEY, (_BOOL,), None),
+            scores=file.array(gguf_tokenizer.SCORES_KEY, _FLOAT32),
+            unk_token_id=_token_id(file, gguf_tokenizer.UNK_KEY, len(tokens)),
+            add_space_prefix=file.value(gguf_tokenizer.ADD_SPACE_PREFIX_KEY, (_BOOL,), None),
         )
     except errors.GGUFError as exc:
         raise file.error(str(exc)) from None

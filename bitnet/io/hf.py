@@ -84,6 +84,7 @@ class _TensorReader:
     def __init__(self, path: Path) -> None:
         self.safetensors = _safetensors()
         self.names: dict[str, Path] = {}
+        self.used: set[str] = set()
         files = _weight_files(path)
         for file in sorted(set(files.values())) or [path / WEIGHTS_FILE]:
             with self._open(file) as handle:
@@ -104,7 +105,19 @@ class _TensorReader:
     def _handle_of(self, name: str) -> tuple[object, Path]:
         if name not in self.names:
             raise errors.CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        self.used.add(name)
         return self._open(self.names[name]), self.names[name]
+
+    def check_all_used(self, config: BitNetConfig) -> None:
+        """CheckpointError for a tensor the model did not read: the config describes another network."""
+        ignorable = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings else ())
+        unused = sorted(name for name in set(self.names) - self.used if not name.endswith(ignorable))
+        if unused:
+            raise errors.CheckpointError(
+                f"tensor {unused[0]!r} (and {len(unused) - 1} more) is not part of the "
+                f"{config.num_hidden_layers}-layer {config.default_architecture()} model config.json describes: "
+                f"the config and the weights disagree"
+            )
 
     def shape(self, name: str) -> list[int]:
         """The stored shape of tensor ``name``."""
@@ -256,8 +269,7 @@ def load_pretrained(path: str | Path | None = None, head_dtype: str = "auto") ->
         for short, shape in c.linear_shapes().items():
             name = f"model.layers.{i}.{short}"
             weights[name] = _read_linear(reader, name, shape, c)
-        for norm, size in (("input_layernorm", c.hidden_size), ("post_attention_layernorm", c.hidden_size),
-                           ("self_attn.attn_sub_norm", c.hidden_size), ("mlp.ffn_sub_norm", c.intermediate_size)):
+        for norm, size in c.norm_shapes().items():
             name = f"model.layers.{i}.{norm}.weight"
             weights[name] = _as_float32(reader.get(name, (size,)))
     weights["model.norm.weight"] = _as_float32(reader.get("model.norm.weight", (c.hidden_size,)))
@@ -265,6 +277,7 @@ def load_pretrained(path: str | Path | None = None, head_dtype: str = "auto") ->
     weights["model.embed_tokens.weight"] = _read_table(reader, "model.embed_tokens.weight", table_shape)
     if not c.tie_word_embeddings:
         weights["lm_head.weight"] = _read_table(reader, "lm_head.weight", table_shape)
+    reader.check_all_used(c)
     return BitNetForCausalLM.from_weights(config, weights, head_dtype)
 
 

@@ -1,13 +1,15 @@
-"""``BitNetForCausalLM``: the HF BitNet b1.58 transformer, in one page of numpy.
+"""``BitNetForCausalLM``: every ternary transformer family, in one page of numpy.
 
     x = embed(ids)
     for layer in layers:
         x = x + o_proj(attn_sub_norm(attention(rope(q, k, v of input_layernorm(x)))))
-        x = x + down_proj(ffn_sub_norm(relu(gate(h))^2 * up(h)))   with h = post_attention_layernorm(x)
+        x = x + down_proj(ffn_sub_norm(act(gate(h)) * up(h)))   with h = post_attention_layernorm(x)
     logits = lm_head(norm(x))
 
-Every projection is a :class:`bitnet.nn.BitLinear`; float math (norms, rope, softmax) is
-float32, as transformers computes a float32 model.
+``act`` is relu2 (BitNet b1.58 2B4T) or silu (1bitLLM, Llama-architecture ternary); the
+sub-norms exist in the BitNet families only (``config.sub_norms``). Every projection is a
+:class:`bitnet.nn.BitLinear`; float math (norms, rope, softmax) is float32, as transformers
+computes a float32 model.
 """
 
 from __future__ import annotations
@@ -40,23 +42,27 @@ class DecoderLayer:
 def build_layers(config: BitNetConfig, weights: dict[str, object]) -> tuple[list[DecoderLayer], RMSNorm]:
     """The decoder layers and final norm from HF-named weights (see :meth:`BitNetForCausalLM.from_weights`)."""
     c = config
-    rope = RotaryEmbedding(c.head_dim, c.rope_theta)
+    rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
+    attention_sub_norm, ffn_sub_norm = c.sub_norm_names
 
     def norm(name: str) -> RMSNorm:
         # The tag names the role, shared by all layers: "self_attn.attn_sub_norm.weight", ...
         role = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
         return RMSNorm(weights[name], c.rms_norm_eps, tag=role)
 
+    def sub_norm(name: str) -> RMSNorm | None:
+        return norm(name) if c.sub_norms else None
+
     layers = []
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         attention = Attention(
             *(weights[f"{p}self_attn.{n}_proj"] for n in "qkvo"),
-            norm(f"{p}self_attn.attn_sub_norm.weight"),
+            sub_norm(f"{p}{attention_sub_norm}.weight"),
             c.num_attention_heads, c.num_key_value_heads, c.head_dim, rope,
         )
         projections = (weights[f"{p}mlp.{n}_proj"] for n in ("gate", "up", "down"))
-        mlp = MLP(*projections, norm(f"{p}mlp.ffn_sub_norm.weight"))
+        mlp = MLP(*projections, sub_norm(f"{p}{ffn_sub_norm}.weight"), c.hidden_act)
         layers.append(DecoderLayer(attention, mlp, norm(f"{p}input_layernorm.weight"),
                                    norm(f"{p}post_attention_layernorm.weight")))
     return layers, norm("model.norm.weight")
@@ -225,18 +231,6 @@ class BitNetForCausalLM:
         layers, norm = build_layers(config, weights)
         return cls(config, embed, layers, norm, head)
 
-    def save_pretrained(self, path) -> None:
-        """Write the model as an HF packed BitNet checkpoint directory (see :func:`bitnet.io.save_pretrained`)."""
-        from ..io.hf import save_pretrained
-
-        save_pretrained(self, path)
-
-    def save_gguf(self, path, weight_format: str = "tq2_0", tokenizer=None) -> None:
-        """Write the model as a GGUF file of llama.cpp's ``bitnet`` architecture (see :func:`bitnet.io.save_gguf`)."""
-        from ..io.gguf import save_gguf
-
-        save_gguf(self, path, weight_format, tokenizer)
-
     def to(self, device: str) -> BitNetForCausalLM:
         """Run every ternary projection on ``device`` ("cpu", or a backend of ``bn.devices()``).
 
@@ -267,8 +261,9 @@ class BitNetForCausalLM:
             p = f"model.layers.{i}."
             yield f"{p}input_layernorm.weight", layer.input_norm
             yield f"{p}post_attention_layernorm.weight", layer.post_attention_norm
-            yield f"{p}self_attn.attn_sub_norm.weight", layer.attention.sub_norm
-            yield f"{p}mlp.ffn_sub_norm.weight", layer.mlp.sub_norm
+            if self.config.sub_norms:
+                yield f"{p}{self.config.sub_norm_names[0]}.weight", layer.attention.sub_norm
+                yield f"{p}{self.config.sub_norm_names[1]}.weight", layer.mlp.sub_norm
         yield "model.norm.weight", self.norm
         for name, linear in self.named_linears():
             if linear.input_norm is not None:

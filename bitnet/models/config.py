@@ -8,18 +8,35 @@ from typing import Any
 from .. import errors
 
 MODEL_TYPE = "bitnet"
+LLAMA = "llama"
+ONE_BIT_LLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's remote-code class (model_type "llama")
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
+ACTIVATIONS = ("relu2", "silu")
+ROPE_TYPES = ("default", "linear", "llama3")
 DEFAULT_ROPE_THETA = 500000.0
 
 
 @dataclass
 class BitNetConfig:
-    """Shapes and constants of HF ``BitNetForCausalLM`` (defaults: BitNet b1.58 2B4T).
+    """Shapes and constants of a ternary transformer (defaults: BitNet b1.58 2B4T, HF ``BitNetForCausalLM``).
 
-    ``linear_class`` says how a packed checkpoint's ``weight_scale`` is used ("bitlinear"
-    divides by it, "autobitlinear" multiplies); ``use_rms_norm`` adds HF's optional RMSNorm
-    at the input of every BitLinear. ``extra`` keeps the other ``config.json`` keys so that
-    ``save_pretrained`` writes them back.
+    The model families differ only by these settings:
+
+    ======================================  ============  ===========  ========  =========
+    family                                  model_type    hidden_act   sub_norms weights
+    ======================================  ============  ===========  ========  =========
+    BitNet b1.58 2B4T (``BitNetForCausalLM``) ``bitnet``    ``relu2``    yes       packed
+    1bitLLM bitnet_b1_58 (``BitnetForCausalLM``) ``llama``  ``silu``     yes       float
+    Llama-architecture ternary, Falcon-E    ``llama`` +   ``silu``     no        packed
+                                            ``quantization_config``
+    ======================================  ============  ===========  ========  =========
+
+    ``sub_norms``: BitNet's RMSNorms before ``o_proj`` and ``down_proj``. ``rope_scaling``:
+    HF's rope parameters other than the default (``{"rope_type": "llama3", "factor": ...}``
+    or ``"linear"``). ``linear_class`` says how a packed checkpoint's ``weight_scale`` is used
+    ("bitlinear" divides by it, "autobitlinear" multiplies); ``use_rms_norm`` adds HF's
+    optional RMSNorm at the input of every BitLinear (Falcon-E). ``extra`` keeps the other
+    ``config.json`` keys so that ``save_pretrained`` writes them back.
     """
 
     vocab_size: int = 128256
@@ -39,6 +56,10 @@ class BitNetConfig:
     linear_class: str = "bitlinear"
     use_rms_norm: bool = False
     linear_rms_norm_eps: float = 1e-6
+    model_type: str = MODEL_TYPE
+    hidden_act: str = "relu2"
+    sub_norms: bool = True
+    rope_scaling: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +72,26 @@ class BitNetConfig:
             )
         if self.linear_class not in LINEAR_CLASSES:
             raise errors.unknown_name("linear_class", self.linear_class, LINEAR_CLASSES, errors.ConfigError)
+        if self.hidden_act not in ACTIVATIONS:
+            raise errors.unknown_name("hidden_act", self.hidden_act, ACTIVATIONS, errors.ConfigError)
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise errors.unknown_name("rope type", rope_type, ROPE_TYPES, errors.ConfigError)
+
+    @property
+    def sub_norm_names(self) -> tuple[str, str]:
+        """HF names of the attention and FFN sub-norms (1bitLLM calls them ``inner_attn_ln``, ``ffn_layernorm``)."""
+        if self.model_type == LLAMA:
+            return ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")
+        return ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+
+    def norm_shapes(self) -> dict[str, int]:
+        """Features of each RMSNorm of a decoder layer, by HF module name."""
+        shapes = {"input_layernorm": self.hidden_size, "post_attention_layernorm": self.hidden_size}
+        if self.sub_norms:
+            attention, ffn = self.sub_norm_names
+            shapes.update({attention: self.num_attention_heads * self.head_dim, ffn: self.intermediate_size})
+        return shapes
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -68,26 +109,42 @@ class BitNetConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> BitNetConfig:
-        """Read an HF ``config.json`` dict; ConfigError for another ``model_type`` or a rope type we lack."""
+        """Read an HF ``config.json`` dict of any supported family; ConfigError for anything else."""
         model_type = config.get("model_type")
-        if model_type != MODEL_TYPE:
-            raise errors.ConfigError(
-                f"unsupported model_type {model_type!r}: only {MODEL_TYPE!r} (BitNetForCausalLM) models can be loaded"
-            )
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise errors.ConfigError(
-                f"unsupported rope type {rope_type!r}: only the default rotary embedding is implemented"
-            )
+        architectures = config.get("architectures") or []
         quant = config.get("quantization_config") or {}
-        known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "rope_theta", "linear_class")}
+        if model_type == MODEL_TYPE:
+            family = {"hidden_act": config.get("hidden_act") or "relu2", "sub_norms": True}
+        elif model_type == LLAMA and ONE_BIT_LLM_ARCHITECTURE in architectures:
+            family = {"hidden_act": config.get("hidden_act") or "silu", "sub_norms": True}
+        elif model_type == LLAMA and quant.get("quant_method") == "bitnet":
+            family = {"hidden_act": config.get("hidden_act") or "silu", "sub_norms": False}
+        elif model_type == LLAMA:
+            raise errors.ConfigError(
+                "this Llama checkpoint is not ternary: it has no bitnet quantization_config and is not a 1bitLLM "
+                "BitnetForCausalLM model"
+            )
+        else:
+            raise errors.ConfigError(
+                f"unsupported model_type {model_type!r}: the ternary families are {MODEL_TYPE!r} (BitNetForCausalLM), "
+                f"and {LLAMA!r} with a bitnet quantization_config or 1bitLLM's {ONE_BIT_LLM_ARCHITECTURE}"
+            )
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        rope_theta = rope.pop("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
+        if rope_type not in ROPE_TYPES:
+            raise errors.ConfigError(
+                f"unsupported rope type {rope_type!r}: the rotary embeddings implemented are {', '.join(ROPE_TYPES)}"
+            )
+        derived = ("extra", "rope_theta", "linear_class", "model_type", "hidden_act", "sub_norms", "rope_scaling")
+        known = {f for f in cls.__dataclass_fields__ if f not in derived}
         values = {key: config[key] for key in known if config.get(key) is not None}
-        values["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA)))
+        values.update(family, model_type=model_type, rope_theta=float(rope_theta))
+        values["rope_scaling"] = {"rope_type": rope_type, **rope} if rope_type != "default" else None
         values["linear_class"] = quant.get("linear_class", "bitlinear")
         values["use_rms_norm"] = bool(quant.get("use_rms_norm", False))
         values["linear_rms_norm_eps"] = float(quant.get("rms_norm_eps") or 1e-6)
-        values["extra"] = {key: value for key, value in config.items() if key not in known}
+        values["extra"] = {key: value for key, value in config.items() if key not in known and key != "hidden_act"}
         if config.get("num_key_value_heads") is None and "num_attention_heads" in config:
             values["num_key_value_heads"] = config["num_attention_heads"]  # HF: no GQA unless said
         values["bos_token_id"] = config.get("bos_token_id")
@@ -95,15 +152,22 @@ class BitNetConfig:
         values["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
         return cls(**values)
 
+    def default_architecture(self) -> str:
+        """The HF class name of this family."""
+        if self.model_type == MODEL_TYPE:
+            return "BitNetForCausalLM"
+        return ONE_BIT_LLM_ARCHITECTURE if self.sub_norms else "LlamaForCausalLM"
+
     def to_dict(self) -> dict[str, Any]:
         """An HF ``config.json`` dict for a packed checkpoint (``quant_method: "bitnet"``)."""
         values = asdict(self)
         extra = values.pop("extra")
-        for key in ("rope_theta", "linear_class", "use_rms_norm", "linear_rms_norm_eps"):
+        for key in ("rope_theta", "linear_class", "use_rms_norm", "linear_rms_norm_eps", "model_type", "sub_norms",
+                    "rope_scaling"):
             values.pop(key)
-        config = {"architectures": ["BitNetForCausalLM"], **extra, **values, "model_type": MODEL_TYPE}
+        config = {"architectures": [self.default_architecture()], **extra, **values, "model_type": self.model_type}
         config.pop("rope_scaling", None)
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        config["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         config["rope_theta"] = self.rope_theta
         quant = dict(extra.get("quantization_config") or {})
         quant.update(quant_method="bitnet", linear_class=self.linear_class, quantization_mode="offline",

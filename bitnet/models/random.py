@@ -79,7 +79,7 @@ def random_model(config: BitNetConfig, seed: int = 0, head_dtype: str = "bf16") 
     rng = np.random.default_rng(seed)
     c = config
     weights: dict[str, object] = {}
-    ones = {size: np.ones(size, np.float32) for size in (c.hidden_size, c.intermediate_size)}
+    ones = {size: np.ones(size, np.float32) for size in set(c.norm_shapes().values())}
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes = c.linear_shapes()
@@ -87,9 +87,8 @@ def random_model(config: BitNetConfig, seed: int = 0, head_dtype: str = "bf16") 
                       ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)):
             linears = random_linears(rng, [shapes[name][0] for name in group], shapes[group[0]][1])
             weights.update({p + name: linear for name, linear in zip(group, linears, strict=True)})
-        for norm in ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm"):
-            weights[f"{p}{norm}.weight"] = ones[c.hidden_size]
-        weights[f"{p}mlp.ffn_sub_norm.weight"] = ones[c.intermediate_size]
+        for norm, size in c.norm_shapes().items():
+            weights[f"{p}{norm}.weight"] = ones[size]
     weights["model.norm.weight"] = ones[c.hidden_size]
     layers, norm = build_layers(c, weights)
     embed = random_table(rng, c.vocab_size, c.hidden_size, head_dtype)

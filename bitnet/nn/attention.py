@@ -46,7 +46,7 @@ class KVCache:
 
 
 class Attention:
-    """BitNet self-attention: q/k/v projections, rope, causal GQA, ``attn_sub_norm``, o projection.
+    """Self-attention: q/k/v projections, rope, causal GQA, BitNet's ``attn_sub_norm`` (if any), o projection.
 
     Query head ``h`` attends with key/value head ``h // (heads // kv_heads)``, as HF's
     ``repeat_kv`` pairs them.
@@ -54,7 +54,7 @@ class Attention:
     Parameters
     ----------
     q_proj, k_proj, v_proj, o_proj : BitLinear projections.
-    sub_norm : RMSNorm over ``heads * head_dim`` applied before ``o_proj``.
+    sub_norm : RMSNorm over ``heads * head_dim`` applied before ``o_proj``, or None (Llama-architecture ternary).
     heads, kv_heads, head_dim : the head layout; ``heads`` must be a multiple of ``kv_heads``.
     rope : the rotary embedding shared by all layers.
     """
@@ -65,7 +65,7 @@ class Attention:
         k_proj: BitLinear,
         v_proj: BitLinear,
         o_proj: BitLinear,
-        sub_norm: RMSNorm,
+        sub_norm: RMSNorm | None,
         heads: int,
         kv_heads: int,
         head_dim: int,
@@ -116,7 +116,7 @@ class Attention:
         float_kernels.rope_into_cache(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
                                       queries, keys, values)
         context = self._attend(queries, keys, values, start)
-        return self.o_proj(self.sub_norm(context))
+        return self.o_proj(context if self.sub_norm is None else self.sub_norm(context))
 
     def _attend(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
         """Causal attention of ``queries`` (``(n, heads, d)``, from position ``start``) over the cache.

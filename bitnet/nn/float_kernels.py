@@ -1,4 +1,4 @@
-"""Numba kernels for the float32 parts of a transformer layer: norms, rope, attention, relu2.
+"""Numba kernels for the float32 parts of a transformer layer: norms, rope, attention, gated activations.
 
 Each kernel writes into a buffer its caller provides (a step temporary from
 ``bitnet.nn.scratch``), so a decode step allocates nothing, and fuses what one layer does
@@ -123,19 +123,29 @@ def causal_attention(queries, keys, values, start, scaling, scores, out):
                     context[j] += p * values[kv, t, j]
 
 
-def relu2_gate_rms_norm(gate_up, weight, eps, out):
-    """``out = rms_norm(relu(gate)^2 * up)`` with ``gate_up = [gate | up]`` side by side per row."""
+def gated_activation(gate_up, silu, weight, eps, normalize, out):
+    """``out = act(gate) * up``, then ``rms_norm`` of it when ``normalize``; ``gate_up = [gate | up]`` per row.
+
+    ``act`` is ``silu(g) = g * (1 / (1 + exp(-g)))`` (Llama, 1bitLLM) or ``relu(g)^2`` (BitNet
+    b1.58 2B4T), as transformers computes them in float32.
+    """
     n, width = out.shape
     for i in prange(n):
         acc = np.float32(0.0)
         for j in range(width):
-            g = max(gate_up[i, j], np.float32(0.0))
-            v = g * g * gate_up[i, width + j]
+            g = gate_up[i, j]
+            if silu:
+                a = g * (np.float32(1.0) / (np.float32(1.0) + np.exp(-g)))
+            else:
+                r = max(g, np.float32(0.0))
+                a = r * r
+            v = a * gate_up[i, width + j]
             out[i, j] = v
             acc += v * v
-        inv = np.float32(1.0) / np.sqrt(acc / np.float32(width) + eps)
-        for j in range(width):
-            out[i, j] = weight[j] * (out[i, j] * inv)
+        if normalize:
+            inv = np.float32(1.0) / np.sqrt(acc / np.float32(width) + eps)
+            for j in range(width):
+                out[i, j] = weight[j] * (out[i, j] * inv)
 
 
 def _renamed(f: FunctionType, suffix: str) -> FunctionType:
@@ -145,7 +155,7 @@ def _renamed(f: FunctionType, suffix: str) -> FunctionType:
     return copy
 
 
-_ROW_KERNELS = (rms_norm, add_rms_norm, causal_attention, relu2_gate_rms_norm)
+_ROW_KERNELS = (rms_norm, add_rms_norm, causal_attention, gated_activation)
 serial = SimpleNamespace(**{f.__name__: njit(**_KERNEL)(f) for f in _ROW_KERNELS})
 parallel = SimpleNamespace(**{f.__name__: njit(parallel=True, **_KERNEL)(_renamed(f, "_parallel"))
                               for f in _ROW_KERNELS})

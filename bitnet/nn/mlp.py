@@ -1,4 +1,4 @@
-"""The BitNet feed-forward block: ``down(ffn_sub_norm(relu(gate(x))^2 * up(x)))``."""
+"""The gated feed-forward block: ``down(sub_norm(act(gate(x)) * up(x)))``, ``act`` relu2 or silu."""
 
 from __future__ import annotations
 
@@ -9,21 +9,35 @@ from . import float_kernels, scratch
 from .linear import BitLinear
 from .norm import RMSNorm
 
+ACTIVATIONS = ("relu2", "silu")
+_NO_NORM = np.ones(1, np.float32)  # the kernel's weight argument when there is no sub-norm
+
 
 class MLP:
-    """Gated ``relu2`` MLP with the BitNet ``ffn_sub_norm`` before the down projection.
+    """Gated MLP, with BitNet's ``ffn_sub_norm`` before the down projection where the family has one.
 
     Parameters
     ----------
     gate_proj, up_proj : BitLinear ``hidden -> intermediate``.
     down_proj : BitLinear ``intermediate -> hidden``.
-    sub_norm : RMSNorm over ``intermediate``.
+    sub_norm : RMSNorm over ``intermediate`` (BitNet b1.58, 1bitLLM), or None (Llama-architecture ternary).
+    activation : "relu2" (BitNet b1.58 2B4T) or "silu" (1bitLLM, Llama).
     """
 
-    def __init__(self, gate_proj: BitLinear, up_proj: BitLinear, down_proj: BitLinear, sub_norm: RMSNorm) -> None:
+    def __init__(
+        self, gate_proj: BitLinear, up_proj: BitLinear, down_proj: BitLinear, sub_norm: RMSNorm | None,
+        activation: str = "relu2",
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise errors.unknown_name("MLP activation", activation, ACTIVATIONS, errors.ConfigError)
+        if sub_norm is not None and sub_norm.weight.shape != (gate_proj.out_features,):
+            raise errors.ShapeError(
+                f"the FFN sub-norm has {sub_norm.weight.shape[0]} features, the MLP {gate_proj.out_features}"
+            )
         self.projections = (gate_proj, up_proj)
         self.down_proj = down_proj
         self.sub_norm = sub_norm
+        self.activation = activation
         try:
             self.gate_up_proj = BitLinear.stacked([gate_proj, up_proj])
             self.gate_up_proj.tag = "mlp.gate_up_proj"
@@ -50,5 +64,9 @@ class MLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         gate_up = self._gate_up(x)
         hidden = scratch.reused("mlp.hidden", (x.shape[0], gate_up.shape[1] // 2))
-        float_kernels.for_rows(x.shape[0]).relu2_gate_rms_norm(gate_up, self.sub_norm.weight, self.sub_norm.eps, hidden)
+        norm = self.sub_norm
+        weight, eps = (norm.weight, norm.eps) if norm is not None else (_NO_NORM, np.float32(0.0))
+        float_kernels.for_rows(x.shape[0]).gated_activation(
+            gate_up, self.activation == "silu", weight, eps, norm is not None, hidden
+        )
         return self.down_proj(hidden)

@@ -1,6 +1,9 @@
-"""Rotary position embedding, HF's "default" rope type (no scaling)."""
+"""Rotary position embedding: HF's "default" rope, and its "linear" and "llama3" frequency scalings."""
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 
@@ -21,14 +24,17 @@ class RotaryEmbedding:
     ----------
     head_dim : even number of features per head.
     theta : the rope base (``rope_theta``; 500000 for BitNet b1.58 2B4T).
+    scaling : HF's rope parameters for a scaled rope (``{"rope_type": "linear", "factor": f}`` or
+        Llama 3's ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+        "original_max_position_embeddings"}``), or None.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
         if head_dim % 2:
             raise errors.ShapeError(f"rotary embedding needs an even head_dim, got {head_dim}")
         self.head_dim = head_dim
         exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-        self.inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+        self.inv_freq = scaled_frequencies((1.0 / (np.float32(theta) ** exponents)).astype(np.float32), scaling)
         self._build(INITIAL_POSITIONS)
 
     def _build(self, positions: int) -> None:
@@ -54,3 +60,26 @@ class RotaryEmbedding:
         half = self.head_dim // 2
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         x[...] = x * cos + rotated * sin
+
+
+def scaled_frequencies(inv_freq: np.ndarray, scaling: dict[str, Any] | None) -> np.ndarray:
+    """``inv_freq`` under HF's "linear" or "llama3" rope scaling (float32, transformers' order of operations)."""
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    try:
+        factor = np.float32(scaling["factor"])
+        if kind == "linear":
+            return (inv_freq / factor).astype(np.float32)
+        low, high = np.float32(scaling["low_freq_factor"]), np.float32(scaling["high_freq_factor"])
+        old_context = np.float32(scaling["original_max_position_embeddings"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise errors.ConfigError(f"rope scaling {scaling} lacks a numeric parameter ({exc!r})") from None
+    if kind != "llama3":
+        raise errors.ConfigError(f"unsupported rope type {kind!r}: default, linear and llama3 are implemented")
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (np.float32(1) - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
