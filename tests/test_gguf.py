@@ -49,10 +49,19 @@ def train_tokenizer(vocab_size: int = 320, llama3: bool = True) -> Tokenizer:
     return tokenizer
 
 
+# The families' settings (bn.BitNetConfig): 2B4T (relu2, sub-norms), 1bitLLM (silu, sub-norms), Llama ternary.
+FAMILIES = {
+    "2b4t": dict(model_type="bitnet", hidden_act="relu2", sub_norms=True),
+    "1bitllm": dict(model_type="llama", hidden_act="silu", sub_norms=True),
+    "llama": dict(model_type="llama", hidden_act="silu", sub_norms=False),
+}
+ARCHITECTURE_OF = {"2b4t": "bitnet-b1.58", "1bitllm": "bitnet", "llama": "llama"}
+
+
 def tiny_model(vocab: int = 48, hidden: int = 256, intermediate: int = 512, layers: int = 2, heads: int = 4,
                kv_heads: int = 2, head_dtype: str = "f32", tied: bool = True, seed: int = 0,
-               fp16_scales: bool = True, granularity: str = "tensor") -> bn.BitNetForCausalLM:
-    """A random BitNet model; with ``fp16_scales`` every projection scale is exact in fp16 (as TQ stores it).
+               fp16_scales: bool = True, granularity: str = "tensor", family: str = "2b4t") -> bn.BitNetForCausalLM:
+    """A random model of ``family``; with ``fp16_scales`` every projection scale is exact in fp16 (as TQ stores it).
 
     ``granularity`` "channel" gives every projection one scale per output row.
     """
@@ -60,7 +69,7 @@ def tiny_model(vocab: int = 48, hidden: int = 256, intermediate: int = 512, laye
     config = bn.BitNetConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=500000.0, rms_norm_eps=1e-5,
-        max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1)
+        max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, **FAMILIES[family])
     weights: dict[str, object] = {}
     for i in range(layers):
         for name, shape in config.linear_shapes().items():
@@ -69,8 +78,7 @@ def tiny_model(vocab: int = 48, hidden: int = 256, intermediate: int = 512, laye
             if fp16_scales:
                 scale = scale.astype(np.float16).astype(np.float32)
             weights[f"model.layers.{i}.{name}"] = BitLinear(bn.pack(TernaryTensor(codes, scale, granularity), "i2"))
-        for name, size in (("input_layernorm", hidden), ("post_attention_layernorm", hidden),
-                           ("self_attn.attn_sub_norm", hidden), ("mlp.ffn_sub_norm", intermediate)):
+        for name, size in config.norm_shapes().items():
             weights[f"model.layers.{i}.{name}.weight"] = rng.uniform(0.5, 1.5, size).astype(np.float32)
     weights["model.norm.weight"] = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
     weights["model.embed_tokens.weight"] = rng.standard_normal((vocab, hidden)).astype(np.float32)
@@ -85,6 +93,7 @@ LAYER_TENSORS = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
+    "self_attn.inner_attn_ln": "attn_sub_norm", "mlp.ffn_layernorm": "ffn_sub_norm",
 }
 
 
@@ -209,20 +218,21 @@ def test_load_pretrained_accepts_gguf(model, saved):
 
 
 @pytest.mark.parametrize("weight_format", ["tq2_0", "tq1_0"])
-def test_tq_files_follow_llama_cpp_bitnet_architecture(model, saved, weight_format):
+def test_tq_files_follow_the_engines_layout(model, saved, weight_format):
     reader = gguf.GGUFReader(saved[weight_format])
-    assert reader.get_field("general.architecture").contents() == "bitnet"
+    arch = reader.get_field("general.architecture").contents()
+    assert arch == "bitnet-b1.58"  # 2B4T's relu2 network: bitnet.cpp's name (llama.cpp has no relu2 BitNet graph)
     c = model.config
     expected_keys = {
-        "bitnet.block_count": c.num_hidden_layers, "bitnet.embedding_length": c.hidden_size,
-        "bitnet.feed_forward_length": c.intermediate_size, "bitnet.attention.head_count": c.num_attention_heads,
-        "bitnet.attention.head_count_kv": c.num_key_value_heads, "bitnet.context_length": c.max_position_embeddings,
-        "bitnet.rope.dimension_count": c.head_dim, "bitnet.vocab_size": c.vocab_size,
+        f"{arch}.block_count": c.num_hidden_layers, f"{arch}.embedding_length": c.hidden_size,
+        f"{arch}.feed_forward_length": c.intermediate_size, f"{arch}.attention.head_count": c.num_attention_heads,
+        f"{arch}.attention.head_count_kv": c.num_key_value_heads, f"{arch}.context_length": c.max_position_embeddings,
+        f"{arch}.rope.dimension_count": c.head_dim, f"{arch}.vocab_size": c.vocab_size,
     }
     for key, value in expected_keys.items():
         assert reader.get_field(key).contents() == value, key
-    assert reader.get_field("bitnet.rope.freq_base").contents() == pytest.approx(c.rope_theta)
-    assert reader.get_field("bitnet.attention.layer_norm_rms_epsilon").contents() == pytest.approx(c.rms_norm_eps)
+    assert reader.get_field(f"{arch}.rope.freq_base").contents() == pytest.approx(c.rope_theta)
+    assert reader.get_field(f"{arch}.attention.layer_norm_rms_epsilon").contents() == pytest.approx(c.rms_norm_eps)
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.BITNET]}
     names = {t.name for t in reader.tensors}
     assert {n.removesuffix(".weight") for n in names} == {
@@ -284,13 +294,27 @@ def _codes_with_scale_tensor(codes, scale):
     return [("weight", codes.astype(np.float32), None), ("scale", np.array([scale], np.float32), None)]
 
 
-@pytest.mark.parametrize("arch", ["bitnet", "bitnet-b1.58"])
+def as_silu(model):
+    """The same weights run as llama.cpp's ``bitnet`` graph does: SiLU-gated MLP (1bitLLM)."""
+    import copy
+
+    silu = copy.deepcopy(model)
+    silu.config.hidden_act = "silu"
+    for layer in silu.layers:
+        layer.mlp.activation = "silu"
+    return silu
+
+
+@pytest.mark.parametrize("arch", ["bitnet", "bitnet-b1.58", "bitnet-25"])
 @pytest.mark.parametrize("projection", [_ternary_types("tq2_0"), _ternary_types("tq1_0"), _float_codes_times_scale,
                                         _codes_with_scale_tensor], ids=["tq2_0", "tq1_0", "f16", "f32+scale"])
-def test_files_of_other_converters_load(model, tmp_path, projection, arch):
+def test_files_of_other_converters_load_as_the_network_their_name_means(model, tmp_path, projection, arch):
+    """bitnet.cpp's 2B4T names run relu2; llama.cpp's ``bitnet`` is the SiLU-gated 1bitLLM graph."""
     write_foreign_gguf(tmp_path / "other.gguf", model, projection, arch=arch)
     loaded = bn.load_gguf(tmp_path / "other.gguf")
-    np.testing.assert_array_equal(loaded(IDS), model(IDS))
+    expected = as_silu(model) if arch == "bitnet" else model
+    assert loaded.config.hidden_act == expected.config.hidden_act
+    np.testing.assert_array_equal(loaded(IDS), expected(IDS))
 
 
 def _quantized_table(table, qtype):
@@ -404,15 +428,78 @@ def test_missing_and_foreign_files_raise_library_errors(tmp_path):
             bn.load_gguf(tmp_path / name)
 
 
-def test_other_architecture_is_refused(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+@pytest.mark.parametrize("arch, match", [("gpt2", "'gpt2' is not a ternary model"),
+                                         ("llama", "float Llama, not a ternary model")])
+def test_other_architecture_is_refused(tmp_path, arch, match):
+    writer = gguf.GGUFWriter(str(tmp_path / "other.gguf"), arch)
     writer.add_block_count(1)
+    writer.add_tensor("blk.0.attn_q.weight", np.ones((4, 4), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(bn.GGUFError, match="'llama' is not a BitNet"):
-        bn.load_gguf(tmp_path / "llama.gguf")
+    with pytest.raises(bn.GGUFError, match=match):
+        bn.load_gguf(tmp_path / "other.gguf")
+
+
+# ---------------------------------------------------------------------------------------
+# Families: the architecture name says which network a file holds
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)
+def test_each_family_round_trips_under_its_architecture_name(tmp_path, family, weight_format):
+    model = tiny_model(family=family, seed=3, tied=family != "llama")
+    save_gguf(model, tmp_path / "m.gguf", weight_format)
+    string = gguf.GGUFValueType.STRING  # our reader: gguf's own does not know I2_S
+    assert GGUFFile(tmp_path / "m.gguf").value("general.architecture", (string,)) == ARCHITECTURE_OF[family]
+    loaded = bn.load_gguf(tmp_path / "m.gguf")
+    assert (loaded.config.hidden_act, loaded.config.sub_norms) == (model.config.hidden_act, model.config.sub_norms)
+    np.testing.assert_array_equal(loaded(IDS), model(IDS))
+
+
+def llama_cpp_permute(weights, n_head):
+    """convert_hf_to_gguf.py's LlamaModel.permute, as written there: q/k rows for the interleaved rope."""
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
+        weights.shape)
+
+
+def test_llama_files_store_q_and_k_rows_permuted_like_llama_cpp(tmp_path):
+    model = tiny_model(family="llama", seed=4)
+    save_gguf(model, tmp_path / "m.gguf", "tq2_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    c = model.config
+    for hf, name, heads in (("self_attn.q_proj", "attn_q", c.num_attention_heads),
+                            ("self_attn.k_proj", "attn_k", c.num_key_value_heads),
+                            ("self_attn.v_proj", "attn_v", None)):
+        codes = bn.unpack(linear_of(model, 0, hf).weight).codes.astype(np.float32)
+        expected = codes if heads is None else llama_cpp_permute(codes, heads)
+        stored = gguf.quants.dequantize(tensors[f"blk.0.{name}.weight"].data, gguf.GGMLQuantizationType.TQ2_0)
+        np.testing.assert_array_equal(np.sign(stored.reshape(codes.shape)), expected, err_msg=hf)
+
+
+@pytest.mark.parametrize("family, relabel, match", [("2b4t", "llama", "tensors include them"),
+                                                    ("llama", "bitnet", "tensors lack them"),
+                                                    ("llama", "bitnet-25", "tensors lack them")])
+def test_a_file_mislabeled_for_its_tensors_is_refused(tmp_path, monkeypatch, family, relabel, match):
+    model = tiny_model(family=family, seed=5)
+    monkeypatch.setattr(bn.io.gguf.gguf_arch, "architecture_for", lambda config: relabel)  # a converter's mistake
+    save_gguf(model, tmp_path / "m.gguf", "tq2_0")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").get_field("general.architecture").contents() == relabel
+    with pytest.raises(bn.GGUFError, match=match):
+        bn.load_gguf(tmp_path / "m.gguf")
+
+
+def test_tokenizer_arrays_are_written_even_when_empty(tmp_path):
+    """gguf's writer drops an empty ``merges``; llama.cpp then refuses the file."""
+    vocab = {f"w{i}": i for i in range(48)}
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    save_gguf(tiny_model(), tmp_path / "m.gguf", "tq2_0", tokenizer=tokenizer)
+    field = gguf.GGUFReader(tmp_path / "m.gguf").get_field("tokenizer.ggml.merges")
+    assert field is not None and field.contents() == []
+    assert bn.load_gguf_tokenizer(tmp_path / "m.gguf").get_vocab_size() == 48
 
 
 @pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)

@@ -1,4 +1,4 @@
-"""Read and write GGUF model files: llama.cpp's and bitnet.cpp's BitNet b1.58 models.
+"""Read and write GGUF model files: llama.cpp's and bitnet.cpp's ternary models.
 
 The file structure and metadata are read and written by the ``gguf`` package (maintained
 with llama.cpp); this module maps them to :class:`BitNetForCausalLM` and decodes the tensor
@@ -10,10 +10,10 @@ payloads with ``bitnet.formats``:
 * norms as F32/F16/BF16; the embedding (and an untied ``output.weight``) as F32, F16,
   BF16 or any type ``gguf.quants.dequantize`` knows (Q8_0, Q6_K, Q4_0, ...).
 
-Names follow llama.cpp's ``bitnet`` architecture (``blk.N.attn_q.weight``,
-``bitnet.block_count``, ...); bitnet.cpp's ``bitnet-b1.58`` and ``bitnet-25`` files use the
-same names under their own architecture prefix and are read too. Both use the
-"rotate half" (NeoX) rope, as HF does, so q/k rows are stored unpermuted.
+Tensor names follow llama.cpp (``blk.N.attn_q.weight``, ``{arch}.block_count``, ...); the
+architecture name says which network a file holds (``bitnet.io.gguf_arch``: ``bitnet``,
+``bitnet-b1.58``, ``bitnet-25``, ``llama``). The BitNet graphs use the "rotate half" (NeoX)
+rope, as HF does, so q/k rows are stored unpermuted.
 
 I2_S is bitnet.cpp's own type id, unknown to ``gguf.GGMLQuantizationType``: the reader
 below is ``gguf.GGUFReader`` with its tensor-table step replaced, and the writer is handed
@@ -40,14 +40,11 @@ from ..nn import BitLinear
 from ..nn.embedding import DTYPES as EMBEDDING_DTYPES
 from ..nn.embedding import as_float32, bf16_bits_to_float
 from ..quant import TernaryTensor, quantize_weights
-from . import gguf_tokenizer
+from . import gguf_arch, gguf_tokenizer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-ARCHITECTURE = "bitnet"
-# bitnet.cpp's names for the same network (its 2B4T file says "bitnet-b1.58").
-READ_ARCHITECTURES = (ARCHITECTURE, "bitnet-b1.58", "bitnet-25")
 
 I2_S_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml fork
 # ggml type id -> bitnet.formats name of the ternary payload types.
@@ -65,12 +62,39 @@ PROJECTIONS = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-LAYER_NORMS = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
-}
-# Tensors of the architecture this loader does not need (rope_freqs is 1 for plain rope).
-IGNORED_TENSORS = ("rope_freqs.weight",)
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency rope divisors (Llama 3 scaling); all 1 for plain rope
+
+
+def rope_row_order(rows: int, heads: int) -> np.ndarray:
+    """Row ``i`` of a llama-architecture GGUF q/k projection is HF row ``order[i]``.
+
+    llama.cpp's converter permutes the rows of every Llama's q and k so that its interleaved
+    rope (pairs ``2i, 2i + 1``) computes HF's rotate-half rope (pairs ``i, i + d/2``).
+    """
+    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
+def _reordered(linear: BitLinear, order: np.ndarray) -> BitLinear:
+    """``linear`` with its output rows (codes, per-channel scales, bias) taken in ``order``."""
+    t = unpack(linear.weight)
+    scale = t.scale[order] if t.granularity == "channel" else t.scale
+    weight = pack(TernaryTensor(np.ascontiguousarray(t.codes[order]), scale, t.granularity, t.group_size), "i2")
+    return BitLinear(weight, None if linear.bias is None else linear.bias[order], linear.input_norm)
+
+
+def _permuted_rope_rows(config: BitNetConfig) -> dict[str, int]:
+    """Projections stored with permuted rows in this family's GGUF files: HF name -> its head count."""
+    if gguf_arch.architecture_for(config) != "llama":
+        return {}
+    return {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
+
+
+def layer_norms(config: BitNetConfig) -> dict[str, str]:
+    """The decoder layer's norms: HF module name -> llama.cpp name (sub-norms only in the BitNet families)."""
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    if config.sub_norms:
+        names.update(zip(config.sub_norm_names, gguf_arch.SUB_NORM_TENSORS, strict=True))
+    return names
 
 # GGUFValueType ids (fixed by the file format): the integer kinds, the float kinds, and others.
 _INT_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)  # UINT8, INT8, UINT16, INT16, UINT32, INT32, UINT64, INT64
@@ -276,11 +300,11 @@ def _token_id(file: GGUFFile, key: str, vocab_size: int) -> int | None:
 def read_config(file: GGUFFile) -> BitNetConfig:
     """The :class:`BitNetConfig` of a GGUF file's ``{arch}.*`` metadata and its embedding shape."""
     arch = file.value("general.architecture", (_STRING,))
-    if arch not in READ_ARCHITECTURES:
-        raise errors.GGUFError(
-            f"{file.path}: architecture {arch!r} is not a BitNet b1.58 model; "
-            f"supported: {', '.join(READ_ARCHITECTURES)}"
-        )
+    ternary = any(t.type_id in TERNARY_TYPES for name, t in file.tensors.items() if name.startswith("blk."))
+    try:
+        network = gguf_arch.network_of(arch, set(file.tensors), ternary)
+    except errors.GGUFError as exc:
+        raise file.error(str(exc)) from None
     hidden = _size(file, f"{arch}.embedding_length")
     heads = _size(file, f"{arch}.attention.head_count")
     kv_heads = _size(file, f"{arch}.attention.head_count_kv", heads)
@@ -315,6 +339,9 @@ def read_config(file: GGUFFile) -> BitNetConfig:
         tie_word_embeddings="output.weight" not in file.tensors,
         bos_token_id=_token_id(file, gguf_tokenizer.BOS_KEY, vocab_size),
         eos_token_id=_token_id(file, gguf_tokenizer.EOS_KEY, vocab_size),
+        model_type=network.model_type,
+        hidden_act=network.hidden_act,
+        sub_norms=network.sub_norms,
     )
 
 
@@ -324,6 +351,9 @@ def _check_rope_scaling(file: GGUFFile, arch: str) -> None:
     factor = float(file.value(f"{arch}.rope.scaling.factor", _FLOAT_TYPES, 1.0))
     if kind not in ("none", "linear") or (kind == "linear" and factor != 1.0):
         raise file.error(f"rope scaling {kind!r} (factor {factor}) is not supported: only plain rope is")
+    freqs = file.tensors.get(ROPE_FREQS)
+    if freqs is not None and not np.all(_as_float32(file, freqs) == 1):
+        raise file.error(f"{ROPE_FREQS} scales the rope frequencies (Llama 3 scaling), which GGUF reading lacks")
 
 
 def _tensor(file: GGUFFile, name: str, shape: tuple[int, ...]) -> GGUFTensor:
@@ -502,18 +532,21 @@ def _read_weights(file: GGUFFile, config: BitNetConfig) -> dict[str, object]:
     """HF-named weights (as :meth:`BitNetForCausalLM.from_weights` takes them) from the GGUF tensors."""
     c = config
     weights: dict[str, object] = {}
-    used = set(IGNORED_TENSORS)
+    used = {ROPE_FREQS}
     shapes = c.linear_shapes()
-    norm_sizes = {"mlp.ffn_sub_norm": c.intermediate_size}
+    norm_sizes = c.norm_shapes()
+    permuted = _permuted_rope_rows(c)
     for i in range(c.num_hidden_layers):
         for hf_name, gguf_name in PROJECTIONS.items():
             name = f"blk.{i}.{gguf_name}"
-            weights[f"model.layers.{i}.{hf_name}"] = _read_linear(file, name, shapes[hf_name])
+            linear = _read_linear(file, name, shapes[hf_name])
+            if hf_name in permuted:
+                linear = _reordered(linear, np.argsort(rope_row_order(shapes[hf_name][0], permuted[hf_name])))
+            weights[f"model.layers.{i}.{hf_name}"] = linear
             used.update(f"{name}.{part}" for part in ("weight", "scale", "bias"))
-        for hf_name, gguf_name in LAYER_NORMS.items():
+        for hf_name, gguf_name in layer_norms(c).items():
             name = f"blk.{i}.{gguf_name}.weight"
-            size = norm_sizes.get(hf_name, c.hidden_size)
-            weights[f"model.layers.{i}.{hf_name}.weight"] = _read_norm(file, name, size)
+            weights[f"model.layers.{i}.{hf_name}.weight"] = _read_norm(file, name, norm_sizes[hf_name])
             used.add(name)
     weights["model.norm.weight"] = _read_norm(file, "output_norm.weight", c.hidden_size)
     table_shape = (c.vocab_size, c.hidden_size)
@@ -525,7 +558,8 @@ def _read_weights(file: GGUFFile, config: BitNetConfig) -> dict[str, object]:
     unused = sorted(set(file.tensors) - used)
     if unused:
         raise file.error(f"tensor {unused[0]!r} (and {len(unused) - 1} more) is not part of a "
-                         f"{c.num_hidden_layers}-layer bitnet model: the metadata and tensors disagree")
+                         f"{c.num_hidden_layers}-layer {c.default_architecture()} model: the metadata and tensors "
+                         f"disagree")
     return weights
 
 
@@ -602,10 +636,36 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer | None:
 # Writing
 
 
+@functools.cache
+def _writer_class():
+    """``gguf.GGUFWriter`` that also writes empty arrays.
+
+    gguf's own writer drops an empty array (``add_array``) or refuses it (``_pack_val``), but
+    llama.cpp refuses a BPE vocabulary whose ``merges`` key is missing, even when it has none.
+    """
+    gguf = _gguf()
+    array = gguf.GGUFValueType.ARRAY
+
+    class Writer(gguf.GGUFWriter):
+        def add_list(self, key: str, values, item_type) -> None:
+            self.add_key_value(key, list(values), array, sub_type=item_type)
+
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == array and len(val) == 0:
+                return (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
+
+
 def save_gguf(
     model: BitNetForCausalLM, path: str | Path, weight_format: str = "tq2_0", tokenizer: Tokenizer | None = None
 ) -> None:
-    """Write ``model`` as a GGUF file of llama.cpp's ``bitnet`` architecture.
+    """Write ``model`` as a GGUF file under the architecture name that means its network.
+
+    The name comes from :func:`bitnet.io.gguf_arch.architecture_for`: ``bitnet-b1.58``
+    (BitNet b1.58 2B4T, relu2: bitnet.cpp), ``bitnet`` (1bitLLM, SiLU with sub-norms:
+    llama.cpp and bitnet.cpp) or ``llama`` (Llama-architecture ternary).
 
     Parameters
     ----------
@@ -620,20 +680,23 @@ def save_gguf(
 
     Notes
     -----
-    llama.cpp's ``bitnet`` architecture ties the output head to ``token_embd`` and has no
-    projection biases: an untied head (``output.weight``) or biases (``blk.N.*.bias``) are
-    written so that :func:`load_gguf` gives the same model back, but llama.cpp will not load
-    such a file.
+    The BitNet graphs tie the output head to ``token_embd`` and have no projection biases:
+    an untied head (``output.weight``) or biases (``blk.N.*.bias``) are written so that
+    :func:`load_gguf` gives the same model back, but the engines will not load such a file.
 
     Raises
     ------
     GGUFError when the model cannot be written in ``weight_format`` (shape, scale
-    granularity, BitLinear input norms, which the bitnet architecture lacks).
+    granularity), or has what GGUF files do not hold: BitLinear input norms, a scaled rope.
     """
-    gguf = _gguf()
     if weight_format not in WEIGHT_FORMATS:
         raise errors.unknown_name("GGUF weight format", weight_format, WEIGHT_FORMATS, errors.GGUFError)
-    writer = gguf.GGUFWriter(str(path), ARCHITECTURE)
+    if model.config.rope_scaling is not None:
+        raise errors.GGUFError(
+            f"the rope scaling {model.config.rope_scaling} is not written to GGUF (rope_freqs) yet: save it with "
+            f"bn.save_pretrained"
+        )
+    writer = _writer_class()(str(path), gguf_arch.architecture_for(model.config))
     try:
         _write_metadata(writer, model.config, weight_format)
         if tokenizer is not None:
@@ -677,11 +740,12 @@ def _write_metadata(writer, config: BitNetConfig, weight_format: str) -> None:
 def _write_tokenizer(writer, tokenizer: Tokenizer, config: BitNetConfig) -> None:
     stop = config.stop_token_ids
     values = gguf_tokenizer.tokenizer_metadata(tokenizer, config.bos_token_id, stop[0] if stop else None)
+    array_type = _gguf().GGUFValueType
     writer.add_tokenizer_model(values[gguf_tokenizer.MODEL_KEY])
     writer.add_tokenizer_pre(values[gguf_tokenizer.PRE_KEY])
-    writer.add_token_list(values[gguf_tokenizer.TOKENS_KEY])
-    writer.add_token_types(values[gguf_tokenizer.TYPES_KEY])
-    writer.add_token_merges(values[gguf_tokenizer.MERGES_KEY])
+    writer.add_list(gguf_tokenizer.TOKENS_KEY, values[gguf_tokenizer.TOKENS_KEY], array_type.STRING)
+    writer.add_list(gguf_tokenizer.TYPES_KEY, values[gguf_tokenizer.TYPES_KEY], array_type.INT32)
+    writer.add_list(gguf_tokenizer.MERGES_KEY, values[gguf_tokenizer.MERGES_KEY], array_type.STRING)
     writer.add_add_bos_token(values[gguf_tokenizer.ADD_BOS_KEY])
 
 
@@ -689,17 +753,20 @@ def _tensors(model: BitNetForCausalLM, weight_format: str):
     """``(GGUF name, array, raw)`` of every tensor; ``raw`` is ``(ggml type, element shape)`` for packed payloads."""
     if any(linear.input_norm is not None for _, linear in model.named_linears()):
         raise errors.GGUFError(
-            "BitLinear input norms (use_rms_norm=True) have no place in llama.cpp's bitnet architecture"
+            "BitLinear input norms (use_rms_norm=True, Falcon-E) have no tensor name in the GGUF architectures"
         )
     yield "token_embd.weight", *_table(model.embed_tokens)
     norms = dict((name, norm.weight) for name, norm in model.named_norms())
     for i in range(model.config.num_hidden_layers):
-        for hf_name, gguf_name in LAYER_NORMS.items():
+        for hf_name, gguf_name in layer_norms(model.config).items():
             yield f"blk.{i}.{gguf_name}.weight", norms[f"model.layers.{i}.{hf_name}.weight"], None
     linears = dict(model.named_linears())
+    permuted = _permuted_rope_rows(model.config)
     for i in range(model.config.num_hidden_layers):
         for hf_name, gguf_name in PROJECTIONS.items():
             linear = linears[f"model.layers.{i}.{hf_name}"]
+            if hf_name in permuted:
+                linear = _reordered(linear, rope_row_order(linear.out_features, permuted[hf_name]))
             yield f"blk.{i}.{gguf_name}.weight", *_ternary_payload(linear, weight_format, f"blk.{i}.{gguf_name}")
             if linear.bias is not None:
                 yield f"blk.{i}.{gguf_name}.bias", linear.bias, None
