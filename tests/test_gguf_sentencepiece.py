@@ -203,3 +203,42 @@ def test_bad_sentencepiece_data_raises_gguf_errors(sp):
 def test_unknown_tokenizer_kind_raises_gguf_error():
     with pytest.raises(bn.GGUFError, match="'t5' is not supported"):
         build_tokenizer("t5", None, ["a", "b"], [1, 1], [], scores=[0.0, 0.0])
+
+
+def test_generate_on_a_1bitllm_gguf_with_a_sentencepiece_vocabulary(sp, tmp_path, capsys):
+    """A 1bitLLM-style file (llama.cpp's ``bitnet``: SiLU, sub-norms) whose vocabulary is SentencePiece."""
+    from test_gguf import tiny_model
+
+    from bitnet.cli import main
+    from bitnet.io import gguf as bitnet_gguf
+
+    gguf = pytest.importorskip("gguf")
+    tokens, scores, types = _arrays(sp)
+    model = tiny_model(vocab=len(tokens), family="1bitllm", seed=8)
+    model.config.bos_token_id, model.config.eos_token_id = BOS_ID, EOS_ID
+    path = tmp_path / "1bitllm.gguf"
+    writer = bitnet_gguf._writer_class()(str(path), "bitnet")
+    bitnet_gguf._write_metadata(writer, model.config, "tq2_0")
+    writer.add_tokenizer_model("llama")
+    writer.add_list("tokenizer.ggml.tokens", tokens, gguf.GGUFValueType.STRING)
+    writer.add_list("tokenizer.ggml.scores", scores, gguf.GGUFValueType.FLOAT32)
+    writer.add_list("tokenizer.ggml.token_type", types, gguf.GGUFValueType.INT32)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_add_bos_token(True)
+    for name, array, raw in bitnet_gguf._tensors(model, "tq2_0"):
+        raw_dtype, raw_shape = raw if raw is not None else (None, None)
+        writer.add_tensor(name, array, raw_shape=raw_shape, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    loaded, tokenizer = bn.load_gguf(path), bn.load_gguf_tokenizer(path)
+    assert loaded.config.hidden_act == "silu" and loaded.config.sub_norms
+    prompt = "hello world, the quick fox"
+    ids = tokenizer.encode(prompt).ids
+    assert ids == [BOS_ID, *sp.encode(prompt)]
+    expected = tokenizer.decode(model.generate(ids, 6, stop=[]))
+    assert main(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and expected.strip() in out
