@@ -65,15 +65,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {source} has no tokenizer.json to encode the prompt with", file=sys.stderr)
         return 2
     prompt = tokenizer.encode(args.prompt).ids
+    kept, first_tokens, tail = _healed(tokenizer, prompt)
     print(args.prompt, end="", flush=True)
     generated: list[int] = []
-    shown = ""
+    shown = tail
     stamps = [time.perf_counter()]
-    for token in model.stream(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+    budget = args.max_new_tokens + (len(prompt) - len(kept))  # the healed token is not a new one
+    for token in model.stream(kept, budget, args.temperature, args.top_k, args.top_p, args.seed,
+                              first_tokens=first_tokens):
         stamps.append(time.perf_counter())
         generated.append(token)
         text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a multi-byte character's rest
             print(text[len(shown):], end="", flush=True)
             shown = text
     prefill = stamps[1] - stamps[0] if len(stamps) > 1 else float("nan")
@@ -82,6 +85,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\n\nprompt: {len(prompt)} tokens, {len(prompt) / prefill:.1f} tok/s | "
           f"decode: {decode_steps} tokens, {decode_steps / decode:.1f} tok/s | {_head_label(model)}")
     return 0
+
+
+def _healed(tokenizer, ids: list[int]) -> tuple[list[int], list[int] | None, str]:
+    """Token healing: the prompt without its last token, the ids whose piece begins with that token's, and its text.
+
+    A prompt that stops inside what the tokenizer would make one token (``"def "``: the space
+    belongs to the next word's token) ends with a token the model rarely saw there; letting
+    the model choose that last token again, among the ones that extend it, fixes it. Pieces
+    are compared as the vocabulary stores them (``Ġ``/``▁`` for a space), not as decoded text.
+    """
+    tail = tokenizer.decode(ids[-1:]) if len(ids) > 1 else ""
+    if not tail:  # nothing to heal, or a special token
+        return ids, None, ""
+    piece = tokenizer.id_to_token(ids[-1])
+    allowed = [i for i in range(tokenizer.get_vocab_size()) if (tokenizer.id_to_token(i) or "").startswith(piece)]
+    return ids[:-1], allowed, tail
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:

@@ -238,7 +238,10 @@ def test_generate_on_a_1bitllm_gguf_with_a_sentencepiece_vocabulary(sp, tmp_path
     prompt = "hello world, the quick fox"
     ids = tokenizer.encode(prompt).ids
     assert ids == [BOS_ID, *sp.encode(prompt)]
-    expected = tokenizer.decode(model.generate(ids, 6, stop=[]))
+    # The CLI heals the prompt's last token ("▁fox"): generated again among the pieces that extend it.
+    fox = ids[-1]
+    healed = model.generate(ids[:-1], 7, stop=[], first_tokens=[i for i in range(len(tokens))
+                                                                if tokens[i].startswith(tokens[fox])])
     assert main(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(prompt) and expected.strip() in out
+    assert out.startswith("hello world, the quick " + tokenizer.decode(healed))

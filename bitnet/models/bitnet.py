@@ -146,6 +146,7 @@ class BitNetForCausalLM:
         top_p: float | None = None,
         seed: int | None = None,
         stop: Iterable[int] | None = None,
+        first_tokens: Iterable[int] | None = None,
     ) -> Iterator[int]:
         """Yield generated token ids one at a time (prefill once, then one cached decode step each).
 
@@ -157,9 +158,10 @@ class BitNetForCausalLM:
         sampler = Sampler(temperature, top_k, top_p, seed)
         cache = self.new_cache(len(ids) + max_new_tokens)
         logits = self.forward(ids, cache, last_only=True)
+        first = logits if first_tokens is None else self._restricted(logits, first_tokens)
         step_ids = np.zeros(1, np.int64)  # the decode loop reuses these two buffers
         for produced in range(1, max_new_tokens + 1):
-            token = sampler(logits[0])
+            token = sampler(first[0] if produced == 1 else logits[0])
             yield token
             if token in stop_ids or produced == max_new_tokens:
                 return
@@ -176,6 +178,7 @@ class BitNetForCausalLM:
         seed: int | None = None,
         stop: Iterable[int] | None = None,
         callback: Callable[[int], None] | None = None,
+        first_tokens: Iterable[int] | None = None,
     ) -> list[int]:
         """Generate up to ``max_new_tokens`` token ids after ``input_ids``.
 
@@ -189,17 +192,26 @@ class BitNetForCausalLM:
         seed : seed of the sampler's random generator (reproducible sampling).
         stop : token ids that end generation (included in the output); default the config's EOS ids.
         callback : called with each token id as soon as it is generated (streaming).
+        first_tokens : the ids the first generated token must be one of, e.g. for token healing
+            (the prompt's last token dropped, and the tokens whose text begins with it allowed).
 
         Returns
         -------
         list of int: the generated ids (the prompt is not repeated).
         """
         tokens = []
-        for token in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop):
+        for token in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, first_tokens):
             tokens.append(token)
             if callback is not None:
                 callback(token)
         return tokens
+
+    def _restricted(self, logits: np.ndarray, allowed: Iterable[int]) -> np.ndarray:
+        """``logits`` with every id outside ``allowed`` set to -inf."""
+        allowed = self._checked_ids(np.fromiter(allowed, np.int64))
+        restricted = np.full_like(logits, -np.inf)
+        restricted[:, allowed] = logits[:, allowed]
+        return restricted
 
     def _checked_ids(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids)
