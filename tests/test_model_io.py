@@ -62,6 +62,21 @@ def test_sharded_checkpoint_loads_like_the_single_file(saved, tmp_path):
     np.testing.assert_array_equal(bn.load_pretrained(tmp_path).forward(IDS), model.forward(IDS))
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/dir.safetensors", "",
+                                   None, 3])
+def test_index_naming_a_shard_outside_the_directory_is_refused(saved, tmp_path, shard):
+    """A weight_map entry may only name a file inside the model directory (no traversal, no absolute path)."""
+    _, path = saved
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_file(load_file(path / "model.safetensors"), tmp_path / "outside.safetensors")  # what traversal would open
+    (model_dir / "config.json").write_text((path / "config.json").read_text())
+    weight_map = dict.fromkeys(load_file(path / "model.safetensors"), shard)
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(bn.CheckpointError, match="shards must be file names inside the model directory"):
+        bn.load_pretrained(model_dir)
+
+
 @pytest.mark.parametrize("head_dtype", ["bf16", "int8", "f16"])
 def test_head_dtype_option_changes_storage_only_slightly(saved, head_dtype):
     model, path = saved

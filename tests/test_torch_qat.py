@@ -52,14 +52,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch and one Numba thread: on a busy machine a thread pool waiting for cores is far slower."""
-    threads, numba_threads = torch.get_num_threads(), bn.get_num_threads()
-    torch.set_num_threads(1)
-    bn.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    bn.set_num_threads(numba_threads)
+def _one_thread(one_thread):
+    """Every test here runs on one torch and one Numba thread (conftest.one_thread)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise errors.CheckpointError(f"{index} is not a valid safetensors index ({exc!r})") from None
-        files = {name: path / shard for name, shard in weight_map.items()}
+        files = {name: _inside(path, shard, index) for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise errors.CheckpointNotFoundError(
@@ -71,6 +71,19 @@ def _weight_files(path: Path) -> dict[str, Path]:
     if not single.is_file():
         raise errors.CheckpointNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}")
     return {}
+
+
+def _inside(directory: Path, shard: object, index: Path) -> Path:
+    """The shard file ``shard`` names, which must be a plain file name inside ``directory``.
+
+    An index naming ``../x.safetensors`` or an absolute path would make the loader open files
+    outside the model directory: refused.
+    """
+    if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or Path(shard).name != shard:
+        raise errors.CheckpointError(
+            f"{index} names shard {shard!r}: shards must be file names inside the model directory"
+        )
+    return directory / shard
 
 
 class _TensorReader:
