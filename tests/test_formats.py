@@ -202,3 +202,17 @@ def test_two_bit_value_three_is_a_format_error(name):
     data.reshape(-1)[0] = 0xFF
     with pytest.raises(bn.FormatError, match="value 3"):
         bn.unpack(bn.PackedTernary(name, p.shape, data, p.scale))
+
+
+@pytest.mark.parametrize("fmt", ["tq2_0", "tq1_0"])
+@pytest.mark.parametrize("scale", [1e-9, 1e5, 7e4])
+def test_tq_formats_refuse_a_scale_fp16_cannot_hold(fmt, scale):
+    """1e-9 would read back as all-zero weights and 1e5 as Inf: refused, naming the formats that hold it."""
+    codes = np.array([[1, 0, -1] * 100], np.int8)
+    t = bn.TernaryTensor(codes, np.float32(scale).reshape(()))
+    with pytest.raises(bn.FormatError, match="cannot be stored as the fp16 block scale.*i2, hf, i2_s, base3"):
+        bn.pack(t, fmt)
+    for other in ("i2", "hf", "i2_s", "base3"):
+        assert bn.unpack(bn.pack(t, other)).scale == np.float32(scale)
+    zeros = bn.TernaryTensor(np.zeros_like(codes), np.float32(scale).reshape(()))
+    assert not bn.unpack(bn.pack(zeros, fmt)).codes.any()  # an all-zero block stores d = 0: nothing is lost

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import errors
 from ..kernels import packing
 from .base import Format, ceil_div, pad_columns, register
 
@@ -31,7 +32,15 @@ def _block_d(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     m, nblocks = codes.shape[0], codes.shape[1] // BLOCK
     per_block = np.broadcast_to(scale.reshape(-1, scale.shape[-1] if scale.ndim else 1), (m, nblocks))
     nonzero = codes.reshape(m, nblocks, BLOCK).any(axis=-1)
-    d = np.where(nonzero, per_block, np.float32(0)).astype(np.float16)
+    with np.errstate(over="ignore"):
+        d = np.where(nonzero, per_block, np.float32(0)).astype(np.float16)
+    lost = nonzero & ((d == 0) | ~np.isfinite(d))
+    if lost.any():
+        bad = float(per_block[lost][0])
+        raise errors.FormatError(
+            f"scale {bad:g} cannot be stored as the fp16 block scale of TQ1_0/TQ2_0 (it would read back as "
+            f"{float(d[lost][0]):g}); formats with float32 scales hold it: i2, hf, i2_s, base3"
+        )
     return d.view(np.uint8).reshape(m, nblocks, 2)
 
 
