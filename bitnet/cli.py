@@ -6,6 +6,7 @@ Each subcommand is one function ``cmd_<name>(args)``; ``main`` only parses and d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -71,8 +72,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     shown = tail
     stamps = [time.perf_counter()]
     budget = args.max_new_tokens + (len(prompt) - len(kept))  # the healed token is not a new one
-    for token in model.stream(kept, budget, args.temperature, args.top_k, args.top_p, args.seed,
-                              first_tokens=first_tokens):
+    sampling = _sampling(args)
+    for token in model.stream(kept, budget, *sampling, args.seed, first_tokens=first_tokens):
         stamps.append(time.perf_counter())
         generated.append(token)
         text = tokenizer.decode(generated)
@@ -85,6 +86,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"\n\nprompt: {len(prompt)} tokens, {len(prompt) / prefill:.1f} tok/s | "
           f"decode: {decode_steps} tokens, {decode_steps / decode:.1f} tok/s | {_head_label(model)}")
     return 0
+
+
+def _sampling(args: argparse.Namespace) -> tuple[float, int | None, float | None]:
+    """``(temperature, top_k, top_p)``: the flags given, else the model's ``generation_config.json``, else greedy."""
+    defaults = bn.io.read_generation_config(args.model_dir)
+    sampled = bool(defaults.get("do_sample"))
+    temperature = args.temperature if args.temperature is not None else (
+        float(defaults.get("temperature", 1.0)) if sampled else 0.0)
+    top_k = args.top_k if args.top_k is not None else (defaults.get("top_k") if sampled else None)
+    top_p = args.top_p if args.top_p is not None else (defaults.get("top_p") if sampled else None)
+    return temperature, top_k, top_p
 
 
 def _healed(tokenizer, ids: list[int]) -> tuple[list[int], list[int] | None, str]:
@@ -208,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="HF model directory or .gguf file (default: the model bundled in the package)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--temperature", type=float, default=None,
+                          help="0 for greedy (default: the model's generation_config.json, else 0)")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None)
@@ -237,4 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (Python flushes stdout once more at exit)
+        return 0

@@ -52,6 +52,29 @@ def read_config(path: str | Path) -> BitNetConfig:
     return BitNetConfig.from_dict(raw)
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def read_generation_config(path: str | Path | None = None) -> dict:
+    """The sampling defaults of a model directory's ``generation_config.json`` (transformers' keys:
+    ``do_sample``, ``temperature``, ``top_k``, ``top_p``); ``{}`` when it has none. None: the bundled model.
+
+    Raises
+    ------
+    CheckpointError when the file exists but is not a JSON object.
+    """
+    file = (bundled_path() if path is None else Path(path)) / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return {}
+    try:
+        values = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise errors.CheckpointError(f"{file} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise errors.CheckpointError(f"{file} must hold a JSON object, got {type(values).__name__}")
+    return values
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index of a sharded checkpoint or the single file."""
     index = path / INDEX_FILE
