@@ -63,7 +63,8 @@ class _Run:
             if torch.cuda.is_available():
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
+            self.owns_group = not dist.is_initialized()
+            if self.owns_group:
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
@@ -84,6 +85,18 @@ class _Run:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def close(self) -> None:
+        """Wait for every rank, then destroy the process group this run created.
+
+        A rank that exits while gloo's threads still serve the group aborts the process
+        ("terminate called without an active exception").
+        """
+        self.barrier()
+        if self.world > 1 and self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _bf16_default() -> bool:
@@ -295,17 +308,19 @@ def train(
         bar.close()
     seconds = time.perf_counter() - began
     tokens = (end - start) * config.batch_size * config.context
-    if end < config.steps or not run.main:
-        return TrainResult(losses, None, None, seconds, tokens)
-    bpb = evaluate(model, held_out, corpus.held_out_bytes, config.context)
-    model_dir = out / MODEL_DIR
-    if config.quantize:
-        export_pretrained(model, model_dir, tokenizer)
-    else:
-        model.save_pretrained(model_dir)
-        tokenizer.save(str(model_dir / "tokenizer.json"))
-    result = {"held_out_bpb": bpb, "held_out_bytes": corpus.held_out_bytes, "train_seconds": seconds,
-              "tokens": tokens, "final_loss": losses[-1] if losses else math.nan, "config": dataclasses.asdict(config)}
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    _log(out, {"step": config.steps - 1, "held_out_bpb": bpb})
+    bpb, model_dir = None, None
+    if end == config.steps and run.main:
+        bpb = evaluate(model, held_out, corpus.held_out_bytes, config.context)
+        model_dir = out / MODEL_DIR
+        if config.quantize:
+            export_pretrained(model, model_dir, tokenizer)
+        else:
+            model.save_pretrained(model_dir)
+            tokenizer.save(str(model_dir / "tokenizer.json"))
+        result = {"held_out_bpb": bpb, "held_out_bytes": corpus.held_out_bytes, "train_seconds": seconds,
+                  "tokens": tokens, "final_loss": losses[-1] if losses else math.nan,
+                  "config": dataclasses.asdict(config)}
+        (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        _log(out, {"step": config.steps - 1, "held_out_bpb": bpb})
+    run.close()  # every rank waits for the export, then leaves the process group
     return TrainResult(losses, bpb, model_dir, seconds, tokens)
