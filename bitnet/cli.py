@@ -58,21 +58,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         model = bn.load_pretrained(args.model_dir, head_dtype=args.head)
         tokenizer = bn.load_tokenizer(args.model_dir)
+        sampling = _sampling(args)
+        bn.models.Sampler(*sampling, args.seed)  # refuse bad sampling settings before printing anything
     except bn.BitNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    source = args.model_dir or "the bundled model"
     if tokenizer is None:
-        source = args.model_dir or "the bundled model"
         print(f"error: {source} has no tokenizer.json to encode the prompt with", file=sys.stderr)
         return 2
     prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        print(f"error: the prompt {args.prompt!r} encodes to no tokens with {source}'s tokenizer", file=sys.stderr)
+        return 2
     kept, first_tokens, tail = _healed(tokenizer, prompt)
     print(args.prompt, end="", flush=True)
     generated: list[int] = []
     shown = tail
     stamps = [time.perf_counter()]
     budget = args.max_new_tokens + (len(prompt) - len(kept))  # the healed token is not a new one
-    sampling = _sampling(args)
     for token in model.stream(kept, budget, *sampling, args.seed, first_tokens=first_tokens):
         stamps.append(time.perf_counter())
         generated.append(token)

@@ -87,3 +87,16 @@ def test_cli_generate_defaults_to_the_bundled_model(capsys):
     assert main(["generate", "--prompt", "def ", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def ") and "decode: 12 tokens" in out  # "def " healed: " name" comes as one token
+
+
+@pytest.mark.parametrize("flags, message", [(["--top-p", "2"], "top_p must lie in"),
+                                            (["--temperature", "-1"], "temperature must be"),
+                                            (["--top-k", "0"], "top_k must be"),
+                                            (["--prompt", ""], "encodes to no tokens")])
+def test_cli_generate_refuses_bad_settings_in_one_line(capsys, flags, message):
+    from bitnet.cli import main
+
+    assert main(["generate", "--prompt", "def ", "--max-new-tokens", "2", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""
