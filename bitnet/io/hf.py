@@ -161,6 +161,12 @@ class _TensorReader:
         with handle:
             return handle.get_slice(name).get_shape()
 
+    def is_packed(self, name: str) -> bool:
+        """Whether tensor ``name`` is stored as uint8 (packed ternary codes), read from the header only."""
+        handle, _ = self._handle_of(name)
+        with handle:
+            return handle.get_slice(name).get_dtype() == "U8"
+
     def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of tensor ``name``."""
         handle, file = self._handle_of(name)
@@ -332,7 +338,7 @@ def read_weights(path: str | Path, config: BitNetConfig) -> dict[str, np.ndarray
         for short, shape in config.linear_shapes().items():
             name = f"model.layers.{i}.{short}"
             projections.add(name)
-            if reader.get(f"{name}.weight").dtype == np.uint8 or f"{name}.weight_scale" in reader:
+            if reader.is_packed(f"{name}.weight") or f"{name}.weight_scale" in reader:
                 weights[f"{name}.weight"] = unpack(_read_linear(reader, name, shape, config).weight)
             else:
                 weights[f"{name}.weight"] = _as_float32(reader.get(f"{name}.weight", shape))
