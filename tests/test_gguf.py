@@ -6,6 +6,8 @@ with gguf's writer alone; test_gguf_fuzz.py reuses them.
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import numpy as np
 import pytest
@@ -60,16 +62,18 @@ ARCHITECTURE_OF = {"2b4t": "bitnet-b1.58", "1bitllm": "bitnet", "llama": "llama"
 
 def tiny_model(vocab: int = 48, hidden: int = 256, intermediate: int = 512, layers: int = 2, heads: int = 4,
                kv_heads: int = 2, head_dtype: str = "f32", tied: bool = True, seed: int = 0,
-               fp16_scales: bool = True, granularity: str = "tensor", family: str = "2b4t") -> bn.BitNetForCausalLM:
+               fp16_scales: bool = True, granularity: str = "tensor", family: str = "2b4t",
+               rope: dict | None = None) -> bn.BitNetForCausalLM:
     """A random model of ``family``; with ``fp16_scales`` every projection scale is exact in fp16 (as TQ stores it).
 
-    ``granularity`` "channel" gives every projection one scale per output row.
+    ``granularity`` "channel" gives every projection one scale per output row; ``rope`` is its ``rope_scaling``.
     """
     rng = np.random.default_rng(seed)
     config = bn.BitNetConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=500000.0, rms_norm_eps=1e-5,
-        max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, **FAMILIES[family])
+        max_position_embeddings=256, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, rope_scaling=rope,
+        **FAMILIES[family])
     weights: dict[str, object] = {}
     for i in range(layers):
         for name, shape in config.linear_shapes().items():
@@ -488,6 +492,78 @@ def test_a_file_mislabeled_for_its_tensors_is_refused(tmp_path, monkeypatch, fam
     assert gguf.GGUFReader(tmp_path / "m.gguf").get_field("general.architecture").contents() == relabel
     with pytest.raises(bn.GGUFError, match=match):
         bn.load_gguf(tmp_path / "m.gguf")
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def llama_cpp_rope_factors(head_dim, theta, scaling):
+    """convert_hf_to_gguf.py's rope_freqs for a "llama3" rope, as written there (float64 here)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors)
+
+
+@pytest.mark.parametrize("weight_format", ["tq2_0", "i2_s"])
+def test_llama3_rope_is_written_as_llama_cpp_rope_freqs_and_read_back(tmp_path, weight_format):
+    model = tiny_model(family="llama", seed=6, heads=2, kv_heads=1, rope=LLAMA3_ROPE)  # head_dim 128
+    save_gguf(model, tmp_path / "m.gguf", weight_format)
+    c = model.config
+    stored = GGUFFile(tmp_path / "m.gguf").tensors["rope_freqs.weight"].data.view(np.float32)
+    expected = llama_cpp_rope_factors(c.head_dim, c.rope_theta, LLAMA3_ROPE)
+    assert 1 < len(set(expected)) and expected.min() == 1 and expected.max() == 8  # all three regimes
+    np.testing.assert_allclose(stored, expected, rtol=1e-6)
+    loaded = bn.load_gguf(tmp_path / "m.gguf")
+    assert loaded.config.rope_scaling["rope_type"] == "freq_factors"
+    ids = np.arange(80) % c.vocab_size  # past original_max_position_embeddings
+    np.testing.assert_allclose(loaded(ids), model(ids), rtol=0, atol=1e-4 * np.ptp(model(ids)))
+    plain = tiny_model(family="llama", seed=6, heads=2, kv_heads=1)
+    assert not np.allclose(plain(ids), model(ids), atol=1e-2 * np.ptp(model(ids)))  # the scaling matters here
+    save_gguf(loaded, tmp_path / "again.gguf", weight_format)  # GGUF to GGUF keeps the divisors bit for bit
+    again = GGUFFile(tmp_path / "again.gguf").tensors["rope_freqs.weight"].data.view(np.float32)
+    np.testing.assert_array_equal(again, stored)
+    with pytest.raises(bn.ConfigError, match="rope_freqs tensor, which config.json cannot express"):
+        bn.save_pretrained(loaded, tmp_path / "hf")
+
+
+def test_linear_rope_scaling_round_trips_as_llama_cpp_metadata(tmp_path):
+    model = tiny_model(family="1bitllm", seed=7, rope={"rope_type": "linear", "factor": 2.5})
+    save_gguf(model, tmp_path / "m.gguf", "tq2_0")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.get_field("bitnet.rope.scaling.type").contents() == "linear"
+    assert reader.get_field("bitnet.rope.scaling.factor").contents() == 2.5
+    loaded = bn.load_gguf(tmp_path / "m.gguf")
+    assert loaded.config.rope_scaling == {"rope_type": "linear", "factor": 2.5}
+    np.testing.assert_array_equal(loaded(IDS), model(IDS))
+
+
+def test_rope_freqs_only_where_llama_cpp_reads_them_and_only_valid_ones(tmp_path):
+    with pytest.raises(bn.GGUFError, match="'bitnet' graph does not read"):
+        save_gguf(tiny_model(family="1bitllm", rope=LLAMA3_ROPE), tmp_path / "s.gguf", "tq2_0")
+    model = tiny_model(family="llama", heads=2, kv_heads=1)
+    for bad in ([1.0] * 63, [1.0] * 63 + [0.0], [1.0] * 63 + [float("nan")], [-2.0] * 64):
+        model.config.rope_scaling = {"rope_type": "freq_factors", "freq_factors": bad}
+        with pytest.raises(bn.ConfigError, match="64 finite positive numbers"):
+            save_gguf(model, tmp_path / "b.gguf", "tq2_0")
+    model.config.rope_scaling = {"rope_type": "freq_factors", "freq_factors": [2.0] * 64}
+    save_gguf(model, tmp_path / "ok.gguf", "tq2_0")
+    data = bytearray((tmp_path / "ok.gguf").read_bytes())
+    tensor = {t.name: t for t in gguf.GGUFReader(tmp_path / "ok.gguf").tensors}["rope_freqs.weight"]
+    data[tensor.data_offset:tensor.data_offset + 4] = np.float32(-1).tobytes()
+    (tmp_path / "bad.gguf").write_bytes(data)
+    with pytest.raises(bn.GGUFError, match="rope_freqs.weight: rope freq_factors must be"):
+        bn.load_gguf(tmp_path / "bad.gguf")
 
 
 def test_tokenizer_arrays_are_written_even_when_empty(tmp_path):

@@ -39,6 +39,7 @@ from ..models import BitNetConfig, BitNetForCausalLM
 from ..nn import BitLinear
 from ..nn.embedding import DTYPES as EMBEDDING_DTYPES
 from ..nn.embedding import as_float32, bf16_bits_to_float
+from ..nn.rope import checked_freq_factors, llama3_freq_factors
 from ..quant import TernaryTensor, quantize_weights
 from . import gguf_arch, gguf_tokenizer
 
@@ -318,7 +319,6 @@ def read_config(file: GGUFFile) -> BitNetConfig:
             raise file.error(f"{key} differs from the rotary dimension {head_dim}: partial rope is not supported")
     if head_dim % 2:
         raise file.error(f"the head dimension {head_dim} must be even for rotary embeddings")
-    _check_rope_scaling(file, arch)
     embedding = file.tensors.get("token_embd.weight")
     if embedding is None or len(embedding.shape) != 2:
         raise file.error("tensor 'token_embd.weight' is missing or not 2-D")
@@ -342,18 +342,34 @@ def read_config(file: GGUFFile) -> BitNetConfig:
         model_type=network.model_type,
         hidden_act=network.hidden_act,
         sub_norms=network.sub_norms,
+        rope_scaling=_rope_scaling(file, arch, head_dim),
     )
 
 
-def _check_rope_scaling(file: GGUFFile, arch: str) -> None:
-    # bitnet.cpp's converter writes "linear" scaling by 1.0, which is no scaling at all.
+def _rope_scaling(file: GGUFFile, arch: str, head_dim: int) -> dict[str, Any] | None:
+    """HF-style rope parameters of the file: linear scaling, or llama.cpp's ``rope_freqs`` divisors."""
     kind = file.value(f"{arch}.rope.scaling.type", (_STRING,), "none")
     factor = float(file.value(f"{arch}.rope.scaling.factor", _FLOAT_TYPES, 1.0))
-    if kind not in ("none", "linear") or (kind == "linear" and factor != 1.0):
-        raise file.error(f"rope scaling {kind!r} (factor {factor}) is not supported: only plain rope is")
     freqs = file.tensors.get(ROPE_FREQS)
-    if freqs is not None and not np.all(_as_float32(file, freqs) == 1):
-        raise file.error(f"{ROPE_FREQS} scales the rope frequencies (Llama 3 scaling), which GGUF reading lacks")
+    factors = None if freqs is None else _as_float32(file, freqs)
+    if factors is not None and np.all(factors == 1):
+        factors = None  # llama.cpp's converter writes all-ones divisors for a plain rope
+    if kind not in ("none", "linear") or not (math.isfinite(factor) and factor > 0):
+        raise file.error(f"rope scaling {kind!r} (factor {factor}) is not supported: only linear scaling and "
+                         f"{ROPE_FREQS} are")
+    # bitnet.cpp's converter writes "linear" scaling by 1.0, which is no scaling at all.
+    linear = kind == "linear" and factor != 1.0
+    if linear and factors is not None:
+        raise file.error(f"the file has both linear rope scaling and {ROPE_FREQS}; only one is supported")
+    if linear:
+        return {"rope_type": "linear", "factor": factor}
+    if factors is None:
+        return None
+    try:
+        checked_freq_factors(factors, head_dim // 2)
+    except errors.ConfigError as exc:
+        raise file.error(f"{ROPE_FREQS}: {exc}") from None
+    return {"rope_type": "freq_factors", "freq_factors": factors.tolist()}
 
 
 def _tensor(file: GGUFFile, name: str, shape: tuple[int, ...]) -> GGUFTensor:
@@ -687,15 +703,11 @@ def save_gguf(
     Raises
     ------
     GGUFError when the model cannot be written in ``weight_format`` (shape, scale
-    granularity), or has what GGUF files do not hold: BitLinear input norms, a scaled rope.
+    granularity), or has what GGUF files do not hold: BitLinear input norms; a Llama 3 rope
+    outside the ``llama`` architecture (only llama.cpp's Llama graph reads ``rope_freqs``).
     """
     if weight_format not in WEIGHT_FORMATS:
         raise errors.unknown_name("GGUF weight format", weight_format, WEIGHT_FORMATS, errors.GGUFError)
-    if model.config.rope_scaling is not None:
-        raise errors.GGUFError(
-            f"the rope scaling {model.config.rope_scaling} is not written to GGUF (rope_freqs) yet: save it with "
-            f"bn.save_pretrained"
-        )
     writer = _writer_class()(str(path), gguf_arch.architecture_for(model.config))
     try:
         _write_metadata(writer, model.config, weight_format)
@@ -725,6 +737,9 @@ def _write_metadata(writer, config: BitNetConfig, weight_format: str) -> None:
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_rope_freq_base(c.rope_theta)
+    if (c.rope_scaling or {}).get("rope_type") == "linear":
+        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     file_types = {"tq2_0": gguf.LlamaFileType.MOSTLY_TQ2_0, "tq1_0": gguf.LlamaFileType.MOSTLY_TQ1_0,
@@ -773,6 +788,25 @@ def _tensors(model: BitNetForCausalLM, weight_format: str):
     yield "output_norm.weight", model.norm.weight, None
     if not model.tied:
         yield "output.weight", *_table(model.lm_head)
+    factors = _rope_freq_factors(model.config)
+    if factors is not None:
+        yield ROPE_FREQS, factors, None
+
+
+def _rope_freq_factors(config: BitNetConfig) -> np.ndarray | None:
+    """The ``rope_freqs`` divisors of a Llama 3 (or GGUF-read) rope; None for plain and linear ropes."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") not in ("llama3", "freq_factors"):
+        return None
+    architecture = gguf_arch.architecture_for(config)
+    if architecture != "llama":
+        raise errors.GGUFError(
+            f"a {scaling['rope_type']} rope is stored as {ROPE_FREQS}, which llama.cpp's {architecture!r} graph does "
+            f"not read: such a model cannot be written as GGUF (use bn.save_pretrained)"
+        )
+    if scaling["rope_type"] == "freq_factors":
+        return checked_freq_factors(scaling["freq_factors"], config.head_dim // 2)
+    return llama3_freq_factors(config.head_dim, config.rope_theta, scaling)
 
 
 def _table(embedding) -> tuple[np.ndarray, Any]:

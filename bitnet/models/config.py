@@ -12,7 +12,7 @@ LLAMA = "llama"
 ONE_BIT_LLM_ARCHITECTURE = "BitnetForCausalLM"  # 1bitLLM's remote-code class (model_type "llama")
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 ACTIVATIONS = ("relu2", "silu")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")  # freq_factors: a GGUF file's rope_freqs
 DEFAULT_ROPE_THETA = 500000.0
 
 
@@ -33,8 +33,10 @@ class BitNetConfig:
 
     ``sub_norms``: BitNet's RMSNorms before ``o_proj`` and ``down_proj``. ``rope_scaling``:
     HF's rope parameters other than the default (``{"rope_type": "llama3", "factor": ...}``
-    or ``"linear"``). ``linear_class`` says how a packed checkpoint's ``weight_scale`` is used
-    ("bitlinear" divides by it, "autobitlinear" multiplies); ``use_rms_norm`` adds HF's
+    or ``"linear"``), or ``{"rope_type": "freq_factors", "freq_factors": [...]}`` for a GGUF
+    file's per-frequency divisors, which ``config.json`` cannot express. ``linear_class`` says
+    how a packed checkpoint's ``weight_scale`` is used ("bitlinear" divides by it,
+    "autobitlinear" multiplies); ``use_rms_norm`` adds HF's
     optional RMSNorm at the input of every BitLinear (Falcon-E). ``extra`` keeps the other
     ``config.json`` keys so that ``save_pretrained`` writes them back.
     """
@@ -160,6 +162,11 @@ class BitNetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """An HF ``config.json`` dict for a packed checkpoint (``quant_method: "bitnet"``)."""
+        if (self.rope_scaling or {}).get("rope_type") == "freq_factors":
+            raise errors.ConfigError(
+                "this model's rope frequencies come from a GGUF rope_freqs tensor, which config.json cannot express: "
+                "save it with bn.save_gguf"
+            )
         values = asdict(self)
         extra = values.pop("extra")
         for key in ("rope_theta", "linear_class", "use_rms_norm", "linear_rms_norm_eps", "model_type", "sub_norms",

@@ -1,4 +1,5 @@
-"""Rotary position embedding: HF's "default" rope, and its "linear" and "llama3" frequency scalings."""
+"""Rotary position embedding: HF's "default" rope, its "linear" and "llama3" frequency scalings,
+and llama.cpp's per-frequency divisors (a GGUF ``rope_freqs`` tensor)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ class RotaryEmbedding:
     theta : the rope base (``rope_theta``; 500000 for BitNet b1.58 2B4T).
     scaling : HF's rope parameters for a scaled rope (``{"rope_type": "linear", "factor": f}`` or
         Llama 3's ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-        "original_max_position_embeddings"}``), or None.
+        "original_max_position_embeddings"}``), llama.cpp's ``{"rope_type": "freq_factors",
+        "freq_factors": [...]}`` (``inv_freq[i] / freq_factors[i]``), or None.
     """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
@@ -63,10 +65,12 @@ class RotaryEmbedding:
 
 
 def scaled_frequencies(inv_freq: np.ndarray, scaling: dict[str, Any] | None) -> np.ndarray:
-    """``inv_freq`` under HF's "linear" or "llama3" rope scaling (float32, transformers' order of operations)."""
+    """``inv_freq`` under a rope scaling (float32, transformers' order of operations for HF's types)."""
     kind = (scaling or {}).get("rope_type", "default")
     if kind == "default":
         return inv_freq
+    if kind == "freq_factors":
+        return (inv_freq / checked_freq_factors(scaling.get("freq_factors"), len(inv_freq))).astype(np.float32)
     try:
         factor = np.float32(scaling["factor"])
         if kind == "linear":
@@ -76,10 +80,38 @@ def scaled_frequencies(inv_freq: np.ndarray, scaling: dict[str, Any] | None) -> 
     except (KeyError, TypeError, ValueError) as exc:
         raise errors.ConfigError(f"rope scaling {scaling} lacks a numeric parameter ({exc!r})") from None
     if kind != "llama3":
-        raise errors.ConfigError(f"unsupported rope type {kind!r}: default, linear and llama3 are implemented")
+        raise errors.ConfigError(
+            f"unsupported rope type {kind!r}: default, linear, llama3 and freq_factors are implemented"
+        )
     wavelen = np.float32(2 * math.pi) / inv_freq
     scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq).astype(np.float32)
     smooth = (old_context / wavelen - low) / (high - low)
     smoothed = (np.float32(1) - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def llama3_freq_factors(head_dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
+    """Llama 3 scaling as llama.cpp's per-frequency divisors (its converter's ``rope_freqs``, float32).
+
+    The divisor is 1 for short wavelengths, ``factor`` for long ones and
+    ``1 / ((1 - smooth) / factor + smooth)`` in between: the same frequencies as HF's
+    "llama3" rope to float32 rounding.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    return (inv_freq / scaled_frequencies(inv_freq, scaling)).astype(np.float32)
+
+
+def checked_freq_factors(factors: Any, count: int) -> np.ndarray:
+    """``factors`` as ``count`` float32 divisors; ConfigError unless each is finite and positive."""
+    try:
+        values = np.asarray(factors, dtype=np.float32)
+    except (TypeError, ValueError):
+        values = np.zeros(0, np.float32)
+    if values.shape != (count,) or not np.all(np.isfinite(values) & (values > 0)):
+        raise errors.ConfigError(
+            f"rope freq_factors must be {count} finite positive numbers (one per frequency of the head), got "
+            f"{str(factors)[:80]}"
+        )
+    return values
