@@ -58,14 +58,15 @@ def write_checkpoint(
     float_dtype=torch.float32,
     use_rms_norm=False,
     attention_bias=False,
+    quantization_config=None,
     seed=0,
 ):
     """A random ternary checkpoint directory in HF format; returns the path.
 
     ``family`` "bitnet" is HF ``BitNetForCausalLM`` (relu2, sub-norms); "llama" is
     ``LlamaForCausalLM`` with a bitnet ``quantization_config`` (silu, no sub-norms), the
-    Llama-architecture ternary family (HF1BitLLM, Falcon3-1.58bit; Falcon-E with
-    ``linear_class="autobitlinear"`` and ``use_rms_norm``). ``rope``: extra rope parameters.
+    Llama-architecture ternary family (HF1BitLLM, Falcon3-1.58bit, Falcon-E). ``rope``: extra
+    rope parameters; ``quantization_config``: written as it is instead of one made of the options.
     """
     from safetensors.torch import save_file
     from transformers.integrations.bitnet import pack_weights
@@ -105,7 +106,7 @@ def write_checkpoint(
     quant = {"quant_method": "bitnet", "linear_class": linear_class, "use_rms_norm": use_rms_norm, "rms_norm_eps": 1e-6,
              "quantization_mode": "offline" if packed else "online"}
     if packed or linear_class == "autobitlinear" or family == "llama":
-        raw["quantization_config"] = quant
+        raw["quantization_config"] = quant if quantization_config is None else quantization_config
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(raw, f)
     return path
@@ -160,8 +161,12 @@ CASES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
     "llama-linear-rope": dict(family="llama", seed=13, rope={"rope_type": "linear", "factor": 2.0}),
-    # ... and Falcon-E's settings: autobitlinear scales and an RMSNorm at each BitLinear input.
-    "llama-falcon-e": dict(family="llama", linear_class="autobitlinear", use_rms_norm=True, seed=14),
+    # ... transformers' other BitNet options: autobitlinear scales and an RMSNorm at each BitLinear input ...
+    "llama-autobitlinear-input-norm": dict(family="llama", linear_class="autobitlinear", use_rms_norm=True, seed=14),
+    # ... and Falcon-E as TII's onebitllms.quantize_to_1bit writes it: the float Llama's config plus
+    # only these two keys (default linear class: weight_scale = 1 / mean|w|, divided).
+    "falcon-e-onebitllms": dict(family="llama", tied=False, seed=15, quantization_config={
+        "modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"}),
 }
 
 

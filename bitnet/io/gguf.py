@@ -768,7 +768,7 @@ def _tensors(model: BitNetForCausalLM, weight_format: str):
     """``(GGUF name, array, raw)`` of every tensor; ``raw`` is ``(ggml type, element shape)`` for packed payloads."""
     if any(linear.input_norm is not None for _, linear in model.named_linears()):
         raise errors.GGUFError(
-            "BitLinear input norms (use_rms_norm=True, Falcon-E) have no tensor name in the GGUF architectures"
+            "BitLinear input norms (use_rms_norm=True) have no tensor name in the GGUF architectures"
         )
     yield "token_embd.weight", *_table(model.embed_tokens)
     norms = dict((name, norm.weight) for name, norm in model.named_norms())

@@ -37,7 +37,7 @@ class BitNetConfig:
     file's per-frequency divisors, which ``config.json`` cannot express. ``linear_class`` says
     how a packed checkpoint's ``weight_scale`` is used ("bitlinear" divides by it,
     "autobitlinear" multiplies); ``use_rms_norm`` adds HF's
-    optional RMSNorm at the input of every BitLinear (Falcon-E). ``extra`` keeps the other
+    optional RMSNorm at the input of every BitLinear. ``extra`` keeps the other
     ``config.json`` keys so that ``save_pretrained`` writes them back.
     """
 
