@@ -41,7 +41,7 @@ from ..nn.embedding import DTYPES as EMBEDDING_DTYPES
 from ..nn.embedding import as_float32, bf16_bits_to_float
 from ..nn.rope import checked_freq_factors, llama3_freq_factors
 from ..quant import TernaryTensor, quantize_weights
-from . import gguf_arch, gguf_tokenizer
+from . import atomic, gguf_arch, gguf_tokenizer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -700,6 +700,9 @@ def save_gguf(
     an untied head (``output.weight``) or biases (``blk.N.*.bias``) are written so that
     :func:`load_gguf` gives the same model back, but the engines will not load such a file.
 
+    The file is written beside ``path`` and renamed over it once complete: a failure
+    (a refused tensor, a full disk) leaves an existing ``path`` as it was.
+
     Raises
     ------
     GGUFError when the model cannot be written in ``weight_format`` (shape, scale
@@ -708,22 +711,24 @@ def save_gguf(
     """
     if weight_format not in WEIGHT_FORMATS:
         raise errors.unknown_name("GGUF weight format", weight_format, WEIGHT_FORMATS, errors.GGUFError)
-    writer = _writer_class()(str(path), gguf_arch.architecture_for(model.config))
-    try:
-        _write_metadata(writer, model.config, weight_format)
-        if tokenizer is not None:
-            _write_tokenizer(writer, tokenizer, model.config)
-        for name, array, raw in _tensors(model, weight_format):
-            if raw is None:
-                writer.add_tensor(name, array)
-            else:
-                raw_type, shape = raw
-                writer.add_tensor(name, array, raw_shape=shape, raw_dtype=raw_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    architecture = gguf_arch.architecture_for(model.config)
+    with atomic.replacing(path) as (temporary,):
+        writer = _writer_class()(str(temporary), architecture)
+        try:
+            _write_metadata(writer, model.config, weight_format)
+            if tokenizer is not None:
+                _write_tokenizer(writer, tokenizer, model.config)
+            for name, array, raw in _tensors(model, weight_format):
+                if raw is None:
+                    writer.add_tensor(name, array)
+                else:
+                    raw_type, shape = raw
+                    writer.add_tensor(name, array, raw_shape=shape, raw_dtype=raw_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
 
 def _write_metadata(writer, config: BitNetConfig, weight_format: str) -> None:

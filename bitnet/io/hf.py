@@ -20,6 +20,7 @@ from ..models import BitNetConfig, BitNetForCausalLM, bundled_path
 from ..nn import BitLinear, RMSNorm
 from ..nn.embedding import as_float32
 from ..quant import TernaryTensor
+from . import atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -382,7 +383,9 @@ def save_pretrained(model: BitNetForCausalLM, path: str | Path) -> None:
 
     Projections are stored packed (uint8, 4 weights per byte, HF layout) with a float32
     ``weight_scale`` following the config's ``linear_class``; norms as float32; the
-    embedding (and untied head) in their storage dtype (int8 tables as float32).
+    embedding (and untied head) in their storage dtype (int8 tables as float32). Both files
+    are written completely beside their targets before either replaces an existing one, so a
+    failure leaves an earlier checkpoint in ``path`` as it was.
     """
     safetensors = _safetensors()
     path = Path(path)
@@ -396,5 +399,7 @@ def save_pretrained(model: BitNetForCausalLM, path: str | Path) -> None:
     if not model.tied:
         tensors["lm_head.weight"] = _embedding_tensor(model.lm_head)
     tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
-    safetensors.numpy.save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-    (path / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    config = json.dumps(model.config.to_dict(), indent=2) + "\n"
+    with atomic.replacing(path / WEIGHTS_FILE, path / CONFIG_FILE) as (weights_file, config_file):
+        safetensors.numpy.save_file(tensors, str(weights_file), metadata={"format": "pt"})
+        config_file.write_text(config)

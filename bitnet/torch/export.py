@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import errors
 from ..formats import KERNEL_FORMAT, pack
+from ..io.atomic import replacing
 from ..io.hf import save_pretrained
 from ..io.tokenizer import TOKENIZER_FILE
 from ..models import BitNetForCausalLM
@@ -80,5 +81,6 @@ def export_pretrained(model, path: str | Path, tokenizer=None) -> Path:
     path = Path(path)
     save_pretrained(numpy_model, path)
     if tokenizer is not None:
-        tokenizer.save(str(path / TOKENIZER_FILE))
+        with replacing(path / TOKENIZER_FILE) as (temporary,):
+            tokenizer.save(str(temporary))
     return path

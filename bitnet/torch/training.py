@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import errors
+from ..io.atomic import replacing
 from .config import TrainConfig, learning_rate
 from .corpus import END_OF_TEXT, bits_per_byte, read_corpus, token_stream, train_tokenizer
 from .export import export_pretrained
@@ -122,9 +123,8 @@ def evaluate(model, stream: np.ndarray, n_bytes: int, context: int, batch: int =
 def _save_checkpoint(path: Path, model, optimizer, step: int, config: TrainConfig) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "config": dataclasses.asdict(config), "rng": torch.get_rng_state()}
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with replacing(path) as (temporary,):
+        torch.save(state, temporary)
 
 
 def _load_checkpoint(path: Path, config: TrainConfig) -> dict:
