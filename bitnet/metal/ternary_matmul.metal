@@ -12,7 +12,8 @@
 //
 // Output: int32 accumulators (exact, bit-identical to bn.matmul_int) or, with FLAG_SCALED,
 // float32 acc / a[t] * s (s one scale, or one per row with FLAG_SCALE_PER_ROW), written as
-// the 32-bit pattern of either type into `out`.
+// the 32-bit pattern of either type into `out`. The division is precise::divide, correctly
+// rounded under fastMath too, so the floats are those of the CPU kernels' acc / a * s.
 //
 // Both kernels bounds-check against the threads metalcompute runs past `count`; they are
 // correct for any threadgroup width that is a multiple of the SIMD width (32).
@@ -66,7 +67,7 @@ inline uint epilogue(int acc, uint t, uint r, MatmulShape shape,
         return as_type<uint>(acc);
     }
     const float s = weight_scale[(shape.flags & FLAG_SCALE_PER_ROW) ? r : 0];
-    return as_type<uint>(float(acc) / act_scale[t] * s);
+    return as_type<uint>(precise::divide(float(acc), act_scale[t]) * s);  // fastMath would approximate `/`
 }
 
 // ---------------------------------------------------------------------------------------

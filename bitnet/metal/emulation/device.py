@@ -6,9 +6,13 @@ a handle. As with metalcompute, the threadgroup width is fixed per pipeline (her
 the module is made), ``count`` is rounded up to whole threadgroups whose extra threads run too,
 and an argument that is not a Buffer is copied into a fresh one for that call only.
 
-Buffers keep 16 KiB of guard bytes on each side (as far as the threads past ``count`` of a
-1024-wide threadgroup reach with 16-byte elements); a dispatch that writes into them raises,
-so a kernel that forgets a bounds check fails loudly instead of corrupting memory.
+Every read and write a kernel makes through a buffer pointer is checked against the buffer's
+size (``msl_emu::pointer``), and a dispatch that made one outside raises. Buffers also keep
+16 KiB of guard bytes on each side (as far as the threads past ``count`` of a 1024-wide
+threadgroup reach with 16-byte elements), and a dispatch that wrote into them raises too: that
+catches a write through a plain address taken of a buffer element (``&out[i]``), which the
+pointer cannot check.
+As on Apple GPUs, making a function whose threadgroup variables exceed 32 KiB raises.
 """
 
 from __future__ import annotations
@@ -43,13 +47,13 @@ class Function:
     """One kernel of a compiled library; calling it dispatches ``count`` threads synchronously."""
 
     def __init__(self, library: EmulatedLibrary, name: str, width: int, reverse: bool) -> None:
-        if name not in library.kernels:
-            raise EmulationError(f"no kernel named {name!r} in this source")
+        library.check_pipeline(name)
         self.library, self.name, self.width, self.reverse = library, name, width, reverse
 
     def __call__(self, count: int, *arguments) -> object:
         buffers = [a if isinstance(a, Buffer) else _copied(a) for a in arguments]
-        self.library.run(self.name, int(count), [b.ctypes.data for b in buffers], self.width, self.reverse)
+        self.library.run(self.name, int(count), [(b.ctypes.data, b.nbytes) for b in buffers], self.width,
+                         self.reverse)
         for i, b in enumerate(buffers):
             if not b.guards_intact:
                 raise EmulationError(f"kernel {self.name} wrote outside buffer {i} ({b.nbytes} bytes)")

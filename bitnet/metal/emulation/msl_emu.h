@@ -6,12 +6,21 @@
 //
 // * Types: uint/uchar/ushort/..., the 4-wide vectors the shaders use (char4, uchar4, int4,
 //   uint4, float4) with MSL's element-wise arithmetic and conversions, as_type<T>.
-// * Address spaces: `device`, `constant`, `thread` are plain memory. A `threadgroup` variable
-//   becomes `static thread_local`: all the lanes of a threadgroup run as fibers on one OS
-//   thread, so they share it, exactly like threadgroup memory is shared by a threadgroup.
-//   (So threadgroup variables may only be declared in a kernel's body, as MSL requires.) Unlike
-//   the GPU's, this memory is not garbage when a threadgroup starts: it holds what the previous
-//   threadgroup left, so a kernel must be checked to write it before it reads it.
+// * Address spaces: compiler.py rewrites every `device T*` and `constant T*` of the source into
+//   msl_emu::pointer<space, T>, a type of its own per address space, so that a buffer pointer
+//   that lost its qualifier, or a `device` pointer passed where a `constant` or a plain
+//   (`thread`) one is declared, fails to compile as it does with Apple's compiler; a `constant`
+//   pointer only reads. The pointers carry the bounds of the buffer they come from and check
+//   every read and write against them: an access outside is recorded (the dispatch reports it)
+//   and goes to a scratch value instead. `device` anywhere else does not compile. `thread` and
+//   program-scope `constant` variables are plain memory. A `threadgroup` variable becomes
+//   `static thread_local`: all the lanes of a threadgroup run as fibers on one OS thread, so
+//   they share it, exactly like threadgroup memory is shared by a threadgroup. (So threadgroup
+//   variables may only be declared in a kernel's body, as MSL requires.) Unlike the GPU's, this
+//   memory is not garbage when a threadgroup starts: it holds what the previous threadgroup
+//   left, so a kernel must be checked to write it before it reads it.
+// * fastMath: only `precise::divide` is provided; compiler.py rejects a float `/` written in the
+//   shader (see there), since Apple compiles with fastMath, under which `/` is approximate.
 // * Attributes: `[[buffer(i)]]`, `[[thread_position_in_grid]]`, ... are left to g++, which
 //   ignores them (-Wno-attributes); the generated driver (compiler.py) reads them from the
 //   source and passes buffer i and each thread's ids in their place.
@@ -128,6 +137,85 @@ void threadgroup_barrier(mem_flags flags);
 
 }  // namespace metal
 
+// ---- address spaces ----------------------------------------------------------------------
+
+namespace msl_emu {
+
+enum class space { device_memory, constant_memory };
+
+// Records an access to element `index` of buffer `buffer`, which holds `count` elements of
+// `element_bytes` bytes, as the dispatch's error (defined with the scheduler below).
+void out_of_bounds(std::size_t buffer, std::ptrdiff_t index, std::size_t count, std::size_t element_bytes);
+
+// `device T*` or `constant T*`: a pointer into one bound buffer that checks every access.
+// There is no conversion to or from a plain pointer or a pointer of the other address space,
+// so a qualifier missing or wrong anywhere a pointer goes is a compile error.
+template <space S, class T>
+class pointer {
+public:
+    using reference = std::conditional_t<S == space::constant_memory, const T&, T&>;  // constant memory is read-only
+
+    pointer(T* base, std::size_t count, std::size_t buffer, std::ptrdiff_t index = 0)
+        : base_(base), count_(count), buffer_(buffer), index_(index) {}
+
+    template <class U, class = std::enable_if_t<std::is_same_v<const U, T>>>
+    pointer(const pointer<S, U>& other)  // adding const, as T* converts to const T*
+        : base_(other.base_), count_(other.count_), buffer_(other.buffer_), index_(other.index_) {}
+
+    reference operator[](std::ptrdiff_t i) const { return at(index_ + i); }
+    reference operator*() const { return at(index_); }
+    pointer operator+(std::ptrdiff_t n) const { return pointer(base_, count_, buffer_, index_ + n); }
+    pointer operator-(std::ptrdiff_t n) const { return pointer(base_, count_, buffer_, index_ - n); }
+    pointer& operator+=(std::ptrdiff_t n) { index_ += n; return *this; }
+
+private:
+    template <space, class>
+    friend class pointer;
+
+    reference at(std::ptrdiff_t i) const
+    {
+        if (i >= 0 && std::size_t(i) < count_) {
+            return base_[i];
+        }
+        out_of_bounds(buffer_, i, count_, sizeof(T));
+        // The kernel goes on (unwinding a fiber is not an option) on a zeroed stand-in.
+        alignas(T) static thread_local unsigned char scratch[sizeof(T)];
+        std::memset(scratch, 0, sizeof(T));
+        return *reinterpret_cast<T*>(scratch);
+    }
+
+    T* base_;
+    std::size_t count_;
+    std::size_t buffer_;
+    std::ptrdiff_t index_;
+};
+
+template <space S, class T>
+pointer<S, T> operator+(std::ptrdiff_t n, const pointer<S, T>& p) { return p + n; }
+
+// What compiler.py writes for `device T*` and `constant T*` (names the keyword macros leave alone).
+template <class T>
+using device_pointer = pointer<space::device_memory, T>;
+template <class T>
+using constant_pointer = pointer<space::constant_memory, T>;
+
+// Buffer `index` of a dispatch, as the driver passes it to a kernel parameter: it becomes the
+// `device` or `constant` pointer the parameter declares, and nothing else.
+struct buffer_binding {
+    void* data;
+    std::size_t bytes;
+    std::size_t index;
+
+    template <space S, class T>
+    operator pointer<S, T>() const
+    {
+        using element = std::remove_const_t<T>;
+        return pointer<S, T>(static_cast<element*>(data), bytes / sizeof(T), index);
+    }
+};
+
+}  // namespace msl_emu
+
 // ---- the fiber scheduler -----------------------------------------------------------------
 
 namespace msl_emu {
@@ -201,7 +289,7 @@ public:
             }
             const uint alive = count(LaneState::at_barrier) + count(LaneState::at_simd_function);
             if (alive == 0) {
-                return "";
+                return fault_;
             }
             if (count(LaneState::at_barrier) == alive) {
                 if (alive < width_) {
@@ -229,6 +317,14 @@ public:
 
     Lane& running_lane() { return lanes_[running_]; }
     const SimdExchange& exchange_of_running_lane() const { return exchanges_[running_ / SIMD_WIDTH]; }
+
+    // Called from inside a fiber: record `what` the running lane did wrong (the first thing only).
+    void fault(const std::string& what)
+    {
+        if (fault_.empty()) {
+            fault_ = "thread " + std::to_string(running_lane().ids.thread_position_in_grid) + " " + what;
+        }
+    }
 
     static Threadgroup*& current()
     {
@@ -305,7 +401,15 @@ private:
     std::unique_ptr<char[]>* stacks_;
     ucontext_t scheduler_;
     uint running_ = 0;
+    std::string fault_;
 };
+
+inline void out_of_bounds(std::size_t buffer, std::ptrdiff_t index, std::size_t count, std::size_t element_bytes)
+{
+    Threadgroup::current()->fault("accessed element " + std::to_string(index) + " of buffer " +
+                                  std::to_string(buffer) + ", which holds " + std::to_string(count) +
+                                  " elements of " + std::to_string(element_bytes) + " bytes");
+}
 
 // Runs `kernel` over a 1-D grid as metalcompute does: ceil(count / width) threadgroups of
 // `width` threads each, the threads past `count` included. Returns "" or the first error.
@@ -413,8 +517,9 @@ inline T simd_shuffle_up(T v, ushort delta)
 
 // ---- the MSL keywords --------------------------------------------------------------------
 
+// `device` is left to compiler.py's rewriting of `device T*`; anywhere else it must not compile.
 #define kernel
-#define device
+#define device msl_emu_supports_device_only_in_pointer_declarations
 #define constant
 #define thread
 #define threadgroup static thread_local
