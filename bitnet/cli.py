@@ -1,19 +1,26 @@
 """``python -m bitnet``: command-line entry points.
 
 Each subcommand is one function ``cmd_<name>(args)``; ``main`` only parses and dispatches.
+A user mistake (a bad flag value, a missing model, a setting the model refuses) ends in one
+``error: ...`` line on stderr and exit code 2, never a traceback: flags are checked by their
+argparse types, everything else raises a :class:`bitnet.BitNetError` that ``main`` reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import NoReturn
 
 import numpy as np
 
 import bitnet as bn
 from bitnet import bench
+from bitnet.kernels.cpu_features import supported_paths
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -55,29 +62,24 @@ def _head_label(model) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text from an HF BitNet model directory or a .gguf file (default: the bundled model), streaming it."""
-    try:
-        model = bn.load_pretrained(args.model_dir, head_dtype=args.head)
-        tokenizer = bn.load_tokenizer(args.model_dir)
-        sampling = _sampling(args)
-        bn.models.Sampler(*sampling, args.seed)  # refuse bad sampling settings before printing anything
-    except bn.BitNetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model = bn.load_pretrained(args.model_dir, head_dtype=args.head)
+    tokenizer = bn.load_tokenizer(args.model_dir)
     source = args.model_dir or "the bundled model"
     if tokenizer is None:
-        print(f"error: {source} has no tokenizer.json to encode the prompt with", file=sys.stderr)
-        return 2
+        raise bn.CheckpointNotFoundError(f"{source} has no tokenizer.json to encode the prompt with")
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
-        print(f"error: the prompt {args.prompt!r} encodes to no tokens with {source}'s tokenizer", file=sys.stderr)
-        return 2
+        raise bn.InvalidValueError(f"the prompt {args.prompt!r} encodes to no tokens with {source}'s tokenizer")
     kept, first_tokens, tail = _healed(tokenizer, prompt)
+    budget = args.max_new_tokens + (len(prompt) - len(kept))  # the healed token is not a new one
+    stamps = [time.perf_counter()]
+    tokens = model.stream(kept, budget, *_sampling(args), args.seed, first_tokens=first_tokens)
+    # The first token comes after every setting and the prompt's ids were checked: print nothing before.
+    first = next(tokens)
     print(args.prompt, end="", flush=True)
     generated: list[int] = []
     shown = tail
-    stamps = [time.perf_counter()]
-    budget = args.max_new_tokens + (len(prompt) - len(kept))  # the healed token is not a new one
-    for token in model.stream(kept, budget, *sampling, args.seed, first_tokens=first_tokens):
+    for token in itertools.chain([first], tokens):
         stamps.append(time.perf_counter())
         generated.append(token)
         text = tokenizer.decode(generated)
@@ -121,11 +123,9 @@ def _healed(tokenizer, ids: list[int]) -> tuple[list[int], list[int] | None, str
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
     """Random-weight model of the BitNet b1.58 2B4T shapes: prefill/decode tokens/s and peak RSS."""
-    import numba
-
     from .models.bench import bench_model
 
-    numba.set_num_threads(args.threads)
+    bn.set_num_threads(args.threads)
     config = bn.BitNetConfig(num_hidden_layers=args.layers)
     # Compile every kernel on a tiny model first: the compiler's memory is then not counted on
     # top of the big model's in the peak RSS.
@@ -158,7 +158,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time bn.matmul (activation quantization included) against numpy float32 on the same shapes."""
     shapes = bench.SHAPES if args.quick else (*bench.SHAPES, bench.STREAM_SHAPE)
-    paths = args.paths.split(",") if args.paths else bench.default_paths()
+    paths = args.paths or bench.default_paths()
     print(f"matmul: i2 weights, float32 activations; {args.threads or bn.get_num_threads()} threads; "
           f"default path {bn.ops.KERNEL_PATH}; us: median wall time, best: fastest run; "
           f"numpy float32 x @ w.T timed in the same run")
@@ -175,12 +175,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f'error: training needs PyTorch and transformers ({exc}); pip install "bitnet[train]"', file=sys.stderr)
         return 2
     values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
-    try:
-        result = train(TrainConfig(**values), resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.no_progress, threads=args.threads)
-    except bn.BitNetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = train(TrainConfig(**values), resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.no_progress, threads=args.threads)
     if result.model_dir is not None:
         print(f"held-out bits per byte: {result.held_out_bpb:.4f}; {result.tokens:,} tokens in "
               f"{result.seconds / 60:.1f} min; model in {result.model_dir}")
@@ -207,44 +203,86 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(default), default=default, help="default: %(default)s")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty OUT_DIR")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_at_least(1), default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one ``error: ...`` line (with where to find the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
+
+
+def _kernel_paths(text: str) -> list[str]:
+    paths = text.split(",")
+    supported = supported_paths()
+    for path in paths:
+        if path not in supported:
+            raise argparse.ArgumentTypeError(f"{path!r} is not a kernel path this CPU runs; choose from "
+                                             f"{', '.join(supported)}")
+    return paths
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bitnet", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m bitnet", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)
-    demo.add_argument("--out-features", type=int, default=2560)
-    demo.add_argument("--in-features", type=int, default=2560)
+    demo.add_argument("--out-features", type=_at_least(1), default=2560)
+    demo.add_argument("--in-features", type=_at_least(1), default=2560)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)
     generate = sub.add_parser("generate", help=cmd_generate.__doc__)
     generate.add_argument("model_dir", nargs="?", default=None,
                           help="HF model directory or .gguf file (default: the model bundled in the package)")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     generate.add_argument("--temperature", type=float, default=None,
                           help="0 for greedy (default: the model's generation_config.json, else 0)")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--seed", type=_at_least(0), default=None)
     generate.add_argument("--head", choices=HEAD_CHOICES, default="auto", help="embedding/head storage")
     generate.set_defaults(run=cmd_generate)
     matmul_bench = sub.add_parser("bench", help=cmd_bench.__doc__)
-    matmul_bench.add_argument("--threads", type=int, default=None, help="default: numba's setting")
-    matmul_bench.add_argument("--paths", help="kernel paths, comma-separated (default: the selected one and portable)")
+    matmul_bench.add_argument("--threads", type=_at_least(1), default=None, help="default: numba's setting")
+    matmul_bench.add_argument("--paths", type=_kernel_paths,
+                              help="kernel paths, comma-separated (default: the selected one and portable)")
     matmul_bench.add_argument("--quick", action="store_true", help="skip the 519 MB DRAM-streaming shape")
-    matmul_bench.add_argument("--min-time", type=float, default=0.3, help="seconds spent timing each row")
+    matmul_bench.add_argument("--min-time", type=_positive_float, default=0.3, help="seconds spent timing each row")
     matmul_bench.set_defaults(run=cmd_bench)
     bench = sub.add_parser("bench-model", help=cmd_bench_model.__doc__)
-    bench.add_argument("--layers", type=int, default=30)
+    bench.add_argument("--layers", type=_at_least(1), default=30)
     bench.add_argument("--head", choices=HEAD_CHOICES[1:], default="bf16", help="embedding/head storage")
-    bench.add_argument("--prompt-tokens", type=int, default=64)
-    bench.add_argument("--decode-tokens", type=int, default=32)
-    bench.add_argument("--threads", type=int, default=2)
-    bench.add_argument("--repeats", type=int, default=1, help="report the best of this many runs")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--prompt-tokens", type=_at_least(1), default=64)
+    bench.add_argument("--decode-tokens", type=_at_least(1), default=32)
+    bench.add_argument("--threads", type=_at_least(1), default=2)
+    bench.add_argument("--repeats", type=_at_least(1), default=1, help="report the best of this many runs")
+    bench.add_argument("--seed", type=_at_least(0), default=0)
     bench.set_defaults(run=cmd_bench_model)
     train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     _add_train_arguments(train)
@@ -253,9 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a flag refused in one line by _Parser.error
+        return exc.code
     try:
         return args.run(args)
+    except bn.BitNetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (Python flushes stdout once more at exit)
         return 0
