@@ -10,7 +10,7 @@ message says what was wrong and what to do about it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 import numpy as np
 
@@ -75,6 +75,12 @@ class ArenaForeignArrayError(ArenaError):
     """An array given to an arena method was not handed out by that arena (or is only a view of one)."""
 
 
+def check_array(a: object, name: str) -> None:
+    """Raise DTypeError unless ``a`` is a numpy array (None, lists and scalars are refused, not guessed at)."""
+    if not isinstance(a, np.ndarray):
+        raise DTypeError(f"{name} must be a numpy array, got {type(a).__name__}; pass np.asarray(...) of it")
+
+
 def check_ndim(a: np.ndarray, name: str, allowed: Iterable[int]) -> None:
     """Raise ShapeError unless ``a.ndim`` is one of ``allowed``."""
     allowed = tuple(allowed)
@@ -129,6 +135,18 @@ def check_ternary_codes(codes: np.ndarray, name: str = "codes") -> None:
             f"{name} must hold only -1, 0 and +1; found values in [{codes.min()}, {codes.max()}]. "
             f"Quantize with bn.quantize_weights(...) to get ternary codes"
         )
+
+
+def check_choice(kind: str, got: object, known: Iterable[object], error: type[BitNetError] = InvalidValueError):
+    """``got`` if it is one of ``known``, else the ``unknown_name`` error.
+
+    Arrays, lists and other unhashable values are refused here rather than compared
+    (``array in ("a", "b")`` would raise numpy's ambiguous-truth ValueError).
+    """
+    known = tuple(known)
+    if isinstance(got, Hashable) and not isinstance(got, np.ndarray) and got in known:
+        return got
+    raise unknown_name(kind, got, known, error)
 
 
 def unknown_name(kind: str, got: object, known: Iterable[str], error: type[BitNetError] = InvalidValueError):

@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from . import backends, errors
-from .formats import PackedTernary, kernel_layout
+from .formats import PackedTernary, check_packed, kernel_layout
 from .kernels import cpu_features
 from .kernels import matmul as kernels
 from .memory import Arena
@@ -26,6 +26,7 @@ try:
     KERNEL_PATH = cpu_features.selected_path()
 except ValueError as bad_setting:  # a BITNET_KERNEL value this machine cannot honour
     raise errors.InvalidValueError(str(bad_setting)) from None
+_RUNNABLE = cpu_features.supported_paths()
 _PREPARED = "matmul"  # key in PackedTernary.cache for the arrays the kernels take
 # Placeholders for the kernel arguments one operation does not use (same types as the used ones,
 # so both operations share one compiled kernel).
@@ -33,7 +34,7 @@ _NO_X = np.empty((0, 0), np.float32)
 _NO_SCALE = np.empty(0, np.float32)
 _NO_ACC = np.empty((0, 0), np.int32)
 _NO_OUT = np.empty((0, 0), np.float32)
-_MAX_K = 2**24  # beyond this an exact int8 x ternary dot product may not fit in int32
+_MAX_K = 2**24 - 1  # at 2**24 features, 2**24 x (-128) x (-1) = 2**31 no longer fits in int32
 _WORKSPACE_SHAPES = 4  # workspaces kept per thread; a model needs one per (tokens, in_features) pair
 
 WORKSPACE_ARENA = Arena()
@@ -72,21 +73,20 @@ def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
     """The i2 payload, the scale as a flat float32 array, and the scale's step per output row.
 
     Weights in another format are repacked to i2 once (``formats.kernel_layout``); this
-    triple is kept in ``w.cache`` too, which saves the checks on every later call.
+    triple is kept in ``w.cache`` too, which saves the checks on every later call. A
+    PackedTernary cannot change (its payload and scale are read-only, its shape fixed), so
+    the cached triple stays right. Its payload is C-contiguous, read-only (one array type
+    for the kernels), of the i2 shape ``(m, 64 ceil(k / 256))`` and free of the 2-bit value 3:
+    ``PackedTernary`` checked all of it.
     """
-    if not isinstance(w, PackedTernary):
-        raise errors.DTypeError(f"weights must be a bn.PackedTernary (from bn.pack), got {type(w).__name__}")
+    if type(w) is not PackedTernary:
+        check_packed(w)
     prepared = w.cache.get(_PREPARED)
     if prepared is not None:
         return prepared
-    data = kernel_layout(w).data
     if w.shape[1] > _MAX_K:
         raise errors.ShapeError(f"matmul supports up to {_MAX_K} input features (exact int32 sums), got {w.shape[1]}")
-    # Always hand the kernels a read-only view: memory-mapped weights are read-only, and one
-    # array type means one compiled kernel instead of two.
-    data = np.ascontiguousarray(data).view()
-    data.flags.writeable = False
-    prepared = (data, w.scale.reshape(-1), 1 if w.granularity == "channel" else 0)
+    prepared = (kernel_layout(w).data, w.scale.reshape(-1), 1 if w.granularity == "channel" else 0)
     w.cache[_PREPARED] = prepared
     return prepared
 
@@ -138,8 +138,19 @@ def _checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _kernel(path: str | None):
-    """The compiled matmul entry point of ``path`` (default ``KERNEL_PATH``)."""
-    return kernels.ENTRY_POINTS[KERNEL_PATH if path is None else path]
+    """The compiled matmul entry point of ``path`` (default ``KERNEL_PATH``).
+
+    Raises InvalidValueError for a name that is not a path, or a path this CPU cannot run
+    (its instructions would not compile, or would kill the process).
+    """
+    if path is None:
+        return kernels.ENTRY_POINTS[KERNEL_PATH]
+    errors.check_choice("kernel path", path, cpu_features.PATHS)
+    if path not in _RUNNABLE:
+        raise errors.InvalidValueError(
+            f"kernel path {cpu_features.unsupported_reason(path)}; this machine runs: {', '.join(_RUNNABLE)}"
+        )
+    return kernels.ENTRY_POINTS[path]
 
 
 def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> np.ndarray:
@@ -208,7 +219,8 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     wrong shape or is not C-contiguous; FormatError for group-wise weight scales
     (``granularity="group"`` is not supported by matmul); DeviceError for an unavailable device.
     """
-    if device != backends.CPU:
+    if not (isinstance(device, str) and device == backends.CPU):
+        errors.check_choice("device", device, (backends.CPU, *backends.BACKENDS), errors.DeviceError)
         return backends.get_backend(device).matmul(x, w, out=out)
     data, scale, scale_step = _kernel_weights(w)
     x = np.asarray(x)

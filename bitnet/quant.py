@@ -46,9 +46,11 @@ class QuantizedTensor:
     check: InitVar[bool] = True
 
     def __post_init__(self, check: bool) -> None:
+        errors.check_array(self.codes, "codes")
         errors.check_dtype(self.codes, "codes", [np.int8])
-        errors.check_dtype(self.scale, "scale", [np.float32])
-        check_scale_shape(self.codes.shape, self.scale, self.granularity, self.group_size)
+        # A numpy scalar (np.float32(0.5)) is a scale of shape (); keep it as a 0-d array.
+        object.__setattr__(self, "scale", check_scale(self.codes.shape, self.scale, self.granularity,
+                                                      self.group_size))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -74,14 +76,29 @@ class TernaryTensor(QuantizedTensor):
             errors.check_ternary_codes(self.codes)  # raises, saying which values are wrong
 
 
-def check_scale_shape(shape, scale: np.ndarray, granularity: str, group_size: int | None) -> None:
-    """Raise ShapeError unless ``scale`` has the shape ``granularity`` gives a tensor of ``shape``."""
+def check_scale(shape, scale, granularity: str, group_size: int | None) -> np.ndarray:
+    """``scale`` as a float32 array, after checking it fits a tensor of ``shape`` as ``granularity`` says.
+
+    Raises
+    ------
+    InvalidValueError for an unknown granularity or a group size that does not divide the
+    last axis (or one given without ``granularity="group"``); DTypeError for a scale that
+    is not float32; ShapeError for a scale of the wrong shape.
+    """
+    check_granularity(granularity, group_size, shape[-1] if len(shape) else 0)
+    if granularity != "tensor" and len(shape) != 2:
+        raise errors.ShapeError(f"a {granularity} scale needs 2-D codes (out_features, in_features), got shape {shape}")
+    if isinstance(scale, np.generic):
+        scale = np.asarray(scale)
+    errors.check_array(scale, "scale")
+    errors.check_dtype(scale, "scale", [np.float32])
     expected = scale_shape(shape, granularity, group_size)
     if scale.shape != expected:
         raise errors.ShapeError(
             f"a {granularity} scale for a tensor of shape {tuple(shape)} must have shape {expected}, "
             f"got {scale.shape}"
         )
+    return scale
 
 
 def scale_shape(shape, granularity: str, group_size: int | None) -> tuple[int, ...]:
@@ -92,28 +109,40 @@ def scale_shape(shape, granularity: str, group_size: int | None) -> tuple[int, .
     return (shape[0], shape[1] // group_size)
 
 
+def check_granularity(granularity: str, group_size: int | None, features: int) -> None:
+    """InvalidValueError for an unknown granularity, or a group size that is not a whole number
+    >= 1 dividing ``features`` (or is given without ``granularity="group"``)."""
+    errors.check_choice("granularity", granularity, GRANULARITIES)
+    if granularity != "group":
+        if group_size is not None:
+            raise errors.InvalidValueError(f"group_size only applies to granularity='group', got {group_size!r}")
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1 \
+            or features % group_size:
+        raise errors.InvalidValueError(
+            f"granularity='group' needs an integer group_size >= 1 that divides in_features={features}, "
+            f"got {group_size!r}"
+        )
+
+
 def _grouping(w: np.ndarray, granularity: str, group_size: int | None) -> int:
     """Validate the granularity for ``w`` and return the group length along the last axis."""
-    if granularity not in GRANULARITIES:
-        raise errors.unknown_name("granularity", granularity, GRANULARITIES)
+    check_granularity(granularity, group_size, w.shape[-1])
     if granularity == "tensor":
-        if group_size is not None:
-            raise errors.InvalidValueError("group_size only applies to granularity='group'")
         return w.shape[-1]
     if w.ndim != 2:
         raise errors.ShapeError(
             f"granularity={granularity!r} needs a 2-D weight (out_features, in_features), got shape {w.shape}"
         )
-    if granularity == "channel":
-        if group_size is not None:
-            raise errors.InvalidValueError("group_size only applies to granularity='group'")
-        return w.shape[1]
-    if group_size is None or int(group_size) < 1 or w.shape[1] % int(group_size):
-        raise errors.InvalidValueError(
-            f"granularity='group' needs a group_size >= 1 that divides in_features={w.shape[1]}, "
-            f"got {group_size!r}"
-        )
-    return int(group_size)
+    return w.shape[1] if granularity == "channel" else int(group_size)
+
+
+def _checked_factor(factor) -> float:
+    """``factor`` as a float; InvalidValueError unless it is a finite real number >= 0."""
+    if isinstance(factor, (int, float, np.integer, np.floating)) and not isinstance(factor, bool):
+        if np.isfinite(float(factor)) and factor >= 0:
+            return float(factor)
+    raise errors.InvalidValueError(f"factor must be a finite number >= 0 (or None to search), got {factor!r}")
 
 
 def _validated_weights(w) -> np.ndarray:
@@ -234,8 +263,9 @@ def quantize_weights(
     Raises
     ------
     DTypeError for non-float input; ShapeError for an empty or 0-D array, or a rank other
-    than 2 with per-channel/group scales; InvalidValueError for NaN/Inf, an unknown method
-    or granularity, or a group size that does not divide ``in_features``.
+    than 2 with per-channel/group scales; InvalidValueError for NaN/Inf, an unknown method,
+    granularity or bit width, a group size that is not an integer dividing ``in_features``,
+    or a factor that is not a finite number >= 0.
 
     Examples
     --------
@@ -244,8 +274,11 @@ def quantize_weights(
     >>> t.codes, float(t.scale)
     (array([[ 0, -1,  0,  1]], dtype=int8), 0.9125000238418579)
     """
-    if method not in METHODS:
-        raise errors.unknown_name("method", method, METHODS)
+    errors.check_choice("method", method, METHODS)
+    if method == "uniform":
+        errors.check_choice("bit width", bits, UNIFORM_BITS)
+    if method == "threshold" and factor is not None:
+        factor = _checked_factor(factor)
     w = _validated_weights(w)
     group = _grouping(w, granularity, group_size)
     rows = _as_rows(w)
@@ -258,10 +291,8 @@ def quantize_weights(
             trials = [_threshold(rows, granularity, group, f) for f in THRESHOLD_SEARCH]
             scale2d, codes = min(trials, key=lambda sc: _mse_of(rows, granularity, group, *sc))
         else:
-            scale2d, codes = _threshold(rows, granularity, group, float(factor))
+            scale2d, codes = _threshold(rows, granularity, group, factor)
     else:
-        if bits not in UNIFORM_BITS:
-            raise errors.unknown_name("bit width", bits, UNIFORM_BITS)
         scale2d, codes = _uniform(rows, granularity, group, bits)
     cls = TernaryTensor if method != "uniform" or bits == 2 else QuantizedTensor
     return cls(codes.reshape(w.shape), _shaped_scale(scale2d, granularity), granularity,
@@ -290,8 +321,7 @@ def quantize_activations(x, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     DTypeError for non-float input; ShapeError for a rank other than 1 or 2 or an empty row;
     InvalidValueError for ``bits != 8``.
     """
-    if bits != 8:
-        raise errors.InvalidValueError(f"only 8-bit activations are supported, got bits={bits}")
+    errors.check_choice("activation bit width (only 8-bit activations are supported)", bits, (8,))
     x = np.asarray(x)
     errors.check_float(x, "activations")
     errors.check_ndim(x, "activations", (1, 2))

@@ -1,7 +1,16 @@
-"""Shared test helpers: random inputs with awkward sizes."""
+"""Shared test helpers: random inputs with awkward sizes, and every kernel path (skipped where it cannot run)."""
 
 import numpy as np
 import pytest
+
+from bitnet.kernels import cpu_features
+
+ALL_PATHS = [
+    pytest.param(path, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=path)
+    for path, reason in ((p, cpu_features.unsupported_reason(p)) for p in cpu_features.PATHS)
+]
+"""Every kernel path, for ``@pytest.mark.parametrize("path", ALL_PATHS)``: a path this machine
+cannot run shows as a skip with the reason (``amx: CPU lacks amx-tile, amx-int8 ...``)."""
 
 
 @pytest.fixture

@@ -216,3 +216,126 @@ def test_tq_formats_refuse_a_scale_fp16_cannot_hold(fmt, scale):
         assert bn.unpack(bn.pack(t, other)).scale == np.float32(scale)
     zeros = bn.TernaryTensor(np.zeros_like(codes), np.float32(scale).reshape(()))
     assert not bn.unpack(bn.pack(zeros, fmt)).codes.any()  # an all-zero block stores d = 0: nothing is lost
+
+
+# ---- a PackedTernary is checked once, when made, and cannot change afterwards ------------------------------
+
+
+def _i2(rng, m=5, k=300):
+    return bn.pack(bn.quantize_weights(rng.standard_normal((m, k)).astype(np.float32)), "i2")
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(shape=(5,)), bn.ShapeError),
+        (dict(shape=(0, 300)), bn.ShapeError),
+        (dict(shape=(5, 0)), bn.ShapeError),
+        (dict(shape=(5.0, 300)), bn.ShapeError),
+        (dict(shape=None), bn.ShapeError),
+        (dict(data=None), bn.DTypeError),
+        (dict(data=[[1, 2]]), bn.DTypeError),
+        (dict(scale=None), bn.DTypeError),
+        (dict(scale=0.5), bn.DTypeError),
+        (dict(scale=np.float64(0.5)), bn.DTypeError),
+        (dict(scale=np.ones(5, np.float32)), bn.ShapeError),
+        (dict(scale=np.float32(np.nan)), bn.InvalidValueError),
+        (dict(scale=np.float32(np.inf)), bn.InvalidValueError),
+        (dict(granularity="row"), bn.InvalidValueError),
+        (dict(granularity=np.array(["tensor"])), bn.InvalidValueError),
+        (dict(granularity="tensor", group_size=4), bn.InvalidValueError),
+        (dict(granularity="group", group_size=0, scale=np.ones((5, 1), np.float32)), bn.InvalidValueError),
+        (dict(granularity="group", group_size=2.5, scale=np.ones((5, 120), np.float32)), bn.InvalidValueError),
+        (dict(granularity="group", group_size=100, scale=np.ones((5, 3), np.float32)), bn.FormatError),
+        (dict(format="i3"), bn.FormatError),
+        (dict(format=None), bn.FormatError),
+    ],
+)
+def test_packed_ternary_made_directly_refuses_bad_fields_with_library_errors(rng, change, error):
+    p = _i2(rng)
+    fields = dict(format="i2", shape=p.shape, data=p.data, scale=p.scale, granularity="tensor", group_size=None)
+    with pytest.raises(error):
+        bn.PackedTernary(**(fields | change))
+
+
+def test_channel_scales_into_a_format_that_cannot_hold_them_are_refused(rng):
+    t = bn.quantize_weights(rng.standard_normal((6, 40)).astype(np.float32), "channel")
+    data = bn.pack(bn.quantize_weights(np.ones((6, 40), np.float32)), "hf").data
+    with pytest.raises(bn.FormatError, match="cannot hold a channel scale"):
+        bn.PackedTernary("hf", (6, 40), data, t.scale, "channel")
+
+
+def test_empty_weights_are_refused_by_pack():
+    with pytest.raises(bn.ShapeError):
+        bn.pack(ternary(np.zeros((0, 8), np.int8)), "i2")
+
+
+@pytest.mark.parametrize("bad", [None, np.zeros((2, 64), np.uint8), "i2", 3])
+def test_unpack_and_convert_take_only_packed_ternary(bad):
+    with pytest.raises(bn.DTypeError, match="PackedTernary"):
+        bn.unpack(bad)
+    with pytest.raises(bn.DTypeError, match="PackedTernary"):
+        bn.convert(bad, "hf")
+
+
+@pytest.mark.parametrize("name", ["i2", "hf", "tq2_0", "i2_s"])
+@pytest.mark.parametrize("where", [0, -1])
+def test_the_value_three_is_refused_when_the_packed_ternary_is_made(rng, name, where):
+    """One rule for every path: no PackedTernary holds a 2-bit 3, so matmul never sees one (it
+    would multiply as +2) and unpack never has to refuse one. The last code byte is checked too."""
+    t = bn.quantize_weights(rng.standard_normal((5, 300)).astype(np.float32))
+    p = bn.pack(t, name)
+    for shift in range(0, 8, 2):
+        data = p.data.copy()
+        bn.FORMATS[name].code_fields(data)[where, where, where] = 0b11 << shift
+        with pytest.raises(bn.FormatError, match="value 3"):
+            bn.PackedTernary(name, p.shape, data, p.scale)
+
+
+@pytest.mark.parametrize("name", ["tq1_0", "base3"])
+def test_every_byte_of_the_base3_formats_decodes_to_ternary_codes(name):
+    shape = (3, 256) if name == "tq1_0" else (3, 255)
+    size = int(np.prod(bn.FORMATS[name].packed_shape(shape)))
+    data = (np.arange(size) % 256).astype(np.uint8).reshape(bn.FORMATS[name].packed_shape(shape))
+    if name == "tq1_0":  # keep the fp16 d bytes a finite scale
+        data.reshape(3, -1, 54)[:, :, 52:] = np.array([1], np.float16).view(np.uint8)
+    codes = bn.unpack(bn.PackedTernary(name, shape, data, np.float32(1).reshape(()))).codes
+    assert set(np.unique(codes)) <= {-1, 0, 1}
+
+
+@pytest.mark.parametrize("name", list(bn.FORMATS))
+def test_the_payload_and_scale_are_read_only_and_the_object_immutable(rng, name):
+    t = bn.quantize_weights(rng.standard_normal((5, 300)).astype(np.float32))
+    given = bn.pack(t, name).data.copy()
+    p = bn.PackedTernary(name, t.shape, given, t.scale)
+    with pytest.raises(ValueError, match="read-only"):
+        p.data[...] = 0
+    with pytest.raises(ValueError, match="read-only"):
+        given[...] = 0  # the caller's array is the payload (no copy): it is frozen too
+    with pytest.raises(ValueError, match="read-only"):
+        p.scale[...] = 2
+    with pytest.raises(AttributeError, match="immutable"):
+        p.shape = (1, 1)
+    view = p.data
+    view.shape = (-1,)  # reshaping a view in place leaves the object as it was
+    assert p.data.shape == bn.FORMATS[name].packed_shape(t.shape)
+    assert np.array_equal(bn.unpack(p).codes, t.codes)
+
+
+def test_a_non_contiguous_payload_is_copied(rng):
+    p = _i2(rng)
+    wide = np.zeros((p.data.shape[0], 2 * p.data.shape[1]), np.uint8)
+    wide[:, ::2] = p.data
+    q = bn.PackedTernary("i2", p.shape, wide[:, ::2], p.scale)
+    assert q.data.flags.c_contiguous and wide.flags.writeable
+    assert np.array_equal(bn.unpack(q).codes, bn.unpack(p).codes)
+
+
+def test_copies_and_pickles_are_checked_packed_ternaries(rng):
+    import copy
+    import pickle
+
+    p = _i2(rng)
+    for other in (copy.copy(p), copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+        assert isinstance(other, bn.PackedTernary) and not other.data.flags.writeable
+        assert np.array_equal(other.data, p.data) and other.scale == p.scale

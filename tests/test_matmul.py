@@ -1,4 +1,4 @@
-"""bn.matmul / bn.matmul_int against plain numpy, on every kernel path this CPU runs."""
+"""bn.matmul / bn.matmul_int against plain numpy, on every kernel path (a path this CPU lacks is a skip)."""
 
 import os
 import subprocess
@@ -7,6 +7,7 @@ import sys
 import numba
 import numpy as np
 import pytest
+from conftest import ALL_PATHS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,7 +70,7 @@ def test_amx_is_offered_only_when_the_os_grants_the_tiles(monkeypatch):
     assert "amx" not in cpu_features.supported_paths(set(features))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matmul_int_is_exact_for_every_format(rng, path, fmt):
     t = ternary(rng, 37, 517)
@@ -81,7 +82,7 @@ def test_matmul_int_is_exact_for_every_format(rng, path, fmt):
     assert np.array_equal(bn.matmul_int(q[2], p, path=path), int_reference(q[2:3], t.codes)[0])
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     m=st.integers(1, 70),
@@ -96,7 +97,7 @@ def test_matmul_int_random_odd_shapes(path, m, k, n, seed):
     assert np.array_equal(bn.matmul_int(q, bn.pack(t, "i2"), path=path), int_reference(q, t.codes))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("value", [-128, 127])
 @pytest.mark.parametrize("n", [1, 5])
 def test_extreme_activations_do_not_overflow(rng, path, value, n):
@@ -114,7 +115,7 @@ def test_extreme_activations_do_not_overflow(rng, path, value, n):
     assert abs(int(got[0, 0])) == 128 * k or abs(int(got[0, 0])) == 127 * k
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 def test_k_past_the_accumulator_fold_is_exact(rng, path):
     # Past FOLD_BLOCKS blocks the int32 lanes are flushed to int64; check the seam.
     k = kernels.FOLD_BLOCKS * kernels.BLOCK + 300
@@ -126,7 +127,7 @@ def test_k_past_the_accumulator_fold_is_exact(rng, path):
     assert np.array_equal(bn.matmul_int(q, bn.pack(t, "i2"), path=path), int_reference(q, codes))
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 255, 1), (33, 257, 4), (64, 1000, 9)])
 def test_matmul_matches_the_float_formula(rng, path, granularity, shape):
@@ -232,7 +233,7 @@ def test_float64_and_float16_activations_are_converted(rng):
                                float_reference(x.astype(np.float16).astype(np.float32), t), rtol=2e-6)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_or_inf_in_a_row_gives_a_nan_row(rng, path, bad):
     p = bn.pack(ternary(rng, 7, 100), "i2")
@@ -243,7 +244,7 @@ def test_nan_or_inf_in_a_row_gives_a_nan_row(rng, path, bad):
     assert np.isfinite(y[[0, 2]]).all()
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("m, k, n", [(1, 1, 32), (37, 517, 33), (70, 700, 64), (33, 257, 100), (5, 64, 45)])
 def test_prefill_sized_batches_are_exact(rng, path, m, k, n):
     """From 32 tokens the amx path multiplies in tiles of 32 rows x 32 tokens: partial tiles
@@ -258,7 +259,7 @@ def test_prefill_sized_batches_are_exact(rng, path, m, k, n):
     np.testing.assert_allclose(bn.matmul(x, p, path=path), float_reference(x, t), rtol=2e-6)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", ALL_PATHS)
 def test_results_do_not_depend_on_the_thread_count(rng, path):
     t = ternary(rng, 301, 1100, "channel")
     p = bn.pack(t, "i2")

@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
-from ..kernels.quantize import codes_are_ternary
 from ..quant import QuantizedTensor, TernaryTensor
 from . import base3, ggml_tq, hf, i2, i2_s  # noqa: F401  (each module registers its format)
-from .base import FORMATS, Format, PackedTernary, get_format
+from .base import FORMATS, Format, PackedTernary, check_holds, checked_shape, get_format
 
 
 def pack(t: TernaryTensor, format: str = "i2") -> PackedTernary:
@@ -31,8 +30,8 @@ def pack(t: TernaryTensor, format: str = "i2") -> PackedTernary:
     Raises
     ------
     FormatError for an unknown format, or one that cannot hold ``t``'s scale granularity
-    (e.g. per-channel scales into "i2_s"); ShapeError for a tensor that is not 2-D;
-    DTypeError when ``t`` is not ternary.
+    (e.g. per-channel scales into "i2_s"); ShapeError for a tensor that is not 2-D or is
+    empty; DTypeError when ``t`` is not ternary.
 
     Examples
     --------
@@ -46,18 +45,10 @@ def pack(t: TernaryTensor, format: str = "i2") -> PackedTernary:
         raise errors.DTypeError(f"pack needs a TernaryTensor (from bn.quantize_weights), got {kind}")
     fmt = get_format(format)
     errors.check_ndim(t.codes, "packed weights", (2,))
-    if t.granularity not in fmt.granularities or (
-        t.granularity == "group" and t.group_size != fmt.group_size
-    ):
-        held = ", ".join(fmt.granularities) + (f" (groups of {fmt.group_size})" if fmt.group_size else "")
-        able = [f.name for f in FORMATS.values() if t.granularity in f.granularities]
-        raise errors.FormatError(
-            f"format {format!r} cannot hold a {t.granularity} scale"
-            f"{f' with group_size={t.group_size}' if t.group_size else ''}; it holds: {held}. "
-            f"Quantize with granularity='tensor', or pack into one of: {', '.join(able)}"
-        )
+    shape = checked_shape(t.shape)
+    check_holds(fmt, t.granularity, t.group_size)
     data = fmt.encode(np.ascontiguousarray(t.codes), t.scale, t.granularity)
-    return PackedTernary(format, tuple(t.shape), data, t.scale, t.granularity, t.group_size)
+    return PackedTernary(format, shape, data, t.scale, t.granularity, t.group_size)
 
 
 def unpack(p: PackedTernary) -> TernaryTensor:
@@ -65,21 +56,32 @@ def unpack(p: PackedTernary) -> TernaryTensor:
 
     Raises
     ------
-    FormatError when the payload holds a 2-bit value 3, which no ternary format writes.
+    DTypeError when ``p`` is not a PackedTernary. (A payload holding the 2-bit value 3,
+    which no ternary format writes, is refused when the PackedTernary is made.)
     """
+    check_packed(p)
     codes = np.ascontiguousarray(get_format(p.format).decode(p.data, p.shape))
-    if not codes_are_ternary(codes):
-        raise errors.FormatError(
-            f"corrupt {p.format} payload: it holds the 2-bit value 3, which encodes no ternary weight"
-        )
     return TernaryTensor(codes, p.scale, p.granularity, p.group_size, check=False)
 
 
 def convert(p: PackedTernary, format: str) -> PackedTernary:
-    """Repack ``p`` into ``format`` through its integer codes (never through float weights)."""
-    if p.format == format:
+    """Repack ``p`` into ``format`` through its integer codes (never through float weights).
+
+    Raises
+    ------
+    DTypeError when ``p`` is not a PackedTernary; FormatError for an unknown format or one
+    that cannot hold ``p``'s scale granularity.
+    """
+    check_packed(p)
+    if p.format == get_format(format).name:
         return p
     return pack(unpack(p), format)
+
+
+def check_packed(p: object, name: str = "weights") -> None:
+    """Raise DTypeError unless ``p`` is a PackedTernary."""
+    if not isinstance(p, PackedTernary):
+        raise errors.DTypeError(f"{name} must be a bn.PackedTernary (from bn.pack), got {type(p).__name__}")
 
 
 KERNEL_FORMAT = "i2"  # the layout every matmul kernel reads (CPU, Metal, CUDA)
@@ -108,5 +110,5 @@ def kernel_layout(p: PackedTernary) -> PackedTernary:
     return p.cache[KERNEL_FORMAT]
 
 
-__all__ = ["FORMATS", "KERNEL_FORMAT", "Format", "PackedTernary", "convert", "get_format", "kernel_layout", "pack",
-           "unpack"]
+__all__ = ["FORMATS", "KERNEL_FORMAT", "Format", "PackedTernary", "check_packed", "convert", "get_format",
+           "kernel_layout", "pack", "unpack"]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .. import errors
-from ..quant import check_scale_shape
+from ..kernels import packing
+from ..quant import check_scale
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,10 @@ class Format:
     ``encode(codes, scale, granularity)`` gets C-contiguous int8 codes ``(m, k)`` and the
     float32 scale and returns the uint8 payload; ``decode(data, shape)`` returns the int8
     codes ``(m, k)``. ``packed_shape(shape)`` is the payload's shape for a tensor of ``shape``,
-    which is how corrupt or truncated payloads are caught before decoding.
+    which is how corrupt or truncated payloads are caught before decoding. ``code_fields(data)``,
+    for the 2-bit formats, is the part of the payload holding codes as a 3-D uint8 view
+    ``(rows, blocks, bytes)``, checked for the value 3; base-3 formats have none (every byte
+    decodes to trits).
     """
 
     name: str
@@ -29,6 +34,7 @@ class Format:
     decode: Callable[[np.ndarray, tuple[int, int]], np.ndarray]
     scale_in_data: bool = False
     group_size: int | None = None
+    code_fields: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 FORMATS: dict[str, Format] = {}
@@ -46,43 +52,96 @@ def get_format(name: str) -> Format:
         raise errors.unknown_name("packing format", name, FORMATS, errors.FormatError) from None
 
 
-@dataclass(frozen=True, eq=False)
 class PackedTernary:
-    """Ternary weights packed in one of the formats of ``bn.formats.FORMATS``.
+    """Ternary weights packed in one of the formats of ``bn.formats.FORMATS``; immutable.
+
+    ``PackedTernary(format, shape, data, scale, granularity="tensor", group_size=None)``
+    checks everything once: the format, the shape, the payload's dtype and size, the scale,
+    and that no 2-bit field holds the value 3 (which encodes no ternary weight). Every later
+    use (``unpack``, ``bn.matmul``, the cached layouts) relies on that.
+
+    The payload is not copied (payloads are model-sized, memory-mapped or stacked without a
+    copy): the array passed as ``data`` is marked read-only, so writing through it raises,
+    and ``p.data`` returns a read-only view (a new one each time, so reshaping it in place
+    changes nothing here). A non-contiguous ``data`` is copied. Changing the bytes through
+    another writeable view of the same memory (the base array of a slice you passed) is not
+    supported: derived layouts in ``cache`` would not follow.
 
     Attributes
     ----------
     format : the format's name ("i2", "hf", "tq2_0", "tq1_0", "i2_s", "base3").
-    shape : ``(out_features, in_features)`` of the unpacked tensor (padding is not part of it).
-    data : the uint8 payload, laid out as the format says.
-    scale : float32, as in :class:`bn.TernaryTensor` (``()``, ``(m, 1)`` or ``(m, k // g)``).
-        Formats that also store the scale inside ``data`` (fp16 block scales in tq2_0/tq1_0,
-        the fp32 tail of i2_s) keep the exact float32 value here.
-    granularity, group_size : how ``scale`` maps onto the codes.
+    shape : ``(out_features, in_features)`` of the unpacked tensor, both >= 1 (padding is not part of it).
+    data : the uint8 payload, laid out as the format says (read-only).
+    scale : float32, as in :class:`bn.TernaryTensor` (``()``, ``(m, 1)`` or ``(m, k // g)``),
+        finite; a read-only copy. Formats that also store the scale inside ``data`` (fp16
+        block scales in tq2_0/tq1_0, the fp32 tail of i2_s) keep the exact float32 value here.
+    granularity, group_size : how ``scale`` maps onto the codes; the format must hold them.
     cache : derived layouts computed once and kept with the weights (e.g. the kernel layout
-        ``bn.matmul`` repacks other formats into).
+        ``bn.matmul`` repacks other formats into); valid for the object's whole life.
+
+    Raises
+    ------
+    FormatError for an unknown format, one that cannot hold the granularity, a payload of
+    the wrong size or one holding a 2-bit value 3; ShapeError for a shape that is not two
+    integers >= 1 or a scale of the wrong shape; DTypeError for a payload that is not a uint8
+    array or a scale that is not float32; InvalidValueError for a NaN/Inf scale or a bad
+    granularity / group size.
     """
 
-    format: str
-    shape: tuple[int, int]
-    data: np.ndarray
-    scale: np.ndarray
-    granularity: str = "tensor"
-    group_size: int | None = None
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    __slots__ = ("format", "shape", "_data", "_scale", "granularity", "group_size", "cache")
 
-    def __post_init__(self) -> None:
-        fmt = get_format(self.format)
-        errors.check_dtype(self.data, "packed data", [np.uint8])
-        errors.check_dtype(self.scale, "scale", [np.float32])
-        check_scale_shape(self.shape, self.scale, self.granularity, self.group_size)
-        expected = fmt.packed_shape(self.shape)
-        if self.data.shape != expected:
+    def __init__(self, format: str, shape: tuple[int, int], data: np.ndarray, scale: np.ndarray,
+                 granularity: str = "tensor", group_size: int | None = None) -> None:
+        fmt = get_format(format)
+        shape = checked_shape(shape)
+        scale = check_scale(shape, scale, granularity, group_size)
+        check_holds(fmt, granularity, group_size)
+        if not np.isfinite(scale).all():
+            raise errors.InvalidValueError(f"the weight scale holds NaN or Inf ({scale.reshape(-1)[:4]}...); "
+                                           f"a scale must be a finite float32")
+        errors.check_array(data, "packed data")
+        errors.check_dtype(data, "packed data", [np.uint8])
+        expected = fmt.packed_shape(shape)
+        if data.shape != expected:
             raise errors.FormatError(
-                f"corrupt {self.format} payload for a {self.shape[0]}x{self.shape[1]} tensor: expected "
-                f"{int(np.prod(expected))} bytes as shape {expected}, got shape {self.data.shape}. "
+                f"corrupt {format} payload for a {shape[0]}x{shape[1]} tensor: expected "
+                f"{int(np.prod(expected))} bytes as shape {expected}, got shape {data.shape}. "
                 f"The data may be truncated or belong to another tensor"
             )
+        data = np.ascontiguousarray(data)
+        if fmt.code_fields is not None and packing.holds_value_3(fmt.code_fields(data)):
+            raise errors.FormatError(
+                f"corrupt {format} payload: it holds the 2-bit value 3, which encodes no ternary weight"
+            )
+        data.flags.writeable = False  # the caller's own array too: writing through it would go unseen
+        frozen_scale = scale.copy()
+        frozen_scale.flags.writeable = False
+        for name, value in (("format", format), ("shape", shape), ("_data", data.view()), ("_scale", frozen_scale),
+                            ("granularity", granularity), ("group_size", group_size), ("cache", {})):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"PackedTernary is immutable: cannot set {name!r}; make a new one (bn.pack, bn.convert)")
+
+    __delattr__ = __setattr__
+
+    def __reduce__(self):
+        """Copies and pickles are made through the constructor (checked again; ``cache`` left behind)."""
+        return (PackedTernary, (self.format, self.shape, self._data, self._scale, self.granularity, self.group_size))
+
+    def __repr__(self) -> str:
+        return (f"PackedTernary(format={self.format!r}, shape={self.shape}, data=<uint8 {self._data.shape}>, "
+                f"granularity={self.granularity!r}, group_size={self.group_size})")
+
+    @property
+    def data(self) -> np.ndarray:
+        """The uint8 payload, as a new read-only view."""
+        return self._data.view()
+
+    @property
+    def scale(self) -> np.ndarray:
+        """The float32 scale, as a new read-only view."""
+        return self._scale.view()
 
     @property
     def numel(self) -> int:
@@ -91,12 +150,39 @@ class PackedTernary:
     @property
     def nbytes(self) -> int:
         """Bytes the format occupies: payload, plus the scale where it is kept beside the payload."""
-        stored_scale = 0 if get_format(self.format).scale_in_data else self.scale.nbytes
-        return self.data.nbytes + stored_scale
+        stored_scale = 0 if get_format(self.format).scale_in_data else self._scale.nbytes
+        return self._data.nbytes + stored_scale
 
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / self.numel
+
+
+def check_holds(fmt: Format, granularity: str, group_size: int | None) -> None:
+    """FormatError, naming the formats that can, unless ``fmt`` holds scales of ``granularity``."""
+    if granularity in fmt.granularities and (granularity != "group" or group_size == fmt.group_size):
+        return
+    held = ", ".join(fmt.granularities) + (f" (groups of {fmt.group_size})" if fmt.group_size else "")
+    able = [f.name for f in FORMATS.values() if granularity in f.granularities]
+    raise errors.FormatError(
+        f"format {fmt.name!r} cannot hold a {granularity} scale"
+        f"{f' with group_size={group_size}' if group_size else ''}; it holds: {held}. "
+        f"Quantize with granularity='tensor', or pack into one of: {', '.join(able)}"
+    )
+
+
+def checked_shape(shape) -> tuple[int, int]:
+    """``shape`` as two Python ints >= 1; ShapeError otherwise (empty weights are refused, as by quantize_weights)."""
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        dims = None
+    if dims is None or len(dims) != 2 or min(dims) < 1:
+        raise errors.ShapeError(
+            f"the shape of packed weights must be two integers (out_features, in_features), both >= 1; "
+            f"got {shape!r}"
+        )
+    return dims
 
 
 def pad_columns(codes: np.ndarray, multiple: int, fill: int = 0) -> np.ndarray:

@@ -59,6 +59,10 @@ def _packed_shape(block_bytes: int):
     return lambda shape: (shape[0], ceil_div(shape[1], BLOCK) * block_bytes)
 
 
+def code_fields_tq2_0(data):
+    return data.reshape(data.shape[0], -1, 66)[:, :, :64]  # the fp16 d bytes hold no codes
+
+
 def encode_tq2_0(codes, scale, granularity):
     codes = pad_columns(codes, BLOCK)
     return _with_d(packing.pack_2bit(codes, 32, False), codes, scale)
@@ -79,6 +83,7 @@ def decode_tq1_0(data, shape):
 
 _SCALES = ("tensor", "channel", "group")
 TQ2_0 = register(Format("tq2_0", "ggml TQ2_0: 66-byte blocks of 256 (2-bit codes + fp16 d)", _SCALES,
-                        _packed_shape(66), encode_tq2_0, decode_tq2_0, scale_in_data=True, group_size=BLOCK))
+                        _packed_shape(66), encode_tq2_0, decode_tq2_0, scale_in_data=True, group_size=BLOCK,
+                        code_fields=code_fields_tq2_0))
 TQ1_0 = register(Format("tq1_0", "ggml TQ1_0: 54-byte blocks of 256 (base-3 trits + fp16 d)", _SCALES,
                         _packed_shape(54), encode_tq1_0, decode_tq1_0, scale_in_data=True, group_size=BLOCK))

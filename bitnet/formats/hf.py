@@ -37,4 +37,8 @@ def decode(data, shape):
     return codes.reshape(-1, padded.shape[1])[: shape[0], : shape[1]]
 
 
-HF = register(Format("hf", __doc__.split("\n")[0], ("tensor",), packed_shape, encode, decode))
+def code_fields(data):
+    return data.reshape(data.shape[0], 1, -1)
+
+
+HF = register(Format("hf", __doc__.split("\n")[0], ("tensor",), packed_shape, encode, decode, code_fields=code_fields))

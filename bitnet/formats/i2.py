@@ -29,4 +29,9 @@ def decode(data, shape):
     return packing.unpack_2bit(data, CHUNK, False)[:, : shape[1]]
 
 
-I2 = register(Format("i2", __doc__.split("\n")[0], ("tensor", "channel"), packed_shape, encode, decode))
+def code_fields(data):
+    return data.reshape(data.shape[0], 1, -1)
+
+
+I2 = register(Format("i2", __doc__.split("\n")[0], ("tensor", "channel"), packed_shape, encode, decode,
+                     code_fields=code_fields))

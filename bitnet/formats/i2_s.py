@@ -39,5 +39,9 @@ def stored_scale(data: np.ndarray) -> np.float32:
     return data[-TAIL:-TAIL + 4].view(np.float32)[0]
 
 
+def code_fields(data):
+    return data[:-TAIL].reshape(1, 1, -1)
+
+
 I2_S = register(Format("i2_s", __doc__.split("\n")[0], ("tensor",), packed_shape, encode, decode,
-                       scale_in_data=True))
+                       scale_in_data=True, code_fields=code_fields))

@@ -69,6 +69,19 @@ def supported_paths(features: set[str] | None = None) -> tuple[str, ...]:
     return tuple(path for path in PATHS if runs(path))
 
 
+def unsupported_reason(path: str) -> str | None:
+    """Why this machine cannot run ``path`` (``"amx: CPU lacks amx-tile, amx-int8"``), or None if it can."""
+    if path in supported_paths():
+        return None
+    features = _compile_target_features()
+    if not features:
+        return f"{path}: Numba compiles for another CPU (NUMBA_CPU_NAME={config.CPU_NAME}); only portable is safe"
+    options = [_NEEDS[path]] + ([_NEEDS_ALT[path]] if path in _NEEDS_ALT else [])
+    lacking = " or ".join(", ".join(f for f in needs if f not in features) for needs in options)
+    granted = " (or Linux did not grant the AMX tiles)" if path == "amx" else ""
+    return f"{path}: CPU lacks {lacking}{granted}"
+
+
 def selected_path() -> str:
     """The path named by ``BITNET_KERNEL``, or the fastest one this CPU supports."""
     available = supported_paths()

@@ -134,3 +134,18 @@ def unpack_trits(data, block, segments):
                     pow3 *= 3
                 src += chunk
     return codes
+
+
+@njit(parallel=True, **_KERNEL)
+def holds_value_3(fields):
+    """Whether any 2-bit field of the uint8 array ``fields`` (rows, blocks, bytes; any strides) is 3.
+
+    A field is 3 when both its bits are set: ``byte & (byte >> 1)`` has a bit at an even position.
+    """
+    rows, blocks, nbytes = fields.shape
+    found = 0
+    for r in prange(rows):
+        for b in range(blocks):
+            for j in range(nbytes):
+                found += (fields[r, b, j] & (fields[r, b, j] >> 1) & 0x55) != 0
+    return found > 0

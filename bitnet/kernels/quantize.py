@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .simd import float32_from_bits
+
 # Paper-exact clamps, as float32 so comparisons happen in the input's precision.
 WEIGHT_SCALE_MIN = np.float32(1e-5)
 ACTIVATION_ABSMAX_MIN = np.float32(1e-5)
@@ -76,7 +78,7 @@ def quantize_span(src, dst):
     if top >= INF_BITS:
         dst[:] = 0
         return np.float32(np.nan), 0
-    amax = np.array([top]).view(np.float32)[0]
+    amax = float32_from_bits(top)
     a = INT8_LEVELS / max(amax, ACTIVATION_ABSMAX_MIN)
     total = 0
     for j in range(src.shape[0]):

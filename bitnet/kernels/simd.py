@@ -16,7 +16,7 @@ Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat
 / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
 ``signed_dot_acc`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator
 vectors; ``zero_floats`` / ``scaled_add_floats`` / ``sum_floats`` on float32 vectors of the
-same lane count; ``prefetch``; and the scalar ``bf16_to_float32``.
+same lane count; ``prefetch``; and the scalars ``bf16_to_float32`` and ``float32_from_bits``.
 """
 
 from __future__ import annotations
@@ -305,6 +305,18 @@ def bf16_to_float32(typingctx, word):
     def codegen(context, builder, sig, args):
         wide = builder.zext(args[0], ir.IntType(32))
         return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return types.float32(word), codegen
+
+
+@intrinsic
+def float32_from_bits(typingctx, word):
+    """The float32 whose bits are the uint32 ``word`` (a register move; ``np.array(..).view`` allocates)."""
+    if not (isinstance(word, types.Integer) and word.bitwidth == 32 and not word.signed):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(word), codegen
 

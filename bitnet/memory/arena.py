@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -27,6 +28,8 @@ from .pools import SMALL_LIMIT, CarvedPool, SizeClassPool
 
 DEBUG_ENV = "BITNET_ARENA_DEBUG"
 """Environment variable that turns on debug mode for arenas created without an explicit ``debug``."""
+
+_MAX_BYTES = sys.maxsize  # numpy cannot index past this; a bigger request is a wrong shape, not a big one
 
 POISON_BYTE = 0xAB
 """Released integer and byte buffers are filled with this byte in debug mode (floats get NaN)."""
@@ -75,6 +78,12 @@ class Arena:
     limit : int, optional
         Most bytes the arena may hold from its backend (see :meth:`set_limit`); None for no limit.
 
+    Raises
+    ------
+    InvalidValueError
+        ``backend`` is not a BlockBackend, ``debug`` not a bool or None, or ``limit`` not an
+        integer >= 0 or None.
+
     Notes
     -----
     Releasing an array (by hand or at the end of its frame) returns its memory to the pool,
@@ -103,6 +112,13 @@ class Arena:
     """
 
     def __init__(self, backend: BlockBackend | None = None, debug: bool | None = None, limit: int | None = None):
+        if backend is not None and not isinstance(backend, BlockBackend):
+            raise InvalidValueError(
+                f"backend must be a bitnet.memory.BlockBackend (name, supports_offsets, allocate, view, free), "
+                f"got {type(backend).__name__}"
+            )
+        if debug is not None and not isinstance(debug, (bool, np.bool_)):
+            raise InvalidValueError(f"debug must be True, False or None (from {DEBUG_ENV}), got {debug!r}")
         self._backend = CPUBlocks() if backend is None else backend
         self._debug = _debug_from_environment() if debug is None else bool(debug)
         self._lock = threading.Lock()
@@ -160,9 +176,12 @@ class Arena:
             A new block would take the arena over its limit. No array is handed out and live
             arrays are untouched (pooled free blocks may have been given back to make room).
         ShapeError
-            ``shape`` has a negative dimension.
+            ``shape`` is not an int or a sequence of ints (bools and floats refused), has a
+            negative dimension, or needs more bytes than any address space holds.
         DTypeError
-            ``dtype`` holds Python objects.
+            ``dtype`` is not a numpy dtype, or holds Python objects.
+        MemoryError
+            The backend could not allocate a new block (the machine is out of memory).
 
         Examples
         --------
@@ -177,11 +196,16 @@ class Arena:
         except (KeyError, TypeError):  # first use of this dtype spelling, or an unhashable spec
             dtype = self._check_dtype(dtype)
         if type(shape) is not tuple:
-            shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        nbytes = dtype.itemsize * math.prod(shape)
-        if type(nbytes) is not int or nbytes <= 0:  # numpy integers, floats, negative dimensions
+            shape = (shape,) if isinstance(shape, (int, np.integer)) else _checked_shape(shape)
+        try:
+            nbytes = dtype.itemsize * math.prod(shape)
+        except TypeError:  # a dimension that is not a number
+            nbytes = None
+        if type(nbytes) is not int or not 0 < nbytes <= _MAX_BYTES:  # numpy integers, floats, bad sizes
             shape = _checked_shape(shape)
             nbytes = dtype.itemsize * math.prod(shape)
+            if nbytes > _MAX_BYTES:
+                raise ShapeError(f"array shape {shape} of {dtype} needs {nbytes} bytes, more than any memory holds")
         if ALIGNMENT < nbytes <= SMALL_LIMIT:  # the common case, inlined: a power-of-two class
             pool, size = self._classes, 1 << (nbytes - 1).bit_length()
         else:
@@ -390,7 +414,7 @@ class Arena:
         Raises
         ------
         InvalidValueError
-            ``nbytes`` is negative.
+            ``nbytes`` is negative or not an integer.
 
         Examples
         --------
@@ -401,8 +425,8 @@ class Arena:
         ...     print("over the limit")
         over the limit
         """
-        if nbytes is not None and nbytes < 0:
-            raise InvalidValueError(f"arena limit must be >= 0 bytes or None (no limit), got {nbytes}")
+        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0):
+            raise InvalidValueError(f"arena limit must be an integer >= 0 (bytes) or None (no limit), got {nbytes!r}")
         with self._lock:
             self._limit = None if nbytes is None else int(nbytes)
             if self._limit is not None and self._total > self._limit:
@@ -526,7 +550,10 @@ class Arena:
         return any(start <= address < end for start, end in self._spans.values())
 
     def _check_dtype(self, dtype: DTypeLike) -> np.dtype:
-        checked = np.dtype(dtype)
+        try:
+            checked = np.dtype(dtype)
+        except (TypeError, ValueError):
+            raise DTypeError(f"{dtype!r} is not a numpy dtype; pass one such as np.float32 or 'int8'") from None
         if checked.hasobject:
             raise DTypeError(
                 f"arena arrays hold plain numbers, not Python objects; got dtype {checked}. "
@@ -636,12 +663,14 @@ def default_arena() -> Arena:
     return _default
 
 
-def _checked_shape(shape: tuple) -> tuple[int, ...]:
-    """``shape`` as Python ints; ShapeError for a dimension that is negative or not an integer."""
+def _checked_shape(shape: object) -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints; ShapeError for a dimension that is negative or not an integer."""
     try:
+        if any(isinstance(d, bool) for d in shape):  # operator.index takes True as 1
+            raise TypeError
         dims = tuple(operator.index(d) for d in shape)
     except TypeError:
-        raise ShapeError(f"array shape {shape!r} must hold integers; pass whole numbers, e.g. (n, k)") from None
+        raise ShapeError(f"array shape {shape!r} must be an int or a sequence of integers, e.g. (n, k)") from None
     if any(d < 0 for d in dims):
         raise ShapeError(f"array shape {shape} has a negative dimension; every dimension must be >= 0")
     return dims
