@@ -205,6 +205,14 @@ kernel void reads_one_past(device const int* in [[buffer(0)]], device int* out [
     }
 }
 
+kernel void pointer_arithmetic(device int* in [[buffer(0)]], device int* out [[buffer(1)]],
+                               uint gid [[thread_position_in_grid]])
+{
+    const device int* p = 2 + in;   // device int* to const device int*, as in MSL
+    p += gid;
+    out[gid] = *(p - 2);
+}
+
 kernel void escaped_address(device int* out [[buffer(0)]], uint gid [[thread_position_in_grid]])
 {
     int* plain = &out[0];   // Apple's compiler rejects this; the emulation's pointers cannot see it
@@ -272,6 +280,12 @@ def test_a_missing_barrier_shows_as_order_dependent_results():
         for r in (False, True)
     )
     assert not np.array_equal(forward, backward)
+
+
+def test_buffer_pointers_do_pointer_arithmetic():
+    values = np.arange(32, dtype=np.int32) * 5
+    np.testing.assert_array_equal(np.frombuffer(probe(32, "pointer_arithmetic", 32, values, np.zeros(32, np.int32))[1],
+                                                np.int32), values)
 
 
 def test_grid_runs_whole_threadgroups_past_count():

@@ -12,7 +12,10 @@
 //   (`thread`) one is declared, fails to compile as it does with Apple's compiler; a `constant`
 //   pointer only reads. The pointers carry the bounds of the buffer they come from and check
 //   every read and write against them: an access outside is recorded (the dispatch reports it)
-//   and goes to a scratch value instead. `device` anywhere else does not compile. `thread` and
+//   and goes to a scratch value instead. The address of an element (`&out[i]`) is a plain
+//   pointer here: `device T* p = &out[i]` does not compile (write `out + i`), and accesses
+//   through such an address are not checked (device.py's guard bytes still catch writes past a
+//   buffer). `device` anywhere else than `device T*` does not compile. `thread` and
 //   program-scope `constant` variables are plain memory. A `threadgroup` variable becomes
 //   `static thread_local`: all the lanes of a threadgroup run as fibers on one OS thread, so
 //   they share it, exactly like threadgroup memory is shared by a threadgroup. (So threadgroup
