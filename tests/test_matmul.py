@@ -305,3 +305,74 @@ def test_bench_table_runs_on_a_small_shape():
     assert "vs numpy f32" in table and "portable" in table
     w = bench.random_i2_weights(5, 300)
     assert set(np.unique(bn.unpack(w).codes)) <= {-1, 0, 1}
+
+
+# ---- everything a kernel gets is checked up front ---------------------------------------------------------
+
+
+def test_bad_paths_and_devices_are_library_errors(rng):
+    p = bn.pack(ternary(rng, 8, 40), "i2")
+    x = np.ones(40, np.float32)
+    for bad in ("bogus", "AVX2", np.array(["portable"]), ["portable"]):
+        with pytest.raises(bn.InvalidValueError, match="kernel path"):
+            bn.matmul(x, p, path=bad)
+        with pytest.raises(bn.InvalidValueError, match="kernel path"):
+            bn.matmul_int(x.astype(np.int8), p, path=bad)
+    for missing in set(cpu_features.PATHS) - set(PATHS):
+        with pytest.raises(bn.InvalidValueError, match="CPU lacks"):
+            bn.matmul(x, p, path=missing)
+    for bad in ("tpu", np.zeros(3), None):
+        with pytest.raises(bn.DeviceError):
+            bn.matmul(x, p, device=bad)
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [(None, bn.DTypeError), ("x", bn.DTypeError), (np.zeros(40, np.complex64), bn.DTypeError),
+     (np.zeros(40, bool), bn.DTypeError), (np.float32(1), bn.ShapeError)],
+)
+def test_odd_activations_are_library_errors(rng, bad, error):
+    p = bn.pack(ternary(rng, 8, 40), "i2")
+    with pytest.raises(error):
+        bn.matmul(bad, p)
+    with pytest.raises(bn.BitNetError):
+        bn.matmul_int(bad, p)
+
+
+def test_zero_tokens_give_an_empty_result_and_empty_weights_cannot_exist(rng):
+    """numpy's rule for (0, k) @ (k, m): an empty (0, m) result. Weights with m = 0 or k = 0
+    cannot be made (like bn.quantize_weights, PackedTernary refuses them), so matmul never sees them."""
+    p = bn.pack(ternary(rng, 9, 70), "i2")
+    for n_shape in [(0, 70), (2, 0, 70)]:
+        assert bn.matmul(np.empty(n_shape, np.float32), p).shape == n_shape[:-1] + (9,)
+        assert bn.matmul_int(np.empty(n_shape, np.int8), p).shape == n_shape[:-1] + (9,)
+    assert bn.matmul(np.empty((0, 70), np.float32), p, out=np.empty((0, 9), np.float32)).shape == (0, 9)
+    with pytest.raises(bn.ShapeError):
+        bn.PackedTernary("i2", (0, 70), np.empty((0, 64), np.uint8), np.float32(1).reshape(()))
+    with pytest.raises(bn.ShapeError):
+        bn.PackedTernary("i2", (9, 0), np.empty((9, 0), np.uint8), np.float32(1).reshape(()))
+
+
+def test_more_features_than_int32_sums_hold_are_refused():
+    k = 2**24  # 2**24 x (-128) x (-1) = 2**31: one past int32
+    p = bn.PackedTernary("i2", (1, k), np.full((1, k // 4), 0x55, np.uint8), np.float32(1).reshape(()))
+    with pytest.raises(bn.ShapeError, match="input features"):
+        bn.matmul_int(np.zeros(k, np.int8), p)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weights_cannot_change_after_a_matmul(rng, fmt):
+    """The cached kernel layout is derived from the weights once: writes to the payload are refused
+    and reshaping the payload view in place changes nothing, so later results stay right."""
+    t = ternary(rng, 11, 300)
+    given = bn.pack(t, fmt).data.copy()
+    p = bn.PackedTernary(fmt, t.shape, given, t.scale)
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    first = bn.matmul(x, p)
+    for write in (lambda: given.fill(0), lambda: p.data.fill(0), lambda: p.scale.fill(3)):
+        with pytest.raises(ValueError, match="read-only"):
+            write()
+    view = p.data
+    view.shape = (-1,)
+    assert np.array_equal(bn.matmul(x, p), first)
+    np.testing.assert_allclose(first, float_reference(x, t), rtol=2e-6)

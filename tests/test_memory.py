@@ -605,3 +605,45 @@ def test_debug_mode_from_the_environment(monkeypatch):
 @pytest.mark.parametrize("module", [bitnet.memory.arena, bitnet.memory.backend])
 def test_docstring_examples_run(module):
     assert doctest.testmod(module).failed == 0
+
+
+# ---- odd Python values give library errors, never a builtin one -------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [None, 1.5, np.float32(2), np.array(3), "abc", object(), True, (2, True),
+                                  (2**40, 2**40), 2**70])
+def test_empty_refuses_odd_shapes_with_a_shape_error(shape):
+    arena = bn.Arena()
+    with pytest.raises(bn.ShapeError):
+        arena.empty(shape)
+    with pytest.raises(bn.ShapeError):
+        arena.zeros(shape)
+    assert arena.stats().live_arrays == 0 and arena.used_bytes() == 0
+
+
+@pytest.mark.parametrize("dtype", ["bogus", 1.5, -1, np.zeros(2), [1, 2], object()])
+def test_empty_refuses_odd_dtypes_with_a_dtype_error(dtype):
+    with pytest.raises(bn.DTypeError):
+        bn.Arena().empty(4, dtype)
+
+
+@pytest.mark.parametrize("limit", ["1", 1.5, np.nan, True, np.zeros(2), [1], -1])
+def test_odd_limits_are_invalid_values(limit):
+    with pytest.raises(bn.InvalidValueError):
+        bn.Arena(limit=limit)
+    with pytest.raises(bn.InvalidValueError):
+        bn.Arena().set_limit(limit)
+
+
+@pytest.mark.parametrize("kwargs", [dict(debug="no"), dict(debug=np.zeros(2)), dict(backend=object()),
+                                    dict(backend="cpu")])
+def test_odd_debug_or_backend_are_invalid_values(kwargs):
+    with pytest.raises(bn.InvalidValueError):
+        bn.Arena(**kwargs)
+
+
+def test_release_of_odd_values_is_a_foreign_array_error():
+    arena = bn.Arena()
+    for bad in (None, 3, [1, 2], np.zeros(3)):
+        with pytest.raises(bn.ArenaForeignArrayError):
+            arena.release(bad)

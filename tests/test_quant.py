@@ -230,3 +230,46 @@ def test_metrics_match_plain_formulas(rng):
     assert bn.metrics.mse(w, bn.pack(t, "i2")) == bn.metrics.mse(w, t)
     with pytest.raises(bn.ShapeError):
         bn.metrics.mse(w[:3], t)
+
+
+# ---- odd Python values give library errors, never a builtin one -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(granularity=np.array(["tensor", "channel"])), dict(granularity=["tensor"]), dict(method=np.zeros(2)),
+     dict(granularity="group", group_size=2.5), dict(granularity="group", group_size="4"),
+     dict(granularity="group", group_size=True), dict(granularity="group", group_size=-4),
+     dict(method="threshold", factor="x"), dict(method="threshold", factor=np.nan),
+     dict(method="threshold", factor=-0.5), dict(method="threshold", factor=[0.7]),
+     dict(method="uniform", bits=np.array([2, 4])), dict(method="uniform", bits=3)],
+)
+def test_quantize_weights_odd_settings_are_invalid_values(kwargs):
+    with pytest.raises(bn.InvalidValueError):
+        bn.quantize_weights(np.ones((4, 8), np.float32), **kwargs)
+
+
+@pytest.mark.parametrize("bits", [np.array([8, 8]), "8", 4, None])
+def test_quantize_activations_odd_bits(bits):
+    with pytest.raises(bn.InvalidValueError):
+        bn.quantize_activations(np.ones(4, np.float32), bits)
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [((None, np.float32(1)), bn.DTypeError), (([[1, 0]], np.float32(1)), bn.DTypeError),
+     ((np.zeros((2, 4), np.int8), None), bn.DTypeError), ((np.zeros((2, 4), np.int8), 0.5), bn.DTypeError),
+     ((np.zeros((2, 4), np.int8), np.float32(1), "row"), bn.InvalidValueError),
+     ((np.zeros((2, 4), np.int8), np.ones((2, 2), np.float32), "group", 0), bn.InvalidValueError),
+     ((np.zeros((2, 4), np.int8), np.ones((2, 2), np.float32), "group", None), bn.InvalidValueError),
+     ((np.zeros(4, np.int8), np.ones((4, 1), np.float32), "channel"), bn.ShapeError),
+     ((np.full((2, 4), 2, np.int8), np.float32(1)), bn.InvalidValueError)],
+)
+def test_ternary_tensor_made_directly_refuses_bad_fields(args, error):
+    with pytest.raises(error):
+        bn.TernaryTensor(*args)
+
+
+def test_a_numpy_scalar_scale_is_kept_as_a_0d_array():
+    t = bn.TernaryTensor(np.zeros((2, 4), np.int8), np.float32(0.5))
+    assert isinstance(t.scale, np.ndarray) and t.scale.shape == ()
