@@ -19,7 +19,9 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from .. import errors
-from ..nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, scratch
+from ..nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, checks, scratch
+from ..nn.attention import INITIAL_CACHE_LENGTH
+from ..ops import _checked_out
 from .config import BitNetConfig
 from .sampling import Sampler
 
@@ -68,6 +70,69 @@ def build_layers(config: BitNetConfig, weights: dict[str, object]) -> tuple[list
     return layers, norm("model.norm.weight")
 
 
+def check_weights(config: BitNetConfig, weights: dict[str, object]) -> None:
+    """Raise CheckpointError unless ``weights`` are exactly the tensors ``config`` describes, usable as they are.
+
+    Each projection must be a :class:`BitLinear` of ``config.linear_shapes()`` with finite,
+    non-negative scales not all zero (a ``weight_scale`` of 0, NaN, Inf or below 0 means a
+    corrupt checkpoint) and a finite bias; each norm a finite float vector of
+    ``config.norm_shapes()``; the embedding and untied head ``(vocab_size, hidden_size)``.
+    """
+    c = config
+    expected: dict[str, tuple[int, ...]] = {}
+    for i in range(c.num_hidden_layers):
+        expected.update({f"model.layers.{i}.{name}": shape for name, shape in c.linear_shapes().items()})
+        expected.update({f"model.layers.{i}.{name}.weight": (size,) for name, size in c.norm_shapes().items()})
+    expected["model.norm.weight"] = (c.hidden_size,)
+    expected["model.embed_tokens.weight"] = (c.vocab_size, c.hidden_size)
+    if not c.tie_word_embeddings:
+        expected["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    missing = [name for name in expected if name not in weights]
+    extra = sorted(set(weights) - set(expected) - {"lm_head.weight"})  # a tied model ignores a stored head
+    if missing or extra:
+        name = (missing or extra)[0]
+        count = len(missing or extra) - 1
+        raise errors.CheckpointError(
+            f"tensor {name!r} (and {count} more) is {'missing' if missing else 'not part of the model'}: the "
+            f"{c.num_hidden_layers}-layer {c.default_architecture()} config and the weights disagree"
+        )
+    for name, shape in expected.items():
+        value = weights[name]
+        if not name.endswith(".weight"):
+            _check_projection(name, value, shape)
+            continue
+        if not isinstance(value, np.ndarray) or np.shape(value) != shape:
+            got = np.shape(value) if isinstance(value, np.ndarray) else type(value).__name__
+            raise errors.CheckpointError(
+                f"tensor {name!r} is {got} but the config implies an array of shape {shape}: the config and the "
+                f"weights disagree"
+            )
+        # Norm gains are small and multiply every activation; the tables are too big to scan on each load.
+        if len(shape) == 1 and not (value.dtype.kind == "f" and np.isfinite(value).all()):
+            raise errors.CheckpointError(f"norm {name!r} must hold finite floats: the checkpoint is corrupt")
+
+
+def _check_projection(name: str, linear: object, shape: tuple[int, ...]) -> None:
+    """The projection part of :func:`check_weights`."""
+    if not isinstance(linear, BitLinear):
+        raise errors.CheckpointError(f"{name!r} must be a BitLinear projection, got {type(linear).__name__}")
+    if (linear.out_features, linear.in_features) != shape:
+        raise errors.CheckpointError(
+            f"projection {name!r} is {linear.out_features}x{linear.in_features} but the config implies "
+            f"{shape[0]}x{shape[1]}: the config and the weights disagree"
+        )
+    scale = linear.weight.scale
+    if not (np.isfinite(scale).all() and (scale >= 0).all() and scale.any()):
+        raise errors.CheckpointError(
+            f"projection {name!r} has scale(s) {np.unique(scale)[:4]}: a weight scale must be finite, not negative "
+            f"and not all 0 (a weight_scale of 0, NaN, Inf or below 0 means a corrupt checkpoint)"
+        )
+    if linear.bias is not None and not np.isfinite(linear.bias).all():
+        raise errors.CheckpointError(f"the bias of {name!r} holds NaN or Inf values: the checkpoint is corrupt")
+    if linear.input_norm is not None and not np.isfinite(linear.input_norm.weight).all():
+        raise errors.CheckpointError(f"the input norm of {name!r} holds NaN or Inf values: the checkpoint is corrupt")
+
+
 class BitNetForCausalLM:
     """A BitNet b1.58 causal language model (HF ``BitNetForCausalLM``) running on ``bn.matmul``.
 
@@ -91,6 +156,16 @@ class BitNetForCausalLM:
         norm: RMSNorm,
         lm_head: Embedding | None = None,
     ) -> None:
+        if not isinstance(config, BitNetConfig):
+            raise errors.ConfigError(f"config must be a BitNetConfig, got {type(config).__name__}")
+        table_shape = (config.vocab_size, config.hidden_size)
+        for name, table in (("embed_tokens", embed_tokens), ("lm_head", embed_tokens if lm_head is None else lm_head)):
+            if not isinstance(table, Embedding) or table.table.shape != table_shape:
+                raise errors.ShapeError(f"{name} must be an Embedding of shape {table_shape} (vocab x hidden size)")
+        if len(layers) != config.num_hidden_layers or not all(isinstance(layer, DecoderLayer) for layer in layers):
+            raise errors.ShapeError(f"the config has {config.num_hidden_layers} layers, {len(layers)} were given")
+        if not isinstance(norm, RMSNorm) or norm.weight.shape != (config.hidden_size,):
+            raise errors.ShapeError(f"norm must be an RMSNorm over the {config.hidden_size} hidden features")
         self.config = config
         self.embed_tokens = embed_tokens
         self.layers = layers
@@ -101,10 +176,14 @@ class BitNetForCausalLM:
     def tied(self) -> bool:
         return self.lm_head is self.embed_tokens
 
-    def new_cache(self, capacity: int = 256) -> KVCache:
-        """An empty key/value cache for one sequence (it grows by doubling past ``capacity``)."""
+    def new_cache(self, capacity: int = INITIAL_CACHE_LENGTH) -> KVCache:
+        """An empty key/value cache for one sequence.
+
+        It grows by doubling past ``capacity``, up to the model's context
+        (``config.max_position_embeddings``), which it never exceeds.
+        """
         c = self.config
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity)
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, c.max_position_embeddings)
 
     def forward(
         self, input_ids, cache: KVCache | None = None, last_only: bool = False, out: np.ndarray | None = None
@@ -122,10 +201,23 @@ class BitNetForCausalLM:
         Returns
         -------
         ndarray of float32, shape ``(len(input_ids), vocab_size)``.
+
+        Raises
+        ------
+        ShapeError, DTypeError or InvalidValueError for ids that are not a non-empty 1-D
+        array of ids in ``[0, vocab_size)``, a cache made for another model, or an ``out`` of
+        another shape or dtype; InvalidValueError when the sequence would run past the
+        model's context (``config.max_position_embeddings``). All before anything runs.
         """
         ids = self._checked_ids(input_ids)
+        c = self.config
+        _checked_out(out, (1 if last_only else len(ids), c.vocab_size))
         if cache is None:
             cache = self.new_cache(len(ids))
+        elif not isinstance(cache, KVCache):
+            raise errors.DTypeError(f"cache must be a bn.nn.KVCache, got {type(cache).__name__}")
+        cache.check(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        self._check_context(cache.length + len(ids), "start a new cache, or run a shorter input")
         cache.reserve(cache.length + len(ids))
         with scratch.step():
             x = self.embed_tokens.rows(ids, out=scratch.empty((len(ids), self.config.hidden_size)))
@@ -151,14 +243,31 @@ class BitNetForCausalLM:
         """Yield generated token ids one at a time (prefill once, then one cached decode step each).
 
         Stops after ``max_new_tokens`` or after yielding a token of ``stop`` (default: the
-        config's ``eos_token_id``). Sampling arguments are those of :meth:`generate`.
+        config's ``eos_token_id``). Sampling arguments are those of :meth:`generate`, and
+        are all checked here, before the first token is asked for.
         """
         ids = self._checked_ids(input_ids)
-        stop_ids = set(self.config.stop_token_ids if stop is None else stop)
+        if not checks.is_int(max_new_tokens) or max_new_tokens < 0:
+            raise errors.InvalidValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        self._check_context(len(ids) + int(max_new_tokens),
+                            f"the prompt has {len(ids)} tokens: ask for at most "
+                            f"{max(0, self.config.max_position_embeddings - len(ids))} new tokens, or shorten it")
+        stop_ids = set(self.config.stop_token_ids if stop is None else self._token_list(stop, "stop"))
+        allowed = None if first_tokens is None else self._token_list(first_tokens, "first_tokens")
+        if allowed is not None and not allowed:
+            raise errors.InvalidValueError("first_tokens is empty: no token could be generated first")
         sampler = Sampler(temperature, top_k, top_p, seed)
-        cache = self.new_cache(len(ids) + max_new_tokens)
+        return self._generated(ids, int(max_new_tokens), sampler, stop_ids, allowed)
+
+    def _generated(
+        self, ids: np.ndarray, max_new_tokens: int, sampler: Sampler, stop_ids: set[int], allowed: list[int] | None
+    ) -> Iterator[int]:
+        """The generator behind :meth:`stream`, its arguments checked."""
+        # The cache starts at the prompt plus a few steps and grows by doubling as tokens come, so
+        # a large max_new_tokens that EOS cuts short never allocates its whole cache.
+        cache = self.new_cache(len(ids) + min(max_new_tokens, INITIAL_CACHE_LENGTH))
         logits = self.forward(ids, cache, last_only=True)
-        first = logits if first_tokens is None else self._restricted(logits, first_tokens)
+        first = logits if allowed is None else self._restricted(logits, allowed)
         step_ids = np.zeros(1, np.int64)  # the decode loop reuses these two buffers
         for produced in range(1, max_new_tokens + 1):
             token = sampler(first[0] if produced == 1 else logits[0])
@@ -198,7 +307,16 @@ class BitNetForCausalLM:
         Returns
         -------
         list of int: the generated ids (the prompt is not repeated).
+
+        Raises
+        ------
+        InvalidValueError (or another ``bn.BitNetError``) before any work for a bad argument:
+        a ``max_new_tokens`` that is not an integer >= 0, sampling settings out of range,
+        ``stop`` / ``first_tokens`` ids outside the vocabulary, or a prompt plus
+        ``max_new_tokens`` longer than the model's context (``config.max_position_embeddings``).
         """
+        if callback is not None and not callable(callback):
+            raise errors.InvalidValueError(f"callback must be callable, got {callback!r:.80}")
         tokens = []
         for token in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, first_tokens):
             tokens.append(token)
@@ -206,24 +324,38 @@ class BitNetForCausalLM:
                 callback(token)
         return tokens
 
-    def _restricted(self, logits: np.ndarray, allowed: Iterable[int]) -> np.ndarray:
+    @staticmethod
+    def _restricted(logits: np.ndarray, allowed: list[int]) -> np.ndarray:
         """``logits`` with every id outside ``allowed`` set to -inf."""
-        allowed = self._checked_ids(np.fromiter(allowed, np.int64))
         restricted = np.full_like(logits, -np.inf)
         restricted[:, allowed] = logits[:, allowed]
         return restricted
 
     def _checked_ids(self, input_ids) -> np.ndarray:
-        ids = np.asarray(input_ids)
-        if ids.ndim != 1 or ids.size == 0:
-            raise errors.ShapeError(f"input_ids must be a non-empty 1-D array of token ids, got shape {ids.shape}")
-        if ids.dtype.kind not in "iu":
-            raise errors.DTypeError(f"input_ids must hold integers, got dtype {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+        ids = checks.checked_ids(input_ids, self.config.vocab_size, "input_ids")
+        if ids.size == 0:
+            raise errors.ShapeError("input_ids is empty: give at least one token id")
+        return ids
+
+    def _token_list(self, values: object, name: str) -> list[int]:
+        """``values`` (an iterable of token ids: ``stop``, ``first_tokens``) as a list of ints in the vocabulary."""
+        try:
+            ids = list(values)
+        except TypeError:
+            raise errors.InvalidValueError(f"{name} must be an iterable of token ids, got {values!r:.80}") from None
+        is_id = [checks.is_int(i) for i in ids]
+        if not all(is_id):
+            raise errors.InvalidValueError(f"{name} must hold integer token ids, got {ids[is_id.index(False)]!r:.80}")
+        return checks.checked_ids(np.array(ids, np.int64), self.config.vocab_size, name).tolist()
+
+    def _check_context(self, positions: int, hint: str) -> None:
+        """InvalidValueError when a sequence of ``positions`` would not fit the model's context."""
+        context = self.config.max_position_embeddings
+        if positions > context:
             raise errors.InvalidValueError(
-                f"token ids must lie in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]"
+                f"{positions} positions exceed the model's context of {context} (config.max_position_embeddings): "
+                f"{hint}"
             )
-        return ids.astype(np.int64)
 
     @classmethod
     def from_weights(
@@ -235,7 +367,13 @@ class BitNetForCausalLM:
         (``model.layers.0.self_attn.q_proj``, ...) and float arrays for norms and embeddings
         (``model.embed_tokens.weight``, and ``lm_head.weight`` unless the head is tied).
         ``head_dtype`` is the storage of the embedding/head ("auto", "f32", "f16", "bf16", "int8").
+
+        Every loader (HF, GGUF) ends here, so this is where weights are checked against the
+        config (:func:`check_weights`): CheckpointError for a missing, extra or misshapen
+        tensor, a projection scale that is NaN, Inf, negative or all zero, or a norm or bias
+        holding NaN or Inf.
         """
+        check_weights(config, weights)
         embed = Embedding.from_weights(weights["model.embed_tokens.weight"], head_dtype)
         head = None
         if not config.tie_word_embeddings:

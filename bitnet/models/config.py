@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .. import errors
+from ..nn.checks import is_int, is_real
 
 MODEL_TYPE = "bitnet"
 LLAMA = "llama"
@@ -14,6 +18,39 @@ LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 ACTIVATIONS = ("relu2", "silu")
 ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")  # freq_factors: a GGUF file's rope_freqs
 DEFAULT_ROPE_THETA = 500000.0
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings")
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "linear_rms_norm_eps")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "use_rms_norm", "sub_norms")
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if not is_int(value) or value < 1:
+        raise errors.ConfigError(f"{key} must be a positive integer, got {value!r}; fix it in config.json")
+    return int(value)
+
+
+def _positive_float(key: str, value: Any) -> float:
+    if not is_real(value) or not (math.isfinite(value) and value > 0):
+        raise errors.ConfigError(f"{key} must be a finite positive number, got {value!r}; fix it in config.json")
+    return float(value)
+
+
+def _of_type(config: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """``config[key]``, or ``default`` when absent or null; ConfigError when it is not a ``kind``."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise errors.ConfigError(f"{key} must be a JSON {'array' if kind is list else 'object'}, got {value!r}")
+    return value
+
+
+def _token_id(key: str, value: Any) -> int:
+    if not is_int(value) or value < 0:
+        raise errors.ConfigError(f"{key} must be a non-negative integer token id (or a list of them for "
+                                 f"eos_token_id), got {value!r}; fix it in config.json")
+    return int(value)
 
 
 @dataclass
@@ -65,17 +102,39 @@ class BitNetConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        # One validation for every source (config.json, GGUF metadata, direct construction): a
+        # wrong type or range here would otherwise surface as a ZeroDivisionError, a kernel
+        # reading past an array, or a NaN model.
+        for key in _POSITIVE_INTS:
+            setattr(self, key, _positive_int(key, getattr(self, key)))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        self.head_dim = _positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise errors.ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise errors.ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        for key in _POSITIVE_FLOATS:
+            setattr(self, key, _positive_float(key, getattr(self, key)))
+        for key in _BOOLS:
+            if not isinstance(getattr(self, key), (bool, np.bool_)):
+                raise errors.ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+            setattr(self, key, bool(getattr(self, key)))
+        if self.bos_token_id is not None:
+            self.bos_token_id = _token_id("bos_token_id", self.bos_token_id)
+        if isinstance(self.eos_token_id, (list, tuple)):
+            self.eos_token_id = [_token_id("eos_token_id", value) for value in self.eos_token_id]
+        elif self.eos_token_id is not None:
+            self.eos_token_id = _token_id("eos_token_id", self.eos_token_id)
         if self.linear_class not in LINEAR_CLASSES:
             raise errors.unknown_name("linear_class", self.linear_class, LINEAR_CLASSES, errors.ConfigError)
         if self.hidden_act not in ACTIVATIONS:
             raise errors.unknown_name("hidden_act", self.hidden_act, ACTIVATIONS, errors.ConfigError)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise errors.ConfigError(f"rope_scaling must be a dict or None, got {self.rope_scaling!r}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise errors.unknown_name("rope type", rope_type, ROPE_TYPES, errors.ConfigError)
@@ -112,9 +171,11 @@ class BitNetConfig:
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> BitNetConfig:
         """Read an HF ``config.json`` dict of any supported family; ConfigError for anything else."""
+        if not isinstance(config, dict):
+            raise errors.ConfigError(f"config.json must hold a JSON object, got {type(config).__name__}")
         model_type = config.get("model_type")
-        architectures = config.get("architectures") or []
-        quant = config.get("quantization_config") or {}
+        architectures = _of_type(config, "architectures", list, [])
+        quant = _of_type(config, "quantization_config", dict, {})
         if model_type == MODEL_TYPE:
             family = {"hidden_act": config.get("hidden_act") or "relu2", "sub_norms": True}
         elif model_type == LLAMA and ONE_BIT_LLM_ARCHITECTURE in architectures:
@@ -131,7 +192,7 @@ class BitNetConfig:
                 f"unsupported model_type {model_type!r}: the ternary families are {MODEL_TYPE!r} (BitNetForCausalLM), "
                 f"and {LLAMA!r} with a bitnet quantization_config or 1bitLLM's {ONE_BIT_LLM_ARCHITECTURE}"
             )
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope = dict(_of_type(config, "rope_parameters", dict, None) or _of_type(config, "rope_scaling", dict, {}))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         rope_theta = rope.pop("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
         if rope_type not in ROPE_TYPES:
@@ -141,17 +202,17 @@ class BitNetConfig:
         derived = ("extra", "rope_theta", "linear_class", "model_type", "hidden_act", "sub_norms", "rope_scaling")
         known = {f for f in cls.__dataclass_fields__ if f not in derived}
         values = {key: config[key] for key in known if config.get(key) is not None}
-        values.update(family, model_type=model_type, rope_theta=float(rope_theta))
+        values.update(family, model_type=model_type, rope_theta=rope_theta)
         values["rope_scaling"] = {"rope_type": rope_type, **rope} if rope_type != "default" else None
         values["linear_class"] = quant.get("linear_class", "bitlinear")
-        values["use_rms_norm"] = bool(quant.get("use_rms_norm", False))
-        values["linear_rms_norm_eps"] = float(quant.get("rms_norm_eps") or 1e-6)
+        values["use_rms_norm"] = quant.get("use_rms_norm", False)
+        values["linear_rms_norm_eps"] = quant.get("rms_norm_eps") or 1e-6
         values["extra"] = {key: value for key, value in config.items() if key not in known and key != "hidden_act"}
         if config.get("num_key_value_heads") is None and "num_attention_heads" in config:
             values["num_key_value_heads"] = config["num_attention_heads"]  # HF: no GQA unless said
         values["bos_token_id"] = config.get("bos_token_id")
         values["eos_token_id"] = config.get("eos_token_id")
-        values["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
+        values["tie_word_embeddings"] = config.get("tie_word_embeddings", False)
         return cls(**values)
 
     def default_architecture(self) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import errors
+from ..nn.checks import is_int, is_real
 
 
 class Sampler:
@@ -19,12 +22,14 @@ class Sampler:
     def __init__(
         self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None
     ) -> None:
-        if temperature < 0:
-            raise errors.InvalidValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise errors.InvalidValueError(f"top_k must be >= 1, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise errors.InvalidValueError(f"top_p must lie in (0, 1], got {top_p}")
+        if not is_real(temperature) or not (math.isfinite(temperature) and temperature >= 0):
+            raise errors.InvalidValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
+            raise errors.InvalidValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+        if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
+            raise errors.InvalidValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        if seed is not None and (not is_int(seed) or seed < 0):
+            raise errors.InvalidValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
-from . import float_kernels, scratch
+from . import checks, float_kernels, scratch
 from .linear import BitLinear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -18,13 +18,22 @@ class KVCache:
 
     ``keys[layer]`` and ``values[layer]`` have shape ``(kv_heads, capacity, head_dim)``;
     positions ``0 .. length - 1`` are filled. Appending past the capacity doubles it (one
-    copy), so a decode step normally writes into memory that already exists.
+    copy), so a decode step normally writes into memory that already exists. With
+    ``max_length`` (the model's context) the capacity never grows past it, and reserving
+    more positions raises InvalidValueError.
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = INITIAL_CACHE_LENGTH) -> None:
-        shape = (kv_heads, max(int(capacity), 1), head_dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(layers)]
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, capacity: int = INITIAL_CACHE_LENGTH,
+        max_length: int | None = None,
+    ) -> None:
+        sizes = [checks.positive_int(v, name) for v, name in ((layers, "layers"), (kv_heads, "kv_heads"),
+                                                             (head_dim, "head_dim"), (capacity, "capacity"))]
+        self.max_length = None if max_length is None else checks.positive_int(max_length, "max_length")
+        capacity = sizes[3] if self.max_length is None else min(sizes[3], self.max_length)
+        shape = (sizes[1], capacity, sizes[2])
+        self.keys = [np.zeros(shape, np.float32) for _ in range(sizes[0])]
+        self.values = [np.zeros(shape, np.float32) for _ in range(sizes[0])]
         self.length = 0
 
     @property
@@ -32,17 +41,59 @@ class KVCache:
         return self.keys[0].shape[1]
 
     def reserve(self, length: int) -> None:
-        """Make room for ``length`` positions in total, doubling the capacity as needed."""
+        """Make room for ``length`` positions in total, doubling the capacity as needed (up to ``max_length``)."""
         if length <= self.capacity:
             return
+        if self.max_length is not None and length > self.max_length:
+            raise errors.InvalidValueError(
+                f"the cache holds at most {self.max_length} positions (the model's context), {length} were asked for"
+            )
         capacity = self.capacity
         while capacity < length:
             capacity *= 2
+        if self.max_length is not None:
+            capacity = min(capacity, self.max_length)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 grown = np.zeros((old.shape[0], capacity, old.shape[2]), np.float32)
                 grown[:, : self.length] = old[:, : self.length]
                 store[i] = grown
+
+    def check(self, layers: int, kv_heads: int, head_dim: int) -> None:
+        """Raise unless this cache has ``layers`` layers of ``(kv_heads, capacity, head_dim)`` float32
+        keys and values and a length within its capacity: the layout a model's kernels write into."""
+        if len(self.keys) != layers or len(self.values) != layers:
+            raise errors.ShapeError(
+                f"this KV cache has {len(self.keys)} layers, the model {layers}: make it with the model's new_cache()"
+            )
+        for index in range(layers):
+            self.layer(index, kv_heads, head_dim, 0)
+
+    def layer(self, index: int, kv_heads: int, head_dim: int, new: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of layer ``index``, checked to have room for ``new`` positions after ``length``.
+
+        Raises ShapeError when the layer is missing or its arrays are not float32
+        ``(kv_heads, capacity, head_dim)`` (a cache made for another model), or when the
+        positions do not fit (call :meth:`reserve` first).
+        """
+        if not 0 <= index < len(self.keys) or len(self.values) != len(self.keys):
+            raise errors.ShapeError(f"this KV cache has no layer {index}: make it with the model's new_cache()")
+        keys, values = self.keys[index], self.values[index]
+        expected = (kv_heads, self.capacity, head_dim)
+        for name, array in (("keys", keys), ("values", values)):
+            if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.shape != expected:
+                got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+                raise errors.ShapeError(
+                    f"KV cache {name} of layer {index} are {got}, the model needs float32 (kv_heads={kv_heads}, "
+                    f"{self.capacity}, head_dim={head_dim}): make the cache with the model's new_cache()"
+                )
+        length = self.length
+        if not isinstance(length, (int, np.integer)) or not 0 <= length <= self.capacity - new:
+            raise errors.ShapeError(
+                f"the cache length {length!r} plus {new} new positions must fit its capacity {self.capacity}: "
+                f"call cache.reserve(length + new) first"
+            )
+        return keys, values
 
 
 class Attention:
@@ -71,8 +122,25 @@ class Attention:
         head_dim: int,
         rope: RotaryEmbedding,
     ) -> None:
+        heads, kv_heads, head_dim = (checks.positive_int(v, name) for v, name in
+                                     ((heads, "heads"), (kv_heads, "kv_heads"), (head_dim, "head_dim")))
         if heads % kv_heads:
             raise errors.ShapeError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        if not all(isinstance(p, BitLinear) for p in (q_proj, k_proj, v_proj, o_proj)):
+            raise errors.DTypeError("the q, k, v and o projections must be BitLinear layers")
+        hidden, q, kv = q_proj.in_features, heads * head_dim, kv_heads * head_dim
+        expected = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
+        for (name, shape), proj in zip(expected.items(), (q_proj, k_proj, v_proj, o_proj), strict=True):
+            if (proj.out_features, proj.in_features) != shape:
+                raise errors.ShapeError(
+                    f"{name} is {proj.out_features}x{proj.in_features}, {heads} heads ({kv_heads} key/value) of "
+                    f"{head_dim} over {hidden} features need {shape[0]}x{shape[1]}"
+                )
+        if sub_norm is not None and (not isinstance(sub_norm, RMSNorm) or sub_norm.weight.shape != (q,)):
+            raise errors.ShapeError(f"the attention sub-norm must be an RMSNorm over {q} features")
+        if not isinstance(rope, RotaryEmbedding) or rope.head_dim != head_dim:
+            raise errors.ShapeError(f"the rotary embedding must be one of head_dim {head_dim}")
+        self.hidden_size = hidden
         self.projections = (q_proj, k_proj, v_proj)
         self.o_proj = o_proj
         self.sub_norm = sub_norm
@@ -108,11 +176,14 @@ class Attention:
         Writes this layer's keys and values into the cache; the caller advances
         ``cache.length`` once all layers have run.
         """
+        checks.check_rows(x, "attention input", self.hidden_size)
+        if not isinstance(cache, KVCache):
+            raise errors.DTypeError(f"cache must be a bn.nn.KVCache, got {type(cache).__name__}")
         n, start = x.shape[0], cache.length
+        keys, values = cache.layer(layer, self.kv_heads, self.head_dim, n)
         qkv = self._project(x)
         self.rope.reserve(start + n)
         queries = scratch.reused("self_attn.queries", (n, self.heads, self.head_dim))
-        keys, values = cache.keys[layer], cache.values[layer]
         float_kernels.rope_into_cache(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
                                       queries, keys, values)
         context = self._attend(queries, keys, values, start)

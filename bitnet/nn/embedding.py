@@ -6,11 +6,12 @@ import numpy as np
 
 from .. import errors
 from ..kernels.simd import MARKERS
-from ..ops import KERNEL_PATH
-from . import head_kernels, scratch
+from ..ops import KERNEL_PATH, _checked_out
+from . import checks, head_kernels, scratch
 
 DTYPES = ("f32", "f16", "bf16", "int8")
 _NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
+_TABLE_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "int8": np.int8}  # as stored
 
 
 def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -51,7 +52,21 @@ class Embedding:
     def __init__(self, table: np.ndarray, dtype: str, row_scale: np.ndarray | None = None) -> None:
         if dtype not in DTYPES:
             raise errors.unknown_name("embedding dtype", dtype, DTYPES)
+        if not isinstance(table, np.ndarray) or table.dtype != _TABLE_DTYPES[dtype]:
+            got = table.dtype if isinstance(table, np.ndarray) else type(table).__name__
+            raise errors.DTypeError(f"a {dtype!r} embedding table must be a numpy array of "
+                                    f"{np.dtype(_TABLE_DTYPES[dtype])}, got {got}; use Embedding.from_weights")
         errors.check_ndim(table, "embedding table", (2,))
+        if 0 in table.shape:
+            raise errors.ShapeError(f"the embedding table must have rows and columns, got shape {table.shape}")
+        if (dtype == "int8") != (row_scale is not None):
+            raise errors.InvalidValueError("row_scale is needed by an 'int8' table, and only by one")
+        if row_scale is not None:
+            if not isinstance(row_scale, np.ndarray) or row_scale.dtype != np.float32:
+                raise errors.DTypeError("row_scale must be a float32 numpy array")
+            if row_scale.shape != (table.shape[0],):
+                raise errors.ShapeError(f"row_scale must have shape ({table.shape[0]},), got {row_scale.shape}")
+            row_scale = np.ascontiguousarray(row_scale)
         self.table = np.ascontiguousarray(table)
         self.dtype = dtype
         self.row_scale = row_scale
@@ -63,6 +78,7 @@ class Embedding:
         ``"auto"`` keeps the checkpoint's own precision (bf16 stays bf16, nothing is widened).
         """
         source = _storage_kind(weights)
+        errors.check_ndim(weights, "embedding weights", (2,))
         dtype = source if dtype == "auto" else dtype
         if dtype not in DTYPES:
             raise errors.unknown_name("embedding dtype", dtype, ("auto", *DTYPES))
@@ -96,9 +112,13 @@ class Embedding:
         return self.rows(np.arange(self.vocab_size))
 
     def rows(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Float32 rows ``(len(ids), hidden)`` for token ids, written into ``out`` when given."""
-        if out is None:
-            out = np.empty((len(ids), self.hidden_size), np.float32)
+        """Float32 rows ``(len(ids), hidden)`` for token ids, written into ``out`` when given.
+
+        Raises InvalidValueError for an id outside ``[0, vocab_size)``, ShapeError or
+        DTypeError for ids that are not 1-D integers or an ``out`` of another shape or dtype.
+        """
+        ids = checks.checked_ids(ids, self.vocab_size)
+        out = _checked_out(out, (len(ids), self.hidden_size))
         if self.dtype == "bf16":
             head_kernels.rows_bf16(self.table, ids, out)
         elif self.dtype == "f32":
@@ -117,14 +137,14 @@ class Embedding:
         (``head_kernels.logits_int8``): each value moves by at most 1/254 of its block's
         largest magnitude, on top of the table's own rounding.
         """
-        if out is None:
-            out = np.empty((h.shape[0], self.vocab_size), np.float32)
+        checks.check_rows(h, "hidden states", self.hidden_size)
+        out = _checked_out(out, (h.shape[0], self.vocab_size))
         if self.dtype == "f32":
             np.matmul(h, self.table.T, out=out)
         elif self.dtype == "bf16":
             head_kernels.logits_bf16(self.table, h, out)
         elif self.dtype == "int8":
-            h = np.ascontiguousarray(h, dtype=np.float32)
+            h = np.ascontiguousarray(h)
             n, width = h.shape
             q = scratch.empty((n, width), np.int8)
             lane_scale = scratch.empty((n, -(-width // 4)), np.float32)
@@ -145,6 +165,8 @@ class Embedding:
 
 
 def _storage_kind(weights: np.ndarray) -> str:
+    if not isinstance(weights, np.ndarray):
+        raise errors.DTypeError(f"embedding weights must be a numpy array, got {type(weights).__name__}")
     if weights.dtype == np.float32:
         return "f32"
     if weights.dtype == np.float16:

@@ -8,7 +8,7 @@ from .. import backends, errors
 from ..formats import KERNEL_FORMAT, PackedTernary, convert, pack
 from ..ops import matmul
 from ..quant import quantize_weights
-from . import scratch
+from . import checks, scratch
 from .norm import RMSNorm
 
 
@@ -30,10 +30,16 @@ class BitLinear:
     def __init__(
         self, weight: PackedTernary, bias: np.ndarray | None = None, input_norm: RMSNorm | None = None
     ) -> None:
+        if not isinstance(weight, PackedTernary) or len(weight.shape) != 2:
+            raise errors.DTypeError(f"BitLinear weights must be a 2-D bn.PackedTernary, got {weight!r:.80}")
         self.weight = convert(weight, KERNEL_FORMAT)
-        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        self.bias = None if bias is None else checks.float_vector(bias, "bias")
         if self.bias is not None and self.bias.shape != (self.out_features,):
             raise errors.ShapeError(f"bias must have shape ({self.out_features},), got {self.bias.shape}")
+        if input_norm is not None and (
+            not isinstance(input_norm, RMSNorm) or input_norm.weight.shape != (self.in_features,)
+        ):
+            raise errors.ShapeError(f"input_norm must be an RMSNorm over the {self.in_features} input features")
         self.input_norm = input_norm
         self.checkpoint_scale: tuple[np.ndarray, bool] | None = None
         self.tag: str | None = None  # role of the output buffer shared across layers (scratch.reused)
@@ -70,8 +76,13 @@ class BitLinear:
         (HF ``linear_class: "bitlinear"``). The stored value is kept as ``checkpoint_scale``
         so that saving writes back the same bytes.
         """
-        stored = np.asarray(weight_scale, dtype=np.float32).reshape(())
-        scale = (np.float32(1.0) / stored) if divide else stored
+        try:
+            stored = np.asarray(weight_scale, dtype=np.float32).reshape(())
+        except (TypeError, ValueError):
+            raise errors.InvalidValueError(f"weight_scale must be one number, got {weight_scale!r:.80}") from None
+        # A stored 0 divides into an Inf scale, which BitNetForCausalLM.from_weights refuses by tensor name.
+        with np.errstate(divide="ignore"):
+            scale = (np.float32(1.0) / stored) if divide else stored
         weight = PackedTernary(format, tuple(shape), np.ascontiguousarray(data), np.asarray(scale, np.float32))
         layer = cls(weight, bias, input_norm)
         layer.checkpoint_scale = (stored, divide)
@@ -119,6 +130,7 @@ class BitLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``x`` of shape ``(n, in_features)`` float32 -> ``(n, out_features)`` float32 step temporary."""
+        checks.check_rows(x, "BitLinear input", self.in_features)
         if self.input_norm is not None:
             x = self.input_norm(x)
         out = scratch.reused(self.tag, (x.shape[0], self.out_features))

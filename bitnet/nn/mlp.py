@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
-from . import float_kernels, scratch
+from . import checks, float_kernels, scratch
 from .linear import BitLinear
 from .norm import RMSNorm
 
@@ -30,10 +30,15 @@ class MLP:
     ) -> None:
         if activation not in ACTIVATIONS:
             raise errors.unknown_name("MLP activation", activation, ACTIVATIONS, errors.ConfigError)
-        if sub_norm is not None and sub_norm.weight.shape != (gate_proj.out_features,):
-            raise errors.ShapeError(
-                f"the FFN sub-norm has {sub_norm.weight.shape[0]} features, the MLP {gate_proj.out_features}"
-            )
+        if not all(isinstance(p, BitLinear) for p in (gate_proj, up_proj, down_proj)):
+            raise errors.DTypeError("the gate, up and down projections must be BitLinear layers")
+        hidden, inner = gate_proj.in_features, gate_proj.out_features
+        for name, proj, shape in (("up_proj", up_proj, (inner, hidden)), ("down_proj", down_proj, (hidden, inner))):
+            if (proj.out_features, proj.in_features) != shape:
+                raise errors.ShapeError(f"{name} is {proj.out_features}x{proj.in_features}; with a {inner}x{hidden} "
+                                        f"gate_proj it must be {shape[0]}x{shape[1]}")
+        if sub_norm is not None and (not isinstance(sub_norm, RMSNorm) or sub_norm.weight.shape != (inner,)):
+            raise errors.ShapeError(f"the FFN sub-norm must be an RMSNorm over the MLP's {inner} features")
         self.projections = (gate_proj, up_proj)
         self.down_proj = down_proj
         self.sub_norm = sub_norm
@@ -62,6 +67,8 @@ class MLP:
         return gate_up
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``x`` of shape ``(n, hidden)`` float32 -> ``(n, hidden)`` float32 step temporary."""
+        checks.check_rows(x, "MLP input", self.down_proj.out_features)
         gate_up = self._gate_up(x)
         hidden = scratch.reused("mlp.hidden", (x.shape[0], gate_up.shape[1] // 2))
         norm = self.sub_norm

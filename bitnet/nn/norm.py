@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import float_kernels, scratch
+from .. import errors
+from . import checks, float_kernels, scratch
 
 
 class RMSNorm:
@@ -18,18 +19,23 @@ class RMSNorm:
     """
 
     def __init__(self, weight: np.ndarray, eps: float = 1e-5, tag: str | None = None) -> None:
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
-        self.eps = np.float32(eps)
+        self.weight = checks.float_vector(weight, "RMSNorm weight")
+        self.eps = np.float32(checks.positive_number(eps, "RMSNorm eps"))
         self.tag = tag
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Normalize the rows of ``x`` (``(n, features)`` float32, C-contiguous) into a new step temporary."""
+        """Normalize the rows of ``x`` (``(n, features)`` float32) into a new step temporary."""
+        checks.check_rows(x, "RMSNorm input", self.weight.shape[0])
         out = scratch.reused(self.tag, x.shape)
         float_kernels.for_rows(x.shape[0]).rms_norm(x, self.weight, self.eps, out)
         return out
 
     def add_and_normalize(self, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """``x += delta`` in place (a residual update), then return ``self(x)``, in one pass."""
+        checks.check_rows(x, "RMSNorm input", self.weight.shape[0])
+        checks.check_rows(delta, "residual update", self.weight.shape[0])
+        if delta.shape != x.shape or not x.flags.writeable:
+            raise errors.ShapeError(f"the residual update {delta.shape} must match the writeable input {x.shape}")
         out = scratch.reused(self.tag, x.shape)
         float_kernels.for_rows(x.shape[0]).add_rms_norm(x, delta, self.weight, self.eps, out)
         return out

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import errors
+from . import checks
 
 INITIAL_POSITIONS = 256
 
@@ -32,8 +33,10 @@ class RotaryEmbedding:
     """
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> None:
+        head_dim = checks.positive_int(head_dim, "head_dim")
         if head_dim % 2:
             raise errors.ShapeError(f"rotary embedding needs an even head_dim, got {head_dim}")
+        theta = checks.positive_number(theta, "the rope base theta")
         self.head_dim = head_dim
         exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
         self.inv_freq = scaled_frequencies((1.0 / (np.float32(theta) ** exponents)).astype(np.float32), scaling)
