@@ -525,14 +525,15 @@ def _read_linear(file: GGUFFile, name: str, shape: tuple[int, int]) -> BitLinear
 
 
 def _output_scale(file: GGUFFile, name: str) -> np.float32:
-    """llama.cpp's optional per-projection output multiplier (``blk.N.attn_q.scale``, one float)."""
+    """llama.cpp's optional per-projection output multiplier (``blk.N.attn_q.scale``, one float).
+
+    A factor of 0 or below gives the projection such a scale, which ``BitNetForCausalLM.from_weights``
+    refuses along with every other loader's bad scales.
+    """
     tensor = file.tensors[name]
     if math.prod(tensor.shape) != 1:
         raise file.error(f"tensor {name!r} must hold one value, got shape {tensor.shape}")
-    factor = np.float32(_as_float32(file, tensor).reshape(-1)[0])
-    if factor <= 0:
-        raise file.error(f"tensor {name!r} holds {factor}; an output scale must be positive")
-    return factor
+    return np.float32(_as_float32(file, tensor).reshape(-1)[0])
 
 
 def _rescaled(weight: PackedTernary, factor: np.float32) -> PackedTernary:

@@ -343,11 +343,15 @@ def read_weights(path: str | Path, config: BitNetConfig) -> dict[str, np.ndarray
                 weights[f"{name}.weight"] = unpack(_read_linear(reader, name, shape, config).weight)
             else:
                 weights[f"{name}.weight"] = _as_float32(reader.get(f"{name}.weight", shape))
+    layers = tuple(f"model.layers.{i}." for i in range(config.num_hidden_layers))
     for name in reader.names:  # norms, embeddings, head and biases
+        if name.startswith("model.layers.") and not name.startswith(layers):
+            continue  # a layer the config does not have: check_all_used names it
         if not (name.endswith(".weight") and name.rpartition(".")[0] in projections) and not name.endswith(
             ".weight_scale"
         ):
             weights[name] = _as_float32(reader.get(name))
+    reader.check_all_used(config)
     return weights
 
 
