@@ -255,3 +255,141 @@ def test_overflowing_activations_give_inf_or_nan_not_an_exception():
         layer.input_norm.weight[:] = np.float32(3e38)
     logits = model.forward(np.array([1, 2, 3]))
     assert logits.shape == (3, 40) and not np.isfinite(logits).all()
+
+
+# Hardening: every public call checks what it hands a kernel (no bounds checks inside them).
+# Each of these calls would have read or written outside an array before the checks: they
+# must raise before any kernel runs, never crash the test process.
+
+def test_embedding_rows_refuse_ids_outside_the_table():
+    table = Embedding(np.ones((4, 8), np.uint16), "bf16")
+    for ids in (np.array([2**40]), np.array([4]), np.array([-1])):
+        with pytest.raises(bn.InvalidValueError, match=r"token ids must lie in \[0, 4\)"):
+            table.rows(ids)
+    with pytest.raises(bn.DTypeError):
+        table.rows(np.array([1.0]))
+    with pytest.raises(bn.ShapeError):
+        table.rows(np.zeros((1, 1), np.int64))
+    with pytest.raises(bn.ShapeError):
+        table.rows(np.array([1, 2]), out=np.empty((1, 8), np.float32))
+    assert table.rows([]).shape == (0, 8)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "int8"])
+def test_embedding_checks_table_dtype_hidden_states_and_out(rng, dtype):
+    table = Embedding.from_weights(rng.standard_normal((6, 8)).astype(np.float32), dtype)
+    with pytest.raises(bn.ShapeError, match=r"\(tokens, 8\)"):
+        table.logits(np.ones((2, 9), np.float32))
+    with pytest.raises(bn.DTypeError, match="float32"):
+        table.logits(np.ones((2, 8), np.float64))
+    with pytest.raises(bn.ShapeError):
+        table.logits(np.ones((2, 8), np.float32), out=np.empty((2, 5), np.float32))
+    with pytest.raises(bn.DTypeError):
+        table.logits(np.ones((2, 8), np.float32), out=np.empty((2, 6), np.float64))
+
+
+def test_embedding_table_must_be_stored_as_its_dtype_says():
+    for table, dtype in ((np.ones((4, 8), np.float32), "bf16"), (np.ones((4, 8), np.uint16), "f32"), ([[1.0]], "f32")):
+        with pytest.raises(bn.DTypeError, match="Embedding.from_weights"):
+            Embedding(table, dtype)
+    with pytest.raises(bn.InvalidValueError, match="row_scale"):
+        Embedding(np.ones((4, 8), np.int8), "int8")
+    with pytest.raises(bn.ShapeError, match=r"\(4,\)"):
+        Embedding(np.ones((4, 8), np.int8), "int8", np.ones(3, np.float32))
+    with pytest.raises(bn.ShapeError):
+        Embedding(np.ones((0, 8), np.float32), "f32")
+
+
+def test_rms_norm_refuses_a_width_other_than_its_weight():
+    norm = RMSNorm(np.ones(1, np.float32))
+    # A width of 2**26 once read 256 MB past the one-element weight: the check comes before any allocation.
+    with pytest.raises(bn.ShapeError, match=r"\(tokens, 1\)"):
+        norm(np.broadcast_to(np.float32(1), (4, 1 << 26)))
+    with pytest.raises(bn.ShapeError):
+        RMSNorm(np.ones(4, np.float32))(np.ones((2, 3), np.float32))  # small widths read past silently
+    with pytest.raises(bn.DTypeError):
+        RMSNorm(np.ones(4, np.float32))(np.ones((2, 4), np.float64))
+    with pytest.raises(bn.ShapeError):
+        RMSNorm(np.ones(4, np.float32)).add_and_normalize(np.ones((2, 4), np.float32), np.ones((1, 4), np.float32))
+    for weight in (np.ones(0, np.float32), np.ones((2, 2), np.float32)):
+        with pytest.raises(bn.ShapeError):
+            RMSNorm(weight)
+    with pytest.raises(bn.DTypeError):
+        RMSNorm("x")
+    for eps in (0.0, -1e-5, float("nan"), "1e-5", True):
+        with pytest.raises(bn.InvalidValueError, match="eps"):
+            RMSNorm(np.ones(4, np.float32), eps)
+
+
+def test_bitlinear_refuses_inputs_of_another_width_or_dtype(rng):
+    layer = BitLinear.from_float(rng.standard_normal((8, 64)).astype(np.float32),
+                                 input_norm=RMSNorm(np.ones(64, np.float32)))
+    with pytest.raises(bn.ShapeError, match=r"\(tokens, 64\)"):
+        layer(np.ones((2, 32), np.float32))
+    with pytest.raises(bn.ShapeError):
+        layer(np.ones(64, np.float32))
+    with pytest.raises(bn.DTypeError):
+        layer(np.ones((2, 64), np.int32))
+    with pytest.raises(bn.ShapeError, match="input_norm"):
+        BitLinear.from_float(np.ones((8, 64), np.float32), input_norm=RMSNorm(np.ones(32, np.float32)))
+    with pytest.raises(bn.DTypeError):
+        BitLinear(np.ones((8, 64), np.float32))
+    with pytest.raises(bn.InvalidValueError, match="weight_scale"):
+        BitLinear.from_packed(np.zeros((2, 64), np.uint8), (8, 64), [1.0, 2.0])
+
+
+def _attention(rng, hidden=64, heads=4, kv_heads=2, d=16):
+    projections = [BitLinear.from_float(rng.standard_normal(shape).astype(np.float32))
+                   for shape in ((heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden),
+                                 (hidden, heads * d))]
+    return Attention(*projections, None, heads, kv_heads, d, RotaryEmbedding(d, 1e4))
+
+
+def test_attention_refuses_a_cache_of_another_layout(rng):
+    attention = _attention(rng)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    for cache in (KVCache(1, 1, 16, 8), KVCache(1, 2, 8, 8), KVCache(1, 4, 16, 8)):  # kv heads, head_dim
+        with pytest.raises(bn.ShapeError, match="new_cache"):
+            attention(x, cache, 0)
+    with pytest.raises(bn.ShapeError, match="no layer 1"):
+        attention(x, KVCache(1, 2, 16, 8), 1)
+    small = KVCache(1, 2, 16, 2)  # 3 positions do not fit: it was not reserved
+    with pytest.raises(bn.ShapeError, match="reserve"):
+        attention(x, small, 0)
+    small.length = -5
+    with pytest.raises(bn.ShapeError):
+        attention(x[:1], small, 0)
+    with pytest.raises(bn.ShapeError):
+        attention(x[:, :32], KVCache(1, 2, 16, 8), 0)
+    with pytest.raises(bn.DTypeError):
+        attention(x, None, 0)
+    cache = KVCache(1, 2, 16, 8)
+    assert attention(x, cache, 0).shape == (3, 64)
+
+
+def test_attention_and_mlp_constructors_check_the_projection_shapes(rng):
+    def linear(m, k):
+        return BitLinear.from_float(rng.standard_normal((m, k)).astype(np.float32))
+
+    rope = RotaryEmbedding(16, 1e4)
+    with pytest.raises(bn.ShapeError, match="k_proj"):
+        Attention(linear(64, 64), linear(16, 64), linear(32, 64), linear(64, 64), None, 4, 2, 16, rope)
+    with pytest.raises(bn.ShapeError, match="rotary"):
+        Attention(linear(64, 64), linear(32, 64), linear(32, 64), linear(64, 64), None, 4, 2, 16,
+                  RotaryEmbedding(8, 1e4))
+    for heads, kv_heads in ((0, 1), (4, 0), (4, 3), (4.0, 2)):
+        with pytest.raises(bn.BitNetError):
+            Attention(linear(64, 64), linear(32, 64), linear(32, 64), linear(64, 64), None, heads, kv_heads, 16, rope)
+    with pytest.raises(bn.ShapeError, match="down_proj"):
+        MLP(linear(96, 64), linear(96, 64), linear(64, 32), None)
+    with pytest.raises(bn.ShapeError, match="up_proj"):
+        MLP(linear(96, 64), linear(32, 64), linear(64, 96), None)
+    mlp = MLP(linear(96, 64), linear(96, 64), linear(64, 96), None)
+    with pytest.raises(bn.ShapeError):
+        mlp(np.ones((2, 96), np.float32))
+    for bad in ((0, 2, 16), (1, -1, 16), (1, 2, 16.0), (True, 2, 16)):
+        with pytest.raises(bn.InvalidValueError):
+            KVCache(*bad)
+    for theta in (0.0, float("inf"), "1e4"):
+        with pytest.raises(bn.InvalidValueError):
+            RotaryEmbedding(16, theta)
