@@ -155,3 +155,84 @@ def test_cli_bench_model_one_layer(capsys):
     assert main(["bench-model", "--layers", "1", "--head", "int8", "--prompt-tokens", "4", "--decode-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "int8 head" in out and "prefill: 4 tokens" in out and "Python overhead" in out and "peak RSS" in out
+
+
+def test_a_cache_of_another_model_is_refused_before_anything_runs(model):
+    c = model.config
+    others = [bn.nn.KVCache(c.num_hidden_layers, c.num_key_value_heads + 1, c.head_dim),  # more KV heads
+              bn.nn.KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim // 2),  # another head_dim
+              bn.nn.KVCache(c.num_hidden_layers - 1, c.num_key_value_heads, c.head_dim)]  # fewer layers
+    if c.num_key_value_heads > 1:
+        others.append(bn.nn.KVCache(c.num_hidden_layers, c.num_key_value_heads - 1, c.head_dim))  # fewer KV heads
+    for cache in others:
+        with pytest.raises(bn.ShapeError, match="new_cache"):
+            model.forward(PROMPT, cache)
+        assert cache.length == 0
+    with pytest.raises(bn.DTypeError):
+        model.forward(PROMPT, cache={})
+
+
+def test_forward_checks_out_before_running(model):
+    cache = model.new_cache()
+    for out in (np.empty((1, model.config.vocab_size + 1), np.float32), np.empty((1, model.config.vocab_size)),
+                np.empty((len(PROMPT), model.config.vocab_size), np.float32)):
+        with pytest.raises(bn.BitNetError, match="out"):
+            model.forward(PROMPT, cache, last_only=True, out=out)
+    assert cache.length == 0  # nothing ran, the cache did not move
+
+
+def _context_model(context):
+    config = bn.BitNetConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                             eos_token_id=None, bos_token_id=None)
+    return bn.models.random_model(config, head_dtype="f32")
+
+
+def test_generation_past_the_context_is_refused_and_the_cache_grows_as_tokens_come():
+    model = _context_model(16)
+    prompt = np.arange(6)
+    with pytest.raises(bn.InvalidValueError, match=r"context of 16 \(config.max_position_embeddings\).*at most 10"):
+        model.generate(prompt, 11)
+    with pytest.raises(bn.InvalidValueError, match="context of 16"):
+        model.stream(prompt, 10**9)  # refused when called, before a 10**9-position cache is even thought of
+    assert len(model.generate(prompt, 10)) == 10
+    cache = model.new_cache(capacity=2)
+    model.forward(np.arange(16) % 50, cache)
+    assert cache.capacity == 16  # doubling stopped at the context
+    with pytest.raises(bn.InvalidValueError, match="context of 16"):
+        model.forward([1], cache)
+    assert model.new_cache(10**9).capacity == 16
+    with pytest.raises(bn.InvalidValueError, match="at most 16"):
+        cache.reserve(17)
+
+
+def test_a_large_max_new_tokens_allocates_only_what_is_generated():
+    model = _context_model(1 << 20)
+    prompt = PROMPT % 50
+    stop = model.generate(prompt, 3)[-1]
+    tracemalloc.start()
+    try:
+        tokens = model.generate(prompt, (1 << 20) - len(prompt), stop=[stop])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tokens[-1] == stop and len(tokens) <= 3
+    # The whole cache would be 2 x 2 heads x 2**20 x 16 x 4 bytes = 512 MiB; what ran needs a few hundred KiB.
+    assert peak < 4 << 20, peak
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-0.5), dict(temperature="1"),
+    dict(top_k=0), dict(top_k=2.5), dict(top_k=True), dict(top_p=float("nan")), dict(top_p=0.0), dict(top_p="0.9"),
+    dict(seed=-1), dict(seed=1.5), dict(seed="7"), dict(stop=[1.5]), dict(stop=[130]), dict(stop=[-1]),
+    dict(stop=5), dict(stop=["a"]), dict(max_new_tokens=-1), dict(max_new_tokens=2.0), dict(max_new_tokens=True),
+    dict(first_tokens=[]), dict(first_tokens=[999]), dict(callback=3),
+], ids=lambda bad: "-".join(f"{k}={v!r}" for k, v in bad.items()))
+def test_bad_generation_arguments_raise_before_any_work(model, bad):
+    arguments = dict(max_new_tokens=4, **bad) if "max_new_tokens" not in bad else bad
+    with pytest.raises(bn.BitNetError):
+        model.generate(PROMPT, **arguments)
+    if "callback" not in bad:
+        with pytest.raises(bn.BitNetError):
+            model.stream(PROMPT, **arguments)  # raised by the call itself, not by the first next()
+    assert model.generate(PROMPT, 0) == []
