@@ -263,3 +263,110 @@ def test_cli_generate_reports_errors_without_a_traceback(saved, tmp_path, capsys
     assert "does not exist" in capsys.readouterr().err
     assert main(["generate", str(path), "--prompt", "hi"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_key_value_heads", 0), ("num_attention_heads", 0), ("hidden_size", "64"), ("hidden_size", 64.0),
+    ("num_hidden_layers", [2]), ("vocab_size", True), ("intermediate_size", -96), ("head_dim", 15),
+    ("head_dim", 0), ("rms_norm_eps", 0.0), ("rms_norm_eps", float("nan")), ("rms_norm_eps", "1e-5"),
+    ("max_position_embeddings", float("inf")), ("tie_word_embeddings", "false"), ("bos_token_id", -1),
+    ("eos_token_id", [1, "x"]), ("quantization_config", [1]), ("rope_parameters", 5), ("architectures", "x"),
+])
+def test_config_with_a_wrong_type_or_range_names_the_key(saved, tmp_path, key, value):
+    """Each of these once raised ZeroDivisionError/TypeError/ValueError, or built a model that could not run."""
+    _, path = saved
+    raw = json.loads((path / "config.json").read_text())
+    with pytest.raises(bn.ConfigError, match=key):
+        bn.BitNetConfig.from_dict({**raw, key: value})
+    copy_checkpoint(path, tmp_path, config=lambda raw: {**raw, key: value})
+    with pytest.raises(bn.ConfigError, match=key):
+        bn.load_pretrained(tmp_path)
+
+
+def test_config_checks_nested_numbers_and_direct_construction():
+    for rope in ({"rope_type": "default", "rope_theta": "x"}, {"rope_type": "default", "rope_theta": -1.0}):
+        with pytest.raises(bn.ConfigError, match="rope_theta"):
+            bn.BitNetConfig.from_dict({"model_type": "bitnet", "rope_parameters": rope})
+    with pytest.raises(bn.ConfigError, match="rms_norm_eps"):
+        bn.BitNetConfig.from_dict({"model_type": "bitnet", "quantization_config": {"rms_norm_eps": "tiny"}})
+    with pytest.raises(bn.ConfigError, match="must hold a JSON object"):
+        bn.BitNetConfig.from_dict([])
+    for bad in (dict(num_key_value_heads=0), dict(hidden_size=10, num_attention_heads=20), dict(head_dim=3),
+                dict(rope_theta=float("nan")), dict(use_rms_norm=1)):
+        with pytest.raises(bn.ConfigError, match=next(iter(bad)) if "hidden_size" not in bad else "head_dim"):
+            bn.BitNetConfig(**bad)
+    config = bn.BitNetConfig(vocab_size=np.int64(100), rms_norm_eps=1)  # numpy ints and int eps are fine
+    assert type(config.vocab_size) is int and config.rms_norm_eps == 1.0
+
+
+@pytest.mark.parametrize("stored", [0.0, float("nan"), float("inf"), -2.0])
+@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
+def test_bad_weight_scales_are_refused(saved, tmp_path, stored, linear_class):
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight_scale"] = np.array([stored], np.float32)
+
+    def config(raw):
+        return {**raw, "quantization_config": {**raw["quantization_config"], "linear_class": linear_class}}
+
+    copy_checkpoint(path, tmp_path, tensors, config)
+    with pytest.raises(bn.CheckpointError, match="down_proj.* scale"):
+        bn.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_norms_holding_nan_or_inf_are_refused(saved, tmp_path, value):
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.post_attention_layernorm.weight"][3] = value
+    copy_checkpoint(path, tmp_path, tensors)
+    with pytest.raises(bn.CheckpointError, match="post_attention_layernorm.weight' must hold finite"):
+        bn.load_pretrained(tmp_path)
+
+
+def test_read_weights_refuses_layers_the_config_lacks(saved, tmp_path):
+    _, path = saved
+    copy_checkpoint(path, tmp_path, config=lambda raw: {**raw, "num_hidden_layers": 1})
+    with pytest.raises(bn.CheckpointError, match="model.layers.1.* is not part of the 1-layer"):
+        bn.io.read_weights(tmp_path, bn.io.read_config(tmp_path))
+    assert "model.layers.1.input_layernorm.weight" in bn.io.read_weights(path, bn.io.read_config(path))
+
+
+def test_from_weights_checks_every_tensor_against_the_config(saved):
+    model, _ = saved
+    config = model.config
+    weights = dict(model.named_linears())
+    weights.update({name: norm.weight for name, norm in model.named_norms()})
+    weights["model.embed_tokens.weight"] = model.embed_tokens.table
+    weights["lm_head.weight"] = model.lm_head.table
+    np.testing.assert_array_equal(bn.BitNetForCausalLM.from_weights(config, weights).forward(IDS), model.forward(IDS))
+
+    def refused(match, **changes):
+        with pytest.raises(bn.CheckpointError, match=match):
+            bn.BitNetForCausalLM.from_weights(config, {**weights, **changes})
+
+    missing = dict(weights)
+    del missing["model.layers.1.self_attn.k_proj"]
+    with pytest.raises(bn.CheckpointError, match="k_proj' .* is missing"):
+        bn.BitNetForCausalLM.from_weights(config, missing)
+    refused("not part of the model", **{"model.layers.2.input_layernorm.weight": np.ones(64, np.float32)})
+    other = bn.nn.BitLinear.from_float(np.ones((64, 64), np.float32))
+    refused(r"k_proj' is 64x64 but the config implies 32x64", **{"model.layers.0.self_attn.k_proj": other})
+    refused("must be a BitLinear", **{"model.layers.0.self_attn.k_proj": np.ones((32, 64), np.float32)})
+    refused(r"shape \(64,\)", **{"model.norm.weight": np.ones(65, np.float32)})
+    refused(r"shape \(120, 64\)", **{"model.embed_tokens.weight": np.ones((121, 64), np.float32)})
+    refused("finite", **{"model.norm.weight": np.full(64, np.nan, np.float32)})
+
+
+@pytest.mark.parametrize("factor", [0.0, -1.0])
+def test_gguf_output_scales_are_checked_by_the_same_validation(tmp_path, factor):
+    """llama.cpp's ``blk.N.*.scale`` multipliers end up in the projection scale, which from_weights checks."""
+    pytest.importorskip("gguf")
+    from test_gguf import tiny_model, write_foreign_gguf
+
+    def projection(codes, scale):
+        return [("weight", codes.astype(np.float32), None), ("scale", np.array([factor], np.float32), None)]
+
+    write_foreign_gguf(tmp_path / "bad.gguf", tiny_model(), projection, arch="bitnet-b1.58")
+    with pytest.raises(bn.CheckpointError, match="has scale"):
+        bn.load_gguf(tmp_path / "bad.gguf")

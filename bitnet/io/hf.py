@@ -249,24 +249,31 @@ def _read_linear(reader: _TensorReader, name: str, shape: tuple[int, int], confi
             )
         if scale is None:
             raise errors.CheckpointError(f"packed tensor {name}.weight has no {name}.weight_scale")
-        try:
-            return BitLinear.from_packed(weight, shape, scale[0], HF_PACK, divide, bias, input_norm)
-        except errors.FormatError as exc:
-            raise errors.CheckpointError(f"tensor {name}.weight is corrupt: {exc}") from None
-    if tuple(weight.shape) != shape:
-        raise errors.CheckpointError(
-            f"tensor {name}.weight has shape {tuple(weight.shape)} but the config implies {shape}: "
-            f"config.json and the weights disagree"
-        )
-    values = _as_float32(weight)
-    if scale is None:
-        return BitLinear.from_float(values, bias, input_norm)
-    # Unpacked ternary values with a separate scale (HF AutoBitLinear saved unpacked).
-    codes = values.astype(np.int8)
-    if not np.array_equal(codes, values) or np.abs(codes).max(initial=0) > 1:
-        raise errors.CheckpointError(f"{name}.weight has a weight_scale, so it must hold only -1, 0 and +1")
-    packed = pack_codes(codes)
-    return BitLinear.from_packed(packed.data, shape, scale[0], packed.format, divide, bias, input_norm)
+        data, format = weight, HF_PACK
+    else:
+        if tuple(weight.shape) != shape:
+            raise errors.CheckpointError(
+                f"tensor {name}.weight has shape {tuple(weight.shape)} but the config implies {shape}: "
+                f"config.json and the weights disagree"
+            )
+        values = _as_float32(weight)
+        if scale is None:
+            return _corrupt_as_checkpoint_error(name, BitLinear.from_float, values, bias, input_norm)
+        # Unpacked ternary values with a separate scale (HF AutoBitLinear saved unpacked).
+        codes = values.astype(np.int8)
+        if not np.array_equal(codes, values) or np.abs(codes).max(initial=0) > 1:
+            raise errors.CheckpointError(f"{name}.weight has a weight_scale, so it must hold only -1, 0 and +1")
+        data, format = pack_codes(codes).data, HF_PACK
+    return _corrupt_as_checkpoint_error(name, BitLinear.from_packed, data, shape, scale[0], format, divide, bias,
+                                        input_norm)
+
+
+def _corrupt_as_checkpoint_error(name: str, build, *args) -> BitLinear:
+    """``build(*args)``; its refusal of the values (bad codes, NaN weights or scales) as a CheckpointError."""
+    try:
+        return build(*args)
+    except (errors.FormatError, errors.InvalidValueError) as exc:
+        raise errors.CheckpointError(f"tensor {name}.weight is corrupt: {exc}") from None
 
 
 def pack_codes(codes: np.ndarray) -> PackedTernary:
