@@ -159,13 +159,15 @@ def test_matches_transformers_gguf_conversion(sp):
             reference.encode(text, add_special_tokens=False).ids, text
 
 
-def test_bos_token_text_with_a_colon_works(sp):
+@pytest.mark.parametrize("bos", ["<|begin:of:text|>", "$A", "<s> x", "[BOS]"])
+def test_bos_token_text_the_template_cannot_parse_works(sp, bos):
+    """TemplateProcessing's "text:id" strings refuse a ":" (real vocabularies have such BOS tokens)."""
     tokens, scores, types = _arrays(sp)
-    tokens[BOS_ID] = "<|begin:of:text|>"
+    tokens[BOS_ID] = bos
     tokenizer = build_tokenizer("llama", None, tokens, types, [], BOS_ID, scores=scores)
     encoding = tokenizer.encode("hello")
     assert encoding.ids == sp.encode("hello", add_bos=True)
-    assert encoding.tokens[0] == "<|begin:of:text|>"
+    assert encoding.tokens[0] == bos
     assert tokenizer.encode("a", "b").ids == [BOS_ID] + sp.encode("a") + [BOS_ID] + sp.encode("b")
     assert tokenizer.decode(encoding.ids) == "hello"
 
