@@ -106,8 +106,11 @@ def _workspace(n: int, k_padded: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
     Taken from ``WORKSPACE_ARENA`` on the first call of a shape and kept for the next call
     of that shape on this thread (the oldest of more than ``_WORKSPACE_SHAPES`` shapes goes
-    back to the arena): repeated matmuls allocate nothing and pay a dict lookup, not an
-    arena round trip. The kernel writes every element, zero padding included.
+    back to the arena): repeated matmuls pay a dict lookup, not an arena round trip. The
+    kernel writes every element, zero padding included. With ``out=``, a repeated call
+    allocates nothing on the SIMD paths for one token; the kernels still allocate scratch per
+    call for the 8-token GEMM tiles, the AMX tiles and on the portable path
+    (``tests/test_arena_use.py`` measures each).
     """
     cached = _workspaces.by_shape
     buffers = cached.get((n, k_padded))
