@@ -173,7 +173,8 @@ def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> n
     Raises
     ------
     DTypeError for activations that are not int8 or weights that are not a PackedTernary;
-    ShapeError when the last axis of ``q`` is not ``k``; FormatError for group-wise scales.
+    ShapeError when the last axis of ``q`` is not ``k`` or ``k >= 2**24``; FormatError for
+    group-wise scales; InvalidValueError for an unknown ``path`` or one this CPU cannot run.
     """
     data, _, _ = _kernel_weights(w)
     q = np.asarray(q)
@@ -213,14 +214,16 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     Returns
     -------
     ndarray of float32, shape ``(m,)`` or ``(..., m)`` (``out`` when given). A row of ``x``
-    holding NaN or Inf gives a row of NaN.
+    holding NaN or Inf gives a row of NaN. No tokens (``x`` of shape ``(0, k)``) give an empty
+    ``(0, m)`` result, as numpy does; weights with ``m = 0`` or ``k = 0`` cannot be made.
 
     Raises
     ------
     DTypeError for non-float ``x``, a wrong ``out`` dtype or weights that are not a
     PackedTernary; ShapeError when the last axis of ``x`` is not ``k`` or ``out`` has the
     wrong shape or is not C-contiguous; FormatError for group-wise weight scales
-    (``granularity="group"`` is not supported by matmul); DeviceError for an unavailable device.
+    (``granularity="group"`` is not supported by matmul); DeviceError for an unknown or
+    unavailable device; InvalidValueError for an unknown ``path`` or one this CPU cannot run.
     """
     if not (isinstance(device, str) and device == backends.CPU):
         errors.check_choice("device", device, (backends.CPU, *backends.BACKENDS), errors.DeviceError)
