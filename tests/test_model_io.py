@@ -314,6 +314,20 @@ def test_bad_weight_scales_are_refused(saved, tmp_path, stored, linear_class):
         bn.load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("linear_class, stored", [("bitlinear", 1e-38), ("autobitlinear", 1e38)])
+def test_scales_that_overflow_float32_activations_are_refused(saved, tmp_path, linear_class, stored):
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.weight_scale"] = np.array([stored], np.float32)
+
+    def config(raw):
+        return {**raw, "quantization_config": {**raw["quantization_config"], "linear_class": linear_class}}
+
+    copy_checkpoint(path, tmp_path, tensors, config)
+    with pytest.raises(bn.CheckpointError, match="o_proj' has scale.*must lie in"):
+        bn.load_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_norms_holding_nan_or_inf_are_refused(saved, tmp_path, value):
     _, path = saved

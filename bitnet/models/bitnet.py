@@ -70,11 +70,17 @@ def build_layers(config: BitNetConfig, weights: dict[str, object]) -> tuple[list
     return layers, norm("model.norm.weight")
 
 
+# The largest scale a projection may have: float16's largest value, the most a GGUF TQ block scale can
+# hold. Real ternary weights have scales near mean|w| (far below 1); one past this makes float32
+# activations overflow to Inf a layer or two later.
+MAX_WEIGHT_SCALE = float(np.finfo(np.float16).max)
+
+
 def check_weights(config: BitNetConfig, weights: dict[str, object]) -> None:
     """Raise CheckpointError unless ``weights`` are exactly the tensors ``config`` describes, usable as they are.
 
-    Each projection must be a :class:`BitLinear` of ``config.linear_shapes()`` with finite,
-    non-negative scales not all zero (a ``weight_scale`` of 0, NaN, Inf or below 0 means a
+    Each projection must be a :class:`BitLinear` of ``config.linear_shapes()`` with scales in
+    ``[0, MAX_WEIGHT_SCALE]``, not all zero (a ``weight_scale`` of 0, NaN, Inf or below 0 means a
     corrupt checkpoint) and a finite bias; each norm a finite float vector of
     ``config.norm_shapes()``; the embedding and untied head ``(vocab_size, hidden_size)``.
     """
@@ -122,10 +128,11 @@ def _check_projection(name: str, linear: object, shape: tuple[int, ...]) -> None
             f"{shape[0]}x{shape[1]}: the config and the weights disagree"
         )
     scale = linear.weight.scale
-    if not (np.isfinite(scale).all() and (scale >= 0).all() and scale.any()):
+    if not ((scale >= 0).all() and (scale <= MAX_WEIGHT_SCALE).all() and scale.any()):
         raise errors.CheckpointError(
-            f"projection {name!r} has scale(s) {np.unique(scale)[:4]}: a weight scale must be finite, not negative "
-            f"and not all 0 (a weight_scale of 0, NaN, Inf or below 0 means a corrupt checkpoint)"
+            f"projection {name!r} has scale(s) {np.unique(scale)[:4]}: a weight scale must lie in "
+            f"[0, {MAX_WEIGHT_SCALE:g}] and not be all 0 (a weight_scale of 0, NaN, Inf, below 0 or near the float "
+            f"limits means a corrupt checkpoint)"
         )
     if linear.bias is not None and not np.isfinite(linear.bias).all():
         raise errors.CheckpointError(f"the bias of {name!r} holds NaN or Inf values: the checkpoint is corrupt")

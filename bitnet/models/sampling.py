@@ -27,7 +27,7 @@ class Sampler:
         if top_k is not None and (not is_int(top_k) or top_k < 1):
             raise errors.InvalidValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
         if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
-            raise errors.InvalidValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+            raise errors.InvalidValueError(f"top_p must lie in (0, 1] (or be None), got {top_p!r}")
         if seed is not None and (not is_int(seed) or seed < 0):
             raise errors.InvalidValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
