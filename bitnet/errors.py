@@ -64,7 +64,7 @@ class ArenaError(BitNetError, RuntimeError):
 
 
 class ArenaLimitError(ArenaError, MemoryError):
-    """An arena allocation would go over the limit set with ``Arena.set_limit``."""
+    """An arena allocation would go over the limit set with ``Arena.set_limit``, or the memory the system gives."""
 
 
 class ArenaDoubleReleaseError(ArenaError):

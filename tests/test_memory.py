@@ -427,7 +427,7 @@ def test_a_backend_out_of_memory_gets_the_pooled_blocks_back_and_a_retry():
     big = arena.empty(LARGE_BLOCK + LARGE_GRAIN, np.uint8)  # too big for the pooled block
     assert sorted(backend.freed) == [SMALL_LIMIT, LARGE_BLOCK]
     assert arena.total_bytes() == arena.used_bytes() == LARGE_BLOCK + LARGE_GRAIN
-    with pytest.raises(MemoryError, match="out of device memory"):
+    with pytest.raises(bn.ArenaLimitError, match="out of device memory"):  # also a MemoryError
         arena.empty(2 * MiB, np.uint8)
     arena.release(big)
 
@@ -647,3 +647,10 @@ def test_release_of_odd_values_is_a_foreign_array_error():
     for bad in (None, 3, [1, 2], np.zeros(3)):
         with pytest.raises(bn.ArenaForeignArrayError):
             arena.release(bad)
+
+
+def test_more_memory_than_the_system_gives_is_an_arena_error():
+    arena = bn.Arena()
+    with pytest.raises(bn.ArenaLimitError, match="out of memory"):
+        arena.empty((2**50,), np.uint8)  # 1 PiB: numpy's MemoryError, as the library's error
+    assert arena.used_bytes() == 0

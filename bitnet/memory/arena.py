@@ -434,15 +434,22 @@ class Arena:
 
     # ---------------------------------------------------------------- internals
 
+    def _out_of_memory(self, block_size: int, exc: MemoryError) -> str:
+        return (f"the {self._backend.name} backend could not allocate a block of {block_size:,} bytes ({exc}): "
+                f"out of memory. Ask for smaller arrays, or free memory (arena.free_all_blocks())")
+
     def _new_block(self, pool: SizeClassPool | CarvedPool, size: int) -> tuple[object, int]:
         """After a pool miss (lock held): a new block, and ``(block, offset)`` of its first ``size`` bytes."""
         block_size = self._block_size_under_limit(size, pool.new_block_size(size))
         try:
             block = self._backend.allocate(block_size)
-        except MemoryError:
+        except MemoryError as exc:
             if not self._drain_free_blocks():
-                raise
-            block = self._backend.allocate(block_size)  # retry once the pooled blocks are gone
+                raise ArenaLimitError(self._out_of_memory(block_size, exc)) from None
+            try:
+                block = self._backend.allocate(block_size)  # retry once the pooled blocks are gone
+            except MemoryError as again:
+                raise ArenaLimitError(self._out_of_memory(block_size, again)) from None
         first = self._backend.view(block, 0, (block_size,), np.dtype(np.uint8))
         start = first.__array_interface__["data"][0]
         self._spans[id(block)] = (start, start + block_size)
