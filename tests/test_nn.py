@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import ALL_PATHS
 
 import bitnet as bn
-from bitnet.kernels import cpu_features
 from bitnet.kernels.simd import MARKERS
 from bitnet.nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, head_kernels
 from bitnet.nn.embedding import bf16_bits_to_float, float_to_bf16_bits
@@ -184,7 +184,7 @@ def int8_head_reference(table, row_scale, h):
     return out * row_scale
 
 
-@pytest.mark.parametrize("path", cpu_features.supported_paths())
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("vocab, width", [(1, 1), (5, 37), (7, 64), (9, 100), (300, 72), (33, 2560)])
 def test_int8_head_is_q8_0_dot_products(rng, path, vocab, width):
     table = rng.integers(-127, 128, (vocab, width)).astype(np.int8)
