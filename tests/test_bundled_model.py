@@ -1,6 +1,6 @@
 """The model shipped in the package: it loads with no arguments, generates Python, and its
 held-out bits per byte, recomputed here with bitnet's own forward on a small sample of the
-held-out stdlib files, is the figure ``benchmarks/bundled_model.py`` measured and the README quotes.
+held-out stdlib files, is the figure ``benchmarks/bundled_model.py`` measured and docs/training.md quotes.
 
 Tolerance: the sample's files are read from this interpreter's standard library. On the
 Python the model was measured with (3.11.7) the result is the same up to float summation
@@ -77,7 +77,7 @@ def test_held_out_sample_bits_per_byte_is_the_measured_figure(bundled):
     bpb = bits_per_byte(numpy_window_nll(model), stream, n_bytes, quality["context"])
     assert np.isfinite(bpb)
     assert abs(bpb - quality["sample_ternary_bpb"]) <= SAMPLE_TOLERANCE * quality["sample_ternary_bpb"]
-    # The claims the README makes, from the same measurement.
+    # The claims docs/training.md makes, from the same measurement.
     assert quality["ternary_bpb"] < quality["xz_9e_bpb"] < quality["gzip_9_bpb"]
 
 

@@ -2,7 +2,7 @@
 
 These run only where metalcompute imports (macOS on Apple silicon, ``pip install
 "bitnet[metal]"``) and are skipped elsewhere with the reason. As of this writing they have
-never been run: the project's machines are Linux (see the README's "Metal backend" section).
+never been run: the project's machines are Linux (see docs/backends.md, "Metal backend").
 """
 
 from __future__ import annotations

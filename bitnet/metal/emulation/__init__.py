@@ -3,7 +3,7 @@
 ``msl_emu.h`` maps the parts of the Metal Shading Language the shaders use onto C++20;
 :mod:`.compiler` builds an MSL source with g++ against it and drives its kernels through
 ctypes; :func:`metalcompute_module` wraps that in the ``metalcompute`` API, so the bridge
-itself runs unchanged on the emulation. See the README's "Metal backend" section for what
+itself runs unchanged on the emulation. See docs/backends.md ("Metal backend") for what
 this does and does not prove about real Apple GPUs.
 """
 
