@@ -91,37 +91,44 @@ def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
     return prepared
 
 
+_Workspace = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]
+
+
 class _Workspaces(threading.local):
-    """Per thread: ``(n, k_padded)`` -> the temporaries of a matmul of that shape, oldest first."""
+    """Per thread: ``(n, k_padded, path)`` -> the temporaries of a matmul of that shape, oldest first."""
 
     def __init__(self) -> None:
-        self.by_shape: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.by_shape: dict[tuple[int, int, str], _Workspace] = {}
 
 
 _workspaces = _Workspaces()
 
 
-def _workspace(n: int, k_padded: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Temporaries of one matmul: int8 activations ``(n, k_padded)``, their scales and sums.
+def _workspace(n: int, k_padded: int, path: str) -> _Workspace:
+    """Temporaries of one matmul: int8 activations ``(n, k_padded)``, their scales and sums, kernel scratch.
 
-    Taken from ``WORKSPACE_ARENA`` on the first call of a shape and kept for the next call
-    of that shape on this thread (the oldest of more than ``_WORKSPACE_SHAPES`` shapes goes
-    back to the arena): repeated matmuls pay a dict lookup, not an arena round trip. The
-    kernel writes every element, zero padding included. With ``out=``, a repeated call
-    allocates nothing on the SIMD paths for one token; the kernels still allocate scratch per
-    call for the 8-token GEMM tiles, the AMX tiles and on the portable path
-    (``tests/test_arena_use.py`` measures each).
+    The scratch is what ``bitnet.kernels.matmul.scratch_shapes`` lists for ``path`` (GEMM sums,
+    the portable path's int16 copy of the activations, AMX tiles and codes). Taken from
+    ``WORKSPACE_ARENA`` on the first call of a shape and path and kept for the next call of
+    that shape and path on this thread (the oldest of more than ``_WORKSPACE_SHAPES`` goes
+    back to the arena): repeated matmuls pay a dict lookup, not an arena round trip, and the
+    kernels allocate nothing, so with ``out=`` a repeated call allocates nothing on every path
+    and batch size (``tests/test_arena_use.py`` measures each). Nothing needs clearing: the
+    kernel writes every element that reaches a result before reading it, zero padding included.
     """
     cached = _workspaces.by_shape
-    buffers = cached.get((n, k_padded))
+    key = (n, k_padded, path)
+    buffers = cached.get(key)
     if buffers is None:
         if len(cached) == _WORKSPACE_SHAPES:
-            for array in cached.pop(next(iter(cached))):
+            q, act_scale, q_sum, scratch = cached.pop(next(iter(cached)))
+            for array in (q, act_scale, q_sum, *scratch):
                 WORKSPACE_ARENA.release(array)
-        buffers = cached[(n, k_padded)] = (
+        buffers = cached[key] = (
             WORKSPACE_ARENA.empty((n, k_padded), np.int8),
             WORKSPACE_ARENA.empty(n, np.float32),
             WORKSPACE_ARENA.empty(n, np.int32),
+            tuple(WORKSPACE_ARENA.empty(shape, dtype) for shape, dtype in kernels.scratch_shapes(path, n, k_padded)),
         )
     return buffers
 
@@ -140,20 +147,20 @@ def _checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _kernel(path: str | None):
-    """The compiled matmul entry point of ``path`` (default ``KERNEL_PATH``).
+def _kernel_path(path: str | None) -> str:
+    """``path``, or ``KERNEL_PATH`` for None, checked to be a path this CPU runs.
 
     Raises InvalidValueError for a name that is not a path, or a path this CPU cannot run
     (its instructions would not compile, or would kill the process).
     """
     if path is None:
-        return kernels.ENTRY_POINTS[KERNEL_PATH]
+        return KERNEL_PATH
     errors.check_choice("kernel path", path, cpu_features.PATHS)
     if path not in _RUNNABLE:
         raise errors.InvalidValueError(
             f"kernel path {cpu_features.unsupported_reason(path)}; this machine runs: {', '.join(_RUNNABLE)}"
         )
-    return kernels.ENTRY_POINTS[path]
+    return path
 
 
 def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> np.ndarray:
@@ -183,12 +190,13 @@ def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> n
     rows = np.ascontiguousarray(errors.token_rows(q, "activations", k))
     n = rows.shape[0]
     acc = np.empty((n, m), np.int32)
+    path = _kernel_path(path)
     if n:
-        padded, _, q_sum = _workspace(n, data.shape[1] * 4)
+        padded, _, q_sum, scratch = _workspace(n, data.shape[1] * 4, path)
         padded[:, :k] = rows
         padded[:, k:] = 0
         np.sum(rows, axis=1, dtype=np.int32, out=q_sum)
-        _kernel(path)(_NO_X, data, padded, _NO_SCALE, q_sum, _NO_SCALE, 0, acc, _NO_OUT, False)
+        kernels.ENTRY_POINTS[path](_NO_X, data, padded, _NO_SCALE, q_sum, _NO_SCALE, 0, acc, _NO_OUT, False, *scratch)
     return acc.reshape(q.shape[:-1] + (m,))
 
 
@@ -237,7 +245,9 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
         rows = rows.astype(np.float32)
     n = rows.shape[0]
     result = _checked_out(out, x.shape[:-1] + (m,))
+    path = _kernel_path(path)
     if n:
-        q, act_scale, q_sum = _workspace(n, data.shape[1] * 4)
-        _kernel(path)(rows, data, q, act_scale, q_sum, scale, scale_step, _NO_ACC, result.reshape(n, m), True)
+        q, act_scale, q_sum, scratch = _workspace(n, data.shape[1] * 4, path)
+        kernels.ENTRY_POINTS[path](rows, data, q, act_scale, q_sum, scale, scale_step, _NO_ACC, result.reshape(n, m),
+                                   True, *scratch)
     return result

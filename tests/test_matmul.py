@@ -259,6 +259,35 @@ def test_prefill_sized_batches_are_exact(rng, path, m, k, n):
     np.testing.assert_allclose(bn.matmul(x, p, path=path), float_reference(x, t), rtol=2e-6)
 
 
+def test_the_scratch_shapes_pick_each_tokens_loop():
+    """The kernels read from their scratch's shapes which loop each token takes; the AMX choice
+    (32+ tokens, k within exact int32 tile sums) is checked here on any CPU, amx or not."""
+
+    def shapes(path, n, k_padded):
+        return [shape for shape, _ in kernels.scratch_shapes(path, n, k_padded)]
+
+    slots, rows = kernels.SCRATCH_SLOTS, kernels.GEMM_ROWS
+    assert shapes("amx", 33, 512) == [(slots, rows, 0), (slots, 32, 512), (slots, 32, 32), (8, 16, 64)]
+    for n, k_padded in [(31, 512), (40, kernels.AMX_MAX_K + 256)]:
+        gemm_sums, codes, amx_sums, tiles = shapes("amx", n, k_padded)
+        assert gemm_sums == (slots, rows, n - n % 8) and tiles[0] == codes[1] == amx_sums[1] == 0
+    assert shapes("portable", 19, 256) == [(slots, rows, 16), (slots, 64), (19, 256)]
+    assert shapes("avx512vnni", 40, 512) == [(slots, rows, 40)] and shapes("avx2", 1, 256) == [(slots, rows, 0)]
+
+
+def test_vnni_activations_lay_out_tile_operands(rng):
+    """The amx path's activation layout (plain Numba, so it runs on any CPU): word ``[c, k4, t]``
+    is activations ``64 c + 4 k4 .. + 3`` of token ``t``; columns past the tokens are left alone."""
+    from bitnet.kernels import amx
+
+    q = random_q(rng, 5, 256)
+    tiles = np.full((4, 16, 32), 7, np.int32)
+    amx.vnni_activations(q, tiles)
+    words = q.view(np.int32)  # (5, 64): word j holds activations 4 j .. 4 j + 3
+    assert np.array_equal(tiles[:, :, :5], words.reshape(5, 4, 16).transpose(1, 2, 0))
+    assert (tiles[:, :, 5:] == 7).all()
+
+
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_results_do_not_depend_on_the_thread_count(rng, path):
     t = ternary(rng, 301, 1100, "channel")

@@ -143,19 +143,19 @@ def tile_dot(typingctx, acc, codes, activations):
 
 
 @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def vnni_activations(q, tokens):
-    """``q`` (n, kp) int8 as tile operands: int32 ``(kp // 64, 16, tokens)``, zero past ``n``.
+def vnni_activations(q, tiles):
+    """Write ``q`` (n, kp) int8 into ``tiles``, int32 ``(kp // 64, 16, tokens)`` with ``tokens >= n``, as tile operands.
 
     Element ``[c, k4, t]`` holds the 4 activations ``64 c + 4 k4 .. + 3`` of token ``t``
     (one int32 word of ``q``), so a tile load at ``[c, 0, t0]`` with a row stride of
     ``4 tokens`` bytes is the activations tile of tokens ``t0 .. t0 + 15`` for k chunk ``c``.
+    Columns ``t >= n`` keep whatever they held: the sums of those tokens are never stored,
+    and leaving them spares a pass over a buffer that is reused from call to call.
     """
     n, kp = q.shape
     words = q.view(np.int32)
     chunks = kp // TILE_BYTES
-    out = np.zeros((chunks, TILE_ROWS, tokens), np.int32)
     for t in prange(n):  # each token writes its own column
         for c in range(chunks):
             for k4 in range(TILE_ROWS):
-                out[c, k4, t] = words[t, TILE_ROWS * c + k4]
-    return out
+                tiles[c, k4, t] = words[t, TILE_ROWS * c + k4]

@@ -33,10 +33,14 @@ lane can overflow whatever ``k``; the result is exact whenever it fits in int32.
 Work is split over output rows with ``prange``; every output value is computed by one
 task in a fixed order, so results are bit-identical for any thread count. The SIMD
 primitives come from ``simd.py``; ``PORTABLE`` selects plain Numba loops instead, for any CPU.
+
+Scratch: the kernels allocate nothing. The caller passes the buffers ``scratch_shapes`` lists
+(``bitnet.ops`` keeps them per shape, so repeated calls reuse them), one set per thread slot.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 from numba.extending import overload
@@ -81,8 +85,18 @@ AMX_MAX_K = 2**22  # int32 tile sums stay exact below this: 2**22 x 2 x 128 < 2*
 AMX_ROWS = 2 * amx.TILE_ROWS  # weight rows per tile pass (two code tiles)
 AMX_TOKENS = 2 * amx.TILE_ROWS  # tokens per tile pass (two activation tiles)
 
+# Scratch sets, one per thread of Numba's pool (bn.set_num_threads cannot go past its size), but no
+# more than there are tasks: a slot runs its tasks one after the other on its own set.
+SCRATCH_SLOTS = min(PARALLEL_TASKS, numba.config.NUMBA_NUM_THREADS)
+
 _KERNEL = dict(cache=True, nogil=True, boundscheck=False)
-_NO_SCRATCH = np.zeros(0, np.int16)  # a constant: the SIMD paths allocate nothing per task
+# The scratch a path does not use, as constants: out of the entry points' arguments, they save
+# ~0.5 us of dispatch a call. Per-slot ones have PARALLEL_TASKS rows (as many as any slot count;
+# a constant cannot follow NUMBA_NUM_THREADS, as cached code keeps the value it was compiled with).
+_NO_LANES = np.zeros((PARALLEL_TASKS, 0), np.int16)
+_NO_WIDE = np.zeros((0, 0), np.int16)
+_NO_CODES = np.zeros((PARALLEL_TASKS, 0, 0), np.uint8)
+_NO_AMX_SUMS = np.zeros((PARALLEL_TASKS, 0, 0), np.int32)
 _NO_TILES = np.zeros((0, 0, 0), np.int32)
 
 
@@ -188,7 +202,7 @@ def _tile_simd(isa, w, r0, r1, q, t, b0, b1):
 def _row_portable(w, r, q, t, b0, b1, lanes):
     """``sum(c q[t])`` for row ``r`` over blocks ``b0 .. b1 - 1``, with int16 scratch ``lanes`` (64,).
 
-    ``q`` may be int8 or int16 (the portable entry passes int16, see ``_activations_for``).
+    ``q`` may be int8 or int16 (the portable path passes int16, see ``_activations_for``).
 
     Lane ``j`` collects ``sum_i c(j + 64 i) q(j + 64 i)`` (at most 4 * 2 * 128 = 1024 a block)
     and is flushed every ``PORTABLE_FLUSH_BLOCKS`` blocks, before it could pass 32767.
@@ -257,18 +271,17 @@ def _decode_codes(w, first, rows, codes):
 
 
 @njit(**_KERNEL)
-def _gemm_amx(w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+def _gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """Rows ``first .. last - 1`` x all ``n`` tokens with AMX tiles, 32 rows x 32 tokens a pass.
 
-    Tiles 4, 5: the stored codes of 16 rows each (decoded to bytes once per 32 rows);
-    tiles 6, 7: 16 tokens' activations each (``tiles`` from ``amx.vnni_activations``);
-    tiles 0-3: the four 16 x 16 int32 sums. Rows past ``last`` and tokens past ``n`` are
-    computed on whatever the buffers hold and never stored.
+    Tiles 4, 5: the stored codes of 16 rows each (decoded to bytes once per 32 rows into
+    ``codes``, uint8 ``(AMX_ROWS, kp)``); tiles 6, 7: 16 tokens' activations each (``tiles``
+    from ``amx.vnni_activations``); tiles 0-3: the four 16 x 16 int32 sums, stored to ``sums``
+    (int32 ``(AMX_ROWS, AMX_TOKENS)``). Rows past ``last`` and tokens past ``n`` are computed
+    on whatever the buffers hold and never stored.
     """
     chunks, _, tokens = tiles.shape
     kp = chunks * amx.TILE_BYTES
-    codes = np.empty((AMX_ROWS, kp), np.uint8)
-    sums = np.empty((AMX_ROWS, AMX_TOKENS), np.int32)
     stride = tokens * 4
     load_config(TILE_CONFIG)
     for start in range(first, last, AMX_ROWS):
@@ -299,34 +312,30 @@ def _gemm_amx(w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc
     release_tiles()
 
 
-def _tile_activations(isa, q):
-    """The activations as AMX tile operands when the amx path multiplies this call in tiles, else empty."""
+def _fill_tiles(isa, q, tiles):
+    """``amx.vnni_activations`` on the amx path; compiled to nothing elsewhere (``tiles`` is empty there)."""
 
 
-@overload(_tile_activations, jit_options=_KERNEL)
-def _tile_activations_for(isa, q):
-    if isa.isa != "amx":
-        return lambda isa, q: _NO_TILES
-
-    def tiles(isa, q):
-        n, kp = q.shape
-        if n < AMX_MIN_TOKENS or kp > AMX_MAX_K:
-            return _NO_TILES
-        return amx.vnni_activations(q, -(-n // AMX_TOKENS) * AMX_TOKENS)
-
-    return tiles
+@overload(_fill_tiles, jit_options=_KERNEL)
+def _fill_tiles_for(isa, q, tiles):
+    if isa.isa == "amx":
+        return lambda isa, q, tiles: amx.vnni_activations(q, tiles)
+    return lambda isa, q, tiles: None
 
 
-def _gemm_tiles(isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+def _gemm_tiles(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """``_gemm_amx`` on the amx path; compiled to nothing elsewhere (no tile instructions there)."""
 
 
 @overload(_gemm_tiles, jit_options=_KERNEL)
-def _gemm_tiles_for(isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+def _gemm_tiles_for(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
+                    as_float):
     if isa.isa == "amx":
-        return lambda isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float: (
-            _gemm_amx(w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float))
-    return lambda isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float: None
+        return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
+                as_float: _gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc,
+                                    out, as_float))
+    return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
+            as_float: None)
 
 
 # --- one generic driver, specialised per instruction set at compile time -----------------------
@@ -358,26 +367,55 @@ def _tile_for(isa, w, r0, r1, q, t, b0, b1, lanes):
     return lambda isa, w, r0, r1, q, t, b0, b1, lanes: _tile_simd(isa, w, r0, r1, q, t, b0, b1)
 
 
-def _activations_for(isa, q):
-    """``q`` as the inner loops of ``isa`` read it: int8 for SIMD, a widened int16 copy for portable."""
+def _activations_for(isa, q, wide):
+    """``q`` as the inner loops of ``isa`` read it: int8 for SIMD, copied into int16 ``wide`` for portable."""
 
 
 @overload(_activations_for, jit_options=_KERNEL)
-def _activations_for_impl(isa, q):
+def _activations_for_impl(isa, q, wide):
     if isa.isa == "portable":  # widen each activation once per call, not once per weight row: 12% faster
-        return lambda isa, q: q.astype(np.int16)
-    return lambda isa, q: q
+
+        def widened(isa, q, wide):
+            for t in range(q.shape[0]):
+                for j in range(q.shape[1]):
+                    wide[t, j] = q[t, j]
+            return wide
+
+        return widened
+    return lambda isa, q, wide: q
 
 
-def _scratch(isa):
-    """Scratch for the inner loops of ``isa``: int16 lanes (64,) for the portable path, else nothing."""
+def scratch_shapes(path: str, n: int, k_padded: int) -> tuple[tuple[tuple[int, ...], type], ...]:
+    """Shapes and dtypes of the scratch arrays the entry point of ``path`` takes, in argument order.
 
+    Parameters
+    ----------
+    path : kernel path name (a key of ``ENTRY_POINTS``).
+    n : number of tokens.
+    k_padded : padded features, ``256 nb``.
 
-@overload(_scratch, jit_options=_KERNEL)
-def _scratch_for(isa):
-    if isa.isa == "portable":
-        return lambda isa: np.empty(BLOCK_BYTES, np.int16)
-    return lambda isa: _NO_SCRATCH
+    Returns
+    -------
+    tuple of ``(shape, dtype)``: ``gemm_sums`` on every path, then ``lanes`` and ``wide`` on
+    the portable path, ``amx_codes``, ``amx_sums`` and ``amx_tiles`` on the amx path (see
+    ``ternary_matmul``); those this call does not use have no elements. The shapes also say
+    which loop each token takes: AMX tiles when ``amx_tiles`` has elements, else GEMM tiles
+    for the first ``gemm_sums.shape[2]`` tokens, the GEMV loop for the rest. The per-task
+    arrays have ``SCRATCH_SLOTS`` in front, one for each thread slot.
+    """
+    on_tiles = path == "amx" and n >= AMX_MIN_TOKENS and k_padded <= AMX_MAX_K
+    shapes = (((SCRATCH_SLOTS, GEMM_ROWS, 0 if on_tiles else n - n % TILE_TOKENS), np.int64),)
+    if path == "portable":
+        shapes += (((SCRATCH_SLOTS, BLOCK_BYTES), np.int16), ((n, k_padded), np.int16))
+    elif path == "amx":
+        amx_rows, amx_k = (AMX_ROWS, k_padded) if on_tiles else (0, 0)
+        amx_tokens = -(-n // AMX_TOKENS) * AMX_TOKENS if on_tiles else 0
+        shapes += (
+            ((SCRATCH_SLOTS, amx_rows, amx_k), np.uint8),
+            ((SCRATCH_SLOTS, amx_rows, AMX_TOKENS), np.int32),
+            ((amx_k // amx.TILE_BYTES, amx.TILE_ROWS, amx_tokens), np.int32),
+        )
+    return shapes
 
 
 @njit(inline="always", **_KERNEL)
@@ -418,95 +456,115 @@ def _gemm_rows(isa, w, first_row, rows, q, tokens, sums, lanes):
 
 
 @njit(parallel=True, **_KERNEL)
-def ternary_matmul(isa, w, q, tiles, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, amx_codes,
+                   amx_sums, amx_tiles):
     """``q @ (c - 1).T`` for i2 data ``w`` (m, 64 nb) and padded int8 ``q`` (n, 256 nb).
 
     Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
     ``acc / act_scale[t] * scale[r * scale_step]`` (``scale_step`` 0 for one scale per tensor).
-    ``tiles``: ``q`` as AMX tile operands (``_tile_activations``); when not empty, every
-    token goes through the AMX tile loop.
+    The scratch arrays are those of ``scratch_shapes``, whose shapes pick the loops: when
+    ``amx_tiles`` (``q`` as AMX tile operands) is not empty, every token goes through the AMX
+    tile loop; otherwise the first ``gemm_sums.shape[2]`` tokens go through the GEMM tiles.
 
     The rows are cut into ``PARALLEL_TASKS`` tasks (fewer for small ``m``) of an even number of
-    rows; Numba's static schedule deals the tasks out to the threads. Which task computes a
-    row never changes its value. Tokens go in tiles of ``TILE_TOKENS`` through the GEMM loop,
-    ``GEMM_ROWS`` rows at a time; the rest (and ``n == 1``) through the GEMV loop, which takes
-    row ``r`` of the task's first half with row ``r + half`` (an odd middle row alone) and
-    rereads the pair from L1 for each token.
+    rows, dealt out in even runs to ``SCRATCH_SLOTS`` slots (one per thread of Numba's pool, as
+    ``prange`` deals out the slots to the threads in use); a slot runs its tasks one after the
+    other on ``gemm_sums[slot]``, ``lanes[slot]``, ``amx_codes[slot]`` and ``amx_sums[slot]``,
+    and which slot or task computes a row never changes its value.
+    Tokens go in tiles of ``TILE_TOKENS`` through the GEMM loop, ``GEMM_ROWS`` rows at a time;
+    the rest (and ``n == 1``) through the GEMV loop, which takes row ``r`` of the task's first
+    half with row ``r + half`` (an odd middle row alone) and rereads the pair from L1 for each token.
     """
     m = w.shape[0]
     n = q.shape[0]
-    on_tiles = tiles.shape[0] > 0
-    tiled = n if on_tiles else n - n % TILE_TOKENS
+    on_tiles = amx_tiles.shape[0] > 0
+    tiled = n if on_tiles else gemm_sums.shape[2]
     per_task = -(-m // PARALLEL_TASKS)
     per_task += per_task % TILE_ROWS
-    for task in prange((m + per_task - 1) // per_task):
-        first = task * per_task
-        last = min(m, first + per_task)
-        lanes = _scratch(isa)
-        if on_tiles:
-            _gemm_tiles(isa, w, first, last, tiles, n, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-        elif tiled:
-            sums = np.empty((GEMM_ROWS + 1, tiled), np.int64)
-            for start in range(first, last, GEMM_ROWS):
-                rows = min(last - start, GEMM_ROWS)
-                _gemm_rows(isa, w, start, rows, q, tiled, sums, lanes)
-                for t in range(tiled):  # token-major: each token's outputs are adjacent
-                    for i in range(rows):
-                        _emit(t, start + i, sums[i, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
-        half = (last - first + 1) // 2
-        for r0 in range(first, first + half):
-            r1 = r0 + half if r0 + half < last else r0
-            for t in range(tiled, n):
-                s0, s1 = _row_pair(isa, w, r0, r1, q, t, lanes)
-                _emit(t, r0, s0, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-                _emit(t, r1, s1, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+    tasks = (m + per_task - 1) // per_task
+    # Not numba.get_num_threads(): it compiles to the address of a function, and kernels using it cannot be cached.
+    slots = min(tasks, gemm_sums.shape[0])
+    for slot in prange(slots):
+        sums, slot_lanes, codes, tile_sums = gemm_sums[slot], lanes[slot], amx_codes[slot], amx_sums[slot]
+        for task in range(slot * tasks // slots, (slot + 1) * tasks // slots):
+            first = task * per_task
+            last = min(m, first + per_task)
+            if on_tiles:
+                _gemm_tiles(isa, w, first, last, amx_tiles, codes, tile_sums, n, q_sum, act_scale, scale, scale_step,
+                            acc, out, as_float)
+            elif tiled:
+                for start in range(first, last, GEMM_ROWS):
+                    rows = min(last - start, GEMM_ROWS)
+                    _gemm_rows(isa, w, start, rows, q, tiled, sums, slot_lanes)
+                    for t in range(tiled):  # token-major: each token's outputs are adjacent
+                        for i in range(rows):
+                            _emit(t, start + i, sums[i, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            half = (last - first + 1) // 2
+            for r0 in range(first, first + half):
+                r1 = r0 + half if r0 + half < last else r0
+                for t in range(tiled, n):
+                    s0, s1 = _row_pair(isa, w, r0, r1, q, t, slot_lanes)
+                    _emit(t, r0, s0, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+                    _emit(t, r1, s1, q_sum, act_scale, scale, scale_step, acc, out, as_float)
 
 
 @njit(**_KERNEL)
-def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
+def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide, amx_codes,
+            amx_sums, amx_tiles):
     """One entry for both operations, so each path compiles once.
 
     ``as_float``: quantize ``x`` into ``q``, ``act_scale``, ``q_sum`` and write the float32
     result into ``out``. Otherwise ``q`` (padded) and ``q_sum`` are given and the exact
-    int32 accumulators go to ``acc``. Unused arrays may be empty.
+    int32 accumulators go to ``acc``. Unused arrays may be empty. The scratch arrays, from
+    ``gemm_sums`` on, are those of ``scratch_shapes`` and the empty ``_NO_*`` constants for
+    the ones the path does not take (``wide``: the portable path's int16 copy of ``q``);
+    nothing else is allocated.
     """
     if as_float:
         if x.shape[0] == 1:  # a parallel region for one row would cost more than the row
             quantize_row(x, 0, q, act_scale, q_sum)
         else:
             quantize_padded(x, q, act_scale, q_sum)
-    tiles = _tile_activations(isa, q)
-    ternary_matmul(isa, w, _activations_for(isa, q), tiles, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+    if amx_tiles.shape[0]:
+        _fill_tiles(isa, q, amx_tiles)
+    ternary_matmul(isa, w, _activations_for(isa, q, wide), q_sum, act_scale, scale, scale_step, acc, out, as_float,
+                   gemm_sums, lanes, amx_codes, amx_sums, amx_tiles)
 
 
-# Entry points, one per path with the same arguments as ``_matmul`` minus the ISA marker,
-# which is a compile-time constant here: as an argument it would cost ~3 us of type
-# dispatch per call.
-
-
-@njit(**_KERNEL)
-def matmul_amx(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
-    _matmul(AMX, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
+# Entry points, one per path with the arguments of ``_matmul`` minus the ISA marker, which is
+# a compile-time constant here (as an argument it would cost ~3 us of type dispatch per call),
+# and minus the scratch the path does not use (``scratch_shapes``).
 
 
 @njit(**_KERNEL)
-def matmul_avx512vnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
-    _matmul(AVX512VNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
+def matmul_amx(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
+               gemm_sums, amx_codes, amx_sums, amx_tiles):
+    _matmul(AMX, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
+            gemm_sums, _NO_LANES, _NO_WIDE, amx_codes, amx_sums, amx_tiles)
 
 
 @njit(**_KERNEL)
-def matmul_avxvnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
-    _matmul(AVXVNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
+def matmul_avx512vnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums):
+    _matmul(AVX512VNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
+            gemm_sums, _NO_LANES, _NO_WIDE, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
 
 
 @njit(**_KERNEL)
-def matmul_avx2(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
-    _matmul(AVX2, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
+def matmul_avxvnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums):
+    _matmul(AVXVNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
+            gemm_sums, _NO_LANES, _NO_WIDE, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
 
 
 @njit(**_KERNEL)
-def matmul_portable(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float):
-    _matmul(PORTABLE, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float)
+def matmul_avx2(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums):
+    _matmul(AVX2, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
+            gemm_sums, _NO_LANES, _NO_WIDE, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
+
+
+@njit(**_KERNEL)
+def matmul_portable(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide):
+    _matmul(PORTABLE, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
+            gemm_sums, lanes, wide, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
 
 
 ENTRY_POINTS = {
