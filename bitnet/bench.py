@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from . import ops
+from . import errors, ops
 from .formats import PackedTernary
 from .kernels import cpu_features
 
@@ -116,3 +117,53 @@ def format_table(rows: list[Row]) -> str:
 def default_paths() -> list[str]:
     """The selected kernel path, plus the portable one for comparison."""
     return list(dict.fromkeys([ops.KERNEL_PATH, cpu_features.PORTABLE]))
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; DependencyError when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise errors.DependencyError("plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # write files only: no display is needed, or opened
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Raise before any timing if :func:`plot` could not write ``path``: matplotlib missing
+    (DependencyError), an image type it cannot write or a folder that does not exist (InvalidValueError)."""
+    path = Path(path)
+    supported = _pyplot().figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in supported:
+        raise errors.InvalidValueError(f"cannot plot to {path}: its type {path.suffix or '(none)'!r} is not one of "
+                                       f"{', '.join('.' + kind for kind in sorted(supported))}")
+    if not path.parent.is_dir():
+        raise errors.InvalidValueError(f"cannot plot to {path}: folder {path.parent} does not exist")
+
+
+def plot(rows: list[Row], path: str | Path, title: str = "") -> None:
+    """Bar chart of ``rows``: billions of weight x token products per second (median runs) for each
+    shape, one bar per kernel path and one for numpy float32 where it was timed, on a log scale."""
+    plt = _pyplot()
+    shapes = list(dict.fromkeys((r.m, r.k, r.n) for r in rows))
+    paths = list(dict.fromkeys(r.path for r in rows))
+    series = {path: {(r.m, r.k, r.n): r.gweights_per_s for r in rows if r.path == path} for path in paths}
+    series["numpy float32"] = {(r.m, r.k, r.n): r.m * r.k * r.n / r.numpy_seconds / 1e9
+                               for r in rows if r.numpy_seconds is not None}
+    height = 0.8 / len(series)
+    figure, axes = plt.subplots(figsize=(8, 1 + 0.5 * len(shapes) * len(series) ** 0.5))
+    for i, (label, values) in enumerate(series.items()):
+        positions = [s + i * height for s, shape in enumerate(shapes) if shape in values]
+        axes.barh(positions, [values[shape] for shape in shapes if shape in values], height, label=label)
+    axes.set_yticks([s + 0.4 - height / 2 for s in range(len(shapes))],
+                    [f"{m} x {k}, n = {n}" for m, k, n in shapes])
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.set_xlabel("G weights/s (median run; higher is faster)")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

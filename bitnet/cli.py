@@ -1,19 +1,22 @@
-"""``python -m bitnet``: command-line entry points.
+"""Command line of bitnet: python -m bitnet COMMAND (demo, generate, convert, info, bench, bench-model, train).
 
 Each subcommand is one function ``cmd_<name>(args)``; ``main`` only parses and dispatches.
 A user mistake (a bad flag value, a missing model, a setting the model refuses) ends in one
 ``error: ...`` line on stderr and exit code 2, never a traceback: flags are checked by their
 argparse types, everything else raises a :class:`bitnet.BitNetError` that ``main`` reports.
+Timings exclude JIT compilation (the kernels run once before the clock starts) and come with
+the machine's load average when other processes share its CPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NoReturn
 
 import numpy as np
@@ -67,31 +70,216 @@ def cmd_generate(args: argparse.Namespace) -> int:
     source = args.model_dir or "the bundled model"
     if tokenizer is None:
         raise bn.CheckpointNotFoundError(f"{source} has no tokenizer.json to encode the prompt with")
+    if args.chat:
+        return _chat(args, model, tokenizer, source)
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
         raise bn.InvalidValueError(f"the prompt {args.prompt!r} encodes to no tokens with {source}'s tokenizer")
     kept, first_tokens, tail = _healed(tokenizer, prompt)
     budget = args.max_new_tokens + (len(prompt) - len(kept))  # the healed token is not a new one
-    stamps = [time.perf_counter()]
     tokens = model.stream(kept, budget, *_sampling(args), args.seed, first_tokens=first_tokens)
+    warm_up = _warm_up(model, len(kept))
+    stamps = [time.perf_counter()]
     # The first token comes after every setting and the prompt's ids were checked: print nothing before.
     first = next(tokens)
+    stamps.append(time.perf_counter())
     print(args.prompt, end="", flush=True)
+    for piece in _decoded(tokenizer, _timed(itertools.chain([first], tokens), stamps, skip=1), tail):
+        print(piece, end="", flush=True)
+    prefill = stamps[1] - stamps[0]
+    steps = np.diff(stamps[1:])
+    decode = f"decode: {len(steps)} tokens"
+    if len(steps):
+        decode += (f", {len(steps) / steps.sum():.1f} tok/s (per token: min {1e3 * steps.min():.1f} / median "
+                   f"{1e3 * np.median(steps):.1f} ms)")
+    print(f"\n\nprompt: {len(prompt)} tokens, {len(prompt) / prefill:.1f} tok/s | {decode} | {_head_label(model)} | "
+          f"kernel warm-up {warm_up:.2f} s, not counted")
+    _print_load_note()
+    return 0
+
+
+def _timed(tokens: Iterable[int], stamps: list[float], skip: int = 0) -> Iterator[int]:
+    """``tokens``, appending the time each one arrived to ``stamps`` (after the first ``skip``, stamped already)."""
+    for i, token in enumerate(tokens):
+        if i >= skip:
+            stamps.append(time.perf_counter())
+        yield token
+
+
+def _decoded(tokenizer, tokens: Iterable[int], shown: str = "") -> Iterator[str]:
+    """The text of ``tokens`` piece by piece, as it grows, less the ``shown`` start already printed.
+
+    A piece waits for the rest of a multi-byte character (decoded meanwhile as U+FFFD).
+    """
     generated: list[int] = []
-    shown = tail
-    for token in itertools.chain([first], tokens):
-        stamps.append(time.perf_counter())
+    for token in tokens:
         generated.append(token)
         text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd") and len(text) > len(shown):  # wait for a multi-byte character's rest
-            print(text[len(shown):], end="", flush=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown):]
             shown = text
-    prefill = stamps[1] - stamps[0] if len(stamps) > 1 else float("nan")
-    decode_steps = len(generated) - 1
-    decode = stamps[-1] - stamps[1] if decode_steps > 0 else float("nan")
-    print(f"\n\nprompt: {len(prompt)} tokens, {len(prompt) / prefill:.1f} tok/s | "
-          f"decode: {decode_steps} tokens, {decode_steps / decode:.1f} tok/s | {_head_label(model)}")
-    return 0
+
+
+WARM_UP_LENGTHS = (1, 8, 32)  # one token (decode), the 8-token tiles, AMX's 32-token batches
+
+
+def _warm_up(model, prompt_length: int) -> float:
+    """Run every kernel the timed generation will call once, on dummy tokens; returns the seconds spent.
+
+    Numba compiles (or loads from its cache) a kernel on its first call, so the first forward
+    pass is slower by the compile time. A prefill of each batch size class the prompt reaches
+    (decode GEMV, 8-token tiles, 32-token AMX batches) and one cached decode step run them all.
+    """
+    start = time.perf_counter()
+    for length in sorted({min(n, prompt_length) for n in WARM_UP_LENGTHS}):
+        cache = model.new_cache(length + 1)
+        model.forward(np.zeros(length, np.int64), cache, last_only=True)
+        model.forward(np.zeros(1, np.int64), cache)
+    return time.perf_counter() - start
+
+
+def _load_note() -> str | None:
+    """A warning when other processes keep the CPUs busy (load average above half the CPU count), else None."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= 0.5 * cpus:
+        return None
+    return (f"note: load average {load:.1f} on {cpus} CPUs: other processes share them, so these timings are slower "
+            f"and more spread out than on an idle machine")
+
+
+def _print_load_note() -> None:
+    note = _load_note()
+    if note:
+        print(note)
+
+
+USER, ASSISTANT = "user", "assistant"
+PLAIN_ROLES = {USER: "User", ASSISTANT: "Assistant"}  # the transcript when the model has no chat template
+
+
+def _chat(args: argparse.Namespace, model, tokenizer, source: str) -> int:
+    """An interactive conversation: each line read is a user turn, each reply streamed.
+
+    The whole conversation is encoded again for every reply (the model's chat template, or a
+    plain "User: ... / Assistant: ..." transcript), dropping its oldest turns when it does not
+    fit the model's context with room for the reply. Ctrl-C stops a reply; at the prompt, a
+    second Ctrl-C in a row, or end of input (Ctrl-D), ends the program.
+    """
+    try:
+        import readline  # noqa: F401  (gives input() line editing and history)
+    except ImportError:  # not on every platform; input() still works without it
+        pass
+    context = model.config.max_position_embeddings
+    if args.max_new_tokens >= context:
+        raise bn.InvalidValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the conversation in "
+                                   f"the model's context of {context} tokens")
+    render, stop = _transcript_format(args.model_dir, tokenizer, model.config)
+    sampling = _sampling(args)
+    _warm_up(model, context - args.max_new_tokens)
+    kind = "its chat template" if stop is None else "a plain User:/Assistant: transcript (it has no chat template)"
+    print(f"chatting with {source} through {kind}; Ctrl-C stops a reply, Ctrl-D (or Ctrl-C twice) quits",
+          file=sys.stderr)
+    messages: list[dict[str, str]] = []
+    interrupted = False
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            if interrupted:
+                print()
+                return 0
+            interrupted = True
+            print("\n(Ctrl-C again or Ctrl-D to quit)", file=sys.stderr)
+            continue
+        interrupted = False
+        if not line.strip():
+            continue
+        messages.append({"role": USER, "content": line})
+        ids = _fitted(messages, render, tokenizer, context - args.max_new_tokens)
+        reply = _stream_reply(tokenizer, model.stream(ids, args.max_new_tokens, *sampling, args.seed), stop)
+        messages.append({"role": ASSISTANT, "content": reply.strip()})
+
+
+def _stream_reply(tokenizer, tokens: Iterable[int], stop: str | None) -> str:
+    """Print the reply as it comes and return it, cut before ``stop`` (the next turn's start).
+
+    Ctrl-C ends it early: the part already printed is the reply the conversation keeps.
+    """
+    hold = len(stop) - 1 if stop else 0  # text that may turn out to begin the stop string waits
+    reply, printed = "", 0
+    try:
+        for piece in _decoded(tokenizer, tokens):
+            reply = (reply + piece).lstrip()  # the transcript's space after "Assistant:" is not the reply's
+            cut = reply.find(stop) if stop else -1
+            if cut >= 0:
+                reply = reply[:cut]
+                break
+            if len(reply) - hold > printed:
+                print(reply[printed:len(reply) - hold], end="", flush=True)
+                printed = len(reply) - hold
+    except KeyboardInterrupt:
+        print(" [stopped]", flush=True)
+        return reply[:printed]
+    print(reply[printed:], flush=True)
+    return reply
+
+
+def _transcript_format(model_dir, tokenizer, config) -> tuple[Callable[[list[dict]], list[int]], str | None]:
+    """``(render, stop)``: token ids of a conversation ending with the assistant's turn to speak, and the text
+    that begins the next user turn (None with a chat template, whose replies end with an end-of-turn token)."""
+    template = bn.io.read_chat_template(model_dir)
+    if template is not None:
+        try:
+            import jinja2.sandbox
+        except ImportError:
+            print("note: the model's chat template needs jinja2 (pip install jinja2); using a plain transcript",
+                  file=sys.stderr)
+        else:
+            compiled = _compiled_template(jinja2.sandbox, template)
+            specials = {name: tokenizer.id_to_token(i) if i is not None else "" for name, i in
+                        (("bos_token", config.bos_token_id), ("eos_token", (config.stop_token_ids or [None])[0]))}
+
+            def render(messages: list[dict]) -> list[int]:
+                try:
+                    text = compiled.render(messages=messages, add_generation_prompt=True, **specials)
+                except Exception as exc:  # jinja2's errors, or the template's raise_exception
+                    raise bn.CheckpointError(f"the model's chat template fails: {exc}") from None
+                return tokenizer.encode(text, add_special_tokens=False).ids  # the template has them
+
+            return render, None
+
+    def plain(messages: list[dict]) -> list[int]:
+        turns = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
+        return tokenizer.encode("\n".join([*turns, f"{PLAIN_ROLES[ASSISTANT]}:"])).ids
+
+    return plain, f"\n{PLAIN_ROLES[USER]}:"
+
+
+def _compiled_template(sandbox, template: str):
+    """A chat template compiled as transformers compiles it (sandboxed, trimmed blocks, raise_exception)."""
+
+    def raise_exception(message: str) -> NoReturn:
+        raise bn.CheckpointError(f"the model's chat template refuses the conversation: {message}")
+
+    environment = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    try:
+        return environment.from_string(template)
+    except Exception as exc:  # jinja2.TemplateSyntaxError
+        raise bn.CheckpointError(f"the model's chat template is not valid Jinja: {exc}") from None
+
+
+def _fitted(messages: list[dict], render, tokenizer, budget: int) -> list[int]:
+    """The conversation's token ids within ``budget``: the oldest turns dropped, then the oldest tokens."""
+    first = 0
+    ids = render(messages)
+    while len(ids) > budget and first + 2 < len(messages):
+        first += 2  # a user turn and its reply, so that the conversation still opens with a user turn
+        ids = render(messages[first:])
+    return ids[-budget:]
 
 
 def _sampling(args: argparse.Namespace) -> tuple[float, int | None, float | None]:
@@ -125,13 +313,18 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
     """Random-weight model of the BitNet b1.58 2B4T shapes: prefill/decode tokens/s and peak RSS."""
     from .models.bench import bench_model
 
+    def stage(name: str) -> None:
+        print(f"bench-model: {name}...", file=sys.stderr, flush=True)
+
     bn.set_num_threads(args.threads)
     config = bn.BitNetConfig(num_hidden_layers=args.layers)
     # Compile every kernel on a tiny model first: the compiler's memory is then not counted on
     # top of the big model's in the peak RSS.
+    stage("compiling the kernels on a tiny model")
     bench_model(bn.models.random_model(bn.BitNetConfig(
         vocab_size=256, hidden_size=320, intermediate_size=512, num_hidden_layers=1, num_attention_heads=20,
         num_key_value_heads=5), head_dtype=args.head), prompt_tokens=8, decode_tokens=2)
+    stage(f"building the {args.layers}-layer model with random weights")
     start = time.perf_counter()
     model = bn.models.random_model(config, seed=args.seed, head_dtype=args.head)
     built = time.perf_counter() - start
@@ -142,28 +335,132 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
           f"{config.vocab_size}; ternary weights {ternary / 2**20:.0f} MiB, {_head_label(model)} "
           f"{model.lm_head.nbytes / 2**20:.0f} MiB; built in {built:.1f} s; {args.threads} threads")
     # On a shared machine other processes steal cycles: report the best of --repeats runs.
-    runs = [bench_model(model, args.prompt_tokens, args.decode_tokens, args.seed) for _ in range(args.repeats)]
+    runs = []
+    for run in range(args.repeats):
+        if args.repeats > 1:
+            stage(f"run {run + 1} of {args.repeats}")
+        runs.append(bench_model(model, args.prompt_tokens, args.decode_tokens, args.seed, progress=stage))
     r = max(runs, key=lambda run: run.decode_tokens_per_second)
     if args.repeats > 1:
         print("decode tok/s per run: " + ", ".join(f"{run.decode_tokens_per_second:.2f}" for run in runs))
     print(f"prefill: {r.prompt_tokens} tokens, {r.prefill_tokens_per_second:.1f} tok/s")
     print(f"decode:  {r.decode_tokens} tokens, {r.decode_tokens_per_second:.2f} tok/s "
-          f"({1e3 * r.decode_seconds_per_token:.1f} ms/token median; matmul kernels "
+          f"(per token: min {1e3 * r.decode_best_seconds_per_token:.1f} / median "
+          f"{1e3 * r.decode_seconds_per_token:.1f} ms; matmul kernels "
           f"{1e3 * r.kernel_seconds_per_step:.1f} ms, outside them {100 * r.overhead_share:.1f}%; "
           f"Python overhead {1e3 * r.python_seconds_per_step:.2f} ms = {100 * r.python_share:.1f}%)")
-    print(f"peak RSS: {r.peak_rss_bytes / 2**30:.2f} GiB")
+    print(f"peak RSS: {r.peak_rss_bytes / 2**30:.2f} GiB; kernels compiled and warmed up before timing")
+    _print_load_note()
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time bn.matmul (activation quantization included) against numpy float32 on the same shapes."""
+    if args.plot:
+        bench.check_plot_path(args.plot)  # before minutes of timing, not after
     shapes = bench.SHAPES if args.quick else (*bench.SHAPES, bench.STREAM_SHAPE)
     paths = args.paths or bench.default_paths()
-    print(f"matmul: i2 weights, float32 activations; {args.threads or bn.get_num_threads()} threads; "
-          f"default path {bn.ops.KERNEL_PATH}; us: median wall time, best: fastest run; "
-          f"numpy float32 x @ w.T timed in the same run")
-    print(bench.format_table(bench.run(shapes, paths, args.threads, min_time=args.min_time)))
+    threads = args.threads or bn.get_num_threads()
+    print(f"matmul: i2 weights, float32 activations; {threads} threads; "
+          f"default path {bn.ops.KERNEL_PATH}; us: median wall time, best: fastest run (after one untimed "
+          f"run that compiles the kernel); numpy float32 x @ w.T timed in the same run")
+    rows = bench.run(shapes, paths, args.threads, min_time=args.min_time)
+    print(bench.format_table(rows))
+    _print_load_note()
+    if args.plot:
+        bench.plot(rows, args.plot, f"bn.matmul, {threads} threads, {os.cpu_count()} CPUs")
+        print(f"plot: {args.plot}")
     return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a model between an HF directory (packed or float) and a GGUF file, its tokenizer included."""
+    bar = _ProgressBar(len(bn.io.convert.STAGES if args.format == "hf" else bn.io.convert.STAGES[:2]))
+    try:
+        result = bn.io.convert_checkpoint(args.source, args.destination, args.format, args.head, args.overwrite,
+                                          progress=bar)
+    finally:
+        bar.close()
+    tokenizer = "with its tokenizer" if result.tokenizer else "no tokenizer (the source has none)"
+    print(f"{result.destination}: {result.format}, {result.tensors} tensors, {_size(result.nbytes)}, {tokenizer}; "
+          f"{result.seconds:.1f} s")
+    return 0
+
+
+class _ProgressBar:
+    """A tqdm bar over ``total`` stages on stderr, called with each stage's name as it begins.
+
+    The bar appears at the first stage (so a refusal before any work is the only line on
+    stderr) and only on a terminal; without tqdm there is no bar.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None
+
+    def __call__(self, stage: str) -> None:
+        if self.bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is optional: no bar, the conversion is the same
+                return
+            self.bar = tqdm(total=self.total, unit="stage", file=sys.stderr, leave=False, disable=None)
+        else:
+            self.bar.update()
+        self.bar.set_description(stage)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Describe a model directory or .gguf file from its headers: architecture, tensors, scales, tokenizer, size."""
+    info = bn.io.describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(_info_text(info))
+    return 0
+
+
+def _info_text(info: dict) -> str:
+    a, p, t = info["architecture"], info["projections"], info["tokenizer"]
+    kind = "GGUF file" if info["kind"] == "gguf" else "HF model directory"
+    family = f"{a['hidden_act']} MLP, {'with' if a['sub_norms'] else 'no'} sub-norms, " \
+             f"{'tied' if a['tied_embeddings'] else 'untied'} head"
+    gguf_name = a["gguf_architecture"] or "none"
+    scales = "-" if p["scale_min"] is None else f"{p['scale_min']:.6g} .. {p['scale_max']:.6g}"
+    bits = "-" if p["bits_per_weight"] is None else f"{p['bits_per_weight']:.4g}"
+    lines = [
+        f"{info['path']}: {kind}, {_size(info['file_size'])}",
+        f"family: model_type {a['model_type']} ({a['hf_architecture']}), GGUF architecture {gguf_name}; {family}",
+        f"shape: {a['layers']} layers, hidden {a['hidden_size']}, intermediate {a['intermediate_size']}, heads "
+        f"{a['attention_heads']}/{a['kv_heads']} (head_dim {a['head_dim']}), vocab {a['vocab_size']}, context "
+        f"{a['context']}, rope {a['rope_type']} (theta {a['rope_theta']:g})",
+        f"parameters: {info['parameters']:,} ({p['weights']:,} in projections); "
+        f"{info['bits_per_parameter']:.3g} bits/parameter on disk",
+        f"projections: {_counts(p['formats'])}; {bits} bits/weight; scales {scales}",
+        "tensors: " + f"{info['tensors']['count']}: " + "; ".join(
+            f"{role} {_counts(formats)}" for role, formats in info["tensors"]["formats"].items()),
+    ]
+    if t["present"]:
+        template = "a chat template" if t["chat_template"] else "no chat template"
+        lines.append(f"tokenizer: {t['kind']}, {t['vocab_size']:,} tokens, {template}")
+    else:
+        lines.append("tokenizer: none")
+    return "\n".join(lines)
+
+
+def _counts(formats: dict[str, int]) -> str:
+    return ", ".join(f"{count} x {name}" for name, count in formats.items()) or "none"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -215,6 +512,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless the text says it already or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in help:
+            return help
+        return super()._get_help_string(action)
+
+
 def _at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -248,45 +556,88 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _version() -> str:
+    """The installed distribution's version (whatever the distribution is named), else the package's own."""
+    from importlib import metadata
+
+    for distribution in metadata.packages_distributions().get(__package__, []):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return bn.__version__
+
+
+def _doc(command: Callable) -> str:
+    """A command's docstring summary as plain help text (no reST markup)."""
+    return command.__doc__.split("\n")[0].replace("``", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m bitnet", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m bitnet", description=_doc(sys.modules[__name__]),
+                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help=cmd_demo.__doc__)
-    demo.add_argument("--out-features", type=_at_least(1), default=2560)
-    demo.add_argument("--in-features", type=_at_least(1), default=2560)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=cmd_demo)
-    generate = sub.add_parser("generate", help=cmd_generate.__doc__)
+
+    def command(name: str, run: Callable) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=_doc(run), description=_doc(run), formatter_class=_HelpFormatter)
+        parser.set_defaults(run=run)
+        return parser
+
+    demo = command("demo", cmd_demo)
+    demo.add_argument("--out-features", type=_at_least(1), default=2560, help="rows of the random layer")
+    demo.add_argument("--in-features", type=_at_least(1), default=2560, help="columns of the random layer")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random layer")
+    generate = command("generate", cmd_generate)
     generate.add_argument("model_dir", nargs="?", default=None,
                           help="HF model directory or .gguf file (default: the model bundled in the package)")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    text = generate.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="the text to continue")
+    text.add_argument("--chat", action="store_true",
+                      help="talk with the model: each line typed is a turn, the reply streams; Ctrl-C stops a reply, "
+                           "Ctrl-D (or Ctrl-C twice at the prompt) quits")
+    generate.add_argument("--max-new-tokens", type=_at_least(1), default=64, help="tokens to generate at most (per "
+                          "reply with --chat)")
     generate.add_argument("--temperature", type=float, default=None,
                           help="0 for greedy (default: the model's generation_config.json, else 0)")
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--seed", type=_at_least(0), default=None)
-    generate.add_argument("--head", choices=HEAD_CHOICES, default="auto", help="embedding/head storage")
-    generate.set_defaults(run=cmd_generate)
-    matmul_bench = sub.add_parser("bench", help=cmd_bench.__doc__)
+    generate.add_argument("--top-k", type=int, default=None,
+                          help="sample among the k likeliest tokens (default: generation_config.json, else all)")
+    generate.add_argument("--top-p", type=float, default=None,
+                          help="nucleus sampling threshold (default: generation_config.json, else 1)")
+    generate.add_argument("--seed", type=_at_least(0), default=None, help="sampling seed (default: random)")
+    generate.add_argument("--head", choices=HEAD_CHOICES, default="auto",
+                          help="embedding/head storage (auto: as in the checkpoint)")
+    convert = command("convert", cmd_convert)
+    convert.add_argument("source", help="HF model directory (packed, or float: quantized with absmean) or .gguf file")
+    convert.add_argument("destination", help="HF directory (--format hf) or .gguf file to write")
+    convert.add_argument("--format", required=True, choices=bn.io.convert.TARGET_FORMATS,
+                         help="hf: HF packed directory (2 bits/weight); tq2_0 (2.06), tq1_0 (1.69): llama.cpp GGUF; "
+                              "i2_s (2 + a float32 scale): bitnet.cpp GGUF")
+    convert.add_argument("--head", choices=bn.io.convert.HEADS, default="auto",
+                         help="embedding/head storage (auto: as in the source; int8 values are stored as float32)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    info = command("info", cmd_info)
+    info.add_argument("path", help="HF model directory or .gguf file")
+    info.add_argument("--json", action="store_true", help="print everything as JSON, per-tensor list included")
+    matmul_bench = command("bench", cmd_bench)
     matmul_bench.add_argument("--threads", type=_at_least(1), default=None, help="default: numba's setting")
     matmul_bench.add_argument("--paths", type=_kernel_paths,
                               help="kernel paths, comma-separated (default: the selected one and portable)")
     matmul_bench.add_argument("--quick", action="store_true", help="skip the 519 MB DRAM-streaming shape")
     matmul_bench.add_argument("--min-time", type=_positive_float, default=0.3, help="seconds spent timing each row")
-    matmul_bench.set_defaults(run=cmd_bench)
-    bench = sub.add_parser("bench-model", help=cmd_bench_model.__doc__)
-    bench.add_argument("--layers", type=_at_least(1), default=30)
-    bench.add_argument("--head", choices=HEAD_CHOICES[1:], default="bf16", help="embedding/head storage")
-    bench.add_argument("--prompt-tokens", type=_at_least(1), default=64)
-    bench.add_argument("--decode-tokens", type=_at_least(1), default=32)
-    bench.add_argument("--threads", type=_at_least(1), default=2)
-    bench.add_argument("--repeats", type=_at_least(1), default=1, help="report the best of this many runs")
-    bench.add_argument("--seed", type=_at_least(0), default=0)
-    bench.set_defaults(run=cmd_bench_model)
-    train = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    matmul_bench.add_argument("--plot", metavar="FILE.png",
+                              help="also draw the table as a bar chart into this image file (needs matplotlib)")
+    bench_model = command("bench-model", cmd_bench_model)
+    bench_model.add_argument("--layers", type=_at_least(1), default=30, help="decoder layers (2B4T has 30)")
+    bench_model.add_argument("--head", choices=HEAD_CHOICES[1:], default="int8",
+                             help="embedding/head storage; the README's figures are for the int8 head")
+    bench_model.add_argument("--prompt-tokens", type=_at_least(1), default=64, help="tokens of the timed prefill")
+    bench_model.add_argument("--decode-tokens", type=_at_least(1), default=32, help="timed decode steps")
+    bench_model.add_argument("--threads", type=_at_least(1), default=2, help="numba threads")
+    bench_model.add_argument("--repeats", type=_at_least(1), default=1, help="report the best of this many runs")
+    bench_model.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random weights and prompt")
+    train = command("train", cmd_train)
     _add_train_arguments(train)
-    train.set_defaults(run=cmd_train)
     return parser
 
 
@@ -300,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     except bn.BitNetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a chat reply: stop without a traceback (saves are atomic)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (Python flushes stdout once more at exit)
         return 0

@@ -55,6 +55,10 @@ class GGUFError(CheckpointError):
     """A GGUF file that cannot be read or written: corrupt, truncated, or holding a type or architecture we lack."""
 
 
+class DependencyError(BitNetError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+
 class OutputExistsError(BitNetError, FileExistsError):
     """A file or directory would be overwritten: choose another path, or say so (``overwrite``, ``resume``)."""
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 
 import bitnet as bn
+from bitnet import bench, cli
 from bitnet.cli import main
 from bitnet.models.random import random_model
 
@@ -29,7 +33,9 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
     (["demo", "--out-features", "0"], "--out-features: 0 is below 1"),
     (["generate", "--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens: -1 is below 1"),
     (["generate", "--prompt", "x", "--seed", "-2"], "--seed: -2 is below 0"),
-    (["generate"], "the following arguments are required: --prompt"),
+    (["generate"], "one of the arguments --prompt --chat is required"),
+    (["generate", "--prompt", "x", "--chat"], "not allowed with argument"),
+    (["convert", "a", "b"], "the following arguments are required: --format"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_flags_are_refused_in_one_line(capsys, args, message):
@@ -61,3 +67,108 @@ def test_the_module_entry_point_prints_no_traceback():
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     done = run_module("generate", "/nonexistent/model", "--prompt", "hi")
     assert done.returncode == 2 and done.stderr == "error: model directory /nonexistent/model does not exist\n"
+
+
+def test_version_is_the_installed_distribution_s():
+    done = run_module("--version")
+    assert done.returncode == 0 and done.stdout == f"python -m bitnet {metadata.version('bitnet')}\n"
+
+
+def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    choices = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {"": parser, **choices}
+
+
+@pytest.mark.parametrize("name", ["", "demo", "generate", "convert", "info", "bench", "bench-model"])
+def test_help_is_plain_text_showing_defaults(name):
+    parser = subcommand_parsers()[name]
+    text = parser.format_help()
+    assert "``" not in text and ":func:" not in text and ":class:" not in text
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert action.help and "default" in cli._HelpFormatter("x")._get_help_string(action), action
+
+
+def test_bench_model_defaults_to_the_int8_head_the_readme_quotes():
+    bench_model = subcommand_parsers()["bench-model"]
+    assert bench_model.parse_args([]).head == "int8"
+    assert "int8 head" in bench_model.format_help()
+
+
+def test_a_busy_machine_is_reported(monkeypatch):
+    cpus = 4
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.0, 0.0, 0.0))
+    assert cli._load_note() is None
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    assert cli._load_note().startswith("note: load average 2.5 on 4 CPUs")
+
+
+def test_generate_reports_timings_without_compilation():
+    done = run_module("generate", "--prompt", "def ", "--max-new-tokens", "4", "--seed", "0")
+    assert done.returncode == 0, done.stderr
+    summary = done.stdout.strip().splitlines()
+    stats = next(line for line in summary if line.startswith("prompt: "))
+    assert "per token: min " in stats and " / median " in stats and "kernel warm-up" in stats
+
+
+def greedy_reply(model, tokenizer, transcript: str, max_new_tokens: int) -> str:
+    """The reply of the plain transcript format, computed with the library: greedy tokens, cut at the next turn."""
+    ids = tokenizer.encode(transcript).ids
+    text = tokenizer.decode(model.generate(ids, max_new_tokens))
+    return text.split("\nUser:")[0].strip()
+
+
+def test_chat_reads_turns_until_end_of_input():
+    """Two lines, then EOF: two replies, each the model's greedy continuation of the transcript so far."""
+    lines = ["import os", "def main():"]
+    done = subprocess.run([sys.executable, "-m", "bitnet", "generate", "--chat", "--temperature", "0",
+                           "--max-new-tokens", "12"], input="\n".join(lines) + "\n", capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "plain User:/Assistant: transcript" in done.stderr
+    model, tokenizer = bn.load_pretrained(), bn.load_tokenizer()
+    first = greedy_reply(model, tokenizer, f"User: {lines[0]}\nAssistant:", 12)
+    second = greedy_reply(model, tokenizer, f"User: {lines[0]}\nAssistant: {first}\nUser: {lines[1]}\nAssistant:", 12)
+    assert done.stdout == f"> {first}\n> {second}\n> \n"
+
+
+def test_chat_uses_the_model_s_template_and_fits_the_context(tmp_path):
+    config = bn.BitNetConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=0)
+    tokenizer = bn.load_tokenizer()
+    template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    render, stop = cli._transcript_format(tmp_path, tokenizer, config)
+    assert stop is None
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": "go on"}]
+    expected = f"{tokenizer.id_to_token(1)}<user>hi<assistant>yes<user>go on<assistant>"
+    assert render(messages) == tokenizer.encode(expected, add_special_tokens=False).ids
+    # Too long for the budget: the oldest turn pair goes first, then the oldest tokens.
+    shorter = render(messages[2:])
+    assert cli._fitted(messages, render, tokenizer, len(shorter)) == shorter
+    assert cli._fitted(messages, render, tokenizer, 3) == shorter[-3:]
+
+
+def test_chat_refuses_a_reply_budget_the_context_cannot_hold(capsys):
+    assert main(["generate", "--chat", "--max-new-tokens", "256"]) == 2
+    assert "leaves no room for the conversation in the model's context of 256" in capsys.readouterr().err
+
+
+def test_bench_plot_draws_an_image(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [bench.Row(256, 256, 1, 1, path, 1e-5, 8e-6, 4e-5) for path in ("avx2", "portable")]
+    bench.plot(rows, tmp_path / "bench.png", "test")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_is_refused_before_timing(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    assert main(["bench", "--plot", str(tmp_path / "x.unknown")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot plot to {tmp_path / 'x.unknown'}: its type")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == "error: plotting needs matplotlib: pip install matplotlib\n"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ class BenchResult:
     decode_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    decode_best_seconds_per_token: float
     kernel_seconds_per_step: float
     python_seconds_per_step: float
     peak_rss_bytes: int
@@ -122,20 +124,30 @@ def python_seconds_per_step(config: BitNetConfig, steps: int = 20) -> float:
 
 
 def bench_model(
-    model: BitNetForCausalLM, prompt_tokens: int = 64, decode_tokens: int = 32, seed: int = 0
+    model: BitNetForCausalLM, prompt_tokens: int = 64, decode_tokens: int = 32, seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Prefill a random prompt of ``prompt_tokens`` ids, then time ``decode_tokens`` greedy steps.
 
     ``decode_seconds`` is the median step times ``decode_tokens``, so one descheduled step on
-    a shared machine does not drag the rate down.
+    a shared machine does not drag the rate down; ``decode_best_seconds_per_token`` is the
+    fastest step, the spread between them shows how busy the machine was. ``progress`` is
+    called with the name of each phase as it begins.
     """
+    stage = progress or (lambda name: None)
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, model.config.vocab_size, prompt_tokens)
-    _decode_step_seconds(model, 2, prompt[:8])  # warm-up: compile kernels, touch the weights
+    stage("warming up (kernel compilation, first touch of the weights)")
+    _decode_step_seconds(model, 2, prompt[:8])
+    stage(f"prefill of {prompt_tokens} tokens")
     start = time.perf_counter()
     model.forward(prompt, last_only=True)
     prefill = time.perf_counter() - start
-    step = float(np.median(_decode_step_seconds(model, decode_tokens, prompt)))
+    stage(f"{decode_tokens} decode steps")
+    steps = _decode_step_seconds(model, decode_tokens, prompt)
+    stage("matmul kernels alone")
     kernels = kernel_seconds_per_step(model)
+    stage("Python overhead (a model of tiny widths)")
     python = python_seconds_per_step(model.config)
-    return BenchResult(prompt_tokens, decode_tokens, prefill, step * decode_tokens, kernels, python, peak_rss_bytes())
+    return BenchResult(prompt_tokens, decode_tokens, prefill, float(np.median(steps)) * decode_tokens, min(steps),
+                       kernels, python, peak_rss_bytes())
