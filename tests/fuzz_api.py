@@ -1,0 +1,176 @@
+"""Random calls of the public API, run in a child process by ``test_fuzz_api.py``.
+
+``python tests/fuzz_api.py TARGET SEED CASES`` makes ``CASES`` calls of ``TARGET`` with
+arguments drawn from ``SEED``: random shapes (empty, one row, odd), dtypes (every numpy
+kind), values (NaN, Inf, huge, negative, zeros) and plain wrong Python values (None,
+strings, floats where ints belong). Each call must return or raise ``bn.BitNetError``.
+Before each call the case number goes to stdout, so a crash (a signal: the parent sees a
+negative exit code) names the case to replay; any other exception is printed with its
+case and the script exits with 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+
+import bitnet as bn
+from bitnet.models.random import random_model
+
+DTYPES = (np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+          np.uint32, np.bool_, np.complex64)
+JUNK = (None, "x", 1.5, -1, 0, 2**40, -(2**63), float("nan"), float("inf"), [], [1, 2], (3,), {}, b"\x00",
+        np.float32(2.5), np.int64(7), object())
+SIZES = (0, 1, 2, 3, 7, 64, 255, 256, 257)
+FORMAT_NAMES = sorted(bn.FORMATS)
+
+
+def size(rng) -> int:
+    return int(rng.choice(SIZES))
+
+
+def junk(rng) -> object:
+    return JUNK[int(rng.integers(len(JUNK)))]
+
+
+def array(rng, shape: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
+    """A random array: often odd (empty, 0-d, wrong dtype, non-contiguous), with NaN/Inf/huge values mixed in."""
+    if shape is None:
+        shape = tuple(size(rng) for _ in range(int(rng.integers(0, 4))))
+    dtype = dtype if dtype is not None and rng.random() < 0.8 else DTYPES[int(rng.integers(len(DTYPES)))]
+    values = np.asarray(rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4))
+    special = rng.random(shape) < 0.05
+    values[special] = rng.choice([np.nan, np.inf, -np.inf, 1e30, 0.0], int(special.sum()))
+    with np.errstate(all="ignore"):
+        out = values.astype(dtype)
+    if out.ndim and rng.random() < 0.15:
+        out = np.repeat(out, 2, axis=-1)[..., ::2]  # same values, not contiguous
+    return out
+
+
+def maybe(rng, good: Callable[[], object], p_junk: float = 0.3) -> object:
+    """Usually ``good()``, sometimes a junk value."""
+    return junk(rng) if rng.random() < p_junk else good()
+
+
+def ternary(rng, m: int | None = None, k: int | None = None) -> bn.TernaryTensor:
+    m = m or max(1, size(rng))
+    k = k or max(1, size(rng))
+    return bn.quantize_weights(rng.standard_normal((m, k)).astype(np.float32))
+
+
+def packed(rng, m: int | None = None, k: int | None = None) -> bn.PackedTernary:
+    return bn.pack(ternary(rng, m, k), str(rng.choice(FORMAT_NAMES)))
+
+
+def fuzz_quantize(rng) -> None:
+    bn.quantize_weights(maybe(rng, lambda: array(rng, dtype=np.float32)),
+                        granularity=maybe(rng, lambda: str(rng.choice(["tensor", "channel", "group", "row"])), 0.1),
+                        group_size=maybe(rng, lambda: int(rng.choice([1, 3, 64, 256])), 0.5),
+                        method=maybe(rng, lambda: str(rng.choice(["absmean", "threshold", "uniform", "bogus"])), 0.1))
+    bn.quantize_activations(maybe(rng, lambda: array(rng, dtype=np.float32)))
+
+
+def fuzz_formats(rng) -> None:
+    t = maybe(rng, lambda: ternary(rng), 0.2)
+    p = bn.pack(t, maybe(rng, lambda: str(rng.choice([*FORMAT_NAMES, "bogus"])), 0.1))
+    bn.unpack(maybe(rng, lambda: p, 0.3))
+    bn.convert(maybe(rng, lambda: p, 0.2), maybe(rng, lambda: str(rng.choice(FORMAT_NAMES)), 0.2))
+    m, k = p.shape
+    bn.PackedTernary(maybe(rng, lambda: p.format, 0.1), maybe(rng, lambda: (m, k), 0.2),
+                     maybe(rng, lambda: array(rng, p.data.shape, np.uint8), 0.2),
+                     maybe(rng, lambda: array(rng, np.shape(p.scale), np.float32), 0.2))
+
+
+def fuzz_matmul(rng) -> None:
+    p = packed(rng)
+    m, k = p.shape
+    n = size(rng)
+    x = maybe(rng, lambda: array(rng, (n, k) if rng.random() < 0.8 else (k,), np.float32), 0.2)
+    out = array(rng, (n, m), np.float32) if rng.random() < 0.3 else None
+    path = maybe(rng, lambda: None, 0.2)
+    bn.matmul(x, maybe(rng, lambda: p, 0.1), out=out, path=path)
+    q = maybe(rng, lambda: array(rng, (n, k), np.int8), 0.2)
+    bn.matmul_int(q, maybe(rng, lambda: p, 0.1))
+
+
+def fuzz_layers(rng) -> None:
+    vocab, hidden = max(1, size(rng)), max(1, size(rng))
+    table = maybe(rng, lambda: array(rng, (vocab, hidden), np.float32), 0.2)
+    embedding = bn.nn.Embedding(table, maybe(rng, lambda: str(rng.choice(["f32", "f16", "bf16", "int8"])), 0.2))
+    embedding.rows(maybe(rng, lambda: rng.integers(-3, vocab + 3, size(rng)), 0.3))
+    embedding.logits(maybe(rng, lambda: array(rng, (size(rng), hidden), np.float32), 0.2))
+    norm = bn.nn.RMSNorm(maybe(rng, lambda: array(rng, (max(1, size(rng)),), np.float32), 0.2))
+    norm(maybe(rng, lambda: array(rng, (size(rng), max(1, size(rng))), np.float32), 0.2))
+    p = packed(rng)
+    linear = bn.nn.BitLinear(maybe(rng, lambda: p, 0.1), maybe(rng, lambda: None, 0.5))
+    linear(maybe(rng, lambda: array(rng, (size(rng), p.shape[1]), np.float32), 0.3))
+
+
+CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+               "tie_word_embeddings", "bos_token_id", "eos_token_id", "hidden_act", "rope_scaling")
+SMALL = dict(model_type="bitnet", vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0,
+             eos_token_id=1)
+
+
+def fuzz_config(rng) -> None:
+    raw = dict(SMALL)
+    for key in rng.choice(CONFIG_KEYS, int(rng.integers(0, 4)), replace=False):
+        raw[str(key)] = junk(rng)
+    bn.BitNetConfig.from_dict(raw)
+
+
+def fuzz_model(rng, model=None) -> None:
+    model = model or FUZZ_MODEL
+    ids = maybe(rng, lambda: rng.integers(-2, 44, size(rng) or 1), 0.2)
+    kind = rng.integers(3)
+    if kind == 0:
+        model(ids)
+    elif kind == 1:
+        model.generate(ids, maybe(rng, lambda: int(rng.integers(0, 40)), 0.3),
+                       temperature=maybe(rng, lambda: float(rng.choice([0.0, 0.7, 2.0])), 0.3),
+                       top_k=maybe(rng, lambda: None, 0.3), top_p=maybe(rng, lambda: None, 0.3),
+                       seed=maybe(rng, lambda: int(rng.integers(100)), 0.3),
+                       stop=maybe(rng, lambda: None, 0.3))
+    else:
+        other = OTHER_MODEL if rng.random() < 0.5 else model
+        model(ids, cache=maybe(rng, lambda: other.new_cache(int(rng.integers(1, 8))), 0.2))
+
+
+def fuzz_arena(rng) -> None:
+    arena = bn.Arena()
+    with arena.frame():
+        arena.empty(maybe(rng, lambda: (size(rng), size(rng)), 0.4), maybe(rng, lambda: np.float32, 0.4))
+    arena.release(maybe(rng, lambda: arena.empty((2,), np.float32), 0.5))
+
+
+FUZZ_MODEL = OTHER_MODEL = None
+TARGETS = {"quantize": fuzz_quantize, "formats": fuzz_formats, "matmul": fuzz_matmul, "layers": fuzz_layers,
+           "config": fuzz_config, "model": fuzz_model, "arena": fuzz_arena}
+
+
+def main(target: str, seed: int, cases: int) -> int:
+    global FUZZ_MODEL, OTHER_MODEL
+    if target == "model":
+        FUZZ_MODEL = random_model(bn.BitNetConfig.from_dict(SMALL), seed=1)
+        OTHER_MODEL = random_model(bn.BitNetConfig.from_dict({**SMALL, "num_key_value_heads": 1}), seed=2)
+    for case in range(cases):
+        print(f"case {case}", flush=True)
+        rng = np.random.default_rng([seed, case])
+        try:
+            TARGETS[target](rng)
+        except bn.BitNetError:
+            pass
+        except Exception:
+            print(f"FAILED {target} seed {seed} case {case}: not a BitNetError\n{traceback.format_exc()}", flush=True)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
