@@ -647,3 +647,14 @@ def test_projections_of_other_types_are_refused_not_misread(model, tmp_path):
     write_foreign_gguf(tmp_path / "q8.gguf", model, projection)
     with pytest.raises(bn.GGUFError, match="must be TQ1_0, TQ2_0, I2_S"):
         bn.load_gguf(tmp_path / "q8.gguf")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_writing(tmp_path):
+    model = tiny_model()
+    model.config.bos_token_id = model.config.vocab_size  # e.g. Llama 3's default 128000 on a small vocabulary
+    with pytest.raises(bn.GGUFError, match="bos_token_id 48 is not a token id of the 48-token vocabulary"):
+        save_gguf(model, tmp_path / "m.gguf", "tq2_0")
+    model.config.bos_token_id, model.config.eos_token_id = None, [1, 99]
+    with pytest.raises(bn.GGUFError, match="eos_token_id 99"):
+        save_gguf(model, tmp_path / "m.gguf", "tq2_0")
+    assert list(tmp_path.iterdir()) == []

@@ -109,7 +109,7 @@ def _gguf():
         import gguf
     except ImportError:
         raise errors.GGUFError(
-            'reading and writing GGUF files needs the gguf package: pip install "bitnet[gguf]"'
+            'reading and writing GGUF files needs the gguf package: pip install "bitnet-numba[gguf]"'
         ) from None
     return gguf
 
@@ -712,6 +712,7 @@ def save_gguf(
     """
     if weight_format not in WEIGHT_FORMATS:
         raise errors.unknown_name("GGUF weight format", weight_format, WEIGHT_FORMATS, errors.GGUFError)
+    _check_token_ids(model.config)
     architecture = gguf_arch.architecture_for(model.config)
     with atomic.replacing(path) as (temporary,):
         writer = _writer_class()(str(temporary), architecture)
@@ -730,6 +731,17 @@ def save_gguf(
             writer.write_tensors_to_file()
         finally:
             writer.close()
+
+
+def _check_token_ids(config: BitNetConfig) -> None:
+    """Refuse BOS/EOS ids outside the vocabulary: every GGUF reader (ours included) refuses such a file."""
+    named = [("bos_token_id", config.bos_token_id)] + [("eos_token_id", token) for token in config.stop_token_ids]
+    for name, token in named:
+        if token is not None and not 0 <= token < config.vocab_size:
+            raise errors.GGUFError(
+                f"{name} {token} is not a token id of the {config.vocab_size}-token vocabulary, and GGUF readers "
+                f"refuse such a file: set config.{name} to an id below {config.vocab_size}, or None"
+            )
 
 
 def _write_metadata(writer, config: BitNetConfig, weight_format: str) -> None:
