@@ -375,7 +375,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert a model between an HF directory (packed or float) and a GGUF file, its tokenizer included."""
-    bar = _ProgressBar(len(bn.io.convert.STAGES if args.format == "hf" else bn.io.convert.STAGES[:2]))
+    bar = _ProgressBar()
     try:
         result = bn.io.convert_checkpoint(args.source, args.destination, args.format, args.head, args.overwrite,
                                           progress=bar)
@@ -388,30 +388,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 class _ProgressBar:
-    """A tqdm bar over ``total`` stages on stderr, called with each stage's name as it begins.
+    """A tqdm bar on stderr over each stage of a conversion (the weights read, then the write).
 
-    The bar appears at the first stage (so a refusal before any work is the only line on
-    stderr) and only on a terminal; without tqdm there is no bar.
+    Called as ``bar(stage, done, total)``. The bar appears with the first report (so a refusal
+    before any work is the only line on stderr) and only on a terminal; without tqdm there is
+    no bar.
     """
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    def __init__(self) -> None:
         self.bar = None
+        self.stage = None
 
-    def __call__(self, stage: str) -> None:
-        if self.bar is None:
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage != self.stage:
+            self.close()
             try:
                 from tqdm import tqdm
             except ImportError:  # tqdm is optional: no bar, the conversion is the same
                 return
-            self.bar = tqdm(total=self.total, unit="stage", file=sys.stderr, leave=False, disable=None)
-        else:
-            self.bar.update()
-        self.bar.set_description(stage)
+            self.stage = stage
+            unit = "weight" if stage == "read" else "step"
+            self.bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, leave=False, disable=None)
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _size(nbytes: int) -> str:

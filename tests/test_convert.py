@@ -47,9 +47,14 @@ def codes_and_scales(model) -> list[tuple[np.ndarray, np.ndarray]]:
 def test_an_hf_directory_converts_to_every_format(source, tmp_path, format):
     path, model = source
     destination = tmp_path / ("out" if format == "hf" else "out.gguf")
-    stages = []
-    result = bn.io.convert_checkpoint(path, destination, format, progress=stages.append)
-    assert stages == (["read", "write", "tokenizer"] if format == "hf" else ["read", "write"])
+    reports = []
+    result = bn.io.convert_checkpoint(path, destination, format, progress=lambda *report: reports.append(report))
+    weights = len(model.config.weight_shapes())
+    reads = [(done, total) for stage, done, total in reports if stage == "read"]
+    assert reads == [(done, weights) for done in range(1, weights + 1)]  # one report per weight read
+    later = [report for report in reports if report[0] != "read"]
+    assert later == [("write", 0, 1), ("write", 1, 1)] + (
+        [("tokenizer", 0, 1), ("tokenizer", 1, 1)] if format == "hf" else [])
     assert result.destination == destination and result.format == format and result.tokenizer
     assert result.nbytes == (sum(f.stat().st_size for f in destination.iterdir()) if format == "hf"
                              else destination.stat().st_size)

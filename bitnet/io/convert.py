@@ -52,7 +52,7 @@ def convert_checkpoint(
     format: str,
     head: str = "auto",
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Conversion:
     """Convert the model at ``source`` into ``destination`` with projections in ``format``.
 
@@ -65,8 +65,9 @@ def convert_checkpoint(
         "bf16" or "int8" (rounded to int8 per row; neither format has an int8 table type, so
         the rounded values are stored as float32).
     overwrite : replace an existing ``destination``; without it, an existing one is refused.
-    progress : called with each stage's name (``STAGES``: "read", "write", "tokenizer") as
-        it begins.
+    progress : called as ``progress(stage, done, total)``: during "read" after each weight
+        (``total`` weights), and with ``(stage, 0, 1)`` / ``(stage, 1, 1)`` around "write" and
+        "tokenizer" (``STAGES``).
 
     Returns
     -------
@@ -85,17 +86,19 @@ def convert_checkpoint(
     head = errors.check_choice("head dtype", head, HEADS)
     source, destination = Path(source), Path(destination)
     _check_destination(destination, format, overwrite)
-    stage = progress or (lambda name: None)
-    stage("read")
-    model = hf.load_pretrained(source, head_dtype=head)
+    report = progress or (lambda stage, done, total: None)
+    model = hf.load_pretrained(source, head_dtype=head, progress=lambda done, total: report("read", done, total))
     vocabulary = tokenizer.load_tokenizer(source)
-    stage("write")
+    report("write", 0, 1)
     if format == "hf":
         hf.save_pretrained(model, destination)
-        stage("tokenizer")
+        report("write", 1, 1)
+        report("tokenizer", 0, 1)
         _write_hf_extras(source, destination, vocabulary)
+        report("tokenizer", 1, 1)
     else:
         gguf.save_gguf(model, destination, format, vocabulary)
+        report("write", 1, 1)
     written = info.describe(destination)
     return Conversion(destination, format, written["tensors"]["count"], vocabulary is not None,
                       written["file_size"], time.perf_counter() - start)

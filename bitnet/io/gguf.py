@@ -42,6 +42,7 @@ from ..nn.embedding import as_float32, bf16_bits_to_float
 from ..nn.rope import checked_freq_factors, llama3_freq_factors
 from ..quant import TernaryTensor, quantize_weights
 from . import atomic, gguf_arch, gguf_tokenizer
+from .progress import Progress, ReportingDict
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -545,10 +546,10 @@ def _read_norm(file: GGUFFile, name: str, size: int) -> np.ndarray:
     return _as_float32(file, _tensor(file, name, (size,)))
 
 
-def _read_weights(file: GGUFFile, config: BitNetConfig) -> dict[str, object]:
+def _read_weights(file: GGUFFile, config: BitNetConfig, progress: Progress | None = None) -> dict[str, object]:
     """HF-named weights (as :meth:`BitNetForCausalLM.from_weights` takes them) from the GGUF tensors."""
     c = config
-    weights: dict[str, object] = {}
+    weights = ReportingDict(len(c.weight_shapes()), progress)
     used = {ROPE_FREQS}
     shapes = c.linear_shapes()
     norm_sizes = c.norm_shapes()
@@ -580,7 +581,7 @@ def _read_weights(file: GGUFFile, config: BitNetConfig) -> dict[str, object]:
     return weights
 
 
-def load_gguf(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
+def load_gguf(path: str | Path, head_dtype: str = "auto", progress: Progress | None = None) -> BitNetForCausalLM:
     """Load a BitNet b1.58 GGUF file (llama.cpp ``bitnet`` or bitnet.cpp ``bitnet-b1.58``).
 
     Parameters
@@ -589,6 +590,7 @@ def load_gguf(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
         TQ1_0/TQ2_0 conversion.
     head_dtype : storage of the embedding / output head: "auto" (the file's precision;
         quantized tables are dequantized to float32), "f32", "f16", "bf16" or "int8".
+    progress : called as ``progress(done, total)`` after each weight is read.
 
     Returns
     -------
@@ -610,7 +612,7 @@ def load_gguf(path: str | Path, head_dtype: str = "auto") -> BitNetForCausalLM:
         raise errors.unknown_name("head_dtype", head_dtype, ("auto", *EMBEDDING_DTYPES))
     file = GGUFFile(path)
     config = read_config(file)
-    return BitNetForCausalLM.from_weights(config, _read_weights(file, config), head_dtype)
+    return BitNetForCausalLM.from_weights(config, _read_weights(file, config, progress), head_dtype)
 
 
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer | None:

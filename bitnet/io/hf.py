@@ -21,6 +21,7 @@ from ..nn import BitLinear, RMSNorm
 from ..nn.embedding import as_float32
 from ..quant import TernaryTensor
 from . import atomic
+from .progress import Progress, ReportingDict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -36,7 +37,7 @@ def _safetensors():
     except ImportError as exc:
         raise errors.CheckpointError(
             f"reading HF checkpoints needs the safetensors and ml_dtypes packages ({exc}); "
-            'install them with: pip install "bitnet[hf]"'
+            'install them with: pip install "bitnet-numba[hf]"'
         ) from None
     return safetensors
 
@@ -281,7 +282,9 @@ def pack_codes(codes: np.ndarray) -> PackedTernary:
     return pack(TernaryTensor(codes, np.float32(1.0).reshape(())), HF_PACK)
 
 
-def load_pretrained(path: str | Path | None = None, head_dtype: str = "auto") -> BitNetForCausalLM:
+def load_pretrained(
+    path: str | Path | None = None, head_dtype: str = "auto", progress: Progress | None = None
+) -> BitNetForCausalLM:
     """Load an HF ``BitNetForCausalLM`` checkpoint directory (or a ``.gguf`` file).
 
     Parameters
@@ -292,6 +295,8 @@ def load_pretrained(path: str | Path | None = None, head_dtype: str = "auto") ->
         (:func:`bitnet.models.bundled_path`).
     head_dtype : storage of the embedding / output head: "auto" (as in the checkpoint),
         "f32", "f16", "bf16" or "int8" (per-row absmax, half of bf16's memory traffic).
+    progress : called as ``progress(done, total)`` after each weight is read (e.g. to drive
+        a progress bar; ``total`` is the model's number of weights).
 
     Returns
     -------
@@ -308,13 +313,13 @@ def load_pretrained(path: str | Path | None = None, head_dtype: str = "auto") ->
     if path.suffix.lower() == ".gguf":
         from .gguf import load_gguf
 
-        return load_gguf(path, head_dtype)
+        return load_gguf(path, head_dtype, progress)
     if not path.is_dir():
         raise errors.CheckpointNotFoundError(f"model directory {path} does not exist")
     config = read_config(path)
     c = config
     reader = _TensorReader(path)
-    weights: dict[str, object] = {}
+    weights = ReportingDict(len(c.weight_shapes()), progress)
     for i in range(c.num_hidden_layers):
         for short, shape in c.linear_shapes().items():
             name = f"model.layers.{i}.{short}"

@@ -85,14 +85,7 @@ def check_weights(config: BitNetConfig, weights: dict[str, object]) -> None:
     ``config.norm_shapes()``; the embedding and untied head ``(vocab_size, hidden_size)``.
     """
     c = config
-    expected: dict[str, tuple[int, ...]] = {}
-    for i in range(c.num_hidden_layers):
-        expected.update({f"model.layers.{i}.{name}": shape for name, shape in c.linear_shapes().items()})
-        expected.update({f"model.layers.{i}.{name}.weight": (size,) for name, size in c.norm_shapes().items()})
-    expected["model.norm.weight"] = (c.hidden_size,)
-    expected["model.embed_tokens.weight"] = (c.vocab_size, c.hidden_size)
-    if not c.tie_word_embeddings:
-        expected["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    expected = c.weight_shapes()
     missing = [name for name in expected if name not in weights]
     extra = sorted(set(weights) - set(expected) - {"lm_head.weight"})  # a tied model ignores a stored head
     if missing or extra:

@@ -161,6 +161,18 @@ class BitNetConfig:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every weight of the model by HF name (projections without ``.weight``), in checkpoint order."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i in range(self.num_hidden_layers):
+            shapes.update({f"model.layers.{i}.{name}": shape for name, shape in self.linear_shapes().items()})
+            shapes.update({f"model.layers.{i}.{name}.weight": (size,) for name, size in self.norm_shapes().items()})
+        shapes["model.norm.weight"] = (self.hidden_size,)
+        shapes["model.embed_tokens.weight"] = (self.vocab_size, self.hidden_size)
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
+        return shapes
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``(out_features, in_features)`` of each projection of a decoder layer, by HF module name."""
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
