@@ -21,8 +21,8 @@ BACKENDS = {
 }
 
 INSTALL_HINTS = {
-    "metal": 'pip install "bitnet[metal]" on macOS with Apple silicon',
-    "cuda": "pip install numba-cuda, with an NVIDIA driver present",
+    "metal": 'pip install "bitnet-numba[metal]" on macOS with Apple silicon',
+    "cuda": 'pip install "bitnet-numba[cuda]" (numba-cuda), with an NVIDIA driver present',
 }
 
 

@@ -1,7 +1,7 @@
 """The Metal backend on a real Apple GPU through the real metalcompute.
 
 These run only where metalcompute imports (macOS on Apple silicon, ``pip install
-"bitnet[metal]"``) and are skipped elsewhere with the reason. As of this writing they have
+"bitnet-numba[metal]"``) and are skipped elsewhere with the reason. As of this writing they have
 never been run: the project's machines are Linux (see docs/backends.md, "Metal backend").
 """
 

@@ -62,7 +62,7 @@ def _tokenizers():
         import tokenizers
     except ImportError:
         raise errors.GGUFError(
-            'reading a GGUF tokenizer needs the tokenizers package: pip install "bitnet[hf]"'
+            'reading a GGUF tokenizer needs the tokenizers package: pip install "bitnet-numba[hf]"'
         ) from None
     return tokenizers
 

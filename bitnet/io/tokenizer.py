@@ -32,7 +32,7 @@ def load_tokenizer(path: str | Path | None = None):
         from tokenizers import Tokenizer
     except ImportError:
         raise errors.CheckpointError(
-            'reading tokenizer.json needs the tokenizers package: pip install "bitnet[hf]"'
+            'reading tokenizer.json needs the tokenizers package: pip install "bitnet-numba[hf]"'
         ) from None
     try:
         return Tokenizer.from_file(str(file))

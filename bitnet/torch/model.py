@@ -23,7 +23,9 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise errors.ConfigError('the torch BitNet model needs transformers: pip install "bitnet[train]"') from None
+        raise errors.ConfigError(
+            'the torch BitNet model needs transformers: pip install "bitnet-numba[train]"'
+        ) from None
     return transformers
 
 
