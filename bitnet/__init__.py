@@ -1,10 +1,14 @@
 """bitnet: BitNet b1.58 ternary networks in Python, with Numba kernels.
 
-``import bitnet as bn`` gives the whole user API.
+``import bitnet as bn`` gives the whole user API. Only the error classes load with the
+package: every other name imports its module on first use (``bn.matmul`` loads numba and the
+kernels, ``bn.load_pretrained`` the I/O, ``bn.cuda`` the CUDA backend), so ``import bitnet``
+stays quick and the CLI's ``--help`` or an ``except bn.BitNetError`` costs no compiler.
 """
 
-from . import cuda, io, metrics, models, nn  # cuda imports numba.cuda only when it runs
-from .backends import devices
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from .errors import (
     ArenaDoubleReleaseError,
     ArenaError,
@@ -21,14 +25,41 @@ from .errors import (
     InvalidValueError,
     ShapeError,
 )
-from .formats import FORMATS, PackedTernary, convert, pack, unpack
-from .io import load_gguf, load_gguf_tokenizer, load_pretrained, load_tokenizer, save_gguf, save_pretrained
-from .memory import Arena, default_arena
-from .models import BitNetConfig, BitNetForCausalLM
-from .ops import get_num_threads, matmul, matmul_int, set_num_threads
-from .quant import QuantizedTensor, TernaryTensor, quantize_activations, quantize_weights
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the lazy names spelled out for type checkers, IDEs and the API docs; never run
+    from . import cuda, io, metrics, models, nn
+    from .backends import devices
+    from .formats import FORMATS, PackedTernary, convert, pack, unpack
+    from .io import load_gguf, load_gguf_tokenizer, load_pretrained, load_tokenizer, save_gguf, save_pretrained
+    from .memory import Arena, default_arena
+    from .models import BitNetConfig, BitNetForCausalLM
+    from .ops import get_num_threads, matmul, matmul_int, set_num_threads
+    from .quant import QuantizedTensor, TernaryTensor, quantize_activations, quantize_weights
+
+# The module (relative to this package) each lazily loaded name comes from, as imported
+# under TYPE_CHECKING above (tests/test_import.py holds the two equal). None of these
+# names may also be a submodule of this package: importing that submodule would rebind the
+# package attribute to the module, shadowing the function.
+_HOMES = {
+    "devices": "backends",
+    "FORMATS": "formats", "PackedTernary": "formats", "convert": "formats", "pack": "formats", "unpack": "formats",
+    "load_gguf": "io", "load_gguf_tokenizer": "io", "load_pretrained": "io", "load_tokenizer": "io",
+    "save_gguf": "io", "save_pretrained": "io",
+    "Arena": "memory", "default_arena": "memory",
+    "BitNetConfig": "models", "BitNetForCausalLM": "models",
+    "get_num_threads": "ops", "matmul": "ops", "matmul_int": "ops", "set_num_threads": "ops",
+    "QuantizedTensor": "quant", "TernaryTensor": "quant", "quantize_activations": "quant", "quantize_weights": "quant",
+}
+
+# Subpackages and modules reachable as ``bn.<name>`` without importing them first, as they
+# were when this package imported them all eagerly (metal and torch too: both load nothing
+# heavy until used).
+_SUBMODULES = frozenset({
+    "backends", "cuda", "formats", "io", "kernels", "memory", "metal", "metrics", "models", "nn", "ops", "quant",
+    "torch",
+})
 
 __all__ = [
     "BitNetConfig",
@@ -75,3 +106,18 @@ __all__ = [
     "set_num_threads",
     "unpack",
 ]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        value = import_module(f".{name}", __name__)
+    elif name in _HOMES:
+        value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups are plain attribute reads, without this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

@@ -10,12 +10,24 @@ Modules: ``backend`` (availability, host and device entry points), ``weights`` (
 resident layout), ``graphs`` (StepGraph), ``kernels`` (the numba-cuda kernels),
 ``simulator`` (warp shuffles for numba's CUDA simulator, which CI uses).
 
-Importing this package does not import ``numba.cuda``; ``unavailable_reason()`` says why
-CUDA cannot be used here, if it cannot.
+Names load on first use, so importing this package loads neither numba nor ``numba.cuda``;
+``unavailable_reason()`` says why CUDA cannot be used here, if it cannot.
 """
 
-from .backend import DeviceTernary, linear, matmul, matmul_int, quantize_activations, unavailable_reason, upload
-from .graphs import StepGraph
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the lazy names spelled out for type checkers, IDEs and the API docs; never run
+    from .backend import DeviceTernary, linear, matmul, matmul_int, quantize_activations, unavailable_reason, upload
+    from .graphs import StepGraph
+
+# The submodule each name comes from, as imported above (tests/test_import.py holds the two
+# equal); none is also a submodule's name (it would be shadowed).
+_HOMES = {
+    "DeviceTernary": "backend", "linear": "backend", "matmul": "backend", "matmul_int": "backend",
+    "quantize_activations": "backend", "unavailable_reason": "backend", "upload": "backend",
+    "StepGraph": "graphs",
+}
 
 __all__ = [
     "DeviceTernary",
@@ -27,3 +39,15 @@ __all__ = [
     "unavailable_reason",
     "upload",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads, without this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,9 +1,38 @@
-"""Models built from ``bitnet.nn`` layers: the BitNet b1.58 causal LM, its config, sampling, and the bundled model."""
+"""Models built from ``bitnet.nn`` layers: the BitNet b1.58 causal LM, its config, sampling, and the bundled model.
 
-from .bitnet import BitNetForCausalLM, DecoderLayer
-from .bundled import bundled_path
-from .config import BitNetConfig
-from .random import random_model
-from .sampling import Sampler
+Names load on first use, so ``BitNetConfig`` and ``bundled_path`` need no Numba kernels.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the lazy names spelled out for type checkers, IDEs and the API docs; never run
+    from .bitnet import BitNetForCausalLM, DecoderLayer
+    from .bundled import bundled_path
+    from .config import BitNetConfig
+    from .random import random_model
+    from .sampling import Sampler
+
+# The submodule each name comes from, as imported above (tests/test_import.py holds the two
+# equal); none is also a submodule's name (it would be shadowed).
+_HOMES = {
+    "BitNetConfig": "config",
+    "BitNetForCausalLM": "bitnet", "DecoderLayer": "bitnet",
+    "Sampler": "sampling",
+    "bundled_path": "bundled",
+    "random_model": "random",
+}
 
 __all__ = ["BitNetConfig", "BitNetForCausalLM", "DecoderLayer", "Sampler", "bundled_path", "random_model"]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads, without this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -3,14 +3,45 @@
 Every layer is a plain object called on float32 activations of shape ``(tokens, features)``.
 Inside ``with bn.nn.step():`` the layers' temporaries come from the default arena and are
 released when the step ends; outside a step a layer returns arrays the caller owns.
+
+Names load on first use, so the shared argument checks (``bitnet.nn.checks``, which the
+config uses) come without the Numba kernels.
 """
 
-from .attention import Attention, KVCache
-from .embedding import Embedding
-from .linear import BitLinear
-from .mlp import MLP
-from .norm import RMSNorm
-from .rope import RotaryEmbedding
-from .scratch import step
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the lazy names spelled out for type checkers, IDEs and the API docs; never run
+    from .attention import Attention, KVCache
+    from .embedding import Embedding
+    from .linear import BitLinear
+    from .mlp import MLP
+    from .norm import RMSNorm
+    from .rope import RotaryEmbedding
+    from .scratch import step
+
+# The submodule each name comes from, as imported above (tests/test_import.py holds the two
+# equal); none is also a submodule's name (it would be shadowed).
+_HOMES = {
+    "Attention": "attention", "KVCache": "attention",
+    "Embedding": "embedding",
+    "BitLinear": "linear",
+    "MLP": "mlp",
+    "RMSNorm": "norm",
+    "RotaryEmbedding": "rope",
+    "step": "scratch",
+}
 
 __all__ = ["MLP", "Attention", "BitLinear", "Embedding", "KVCache", "RMSNorm", "RotaryEmbedding", "step"]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads, without this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

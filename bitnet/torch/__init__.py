@@ -26,3 +26,7 @@ def __getattr__(name: str):
     if name not in _HOMES:
         raise AttributeError(f"module 'bitnet.torch' has no attribute {name!r}")
     return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
