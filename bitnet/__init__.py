@@ -3,7 +3,7 @@
 ``import bitnet as bn`` gives the whole user API. Only the error classes load with the
 package: every other name imports its module on first use (``bn.matmul`` loads numba and the
 kernels, ``bn.load_pretrained`` the I/O, ``bn.cuda`` the CUDA backend), so ``import bitnet``
-stays quick and the CLI's ``--help`` or an ``except bn.BitNetError`` costs no compiler.
+stays quick and code that only names a class or catches ``bn.BitNetError`` never loads numba.
 """
 
 from importlib import import_module
