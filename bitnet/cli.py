@@ -473,8 +473,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .torch.config import TrainConfig
         from .torch.training import train
     except ImportError as exc:
-        print(f'error: training needs PyTorch and transformers ({exc}); pip install "bitnet[train]"', file=sys.stderr)
-        return 2
+        raise bn.errors.DependencyError(
+            f'training needs PyTorch and transformers ({exc}); pip install "bitnet-numba[train]"'
+        ) from None
     values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
     result = train(TrainConfig(**values), resume=args.resume, overwrite=args.overwrite,
                    progress=not args.no_progress, threads=args.threads)
