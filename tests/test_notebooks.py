@@ -68,7 +68,6 @@ def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
         pytest.skip(f"{path.name} needs {', '.join(missing)} (pip install -e \".[test]\")")
     for name, value in QUICK_ENV.items():
         monkeypatch.setenv(name, value)  # the kernel process inherits the environment
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' tempfile.mkdtemp() files go where pytest cleans up
     notebook = nbformat.read(path, as_version=4)
     # "python3": jupyter_client runs a python kernel with sys.executable, so the kernel is this venv's python
     client = nbclient.NotebookClient(
