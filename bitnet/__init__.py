@@ -6,9 +6,9 @@ kernels, ``bn.load_pretrained`` the I/O, ``bn.cuda`` the CUDA backend), so ``imp
 stays quick and code that only names a class or catches ``bn.BitNetError`` never loads numba.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from ._lazy import lazy_names
 from .errors import (
     ArenaDoubleReleaseError,
     ArenaError,
@@ -108,16 +108,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _SUBMODULES:
-        value = import_module(f".{name}", __name__)
-    elif name in _HOMES:
-        value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups are plain attribute reads, without this hook
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
+__getattr__, __dir__ = lazy_names(__name__, _HOMES, _SUBMODULES)

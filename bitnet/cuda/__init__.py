@@ -14,8 +14,9 @@ Names load on first use, so importing this package loads neither numba nor ``num
 ``unavailable_reason()`` says why CUDA cannot be used here, if it cannot.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 if TYPE_CHECKING:  # the lazy names spelled out for type checkers, IDEs and the API docs; never run
     from .backend import DeviceTernary, linear, matmul, matmul_int, quantize_activations, unavailable_reason, upload
@@ -41,13 +42,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
-    globals()[name] = value  # later lookups are plain attribute reads, without this hook
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -3,8 +3,9 @@
 Names load on first use, so ``BitNetConfig`` and ``bundled_path`` need no Numba kernels.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 if TYPE_CHECKING:  # the lazy names spelled out for type checkers, IDEs and the API docs; never run
     from .bitnet import BitNetForCausalLM, DecoderLayer
@@ -26,13 +27,4 @@ _HOMES = {
 __all__ = ["BitNetConfig", "BitNetForCausalLM", "DecoderLayer", "Sampler", "bundled_path", "random_model"]
 
 
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
-    globals()[name] = value  # later lookups are plain attribute reads, without this hook
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

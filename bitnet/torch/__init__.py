@@ -8,7 +8,8 @@
 Names load on first use, so ``bitnet.torch.config`` (the CLI's options) needs no torch.
 """
 
-from importlib import import_module
+
+from .._lazy import lazy_names
 
 _HOMES = {
     "BitLinear": "linear", "replace_linear": "linear", "set_quantization": "linear",
@@ -22,11 +23,4 @@ _HOMES = {
 __all__ = sorted(_HOMES)
 
 
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'bitnet.torch' has no attribute {name!r}")
-    return getattr(import_module(f".{_HOMES[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)
