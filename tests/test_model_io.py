@@ -384,3 +384,15 @@ def test_gguf_output_scales_are_checked_by_the_same_validation(tmp_path, factor)
     write_foreign_gguf(tmp_path / "bad.gguf", tiny_model(), projection, arch="bitnet-b1.58")
     with pytest.raises(bn.CheckpointError, match="has scale"):
         bn.load_gguf(tmp_path / "bad.gguf")
+
+
+def test_a_config_claiming_billions_of_layers_is_refused_without_allocating_for_them(saved, tmp_path):
+    _, path = saved
+    copy_checkpoint(path, tmp_path, config=lambda raw: {**raw, "num_hidden_layers": 2**31})
+    with pytest.raises(bn.CheckpointError, match="missing|disagree"):
+        bn.load_pretrained(tmp_path)  # found by the HF fuzzer: listing 2**31 layers' weight names took 24 GB
+    model = bn.load_pretrained(path)
+    config = bn.BitNetConfig(**{**vars(model.config), "num_hidden_layers": 2**31})
+    weights = {name: norm.weight for name, norm in model.named_norms()}
+    with pytest.raises(bn.CheckpointError, match="config describes"):
+        bn.BitNetForCausalLM.from_weights(config, weights)

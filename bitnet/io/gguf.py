@@ -549,7 +549,7 @@ def _read_norm(file: GGUFFile, name: str, size: int) -> np.ndarray:
 def _read_weights(file: GGUFFile, config: BitNetConfig, progress: Progress | None = None) -> dict[str, object]:
     """HF-named weights (as :meth:`BitNetForCausalLM.from_weights` takes them) from the GGUF tensors."""
     c = config
-    weights = ReportingDict(len(c.weight_shapes()), progress)
+    weights = ReportingDict(c.weight_count(), progress)
     used = {ROPE_FREQS}
     shapes = c.linear_shapes()
     norm_sizes = c.norm_shapes()

@@ -319,7 +319,7 @@ def load_pretrained(
     config = read_config(path)
     c = config
     reader = _TensorReader(path)
-    weights = ReportingDict(len(c.weight_shapes()), progress)
+    weights = ReportingDict(c.weight_count(), progress)
     for i in range(c.num_hidden_layers):
         for short, shape in c.linear_shapes().items():
             name = f"model.layers.{i}.{short}"

@@ -85,6 +85,11 @@ def check_weights(config: BitNetConfig, weights: dict[str, object]) -> None:
     ``config.norm_shapes()``; the embedding and untied head ``(vocab_size, hidden_size)``.
     """
     c = config
+    if c.weight_count() > len(weights):  # checked first: a config may claim 2**31 layers
+        raise errors.CheckpointError(
+            f"the {c.num_hidden_layers}-layer {c.default_architecture()} config describes {c.weight_count()} weights "
+            f"but {len(weights)} were given: the config and the weights disagree"
+        )
     expected = c.weight_shapes()
     missing = [name for name in expected if name not in weights]
     extra = sorted(set(weights) - set(expected) - {"lm_head.weight"})  # a tied model ignores a stored head

@@ -161,6 +161,11 @@ class BitNetConfig:
             return []
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
+    def weight_count(self) -> int:
+        """How many weights :meth:`weight_shapes` lists, counted without listing them."""
+        per_layer = len(self.linear_shapes()) + len(self.norm_shapes())
+        return self.num_hidden_layers * per_layer + 2 + (not self.tie_word_embeddings)
+
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every weight of the model by HF name (projections without ``.weight``), in checkpoint order."""
         shapes: dict[str, tuple[int, ...]] = {}
