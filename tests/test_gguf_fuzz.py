@@ -16,7 +16,7 @@ import signal
 import numba
 import numpy as np
 import pytest
-from test_gguf import tiny_model, train_tokenizer
+from test_gguf import _codes_with_scale_tensor, tiny_model, train_tokenizer, write_foreign_gguf
 
 import bitnet as bn
 from bitnet.io.gguf import WEIGHT_FORMATS, GGUFFile, save_gguf
@@ -141,3 +141,40 @@ def test_fuzz_corrupt_and_truncated_files(originals, single_thread, tmp_path):
 @pytest.mark.slow
 def test_fuzz_long(originals, single_thread, tmp_path):
     run_cases(originals, tmp_path, cases=17000, seed=SEED + 1)
+
+
+SCALES = (0.05, 1.0, 1e-38, 65504.0, 0.0, -0.5, np.nan, np.inf, -np.inf, 1e38)
+
+
+def test_fuzz_scale_tensors_and_layer_counts(tmp_path):
+    """Files as llama.cpp lays out 2B4T weights (codes + ``blk.N.*.scale``), with random scales and block counts.
+
+    The rule checked exactly: a file loads when its ``block_count`` matches its tensors and
+    every scale lies in (0, 65504]; otherwise it raises ``bn.BitNetError``.
+    """
+    model = tiny_model(layers=2, heads=2, kv_heads=1, intermediate=256)
+    rng = np.random.default_rng(SEED)
+    loaded = 0
+    for case in range(40):
+        scales = []
+
+        def projection(codes, scale, scales=scales):
+            scales.append(SCALES[int(rng.integers(len(SCALES)))] if rng.random() < 0.1 else scale)
+            return _codes_with_scale_tensor(codes, np.float32(scales[-1]))
+
+        layers = int(rng.choice([0, 1, 2, 2, 2, 3, 2**31]))
+        model.config.num_hidden_layers = layers  # what the metadata says; the tensors stay 2 layers
+        try:
+            write_foreign_gguf(tmp_path / "case.gguf", model, projection)
+        finally:
+            model.config.num_hidden_layers = 2
+        valid = layers == 2 and all(0 < s <= 65504 for s in scales)
+        try:
+            logits = bn.load_gguf(tmp_path / "case.gguf")(PROMPT)
+        except bn.BitNetError:
+            assert not valid, f"case {case}: a valid file was refused (layers {layers}, scales {scales})"
+            continue
+        assert valid, f"case {case}: loaded with layers {layers}, scales {sorted(set(scales))}"
+        assert np.isfinite(logits).all()
+        loaded += 1
+    assert 0 < loaded < 40
