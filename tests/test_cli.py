@@ -71,7 +71,7 @@ def test_the_module_entry_point_prints_no_traceback():
 
 def test_version_is_the_installed_distribution_s():
     done = run_module("--version")
-    assert done.returncode == 0 and done.stdout == f"python -m bitnet {metadata.version('bitnet')}\n"
+    assert done.returncode == 0 and done.stdout == f"python -m bitnet {metadata.version('bitnet-numba')}\n"
 
 
 def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
