@@ -85,20 +85,20 @@ def check_weights(config: BitNetConfig, weights: dict[str, object]) -> None:
     ``config.norm_shapes()``; the embedding and untied head ``(vocab_size, hidden_size)``.
     """
     c = config
-    if c.weight_count() > len(weights):  # checked first: a config may claim 2**31 layers
+    disagree = f"the {c.num_hidden_layers}-layer {c.default_architecture()} config and the weights disagree"
+    if c.weight_count() > len(weights):  # named without listing every weight: a config may claim 2**31 layers
+        name = next(name for name, _ in c.weight_shapes() if name not in weights)
         raise errors.CheckpointError(
-            f"the {c.num_hidden_layers}-layer {c.default_architecture()} config describes {c.weight_count()} weights "
-            f"but {len(weights)} were given: the config and the weights disagree"
+            f"tensor {name!r} (and at least {c.weight_count() - len(weights) - 1} more) is missing: {disagree}"
         )
-    expected = c.weight_shapes()
+    expected = dict(c.weight_shapes())
     missing = [name for name in expected if name not in weights]
     extra = sorted(set(weights) - set(expected) - {"lm_head.weight"})  # a tied model ignores a stored head
     if missing or extra:
         name = (missing or extra)[0]
         count = len(missing or extra) - 1
         raise errors.CheckpointError(
-            f"tensor {name!r} (and {count} more) is {'missing' if missing else 'not part of the model'}: the "
-            f"{c.num_hidden_layers}-layer {c.default_architecture()} config and the weights disagree"
+            f"tensor {name!r} (and {count} more) is {'missing' if missing else 'not part of the model'}: {disagree}"
         )
     for name, shape in expected.items():
         value = weights[name]

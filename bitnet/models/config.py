@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -162,21 +163,19 @@ class BitNetConfig:
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
     def weight_count(self) -> int:
-        """How many weights :meth:`weight_shapes` lists, counted without listing them."""
+        """How many weights :meth:`weight_shapes` yields, counted without listing them (a config may claim 2**31)."""
         per_layer = len(self.linear_shapes()) + len(self.norm_shapes())
         return self.num_hidden_layers * per_layer + 2 + (not self.tie_word_embeddings)
 
-    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of every weight of the model by HF name (projections without ``.weight``), in checkpoint order."""
-        shapes: dict[str, tuple[int, ...]] = {}
+    def weight_shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """``(HF name, shape)`` of every weight of the model (projections without ``.weight``), in checkpoint order."""
         for i in range(self.num_hidden_layers):
-            shapes.update({f"model.layers.{i}.{name}": shape for name, shape in self.linear_shapes().items()})
-            shapes.update({f"model.layers.{i}.{name}.weight": (size,) for name, size in self.norm_shapes().items()})
-        shapes["model.norm.weight"] = (self.hidden_size,)
-        shapes["model.embed_tokens.weight"] = (self.vocab_size, self.hidden_size)
+            yield from ((f"model.layers.{i}.{name}", shape) for name, shape in self.linear_shapes().items())
+            yield from ((f"model.layers.{i}.{name}.weight", (size,)) for name, size in self.norm_shapes().items())
+        yield "model.norm.weight", (self.hidden_size,)
+        yield "model.embed_tokens.weight", (self.vocab_size, self.hidden_size)
         if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (self.vocab_size, self.hidden_size)
-        return shapes
+            yield "lm_head.weight", (self.vocab_size, self.hidden_size)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``(out_features, in_features)`` of each projection of a decoder layer, by HF module name."""
