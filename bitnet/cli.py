@@ -310,45 +310,49 @@ def _healed(tokenizer, ids: list[int]) -> tuple[list[int], list[int] | None, str
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
-    """Random-weight model of the BitNet b1.58 2B4T shapes: prefill/decode tokens/s and peak RSS."""
-    from .models.bench import bench_model
+    """Random-weight model of the BitNet b1.58 2B4T shapes: prefill/decode tokens/s against the DRAM bound, peak RSS."""
+    from .models.bench import bench_model, check_lengths, decode_step_bytes
 
     def stage(name: str) -> None:
         print(f"bench-model: {name}...", file=sys.stderr, flush=True)
 
     bn.set_num_threads(args.threads)
     config = bn.BitNetConfig(num_hidden_layers=args.layers)
+    check_lengths(config, args.prompt_tokens, args.decode_tokens, args.context)  # before minutes of building
     # Compile every kernel on a tiny model first: the compiler's memory is then not counted on
     # top of the big model's in the peak RSS.
     stage("compiling the kernels on a tiny model")
     bench_model(bn.models.random_model(bn.BitNetConfig(
         vocab_size=256, hidden_size=320, intermediate_size=512, num_hidden_layers=1, num_attention_heads=20,
-        num_key_value_heads=5), head_dtype=args.head), prompt_tokens=8, decode_tokens=2)
+        num_key_value_heads=5), head_dtype=args.head), prompt_tokens=8, decode_tokens=2, context=4, repeats=1,
+        read_bytes=2**20)
     stage(f"building the {args.layers}-layer model with random weights")
     start = time.perf_counter()
     model = bn.models.random_model(config, seed=args.seed, head_dtype=args.head)
     built = time.perf_counter() - start
-    ternary = sum(linear.weight.nbytes for layer in model.layers for linear in
-                  (*layer.attention.projections, layer.attention.o_proj, *layer.mlp.projections, layer.mlp.down_proj))
     print(f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, intermediate "
           f"{config.intermediate_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}, vocab "
-          f"{config.vocab_size}; ternary weights {ternary / 2**20:.0f} MiB, {_head_label(model)} "
-          f"{model.lm_head.nbytes / 2**20:.0f} MiB; built in {built:.1f} s; {args.threads} threads")
-    # On a shared machine other processes steal cycles: report the best of --repeats runs.
-    runs = []
-    for run in range(args.repeats):
-        if args.repeats > 1:
-            stage(f"run {run + 1} of {args.repeats}")
-        runs.append(bench_model(model, args.prompt_tokens, args.decode_tokens, args.seed, progress=stage))
-    r = max(runs, key=lambda run: run.decode_tokens_per_second)
-    if args.repeats > 1:
-        print("decode tok/s per run: " + ", ".join(f"{run.decode_tokens_per_second:.2f}" for run in runs))
-    print(f"prefill: {r.prompt_tokens} tokens, {r.prefill_tokens_per_second:.1f} tok/s")
-    print(f"decode:  {r.decode_tokens} tokens, {r.decode_tokens_per_second:.2f} tok/s "
-          f"(per token: min {1e3 * r.decode_best_seconds_per_token:.1f} / median "
-          f"{1e3 * r.decode_seconds_per_token:.1f} ms; matmul kernels "
-          f"{1e3 * r.kernel_seconds_per_step:.1f} ms, outside them {100 * r.overhead_share:.1f}%; "
+          f"{config.vocab_size}; ternary weights {decode_step_bytes(model, 0).ternary / 2**20:.0f} MiB, "
+          f"{_head_label(model)} {model.lm_head.nbytes / 2**20:.0f} MiB; built in {built:.1f} s; "
+          f"{args.threads} threads")
+    r = bench_model(model, args.prompt_tokens, args.decode_tokens, args.seed, args.context, args.repeats,
+                    progress=stage)
+
+    def spread(s, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+        return f"{s.median * scale:.{digits}f}{unit} ({s.low * scale:.{digits}f}-{s.high * scale:.{digits}f}{unit})"
+
+    runs = f"median (min-max) of {args.repeats} run{'s' if args.repeats > 1 else ''}"
+    print(f"prefill: {r.prompt_tokens} tokens, {spread(r.prefill_tokens_per_second)} tok/s, {runs}")
+    print(f"decode:  {r.decode_tokens} tokens after {r.context} cached positions, "
+          f"{spread(r.decode_tokens_per_second, digits=2)} tok/s (per token: min "
+          f"{1e3 * r.decode_best_seconds_per_token:.1f} / median {1e3 * r.decode_seconds_per_token:.1f} ms; matmul "
+          f"kernels {1e3 * r.kernel_seconds_per_step:.1f} ms, outside them {100 * r.overhead_share:.1f}%; "
           f"Python overhead {1e3 * r.python_seconds_per_step:.2f} ms = {100 * r.python_share:.1f}%)")
+    b = r.step_bytes
+    print(f"DRAM read: {spread(r.read_bandwidth, 1e-9)} GB/s ({args.threads} threads, same process, between the "
+          f"runs); a decode step reads {b.total / 1e6:.0f} MB (ternary {b.ternary / 1e6:.0f} + head "
+          f"{b.head / 1e6:.0f} + KV cache {b.kv_cache / 1e6:.1f}): bound {spread(r.bound_tokens_per_second)} "
+          f"tok/s, reached {spread(r.bound_fraction, 100, 0, '%')}")
     print(f"peak RSS: {r.peak_rss_bytes / 2**30:.2f} GiB; kernels compiled and warmed up before timing")
     _print_load_note()
     return 0
@@ -639,7 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_model.add_argument("--prompt-tokens", type=_at_least(1), default=64, help="tokens of the timed prefill")
     bench_model.add_argument("--decode-tokens", type=_at_least(1), default=32, help="timed decode steps")
     bench_model.add_argument("--threads", type=_at_least(1), default=2, help="numba threads")
-    bench_model.add_argument("--repeats", type=_at_least(1), default=1, help="report the best of this many runs")
+    bench_model.add_argument("--repeats", type=_at_least(1), default=3,
+                             help="runs of prefill, decode and bandwidth; each figure is their median (min-max)")
+    bench_model.add_argument("--context", type=_at_least(0), default=0,
+                             help="cached positions (random tokens, filled untimed) before the timed decode steps")
     bench_model.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random weights and prompt")
     train = command("train", cmd_train)
     _add_train_arguments(train)

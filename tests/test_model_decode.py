@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 
 import numpy as np
@@ -137,24 +138,72 @@ def test_decode_steps_allocate_no_new_buffers_after_the_first():
     assert peak < 16 * 1024, peak
 
 
-def test_bench_model_reports_rates_and_overhead():
+def test_bench_model_reports_rates_bandwidth_and_overhead():
     from bitnet.models.bench import bench_model
 
     config = bn.BitNetConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2)
-    result = bench_model(bn.models.random_model(config, head_dtype="int8"), prompt_tokens=8, decode_tokens=4)
-    assert result.prefill_tokens_per_second > 0 and result.decode_tokens_per_second > 0
+    result = bench_model(bn.models.random_model(config, head_dtype="int8"), prompt_tokens=8, decode_tokens=4,
+                         context=5, repeats=2, read_bytes=2**20)
+    assert len(result.prefill_seconds) == len(result.decode_seconds) == len(result.read_bytes_per_second) == 2
+    assert len(result.step_seconds) == 8
+    for spread in (result.prefill_tokens_per_second, result.decode_tokens_per_second, result.read_bandwidth,
+                   result.bound_tokens_per_second, result.bound_fraction):
+        assert 0 < spread.low <= spread.median <= spread.high
+    assert result.step_bytes.kv_cache == 2 * 2 * 2 * 16 * 4 * (5 + 2.5)  # 7.5 positions attended on average
     assert 0 <= result.overhead_share <= 1 and 0 < result.python_share <= 1
     assert result.peak_rss_bytes > 0
+
+
+def test_decode_step_bytes_are_the_projections_the_head_and_the_attended_cache():
+    from bitnet.models.bench import decode_step_bytes
+
+    layers, hidden, inter, heads, kv_heads, vocab = 3, 256, 512, 4, 2, 300
+    config = bn.BitNetConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads)
+    head_dim = hidden // heads
+    # i2: 2 bits a weight; the stacked q/k/v and gate/up projections keep each part's float32 scale
+    # per row, o and down one scale. The int8 head: one byte a weight plus a float32 scale per row.
+    qkv_rows, gate_up_rows = hidden + 2 * kv_heads * head_dim, 2 * inter
+    ternary = layers * (qkv_rows * hidden // 4 + 4 * qkv_rows + hidden * hidden // 4 + 4
+                        + gate_up_rows * hidden // 4 + 4 * gate_up_rows + hidden * inter // 4 + 4)
+    for dtype, head in (("int8", vocab * hidden + 4 * vocab), ("f32", 4 * vocab * hidden)):
+        step = decode_step_bytes(bn.models.random_model(config, head_dtype=dtype), positions=10)
+        assert step.ternary == ternary
+        assert step.head == head
+        assert step.kv_cache == 2 * layers * kv_heads * head_dim * 4 * 10
+        assert step.total == step.ternary + step.head + step.kv_cache
+
+
+def test_bench_model_refuses_lengths_past_the_context():
+    from bitnet.models.bench import check_lengths
+
+    config = bn.BitNetConfig(max_position_embeddings=128)
+    check_lengths(config, 128, 28, 100)
+    for prompt, decode, context in ((129, 1, 0), (8, 29, 100)):
+        with pytest.raises(bn.InvalidValueError, match="max_position_embeddings"):
+            check_lengths(config, prompt, decode, context)
 
 
 @pytest.mark.slow
 def test_cli_bench_model_one_layer(capsys):
     from bitnet.cli import main
 
-    assert main(["bench-model", "--layers", "1", "--head", "int8", "--prompt-tokens", "4", "--decode-tokens", "2"]) == 0
+    assert main(["bench-model", "--layers", "1", "--head", "int8", "--prompt-tokens", "4", "--decode-tokens", "2",
+                 "--repeats", "2", "--context", "3"]) == 0
     out = capsys.readouterr().out
-    assert "int8 head" in out and "prefill: 4 tokens" in out and "Python overhead" in out and "peak RSS" in out
+    assert "int8 head" in out and "prefill: 4 tokens" in out and "median (min-max) of 2 runs" in out
+    assert "decode:  2 tokens after 3 cached positions" in out and "Python overhead" in out and "peak RSS" in out
+    assert re.search(r"DRAM read: [\d.]+ \([\d.]+-[\d.]+\) GB/s", out)
+    assert re.search(r"bound [\d.]+ \([\d.]+-[\d.]+\) tok/s, reached \d+% \(\d+-\d+%\)", out)
+
+
+def test_cli_bench_model_refuses_a_context_past_the_model_s(capsys):
+    from bitnet.cli import main
+
+    assert main(["bench-model", "--layers", "1", "--context", "4090", "--decode-tokens", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_a_cache_of_another_model_is_refused_before_anything_runs(model):

@@ -1,8 +1,13 @@
-"""Prefill and decode speed of a BitNet model, and how much of a decode step is not matmul.
+"""Prefill and decode speed of a BitNet model, the DRAM bandwidth bound, and what of a decode step is not matmul.
 
-``bench_model`` drives :class:`BitNetForCausalLM` the way generation does (one prefill of
-the prompt, then one cached step per token) and reports tokens/s, the peak RSS of the
-process, and two views of what a decode step spends beside the weight streaming:
+``bench_model`` drives :class:`BitNetForCausalLM` the way generation does (a prefill of the
+prompt, then one cached step per token) for several runs and reports, per run and as the
+median with its min-max: prefill and decode tokens/s, the DRAM read bandwidth measured in
+the same process between them, and the share of the bandwidth bound a decode step reaches.
+A decode step streams every ternary projection, the head table and the cached keys and
+values once, so ``bandwidth / bytes per step`` is the most tokens/s it can give.
+
+Beside the weight streaming it reports two views of what a decode step spends:
 
 * outside the matmul kernels: the step minus a replay of exactly its BitLinear matmuls and
   head on their own (so norms, rope, attention and Python all count as "outside");
@@ -11,7 +16,9 @@ process, and two views of what a decode step spends beside the weight streaming:
   Python code, kernel dispatch and the arena. It runs on one thread: with nothing to share,
   threads would only add the pool's wake-up latency, which a busy machine inflates.
 
-Every time is the median of several steps, which keeps a busy machine's outliers out.
+Runs are interleaved (prefill, decode, bandwidth in each), so a machine whose bandwidth
+drifts with other tenants' load moves all three together, and the medians keep one busy
+run's outliers out.
 """
 
 from __future__ import annotations
@@ -19,45 +26,105 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from numba import njit, prange
 
+from .. import errors
 from ..bench import timings
 from ..ops import get_num_threads, matmul, set_num_threads
 from .bitnet import BitNetForCausalLM
 from .config import BitNetConfig
 from .random import random_model
 
+# The bandwidth read pass covers at least this much and 4x the last-level cache, so that
+# almost every byte comes from DRAM, as a decode step's weights do.
+MIN_READ_PASS_BYTES = 512 * 2**20
+# Context is filled in chunks of this many tokens: one forward pass over all of it would hold
+# heads x N x N attention scores (335 MB for 2B4T at 2048), which would count in the peak RSS.
+CONTEXT_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and min-max of one figure over the runs."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(float(np.median(values)), float(np.min(values)), float(np.max(values)))
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """Bytes one decode step reads at least: each is read once per token, nothing else is large."""
+
+    ternary: int  # every projection the step runs (packed weights and their scales)
+    head: int  # the output head's table (and row scales)
+    kv_cache: float  # keys and values of the attended positions, float32
+
+    @property
+    def total(self) -> float:
+        return self.ternary + self.head + self.kv_cache
+
 
 @dataclass
 class BenchResult:
     prompt_tokens: int
     decode_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    decode_best_seconds_per_token: float
+    context: int  # cached positions before the first timed decode step
+    prefill_seconds: list[float]  # per run
+    decode_seconds: list[float]  # per run: the wall time of its decode_tokens steps
+    step_seconds: list[float]  # every decode step of every run
+    read_bytes_per_second: list[float]  # per run
+    step_bytes: StepBytes  # at the mean position of the timed steps
     kernel_seconds_per_step: float
     python_seconds_per_step: float
     peak_rss_bytes: int
 
     @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds
+    def prefill_tokens_per_second(self) -> Spread:
+        return Spread.of([self.prompt_tokens / s for s in self.prefill_seconds])
 
     @property
-    def decode_tokens_per_second(self) -> float:
-        return self.decode_tokens / self.decode_seconds
+    def decode_tokens_per_second(self) -> Spread:
+        return Spread.of([self.decode_tokens / s for s in self.decode_seconds])
+
+    @property
+    def read_bandwidth(self) -> Spread:
+        """DRAM read bandwidth, bytes/s."""
+        return Spread.of(self.read_bytes_per_second)
+
+    @property
+    def bound_tokens_per_second(self) -> Spread:
+        """Decode tokens/s if a step took only the time to read its bytes at the measured bandwidth."""
+        return Spread.of([b / self.step_bytes.total for b in self.read_bytes_per_second])
+
+    @property
+    def bound_fraction(self) -> Spread:
+        """Decode rate over the bound, each run against the bandwidth measured in that run."""
+        return Spread.of([self.decode_tokens * self.step_bytes.total / (s * b)
+                          for s, b in zip(self.decode_seconds, self.read_bytes_per_second, strict=True)])
+
+    @property
+    def decode_seconds_per_token(self) -> float:
+        """Median decode step over every run."""
+        return float(np.median(self.step_seconds))
+
+    @property
+    def decode_best_seconds_per_token(self) -> float:
+        return float(np.min(self.step_seconds))
 
     @property
     def overhead_share(self) -> float:
         """Fraction of a decode step outside the matmul kernels (Python, norms, rope, attention)."""
         return max(0.0, 1.0 - self.kernel_seconds_per_step / self.decode_seconds_per_token)
-
-    @property
-    def decode_seconds_per_token(self) -> float:
-        return self.decode_seconds / self.decode_tokens
 
     @property
     def python_share(self) -> float:
@@ -71,15 +138,60 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _largest_cache_bytes() -> int:
+    """Size of the largest CPU cache Linux lists for CPU 0, or 0 where there is no such listing."""
+    sizes = [0]
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in "KM":
+            sizes.append(int(text[:-1]) * (2**10 if text[-1] == "K" else 2**20))
+    return max(sizes)
+
+
+def read_pass_bytes() -> int:
+    """Size of the bandwidth read pass: 512 MiB, or 4x the last-level cache where that is more."""
+    return max(MIN_READ_PASS_BYTES, 4 * _largest_cache_bytes())
+
+
+@njit(parallel=True, cache=True)
+def _read_pass(words: np.ndarray) -> np.uint64:
+    # A sum the compiler cannot drop: every word is loaded once, across numba's threads.
+    total = np.uint64(0)
+    for i in prange(words.size):
+        total += words[i]
+    return total
+
+
+def read_bandwidth(buffer: np.ndarray, passes: int = 3) -> float:
+    """DRAM read bandwidth in bytes/s: the median of ``passes`` sums over ``buffer`` (uint64) on numba's threads."""
+    return buffer.nbytes / timings(lambda: _read_pass(buffer), min_time=0.0, min_repeats=passes,
+                                   max_repeats=passes)[0]
+
+
+def decode_step_bytes(model: BitNetForCausalLM, positions: float) -> StepBytes:
+    """What a decode step attending to ``positions`` cached positions reads (norm gains and one embedding row aside)."""
+    c = model.config
+    ternary = sum(linear.weight.nbytes for layer in model.layers
+                  for linear in (*layer.attention.running_linears, *layer.mlp.running_linears))
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * np.dtype(np.float32).itemsize * positions
+    return StepBytes(ternary, model.lm_head.nbytes, float(kv))
+
+
+def check_lengths(config: BitNetConfig, prompt_tokens: int, decode_tokens: int, context: int) -> None:
+    """Raise InvalidValueError unless the prompt, and the context with the decode steps after it, fit the model."""
+    limit = config.max_position_embeddings
+    if prompt_tokens > limit or context + decode_tokens > limit:
+        raise errors.InvalidValueError(
+            f"the model's context is {limit} positions (config.max_position_embeddings): the prompt "
+            f"({prompt_tokens} tokens) and the context plus the decode steps ({context} + {decode_tokens}) must fit")
+
+
 def kernel_seconds_per_step(model: BitNetForCausalLM, repeats: int = 5) -> float:
     """Time of the matmul kernels of one decode step alone: every BitLinear of every layer, and the head."""
     rng = np.random.default_rng(0)
     calls = []
     for layer in model.layers:
-        attention, mlp = layer.attention, layer.mlp
-        linears = [attention.qkv_proj or attention.projections[0], attention.o_proj,
-                   mlp.gate_up_proj or mlp.projections[0], mlp.down_proj]
-        for linear in linears:
+        for linear in (*layer.attention.running_linears, *layer.mlp.running_linears):
             x = rng.standard_normal((1, linear.in_features), np.float32)
             calls.append((linear.weight, x, np.empty((1, linear.out_features), np.float32)))
     h = rng.standard_normal((1, model.config.hidden_size), np.float32)
@@ -97,10 +209,15 @@ def _decode_step_seconds(model: BitNetForCausalLM, steps: int, prompt: np.ndarra
     """Wall time of each of ``steps`` greedy decode steps after prefilling ``prompt``."""
     cache = model.new_cache(len(prompt) + steps + 1)
     logits = model.forward(prompt, cache, last_only=True)
+    return _greedy_steps(model, cache, logits, steps)
+
+
+def _greedy_steps(model, cache, logits: np.ndarray, steps: int) -> list[float]:
+    """Wall time of each of ``steps`` greedy decode steps from ``cache`` and the ``logits`` of its last position."""
     token = np.zeros(1, np.int64)
     times = []
     for _ in range(steps):
-        token[0] = int(np.argmax(logits[0]))
+        token[0] = int(np.argmax(logits[0]))  # outside the timing: the caller's choice of token
         start = time.perf_counter()
         model.forward(token, cache, out=logits)
         times.append(time.perf_counter() - start)
@@ -124,30 +241,77 @@ def python_seconds_per_step(config: BitNetConfig, steps: int = 20) -> float:
 
 
 def bench_model(
-    model: BitNetForCausalLM, prompt_tokens: int = 64, decode_tokens: int = 32, seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    model: BitNetForCausalLM, prompt_tokens: int = 64, decode_tokens: int = 32, seed: int = 0, context: int = 0,
+    repeats: int = 3, read_bytes: int | None = None, progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Prefill a random prompt of ``prompt_tokens`` ids, then time ``decode_tokens`` greedy steps.
+    """Time ``repeats`` runs of a prefill and of ``decode_tokens`` greedy steps, and the DRAM bandwidth in each.
 
-    ``decode_seconds`` is the median step times ``decode_tokens``, so one descheduled step on
-    a shared machine does not drag the rate down; ``decode_best_seconds_per_token`` is the
-    fastest step, the spread between them shows how busy the machine was. ``progress`` is
-    called with the name of each phase as it begins.
+    Parameters
+    ----------
+    model
+        The model; kernels are compiled and the weights touched by a warm-up before any timing.
+    prompt_tokens
+        Random token ids of each timed prefill (from position 0, without a cache).
+    decode_tokens
+        Timed decode steps per run, the first one after ``context`` cached positions.
+    seed
+        Seed of the random prompt and context.
+    context
+        Cached positions before the first decode step, filled once with random tokens
+        (not timed); every run rewinds the cache to them, and its steps overwrite the last
+        run's.
+    repeats
+        Runs; the result keeps every run's figures.
+    read_bytes
+        Size of the bandwidth read pass (default :func:`read_pass_bytes`). It is allocated
+        after the first run, so the peak RSS reported is the model's, not the buffer's.
+    progress
+        Called with the name of each phase as it begins.
+
+    Returns
+    -------
+    BenchResult
+        Per-run prefill and decode times and bandwidths, the bytes of a step at the mean
+        position of the timed steps (``context + (decode_tokens + 1) / 2`` attended), the
+        kernel and Python-overhead times of a step, and the peak RSS.
     """
+    check_lengths(model.config, prompt_tokens, decode_tokens, context)
     stage = progress or (lambda name: None)
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, model.config.vocab_size, prompt_tokens)
     stage("warming up (kernel compilation, first touch of the weights)")
     _decode_step_seconds(model, 2, prompt[:8])
-    stage(f"prefill of {prompt_tokens} tokens")
-    start = time.perf_counter()
-    model.forward(prompt, last_only=True)
-    prefill = time.perf_counter() - start
-    stage(f"{decode_tokens} decode steps")
-    steps = _decode_step_seconds(model, decode_tokens, prompt)
+    cache = model.new_cache(context + decode_tokens)
+    logits = np.zeros((1, model.config.vocab_size), np.float32)  # without context, the first token is id 0
+    if context:
+        stage(f"filling {context} cached positions")
+        filler = rng.integers(0, model.config.vocab_size, context)
+        for start in range(0, context, CONTEXT_CHUNK):
+            logits = model.forward(filler[start : start + CONTEXT_CHUNK], cache, last_only=True)
+    first_logits = logits.copy()
+    prefill, decode, steps, bandwidth = [], [], [], []
+    buffer, peak = None, 0
+    for run in range(repeats):
+        label = f"run {run + 1} of {repeats}: " if repeats > 1 else ""
+        stage(f"{label}prefill of {prompt_tokens} tokens")
+        start = time.perf_counter()
+        model.forward(prompt, last_only=True)
+        prefill.append(time.perf_counter() - start)
+        stage(f"{label}{decode_tokens} decode steps after {context} cached positions")
+        cache.length = context
+        logits[:] = first_logits
+        times = _greedy_steps(model, cache, logits, decode_tokens)
+        decode.append(sum(times))
+        steps += times
+        if buffer is None:
+            peak = peak_rss_bytes()
+            buffer = np.ones((read_bytes or read_pass_bytes()) // 8, np.uint64)  # every page touched
+        stage(f"{label}DRAM read bandwidth ({buffer.nbytes / 2**20:.0f} MiB read pass)")
+        bandwidth.append(read_bandwidth(buffer))
+    del buffer  # hundreds of MiB, not needed by the phases left
     stage("matmul kernels alone")
     kernels = kernel_seconds_per_step(model)
     stage("Python overhead (a model of tiny widths)")
     python = python_seconds_per_step(model.config)
-    return BenchResult(prompt_tokens, decode_tokens, prefill, float(np.median(steps)) * decode_tokens, min(steps),
-                       kernels, python, peak_rss_bytes())
+    return BenchResult(prompt_tokens, decode_tokens, context, prefill, decode, steps, bandwidth,
+                       decode_step_bytes(model, context + (decode_tokens + 1) / 2), kernels, python, peak)
