@@ -1,0 +1,42 @@
+"""asv: one decode step (a token through the cached model) at 0 and 2048 cached positions.
+
+The model is 4 layers of BitNet b1.58 2B4T width (hidden 2560, intermediate 6912, heads
+20/5, head_dim 128) with an int8 head of 32768 rows, random weights: a step streams 70 MB
+of ternary weights and an 84 MB head, so the layers are not drowned by the full 128256-row
+head (329 MB) and setup (building the model, filling 2048 positions) stays within ~20 s on
+2 cores. At 2048 positions a step also reads 42 MB of cached keys and values, and attention's
+share of a step shows (22 vs 31 ms here). The full model: ``python -m bitnet bench-model --context``.
+"""
+
+import numpy as np
+
+import bitnet as bn
+from bitnet.models.bench import CONTEXT_CHUNK
+
+from .bench_matmul import _Threads
+
+CONFIG = bn.BitNetConfig(vocab_size=32768, num_hidden_layers=4)
+
+
+class DecodeStep(_Threads):
+    """``model.forward`` of one token after ``positions`` cached positions, the cache rewound before each step."""
+
+    params = [[0, 2048]]
+    param_names = ["positions"]
+    timeout = 180
+
+    def setup(self, positions):
+        self.setup_threads()
+        self.model = bn.models.random_model(CONFIG, head_dtype="int8")
+        self.positions = positions
+        self.cache = self.model.new_cache(positions + 1)
+        filler = np.random.default_rng(0).integers(0, CONFIG.vocab_size, positions)
+        for start in range(0, positions, CONTEXT_CHUNK):
+            self.model.forward(filler[start : start + CONTEXT_CHUNK], self.cache, last_only=True)
+        self.token = np.array([1])
+        self.logits = np.empty((1, CONFIG.vocab_size), np.float32)
+        self.time_decode_step(positions)  # compile and touch the weights outside the timing
+
+    def time_decode_step(self, positions):
+        self.cache.length = self.positions  # the step overwrites the position the last one wrote
+        self.model.forward(self.token, self.cache, out=self.logits)
