@@ -16,7 +16,8 @@ Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat
 / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
 ``signed_dot_acc`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator
 vectors; ``zero_floats`` / ``scaled_add_floats`` / ``sum_floats`` on float32 vectors of the
-same lane count; ``prefetch``; and the scalars ``bf16_to_float32`` and ``float32_from_bits``.
+same lane count; ``prefetch``; and the scalars ``widen_word`` (a bf16 or f16 word, as a
+``WordFormat`` marker says) and ``float32_from_bits``.
 """
 
 from __future__ import annotations
@@ -296,17 +297,59 @@ def zero_floats(typingctx, isa):
     return vec(isa), codegen
 
 
+class WordFormat:
+    """A Python-side token naming how a raw 16-bit word holds a float: ``BF16_WORDS`` or ``F16_WORDS``.
+
+    numpy has no bfloat16 and Numba no float16 on the CPU, so both kinds of table reach a
+    kernel as uint16 arrays; this marker, typed like an ISA marker, tells ``widen_word``
+    which one it reads, and one generic kernel compiles to each.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"WordFormat({self.name})"
+
+
+class WordFormatType(types.Type):
+    def __init__(self, word_format: str):
+        self.word_format = word_format
+        super().__init__(name=f"WordFormat({word_format})")
+
+
+BF16_WORDS = WordFormat("bf16")
+F16_WORDS = WordFormat("f16")  # IEEE binary16
+register_model(WordFormatType)(models.OpaqueModel)
+lower_constant(WordFormatType)(_lower_marker)
+unbox(WordFormatType)(_unbox_marker)
+
+
+@typeof_impl.register(WordFormat)
+def _typeof_word_format(marker, context):
+    return WordFormatType(marker.name)
+
+
 @intrinsic
-def bf16_to_float32(typingctx, word):
-    """One bf16 value (a raw uint16 word) as a float32 scalar, exactly."""
-    if not (isinstance(word, types.Integer) and word.bitwidth == 16 and not word.signed):
+def widen_word(typingctx, word_format, word):
+    """One float held in a raw uint16 ``word`` as a float32, exactly; ``word_format`` says bf16 or f16.
+
+    f16 is LLVM's ``fpext half to float``, which a vectorized loop turns into one
+    ``vcvtph2ps`` per 16 values (F16C / AVX-512F) instead of a call to ``__extendhfsf2``
+    per value: the loop that widens must be compiled for a CPU with F16C (every x86-64
+    since 2012; aarch64 has the instruction in its base set).
+    """
+    if not (isinstance(word_format, WordFormatType) and isinstance(word, types.Integer)
+            and word.bitwidth == 16 and not word.signed):
         return None
 
     def codegen(context, builder, sig, args):
-        wide = builder.zext(args[0], ir.IntType(32))
+        if word_format.word_format == "f16":
+            return builder.fpext(builder.bitcast(args[1], ir.HalfType()), ir.FloatType())
+        wide = builder.zext(args[1], ir.IntType(32))  # a bf16 word is the top half of a float32
         return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
 
-    return types.float32(word), codegen
+    return types.float32(word_format, word), codegen
 
 
 @intrinsic

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
-from ..kernels.simd import MARKERS
+from ..kernels.simd import BF16_WORDS, F16_WORDS, MARKERS
 from ..ops import KERNEL_PATH, _checked_out
 from . import checks, head_kernels, scratch
 
 DTYPES = ("f32", "f16", "bf16", "int8")
 _NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
 _TABLE_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "int8": np.int8}  # as stored
+_WORD_FORMATS = {"f16": F16_WORDS, "bf16": BF16_WORDS}  # tables the kernels read as raw uint16 words
 
 
 def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -119,15 +120,12 @@ class Embedding:
         """
         ids = checks.checked_ids(ids, self.vocab_size)
         out = _checked_out(out, (len(ids), self.hidden_size))
-        if self.dtype == "bf16":
-            head_kernels.rows_bf16(self.table, ids, out)
-        elif self.dtype == "f32":
-            np.take(self.table, ids, axis=0, out=out)
+        if self.dtype in _WORD_FORMATS:
+            head_kernels.rows_words(_WORD_FORMATS[self.dtype], self.table.view(np.uint16), ids, out)
+        elif self.dtype == "int8":
+            head_kernels.rows_int8(self.table, self.row_scale, ids, out)
         else:
-            for row, token in zip(out, ids, strict=True):
-                row[...] = self.table[token]
-                if self.dtype == "int8":
-                    row *= self.row_scale[token]
+            np.take(self.table, ids, axis=0, out=out)
         return out
 
     def logits(self, h: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -141,27 +139,15 @@ class Embedding:
         out = _checked_out(out, (h.shape[0], self.vocab_size))
         if self.dtype == "f32":
             np.matmul(h, self.table.T, out=out)
-        elif self.dtype == "bf16":
-            head_kernels.logits_bf16(self.table, h, out)
-        elif self.dtype == "int8":
+        elif self.dtype in _WORD_FORMATS:
+            head_kernels.logits_words(_WORD_FORMATS[self.dtype], self.table.view(np.uint16), h, out)
+        else:
             h = np.ascontiguousarray(h)
             n, width = h.shape
             q = scratch.empty((n, width), np.int8)
             lane_scale = scratch.empty((n, -(-width // 4)), np.float32)
             head_kernels.logits_int8(MARKERS[KERNEL_PATH], self.table, self.row_scale, h, q, lane_scale, out)
-        else:
-            self._logits_f16(h, out)
         return out
-
-    def _logits_f16(self, h: np.ndarray, out: np.ndarray) -> None:
-        # Numba has no float16 arithmetic: widen blocks of rows (cache-sized) and use BLAS.
-        block = 1024
-        widened = scratch.empty((block, self.hidden_size))
-        for start in range(0, self.vocab_size, block):
-            rows = self.table[start : start + block]
-            chunk = widened[: rows.shape[0]]
-            chunk[...] = rows
-            np.matmul(h, chunk.T, out=out[:, start : start + rows.shape[0]])
 
 
 def _storage_kind(weights: np.ndarray) -> str:

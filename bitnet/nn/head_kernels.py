@@ -1,8 +1,9 @@
 """Numba kernels for the embedding table used as the output head: ``logits = h @ table.T``.
 
 The table is the biggest tensor of a BitNet model (128256 x 2560 for 2B4T) and is read
-once per generated token, so these loops stream it once. bf16 rows arrive as raw uint16
-words (a bf16 is the top half of a float32) and are widened to float32 in registers.
+once per generated token, so these loops stream it once. bf16 and f16 rows arrive as raw
+uint16 words and are widened to float32 in registers (a shift for bf16, ``vcvtph2ps`` for
+f16) by one kernel compiled per ``WordFormat``.
 
 The int8 table is multiplied like llama.cpp's ``Q8_0 x Q8_0`` dot product: the hidden state
 is quantized to int8 in blocks of ``INT8_BLOCK`` values, each with its own scale, so the
@@ -18,13 +19,13 @@ from numba.extending import overload
 
 from ..kernels.quantize import quantize_blocks
 from ..kernels.simd import (
-    bf16_to_float32,
     byte_vector_size,
     load_bytes,
     prefetch,
     scaled_add_floats,
     signed_dot_acc,
     sum_floats,
+    widen_word,
     zero_acc,
     zero_floats,
 )
@@ -50,11 +51,13 @@ def _row_pair(i, vocab):
 
 
 @njit(**_KERNEL)
-def logits_bf16(table, h, out):
-    """``out[t, r] = sum_j bf16(table[r, j]) * h[t, j]``; ``table`` is uint16 ``(V, K)``.
+def logits_words(word_format, table, h, out):
+    """``out[t, r] = sum_j float32(table[r, j]) * h[t, j]``; ``table`` is ``(V, K)`` uint16 words.
 
-    A plain loop that LLVM vectorizes (widen, shift, FMA) for any CPU. Each row is computed
-    by one thread in a fixed order, so the result does not depend on the number of threads.
+    ``word_format`` (``BF16_WORDS`` or ``F16_WORDS`` of ``bitnet.kernels.simd``) says what
+    the words hold. A plain loop that LLVM vectorizes (widen, FMA) for any CPU. Each row is
+    computed by one thread in a fixed order, so the result does not depend on the number of
+    threads.
     """
     vocab, width = table.shape
     for i in prange((vocab + 1) // 2):
@@ -67,8 +70,8 @@ def logits_bf16(table, h, out):
             acc1 = np.float32(0.0)
             for j in range(width):
                 x = h[t, j]
-                acc0 += bf16_to_float32(table[r0, j]) * x
-                acc1 += bf16_to_float32(table[r1, j]) * x
+                acc0 += widen_word(word_format, table[r0, j]) * x
+                acc1 += widen_word(word_format, table[r1, j]) * x
             out[t, r0] = acc0
             out[t, r1] = acc1
 
@@ -157,9 +160,19 @@ def logits_int8(isa, table, row_scale, h, q, lane_scale, out):
 
 
 @njit(cache=True, nogil=True)
-def rows_bf16(table, ids, out):
-    """``out[i] = float32(table[ids[i]])`` for a uint16 bf16 table."""
-    bits = out.view(np.uint32)
+def rows_words(word_format, table, ids, out):
+    """``out[i] = float32(table[ids[i]])`` for a table of uint16 words in ``word_format``."""
     for i in range(ids.shape[0]):
+        row = ids[i]  # read once: ``out`` might alias ``ids`` for all LLVM knows, which kept the loop scalar
         for j in range(table.shape[1]):
-            bits[i, j] = np.uint32(table[ids[i], j]) << 16
+            out[i, j] = widen_word(word_format, table[row, j])
+
+
+@njit(cache=True, nogil=True)
+def rows_int8(table, row_scale, ids, out):
+    """``out[i] = float32(table[ids[i]]) * row_scale[ids[i]]`` for an int8 table."""
+    for i in range(ids.shape[0]):
+        row = ids[i]
+        scale = row_scale[row]
+        for j in range(table.shape[1]):
+            out[i, j] = np.float32(table[row, j]) * scale

@@ -1,0 +1,131 @@
+"""The head and embedding-row kernels of every table dtype against plain numpy, and their assembly.
+
+Logits are float32 sums in the kernel's own (vectorized) order, so they are compared with the
+bound any order of summing ``width`` float32 products obeys; the widening itself is checked
+exactly (rows, and logits of one-hot hidden states, where a single product is nonzero).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numba
+import numpy as np
+import pytest
+
+import bitnet as bn
+from bitnet.kernels import cpu_features
+from bitnet.kernels.simd import BF16_WORDS, F16_WORDS
+from bitnet.nn import Embedding, head_kernels
+
+WORD_DTYPES = ["f16", "bf16"]
+
+
+def stored_floats(table: Embedding) -> np.ndarray:
+    """The table's values as float32, widened by numpy (the reference for the kernels)."""
+    if table.dtype == "bf16":
+        return (table.table.astype(np.uint32) << 16).view(np.float32)
+    if table.dtype == "int8":
+        return table.table.astype(np.float32) * table.row_scale[:, None]
+    return table.table.astype(np.float32)
+
+
+def assert_logits_close(logits, h, weights):
+    """``logits == h @ weights.T`` up to float32 rounding in any summation order:
+    ``|error| <= width * 2**-24 * sum_j |h_j w_j|`` (plus a subnormal's worth)."""
+    h64, w64 = h.astype(np.float64), weights.astype(np.float64)
+    bound = h.shape[1] * 2.0**-24 * (np.abs(h64) @ np.abs(w64).T) + 1e-30
+    assert np.all(np.abs(logits - h64 @ w64.T) <= bound)
+
+
+@pytest.mark.parametrize("dtype", WORD_DTYPES)
+@pytest.mark.parametrize("vocab", [1, 5, 33, 257])
+@pytest.mark.parametrize("width", [1, 37, 64, 100, 2560])
+def test_word_table_logits_match_numpy(rng, dtype, vocab, width):
+    table = Embedding.from_weights(rng.standard_normal((vocab, width)).astype(np.float32), dtype)
+    h = rng.standard_normal((3, width)).astype(np.float32)
+    assert_logits_close(table.logits(h), h, stored_floats(table))
+
+
+@pytest.mark.parametrize("dtype", WORD_DTYPES)
+def test_widening_is_exact_for_every_finite_word(dtype):
+    """Every finite f16 / bf16 value (subnormals, -0, the largest) widens exactly, in rows and logits."""
+    words = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    exponent = 0x7C00 if dtype == "f16" else 0x7F80
+    words = words[(words & exponent) != exponent]  # no Inf or NaN: Inf * 0 would be NaN below
+    width = 64
+    words = words[: len(words) // width * width].reshape(-1, width)
+    table = Embedding(words.view(np.float16) if dtype == "f16" else words, dtype)
+    expected = stored_floats(table)
+    np.testing.assert_array_equal(table.rows(np.arange(table.vocab_size)), expected)
+    for j in (0, 17, 63):  # a one-hot h picks column j: one exact product, the rest +0
+        h = np.zeros((1, width), np.float32)
+        h[0, j] = 1
+        np.testing.assert_array_equal(table.logits(h)[0], expected[:, j])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "int8"])
+def test_rows_equal_numpy_exactly(rng, dtype):
+    table = Embedding.from_weights(rng.standard_normal((257, 100)).astype(np.float32), dtype)
+    ids = np.array([256, 0, 5, 5, 128])
+    np.testing.assert_array_equal(table.rows(ids), stored_floats(table)[ids])
+    out = np.full((5, 100), np.nan, np.float32)
+    assert table.rows(ids, out=out) is out and np.array_equal(out, stored_floats(table)[ids])
+
+
+@pytest.mark.parametrize("dtype", WORD_DTYPES)
+def test_nan_rows_nan_tokens_and_thread_count(dtype):
+    """A NaN table row spoils only its logit, a NaN in h only its token; 1 and 2 threads agree bit for bit."""
+    rng = np.random.default_rng(11)
+    weights = rng.standard_normal((1001, 200)).astype(np.float32)
+    weights[500, 3] = np.nan
+    table = Embedding.from_weights(weights, dtype)
+    h = rng.standard_normal((2, 200)).astype(np.float32)
+    threads = bn.get_num_threads()
+    try:
+        bn.set_num_threads(1)
+        one = table.logits(h)
+        bn.set_num_threads(max(2, threads))
+        np.testing.assert_array_equal(table.logits(h), one)
+    finally:
+        bn.set_num_threads(threads)
+    assert np.isnan(one[:, 500]).all() and not np.isnan(np.delete(one, 500, axis=1)).any()
+    assert_logits_close(np.delete(one, 500, axis=1), h, np.delete(stored_floats(table), 500, axis=0))
+    h[0, 150] = np.nan
+    logits = table.logits(h)
+    assert np.isnan(logits[0]).all() and np.array_equal(logits[1], one[1], equal_nan=True)
+
+
+def _fresh_asm(dispatcher, *args) -> str:
+    """The assembly of ``dispatcher`` compiled anew for ``args`` (Numba shows none for cached code)."""
+    options = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("nopython", "cache")}
+    fresh = numba.njit(**options)(dispatcher.py_func)
+    fresh(*args)
+    return "\n".join(fresh.inspect_asm().values())
+
+
+_HOST = cpu_features._compile_target_features()
+
+
+@pytest.mark.skipif(not {"avx512f", "f16c"} <= _HOST,
+                    reason="the check is for AVX-512 code: Numba does not compile for an AVX-512 CPU with F16C here")
+@pytest.mark.parametrize("kernel, word_format, expected", [
+    ("logits_words", F16_WORDS, ("vcvtph2ps", r"vfmadd\w+")),
+    ("logits_words", BF16_WORDS, ("vpslld", r"vfmadd\w+")),
+    ("rows_words", F16_WORDS, ("vcvtph2ps",)),
+    ("rows_words", BF16_WORDS, ("vpslld",)),
+    ("rows_int8", None, ("vpmovsxbd", "vcvtdq2ps", "vmulps")),
+])
+def test_kernels_are_vectorized(kernel, word_format, expected):
+    """Each loop widens 16 values per instruction (zmm), and f16 never goes through a libcall per value."""
+    table = np.zeros((5, 64), np.uint16)
+    ids, rows = np.array([1, 3]), np.empty((2, 64), np.float32)
+    args = {
+        "logits_words": (word_format, table, np.zeros((1, 64), np.float32), np.empty((1, 5), np.float32)),
+        "rows_words": (word_format, table, ids, rows),
+        "rows_int8": (table.astype(np.int8), np.ones(5, np.float32), ids, rows),
+    }[kernel]
+    asm = _fresh_asm(getattr(head_kernels, kernel), *args)
+    for instruction in expected:
+        assert re.search(rf"\b{instruction}\s[^\n]*%zmm", asm), instruction
+    assert not re.search(r"extendhfsf2|h2f_ieee|truncsfhf2", asm)
