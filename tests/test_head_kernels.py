@@ -12,9 +12,11 @@ import re
 import numba
 import numpy as np
 import pytest
+from numba import types
+from numba.extending import intrinsic
 
 import bitnet as bn
-from bitnet.kernels import cpu_features
+from bitnet.kernels import cpu_features, simd
 from bitnet.kernels.simd import BF16_WORDS, F16_WORDS
 from bitnet.nn import Embedding, head_kernels
 
@@ -95,6 +97,33 @@ def test_nan_rows_nan_tokens_and_thread_count(dtype):
     logits = table.logits(h)
     assert np.isnan(logits[0]).all() and np.array_equal(logits[1], one[1], equal_nan=True)
 
+
+
+@intrinsic
+def _f16_by_integers(typingctx, word):
+    """``simd._f16_bits_widen`` alone: what ``widen_word`` compiles to for an x86 CPU without F16C."""
+
+    def codegen(context, builder, sig, args):
+        return simd._f16_bits_widen(builder, args[0])
+
+    return types.float32(word), codegen
+
+
+@numba.njit
+def _widen_by_integers(words, out):
+    for i in range(words.shape[0]):
+        out[i] = _f16_by_integers(words[i])
+
+
+def test_integer_f16_widening_matches_numpy_for_every_word():
+    """The F16C-less widening (``NUMBA_CPU_NAME=generic`` caches) gives numpy's float32 for all 65536 words."""
+    words = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(words.shape, np.float32)
+    _widen_by_integers(words, out)
+    expected = words.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])  # -0 and subnormals too
 
 def _fresh_asm(dispatcher, *args) -> str:
     """The assembly of ``dispatcher`` compiled anew for ``args`` (Numba shows none for cached code)."""

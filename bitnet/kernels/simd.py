@@ -335,9 +335,10 @@ def widen_word(typingctx, word_format, word):
     """One float held in a raw uint16 ``word`` as a float32, exactly; ``word_format`` says bf16 or f16.
 
     f16 is LLVM's ``fpext half to float``, which a vectorized loop turns into one
-    ``vcvtph2ps`` per 16 values (F16C / AVX-512F) instead of a call to ``__extendhfsf2``
-    per value: the loop that widens must be compiled for a CPU with F16C (every x86-64
-    since 2012; aarch64 has the instruction in its base set).
+    ``vcvtph2ps`` per 16 values (F16C / AVX-512F) instead of a call per value. Where Numba
+    compiles for an x86 CPU without F16C (``NUMBA_CPU_NAME=generic``), LLVM would lower it to
+    ``__extendhfsf2``, which Numba cannot link, so the bits are moved with integer operations
+    (``_f16_bits_widen``) that vectorize on any x86.
     """
     if not (isinstance(word_format, WordFormatType) and isinstance(word, types.Integer)
             and word.bitwidth == 16 and not word.signed):
@@ -345,11 +346,46 @@ def widen_word(typingctx, word_format, word):
 
     def codegen(context, builder, sig, args):
         if word_format.word_format == "f16":
-            return builder.fpext(builder.bitcast(args[1], ir.HalfType()), ir.FloatType())
+            if _converts_half():
+                return builder.fpext(builder.bitcast(args[1], ir.HalfType()), ir.FloatType())
+            return _f16_bits_widen(builder, args[1])
         wide = builder.zext(args[1], ir.IntType(32))  # a bf16 word is the top half of a float32
         return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
 
     return types.float32(word_format, word), codegen
+
+
+def _converts_half() -> bool:
+    """Whether the CPU Numba compiles for widens half floats in one instruction (x86 F16C; aarch64 always)."""
+    import llvmlite.binding as llvm
+
+    from .cpu_features import _compile_target_features  # imported here: cpu_features imports this module
+
+    return not llvm.get_process_triple().startswith(("x86", "i686")) or "f16c" in _compile_target_features()
+
+
+def _f16_bits_widen(builder, word):
+    """An IEEE f16 word as a float32, by moving its fields (as ggml's and Giesen's ``half_to_float``).
+
+    Sign, exponent and mantissa shift into float32 places and the exponent is rebased;
+    Inf/NaN get the all-ones exponent; a subnormal (or zero) is rebuilt as a normal float
+    ``2**-14 * (1 + m / 1024)`` from which ``2**-14`` is subtracted, exactly.
+    """
+    i32, f32 = ir.IntType(32), ir.FloatType()
+
+    def const(value):
+        return ir.Constant(i32, value)
+
+    wide = builder.zext(word, i32)
+    bits = builder.shl(builder.and_(wide, const(0x7FFF)), const(13))
+    exponent = builder.and_(bits, const(0x7C00 << 13))
+    rebased = builder.add(bits, const((127 - 15) << 23))
+    special = builder.add(rebased, const((128 - 16) << 23))
+    small = builder.fsub(builder.bitcast(builder.add(rebased, const(1 << 23)), f32), ir.Constant(f32, 2.0**-14))
+    value = builder.select(builder.icmp_unsigned("==", exponent, const(0x7C00 << 13)), special, rebased)
+    value = builder.select(builder.icmp_unsigned("==", exponent, const(0)), builder.bitcast(small, i32), value)
+    sign = builder.shl(builder.and_(wide, const(0x8000)), const(16))
+    return builder.bitcast(builder.or_(value, sign), f32)
 
 
 @intrinsic
