@@ -67,8 +67,8 @@ def mutate(src, dst, rng) -> list[str]:
         elif kind == 2:
             norms = [n for n in names if "norm" in n]
             name = norms[int(rng.integers(len(norms)))]
-            tensors[name] = tensors[name].copy()
-            tensors[name][int(rng.integers(tensors[name].size))] = rng.choice([np.nan, np.inf])
+            tensors[name] = tensors[name].astype(np.float32)  # a copy, float even if retyped by an earlier mutation
+            tensors[name].flat[int(rng.integers(tensors[name].size))] = rng.choice([np.nan, np.inf])
             done.append(f"non-finite {name}")
         elif kind == 3:
             change = int(rng.integers(3))
