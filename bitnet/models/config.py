@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .. import errors
-from ..nn.checks import is_int, is_real
+from ..nn.checks import is_int, positive_int, positive_number
 
 MODEL_TYPE = "bitnet"
 LLAMA = "llama"
@@ -23,18 +22,6 @@ _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
                   "num_key_value_heads", "max_position_embeddings")
 _POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "linear_rms_norm_eps")
 _BOOLS = ("tie_word_embeddings", "attention_bias", "use_rms_norm", "sub_norms")
-
-
-def _positive_int(key: str, value: Any) -> int:
-    if not is_int(value) or value < 1:
-        raise errors.ConfigError(f"{key} must be a positive integer, got {value!r}; fix it in config.json")
-    return int(value)
-
-
-def _positive_float(key: str, value: Any) -> float:
-    if not is_real(value) or not (math.isfinite(value) and value > 0):
-        raise errors.ConfigError(f"{key} must be a finite positive number, got {value!r}; fix it in config.json")
-    return float(value)
 
 
 def _of_type(config: dict[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -107,10 +94,10 @@ class BitNetConfig:
         # wrong type or range here would otherwise surface as a ZeroDivisionError, a kernel
         # reading past an array, or a NaN model.
         for key in _POSITIVE_INTS:
-            setattr(self, key, _positive_int(key, getattr(self, key)))
+            setattr(self, key, positive_int(getattr(self, key), key, errors.ConfigError))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        self.head_dim = _positive_int("head_dim", self.head_dim)
+        self.head_dim = positive_int(self.head_dim, "head_dim", errors.ConfigError)
         if self.head_dim % 2:
             raise errors.ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -119,7 +106,7 @@ class BitNetConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         for key in _POSITIVE_FLOATS:
-            setattr(self, key, _positive_float(key, getattr(self, key)))
+            setattr(self, key, positive_number(getattr(self, key), key, errors.ConfigError))
         for key in _BOOLS:
             if not isinstance(getattr(self, key), (bool, np.bool_)):
                 raise errors.ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")

@@ -50,17 +50,17 @@ def checked_ids(ids: object, vocab_size: int, name: str = "token ids") -> np.nda
     return ids.astype(np.int64, copy=False)
 
 
-def positive_int(value: object, name: str) -> int:
-    """``value`` as an int; InvalidValueError unless it is an integer >= 1 (booleans are not)."""
+def positive_int(value: object, name: str, error: type[errors.BitNetError] = errors.InvalidValueError) -> int:
+    """``value`` as an int; ``error`` unless it is an integer >= 1 (booleans are not)."""
     if not is_int(value) or value < 1:
-        raise errors.InvalidValueError(f"{name} must be a positive integer, got {value!r}")
+        raise error(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def positive_number(value: object, name: str) -> float:
-    """``value`` as a float; InvalidValueError unless it is a finite number > 0 (booleans are not)."""
+def positive_number(value: object, name: str, error: type[errors.BitNetError] = errors.InvalidValueError) -> float:
+    """``value`` as a float; ``error`` unless it is a finite number > 0 (booleans are not)."""
     if not is_real(value) or not (math.isfinite(value) and value > 0):
-        raise errors.InvalidValueError(f"{name} must be a finite positive number, got {value!r}")
+        raise error(f"{name} must be a finite positive number, got {value!r}")
     return float(value)
 
 
