@@ -113,6 +113,21 @@ def token_rows(a: np.ndarray, name: str, k: int) -> np.ndarray:
     return a.reshape(-1, k)
 
 
+def checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """``out``, checked to be a writeable C-contiguous float32 array of ``shape`` a kernel fills; None: a new one."""
+    if out is None:
+        return np.empty(shape, np.float32)
+    if not isinstance(out, np.ndarray):
+        raise DTypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.dtype != np.float32:  # compared first: building check_dtype's message costs ~1 us a call
+        check_dtype(out, "out", [np.float32])
+    if out.shape != shape:
+        raise ShapeError(f"out must have shape {shape}, got {out.shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ShapeError("out must be a writeable, C-contiguous array")
+    return out
+
+
 def check_float(a: np.ndarray, name: str) -> None:
     """Raise DTypeError unless ``a`` holds real floating-point numbers."""
     if a.dtype.kind != "f":

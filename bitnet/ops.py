@@ -133,20 +133,6 @@ def _workspace(n: int, k_padded: int, path: str) -> _Workspace:
     return buffers
 
 
-def _checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    if out is None:
-        return np.empty(shape, np.float32)
-    if not isinstance(out, np.ndarray):
-        raise errors.DTypeError(f"out must be a numpy array, got {type(out).__name__}")
-    if out.dtype != np.float32:  # compared first: building check_dtype's message costs ~1 us a call
-        errors.check_dtype(out, "out", [np.float32])
-    if out.shape != shape:
-        raise errors.ShapeError(f"out must have shape {shape}, got {out.shape}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise errors.ShapeError("out must be a writeable, C-contiguous array")
-    return out
-
-
 def _kernel_path(path: str | None) -> str:
     """``path``, or ``KERNEL_PATH`` for None, checked to be a path this CPU runs.
 
@@ -244,7 +230,7 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     if rows.dtype != np.float32:
         rows = rows.astype(np.float32)
     n = rows.shape[0]
-    result = _checked_out(out, x.shape[:-1] + (m,))
+    result = errors.checked_out(out, x.shape[:-1] + (m,))
     path = _kernel_path(path)
     if n:
         q, act_scale, q_sum, scratch = _workspace(n, data.shape[1] * 4, path)

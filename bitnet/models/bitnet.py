@@ -21,7 +21,6 @@ import numpy as np
 from .. import errors
 from ..nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, checks, scratch
 from ..nn.attention import INITIAL_CACHE_LENGTH
-from ..ops import _checked_out
 from .config import BitNetConfig
 from .sampling import Sampler
 
@@ -216,7 +215,7 @@ class BitNetForCausalLM:
         """
         ids = self._checked_ids(input_ids)
         c = self.config
-        _checked_out(out, (1 if last_only else len(ids), c.vocab_size))
+        errors.checked_out(out, (1 if last_only else len(ids), c.vocab_size))
         if cache is None:
             cache = self.new_cache(len(ids))
         elif not isinstance(cache, KVCache):

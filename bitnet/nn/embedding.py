@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import errors
 from ..kernels.simd import BF16_WORDS, F16_WORDS, MARKERS
-from ..ops import KERNEL_PATH, _checked_out
+from ..ops import KERNEL_PATH
 from . import checks, head_kernels, scratch
 
 DTYPES = ("f32", "f16", "bf16", "int8")
@@ -119,7 +119,7 @@ class Embedding:
         DTypeError for ids that are not 1-D integers or an ``out`` of another shape or dtype.
         """
         ids = checks.checked_ids(ids, self.vocab_size)
-        out = _checked_out(out, (len(ids), self.hidden_size))
+        out = errors.checked_out(out, (len(ids), self.hidden_size))
         if self.dtype in _WORD_FORMATS:
             head_kernels.rows_words(_WORD_FORMATS[self.dtype], self.table.view(np.uint16), ids, out)
         elif self.dtype == "int8":
@@ -136,7 +136,7 @@ class Embedding:
         largest magnitude, on top of the table's own rounding.
         """
         checks.check_rows(h, "hidden states", self.hidden_size)
-        out = _checked_out(out, (h.shape[0], self.vocab_size))
+        out = errors.checked_out(out, (h.shape[0], self.vocab_size))
         if self.dtype == "f32":
             np.matmul(h, self.table.T, out=out)
         elif self.dtype in _WORD_FORMATS:
