@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,15 +43,21 @@ def _safetensors():
     return safetensors
 
 
-def read_config(path: str | Path) -> BitNetConfig:
-    """The :class:`BitNetConfig` of the model directory ``path``."""
-    file = Path(path) / CONFIG_FILE
+def read_json(file: Path) -> Any:
+    """The JSON value in ``file``, or None when there is no such file; CheckpointError when it is not JSON."""
     if not file.is_file():
-        raise errors.CheckpointNotFoundError(f"no {CONFIG_FILE} in {path}: is it an HF model directory?")
+        return None
     try:
-        raw = json.loads(file.read_text())
+        return json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise errors.CheckpointError(f"{file} is not valid JSON ({exc}); re-download or re-save the model") from None
+
+
+def read_config(path: str | Path) -> BitNetConfig:
+    """The :class:`BitNetConfig` of the model directory ``path``."""
+    raw = read_json(Path(path) / CONFIG_FILE)
+    if raw is None:
+        raise errors.CheckpointNotFoundError(f"no {CONFIG_FILE} in {path}: is it an HF model directory?")
     return BitNetConfig.from_dict(raw)
 
 
@@ -66,12 +73,9 @@ def read_generation_config(path: str | Path | None = None) -> dict:
     CheckpointError when the file exists but is not a JSON object.
     """
     file = (bundled_path() if path is None else Path(path)) / GENERATION_CONFIG_FILE
-    if not file.is_file():
+    values = read_json(file)
+    if values is None:
         return {}
-    try:
-        values = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise errors.CheckpointError(f"{file} is not valid JSON ({exc})") from None
     if not isinstance(values, dict):
         raise errors.CheckpointError(f"{file} must hold a JSON object, got {type(values).__name__}")
     return values
@@ -157,17 +161,20 @@ class _TensorReader:
                 f"the config and the weights disagree"
             )
 
-    def shape(self, name: str) -> list[int]:
-        """The stored shape of tensor ``name``."""
+    def header(self, name: str) -> tuple[str, list[int]]:
+        """The safetensors dtype ("U8", "BF16", ...) and shape of tensor ``name``, read from the header only."""
         handle, _ = self._handle_of(name)
         with handle:
-            return handle.get_slice(name).get_shape()
+            view = handle.get_slice(name)
+            return view.get_dtype(), list(view.get_shape())
+
+    def shape(self, name: str) -> list[int]:
+        """The stored shape of tensor ``name``."""
+        return self.header(name)[1]
 
     def is_packed(self, name: str) -> bool:
         """Whether tensor ``name`` is stored as uint8 (packed ternary codes), read from the header only."""
-        handle, _ = self._handle_of(name)
-        with handle:
-            return handle.get_slice(name).get_dtype() == "U8"
+        return self.header(name)[0] == "U8"
 
     def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of tensor ``name``."""

@@ -66,7 +66,7 @@ def read_chat_template(path: str | Path | None = None) -> str | None:
         return file.value(GGUF_CHAT_TEMPLATE_KEY, (_gguf_string_type(),), None)
     if (path / CHAT_TEMPLATE_FILE).is_file():
         return (path / CHAT_TEMPLATE_FILE).read_text()
-    settings = _json_file(path / TOKENIZER_CONFIG_FILE)
+    settings = hf.read_json(path / TOKENIZER_CONFIG_FILE)
     template = settings.get("chat_template") if isinstance(settings, dict) else None
     if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
         named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
@@ -76,15 +76,6 @@ def read_chat_template(path: str | Path | None = None) -> str | None:
 
 def _gguf_string_type() -> int:
     return int(gguf._gguf().GGUFValueType.STRING)
-
-
-def _json_file(file: Path) -> Any:
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise errors.CheckpointError(f"{file} is not valid JSON ({exc})") from None
 
 
 def _architecture(config, gguf_architecture: str | None) -> dict[str, Any]:
@@ -229,11 +220,12 @@ def _describe_hf(path: Path) -> dict[str, Any]:
     reader = hf._TensorReader(path)
     shapes = {f"model.layers.{i}.{short}": shape for i in range(config.num_hidden_layers)
               for short, shape in config.linear_shapes().items()}
+    projections = set(shapes)
     tensors, scales = [], []
     divide = config.linear_class == "bitlinear"
     for name in sorted(reader.names, key=_natural):
-        role = _hf_role(name, set(shapes))
-        dtype, shape = _header(reader, name)
+        role = _hf_role(name, projections)
+        dtype, shape = reader.header(name)
         count = math.prod(shape)
         packed = role == "projection" and dtype == "U8"
         weights = math.prod(shapes[name.removesuffix(".weight")]) if packed else count
@@ -249,21 +241,13 @@ def _describe_hf(path: Path) -> dict[str, Any]:
     return _summary(path, "hf", size, _architecture(config, None), tensors, scales, _hf_tokenizer(path))
 
 
-def _header(reader, name: str) -> tuple[str, list[int]]:
-    """A safetensors tensor's dtype and shape, from its file's header."""
-    handle, _ = reader._handle_of(name)
-    with handle:
-        view = handle.get_slice(name)
-        return view.get_dtype(), list(view.get_shape())
-
-
 def _natural(name: str) -> list:
     """Sort key putting ``layers.2`` before ``layers.10``."""
     return [int(part) if part.isdigit() else part for part in name.split(".")]
 
 
 def _hf_tokenizer(path: Path) -> dict[str, Any]:
-    spec = _json_file(path / tokenizer.TOKENIZER_FILE)
+    spec = hf.read_json(path / tokenizer.TOKENIZER_FILE)
     if not isinstance(spec, dict):
         return {"present": False}
     model = spec.get("model") or {}
