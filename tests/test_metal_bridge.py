@@ -315,7 +315,7 @@ def test_model_to_metal_uploads_each_running_projection_once(monkeypatch, rng):
     monkeypatch.setattr(bridge, "unavailable_reason", lambda: None)
     monkeypatch.setattr(bridge, "_default", bridge.MetalBackend(mc_module=recorder))
     assert model.to("metal") is model
-    running = [lin for layer in model.layers for lin in (*layer.attention.running_linears, *layer.mlp.running_linears)]
+    running = list(model.running_linears())
     assert all(lin.device == "metal" for lin in running)
     uploads = len(recorder.events("buffer"))
     assert uploads == 2 * len(running)  # weights and scale of each, nothing for the unstacked parts

@@ -171,8 +171,7 @@ def read_bandwidth(buffer: np.ndarray, passes: int = 3) -> float:
 def decode_step_bytes(model: BitNetForCausalLM, positions: float) -> StepBytes:
     """What a decode step attending to ``positions`` cached positions reads (norm gains and one embedding row aside)."""
     c = model.config
-    ternary = sum(linear.weight.nbytes for layer in model.layers
-                  for linear in (*layer.attention.running_linears, *layer.mlp.running_linears))
+    ternary = sum(linear.weight.nbytes for linear in model.running_linears())
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * np.dtype(np.float32).itemsize * positions
     return StepBytes(ternary, model.lm_head.nbytes, float(kv))
 
@@ -190,10 +189,9 @@ def kernel_seconds_per_step(model: BitNetForCausalLM, repeats: int = 5) -> float
     """Time of the matmul kernels of one decode step alone: every BitLinear of every layer, and the head."""
     rng = np.random.default_rng(0)
     calls = []
-    for layer in model.layers:
-        for linear in (*layer.attention.running_linears, *layer.mlp.running_linears):
-            x = rng.standard_normal((1, linear.in_features), np.float32)
-            calls.append((linear.weight, x, np.empty((1, linear.out_features), np.float32)))
+    for linear in model.running_linears():
+        x = rng.standard_normal((1, linear.in_features), np.float32)
+        calls.append((linear.weight, x, np.empty((1, linear.out_features), np.float32)))
     h = rng.standard_normal((1, model.config.hidden_size), np.float32)
     logits = np.empty((1, model.config.vocab_size), np.float32)
 

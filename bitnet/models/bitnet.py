@@ -393,10 +393,15 @@ class BitNetForCausalLM:
         device and back once per projection. Raises DeviceError, with the reason, if
         ``device`` is not available. Returns the model.
         """
-        for layer in self.layers:
-            for linear in (*layer.attention.running_linears, *layer.mlp.running_linears):
-                linear.to(device)
+        for linear in self.running_linears():
+            linear.to(device)
         return self
+
+    def running_linears(self) -> Iterator[BitLinear]:
+        """Every BitLinear a forward pass calls, in order (q/k/v and gate/up stacked into one each)."""
+        for layer in self.layers:
+            yield from layer.attention.running_linears
+            yield from layer.mlp.running_linears
 
     def named_linears(self) -> Iterator[tuple[str, BitLinear]]:
         """``(HF module name, BitLinear)`` for every projection, in checkpoint order."""
