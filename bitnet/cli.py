@@ -56,9 +56,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-HEAD_CHOICES = ("auto", "f32", "f16", "bf16", "int8")
-
-
 def _head_label(model) -> str:
     return f"{model.lm_head.dtype} head" + (" (tied to the embedding)" if model.tied else "")
 
@@ -614,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None,
                           help="nucleus sampling threshold (default: generation_config.json, else 1)")
     generate.add_argument("--seed", type=_at_least(0), default=None, help="sampling seed (default: random)")
-    generate.add_argument("--head", choices=HEAD_CHOICES, default="auto",
+    generate.add_argument("--head", choices=bn.io.convert.HEADS, default="auto",
                           help="embedding/head storage (auto: as in the checkpoint)")
     convert = command("convert", cmd_convert)
     convert.add_argument("source", help="HF model directory (packed, or float: quantized with absmean) or .gguf file")
@@ -638,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="also draw the table as a bar chart into this image file (needs matplotlib)")
     bench_model = command("bench-model", cmd_bench_model)
     bench_model.add_argument("--layers", type=_at_least(1), default=30, help="decoder layers (2B4T has 30)")
-    bench_model.add_argument("--head", choices=HEAD_CHOICES[1:], default="int8",
+    bench_model.add_argument("--head", choices=bn.nn.embedding.DTYPES, default="int8",
                              help="embedding/head storage; the README's figures are for the int8 head")
     bench_model.add_argument("--prompt-tokens", type=_at_least(1), default=64, help="tokens of the timed prefill")
     bench_model.add_argument("--decode-tokens", type=_at_least(1), default=32, help="timed decode steps")
