@@ -299,31 +299,29 @@ def test_config_checks_nested_numbers_and_direct_construction():
     assert type(config.vocab_size) is int and config.rms_norm_eps == 1.0
 
 
-@pytest.mark.parametrize("stored", [0.0, float("nan"), float("inf"), -2.0])
-@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
-def test_bad_weight_scales_are_refused(saved, tmp_path, stored, linear_class):
+def copy_with_weight_scale(saved, dst, projection: str, stored: float, linear_class: str):
+    """The saved checkpoint copied to ``dst`` with ``projection``'s ``weight_scale`` stored as ``stored``."""
     _, path = saved
     tensors = load_file(path / "model.safetensors")
-    tensors["model.layers.1.mlp.down_proj.weight_scale"] = np.array([stored], np.float32)
+    tensors[f"{projection}.weight_scale"] = np.array([stored], np.float32)
 
     def config(raw):
         return {**raw, "quantization_config": {**raw["quantization_config"], "linear_class": linear_class}}
 
-    copy_checkpoint(path, tmp_path, tensors, config)
+    return copy_checkpoint(path, dst, tensors, config)
+
+
+@pytest.mark.parametrize("stored", [0.0, float("nan"), float("inf"), -2.0])
+@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
+def test_bad_weight_scales_are_refused(saved, tmp_path, stored, linear_class):
+    copy_with_weight_scale(saved, tmp_path, "model.layers.1.mlp.down_proj", stored, linear_class)
     with pytest.raises(bn.CheckpointError, match="down_proj.* scale"):
         bn.load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("linear_class, stored", [("bitlinear", 1e-38), ("autobitlinear", 1e38)])
 def test_scales_that_overflow_float32_activations_are_refused(saved, tmp_path, linear_class, stored):
-    _, path = saved
-    tensors = load_file(path / "model.safetensors")
-    tensors["model.layers.0.self_attn.o_proj.weight_scale"] = np.array([stored], np.float32)
-
-    def config(raw):
-        return {**raw, "quantization_config": {**raw["quantization_config"], "linear_class": linear_class}}
-
-    copy_checkpoint(path, tmp_path, tensors, config)
+    copy_with_weight_scale(saved, tmp_path, "model.layers.0.self_attn.o_proj", stored, linear_class)
     with pytest.raises(bn.CheckpointError, match="o_proj' has scale.*must lie in"):
         bn.load_pretrained(tmp_path)
 
