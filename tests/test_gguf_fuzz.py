@@ -75,10 +75,15 @@ def _timeout(signum, frame):
 
 
 def load_everything(path) -> bool:
-    """Load the model, run it, and load the tokenizer; a BitNetError anywhere is a fine answer.
+    """Describe the file (``bn.io.describe``), load the model, run it, and load the tokenizer; a
+    BitNetError anywhere is a fine answer.
 
     Returns whether the model loaded.
     """
+    try:
+        bn.io.describe(path)
+    except bn.BitNetError:
+        pass
     try:
         model = bn.load_gguf(path)
         loaded = True

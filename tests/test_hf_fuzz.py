@@ -5,7 +5,8 @@ ways real checkpoints go wrong: ``config.json`` values of the wrong type or rang
 ``weight_scale`` of 0 / NaN / Inf / negative / extreme, NaN norms, tensors missing, extra
 (more layers than the config), transposed or of another dtype, a sharded index naming
 files outside the directory (``../x``, absolute paths) or missing, and flipped bytes in the
-safetensors header. Loading (then a forward pass) must work or raise ``bn.BitNetError``;
+safetensors header. Describing it (``bn.io.describe``) and loading it (then a forward pass)
+must work or raise ``bn.BitNetError``;
 a model that loads must give finite logits. The default run has 150 cases;
 ``pytest -m slow`` runs many more.
 """
@@ -99,6 +100,14 @@ def mutate(src, dst, rng) -> list[str]:
     return done
 
 
+def describe(path) -> None:
+    """``bn.io.describe`` (python -m bitnet info) of the checkpoint: a summary, or a BitNetError."""
+    try:
+        bn.io.describe(path)
+    except bn.BitNetError:
+        pass
+
+
 def run_cases(original, tmp_path, cases: int, seed: int) -> int:
     loaded = 0
     for case in range(cases):
@@ -106,6 +115,7 @@ def run_cases(original, tmp_path, cases: int, seed: int) -> int:
         target = tmp_path / f"case{case}"
         done = mutate(original, target, rng)
         try:
+            describe(target)
             model = bn.load_pretrained(target)
             logits = model(IDS)
         except bn.BitNetError:

@@ -198,13 +198,25 @@ def _gguf_tokenizer(file: gguf.GGUFFile) -> dict[str, Any]:
 # HF
 
 
-def _hf_role(name: str, projections: set[str]) -> str:
+def _projection_shape(config, module: str) -> tuple[int, int] | None:
+    """``(out, in)`` when ``module`` (``model.layers.3.self_attn.q_proj``) is a projection of ``config``, else None.
+
+    Parsed from the name rather than looked up in a list of every layer's projections: a
+    config may claim billions of layers.
+    """
+    parts = module.split(".", 3)
+    if len(parts) != 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        return None
+    return config.linear_shapes().get(parts[3]) if int(parts[2]) < config.num_hidden_layers else None
+
+
+def _hf_role(name: str, config) -> str:
     base, _, leaf = name.rpartition(".")
     if name == "model.embed_tokens.weight":
         return "embedding"
     if name == "lm_head.weight":
         return "head"
-    if base in projections:
+    if _projection_shape(config, base) is not None:
         return {"weight": "projection", "weight_scale": "projection scale", "bias": "bias"}.get(leaf, "other")
     if name.endswith("norm.weight") or name.endswith("_ln.weight") or name.endswith("layernorm.weight"):
         return "norm"
@@ -218,17 +230,14 @@ _SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "
 def _describe_hf(path: Path) -> dict[str, Any]:
     config = hf.read_config(path)
     reader = hf._TensorReader(path)
-    shapes = {f"model.layers.{i}.{short}": shape for i in range(config.num_hidden_layers)
-              for short, shape in config.linear_shapes().items()}
-    projections = set(shapes)
     tensors, scales = [], []
     divide = config.linear_class == "bitlinear"
     for name in sorted(reader.names, key=_natural):
-        role = _hf_role(name, projections)
+        role = _hf_role(name, config)
         dtype, shape = reader.header(name)
         count = math.prod(shape)
         packed = role == "projection" and dtype == "U8"
-        weights = math.prod(shapes[name.removesuffix(".weight")]) if packed else count
+        weights = math.prod(_projection_shape(config, name.removesuffix(".weight"))) if packed else count
         tensors.append({"name": name, "role": role, "format": "packed 2-bit (U8)" if packed else dtype,
                         "shape": shape, "weights": 0 if role == "projection scale" else weights,
                         "nbytes": count * _SAFETENSORS_BYTES.get(dtype, 0)})
@@ -242,8 +251,8 @@ def _describe_hf(path: Path) -> dict[str, Any]:
 
 
 def _natural(name: str) -> list:
-    """Sort key putting ``layers.2`` before ``layers.10``."""
-    return [int(part) if part.isdigit() else part for part in name.split(".")]
+    """Sort key putting ``layers.2`` before ``layers.10`` (numbers before words where names differ in kind)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def _hf_tokenizer(path: Path) -> dict[str, Any]:
