@@ -128,6 +128,12 @@ def checked_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+def check_callback(callback: object, name: str) -> None:
+    """Raise InvalidValueError unless ``callback`` is None or callable."""
+    if callback is not None and not callable(callback):
+        raise InvalidValueError(f"{name} must be callable, got {callback!r:.80}")
+
+
 def check_float(a: np.ndarray, name: str) -> None:
     """Raise DTypeError unless ``a`` holds real floating-point numbers."""
     if a.dtype.kind != "f":

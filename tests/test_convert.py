@@ -169,3 +169,12 @@ def test_the_command_converts_and_refuses_in_one_line(source, tmp_path, capsys):
     assert main(["convert", str(path), str(destination), "--format", "tq2_0", "--overwrite"]) == 0
     assert main(["convert", str(path), str(destination), "--format", "q8_0"]) == 2
     assert "invalid choice: 'q8_0'" in capsys.readouterr().err
+
+
+def test_a_progress_that_is_not_callable_is_refused_before_reading(source, tmp_path):
+    path, _ = source
+    for call in (lambda: bn.io.convert_checkpoint(path, tmp_path / "out.gguf", "i2_s", progress=5),
+                 lambda: bn.load_pretrained(path, progress="bar")):
+        with pytest.raises(bn.InvalidValueError, match="progress must be callable"):
+            call()
+    assert not (tmp_path / "out.gguf").exists()

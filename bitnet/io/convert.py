@@ -86,6 +86,7 @@ def convert_checkpoint(
     head = errors.check_choice("head dtype", head, HEADS)
     source, destination = Path(source), Path(destination)
     _check_destination(destination, format, overwrite)
+    errors.check_callback(progress, "progress")
     report = progress or (lambda stage, done, total: None)
     model = hf.load_pretrained(source, head_dtype=head, progress=lambda done, total: report("read", done, total))
     vocabulary = tokenizer.load_tokenizer(source)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .. import errors
+
 Progress = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each weight is read."""
 
@@ -12,6 +14,7 @@ class ReportingDict(dict):
     """The weights a loader gathers: each new entry reports ``progress(len(self), total)``."""
 
     def __init__(self, total: int, progress: Progress | None) -> None:
+        errors.check_callback(progress, "progress")
         super().__init__()
         self.total = total
         self.progress = progress

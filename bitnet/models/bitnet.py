@@ -319,8 +319,7 @@ class BitNetForCausalLM:
         ``stop`` / ``first_tokens`` ids outside the vocabulary, or a prompt plus
         ``max_new_tokens`` longer than the model's context (``config.max_position_embeddings``).
         """
-        if callback is not None and not callable(callback):
-            raise errors.InvalidValueError(f"callback must be callable, got {callback!r:.80}")
+        errors.check_callback(callback, "callback")
         tokens = []
         for token in self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, first_tokens):
             tokens.append(token)
