@@ -285,3 +285,68 @@ def test_bad_generation_arguments_raise_before_any_work(model, bad):
         with pytest.raises(bn.BitNetError):
             model.stream(PROMPT, **arguments)  # raised by the call itself, not by the first next()
     assert model.generate(PROMPT, 0) == []
+
+
+def _greedy_by_batch(model, prompts, steps):
+    """Greedy continuations of ``prompts`` decoded together: one forward_batch per step for all of them."""
+    caches = [model.new_cache(arena=bn.Arena()) for _ in prompts]
+    logits = model.forward_batch([np.asarray(p) for p in prompts], caches)
+    tokens = [[int(np.argmax(row))] for row in logits]
+    for _ in range(steps - 1):
+        logits = model.forward_batch([np.array(t[-1:]) for t in tokens], caches)
+        for row, t in zip(logits, tokens, strict=True):
+            t.append(int(np.argmax(row)))
+    return tokens, caches
+
+
+def test_forward_batch_rows_equal_each_sequence_alone(model):
+    prompts = [PROMPT, PROMPT[:1], (PROMPT * 7 + 1) % model.config.vocab_size, np.arange(17) % 100]
+    caches = [model.new_cache() for _ in prompts]
+    logits = model.forward_batch(prompts, caches)
+    for prompt, row, cache in zip(prompts, logits, caches, strict=True):
+        assert_same_logits(row, model.forward(prompt, last_only=True)[0])
+        assert cache.length == len(prompt)
+    tokens, _ = _greedy_by_batch(model, prompts, 8)
+    assert tokens == [model.generate(p, 8) for p in prompts]
+
+
+def test_forward_batch_checks_everything_before_running(model):
+    a, b = model.new_cache(), model.new_cache()
+    vocab = model.config.vocab_size
+    for sequences, caches in (([PROMPT], [a, b]), ([], []), ([PROMPT, PROMPT], [a, a]), ([PROMPT, [vocab]], [a, b]),
+                              ([PROMPT, []], [a, b]), (PROMPT, [a]), ([PROMPT, PROMPT], [a, None])):
+        with pytest.raises(bn.BitNetError):
+            model.forward_batch(sequences, caches)
+        assert a.length == b.length == 0
+    with pytest.raises(bn.BitNetError, match="out"):
+        model.forward_batch([PROMPT, PROMPT], [a, b], out=np.empty((1, vocab), np.float32))
+
+
+def test_float16_cache_decodes_as_its_full_forward_and_stays_near_float32(model):
+    model.kv_dtype = "float16"
+    try:
+        cache = model.new_cache(capacity=4)
+        assert cache.keys[0].dtype == np.float16
+        ids = np.arange(40) % model.config.vocab_size
+        model.forward(ids[:-1], cache)
+        assert_same_logits(model.forward(ids[-1:], cache)[0], model.forward(ids)[-1])
+        half = model.forward(ids)
+    finally:
+        model.kv_dtype = "float32"
+    full = model.forward(ids)
+    assert 0 < np.abs(half - full).max() <= 2e-2 * np.abs(full).max()  # rounded, and near (an int8 code may flip)
+    with pytest.raises(bn.InvalidValueError, match="kv_dtype"):
+        model.kv_dtype = "bfloat16"
+
+
+def test_caches_from_an_arena_go_back_to_it(model):
+    arena = bn.Arena()
+    caches = [model.new_cache(8, arena=arena) for _ in range(3)]
+    model.forward_batch([PROMPT, PROMPT[:2], PROMPT[:4]], caches)
+    model.forward_batch([PROMPT] * 3, caches)  # grows each cache (6 + 6 > 8 positions)
+    assert arena.used_bytes() > 0 and all(c.capacity == 16 for c in caches[::2])
+    for cache in caches:
+        cache.release()
+    assert arena.used_bytes() == 0
+    with pytest.raises(bn.InvalidValueError, match="released"):
+        model.forward(PROMPT, caches[0])

@@ -7,6 +7,7 @@ import pytest
 from conftest import ALL_PATHS
 
 import bitnet as bn
+from bitnet.kernels import attention as attention_kernels
 from bitnet.kernels.simd import MARKERS
 from bitnet.nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, head_kernels
 from bitnet.nn.embedding import bf16_bits_to_float, float_to_bf16_bits
@@ -81,35 +82,6 @@ def test_rope_rotates_half_pairs_by_position(rng):
         RotaryEmbedding(7, theta)
 
 
-def reference_attention(q, k, v, start):
-    """Causal softmax attention with query head h reading kv head h // group, in float64."""
-    n, heads, d = q.shape
-    group = heads // k.shape[1]
-    out = np.empty((n, heads, d))
-    for h in range(heads):
-        scores = q[:, h] @ k[:, h // group].T / np.sqrt(d)
-        future = np.arange(k.shape[0])[None, :] > (start + np.arange(n))[:, None]
-        scores[future] = -np.inf
-        p = np.exp(scores - scores.max(axis=1, keepdims=True))
-        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // group]
-    return out.reshape(n, heads * d)
-
-
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_attention_core_matches_reference_with_gqa(rng, heads, kv_heads):
-    d, n, start = 8, 5, 3
-    hidden = heads * d
-    projections = [BitLinear.from_float(rng.standard_normal(shape).astype(np.float32))
-                   for shape in ((hidden, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, hidden))]
-    attention = Attention(*projections, RMSNorm(np.ones(hidden)), heads, kv_heads, d, RotaryEmbedding(d, 1e4))
-    q = rng.standard_normal((n, heads, d)).astype(np.float32)
-    k = rng.standard_normal((start + n, kv_heads, d)).astype(np.float32)
-    v = rng.standard_normal((start + n, kv_heads, d)).astype(np.float32)
-    with bn.nn.scratch.step():
-        got = attention._attend(q, k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), start).copy()
-    np.testing.assert_allclose(got, reference_attention(q, k, v, start), rtol=1e-5, atol=1e-5)
-
-
 def test_kv_cache_grows_by_doubling_and_keeps_contents():
     cache = KVCache(layers=2, kv_heads=1, head_dim=4, capacity=4)
     cache.keys[1][:, :3] = 7.0
@@ -143,7 +115,8 @@ def test_attention_without_sub_norm_projects_the_context(rng):
     with bn.nn.scratch.step():
         cache = KVCache(1, heads, d)
         got = attention(x, cache, 0).copy()
-        context = attention._attend(*_queries_keys_values(attention, x), 0).copy()
+        context = np.empty((3, hidden), np.float32)
+        attention._attend(*_queries_keys_values(attention, x), 0, context)
         expected = projections[3](context)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
@@ -153,9 +126,10 @@ def _queries_keys_values(attention, x):
     cache = KVCache(1, attention.kv_heads, attention.head_dim)
     queries = np.empty((x.shape[0], attention.heads, attention.head_dim), np.float32)
     qkv = attention._project(x)
-    bn.nn.float_kernels.rope_into_cache(qkv, attention.heads, attention.kv_heads, attention.rope.cos,
-                                        attention.rope.sin, 0, queries, cache.keys[0], cache.values[0])
-    return queries, cache.keys[0], cache.values[0]
+    keys, values = cache.layer(0, attention.kv_heads, attention.head_dim, x.shape[0])
+    attention_kernels.rope_into_cache(qkv, attention.heads, attention.kv_heads, attention.rope.cos,
+                                      attention.rope.sin, 0, queries, keys, values)
+    return queries, keys, values
 
 
 @pytest.mark.parametrize("dtype, rtol", [("f32", 1e-6), ("f16", 2e-3), ("bf16", 1e-2), ("int8", 3e-2)])

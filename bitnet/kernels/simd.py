@@ -17,7 +17,7 @@ Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat
 ``signed_dot_acc`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator
 vectors; ``zero_floats`` / ``scaled_add_floats`` / ``sum_floats`` on float32 vectors of the
 same lane count; ``prefetch``; and the scalars ``widen_word`` (a bf16 or f16 word, as a
-``WordFormat`` marker says) and ``float32_from_bits``.
+``WordFormat`` marker says), its inverse ``narrow_to_f16`` and ``float32_from_bits``.
 """
 
 from __future__ import annotations
@@ -386,6 +386,51 @@ def _f16_bits_widen(builder, word):
     value = builder.select(builder.icmp_unsigned("==", exponent, const(0)), builder.bitcast(small, i32), value)
     sign = builder.shl(builder.and_(wide, const(0x8000)), const(16))
     return builder.bitcast(builder.or_(value, sign), f32)
+
+
+@intrinsic
+def narrow_to_f16(typingctx, value):
+    """The float32 ``value`` as the raw uint16 word of the nearest IEEE f16 (ties to even), as numpy rounds.
+
+    LLVM's ``fptrunc float to half`` (one ``vcvtps2ph`` per 16 values) where the CPU has
+    F16C; elsewhere the integer route of :func:`_f16_bits_narrow`, for the reason given at
+    :func:`widen_word`. Past f16's range it gives Inf; NaN stays NaN.
+    """
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        if _converts_half():
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return _f16_bits_narrow(builder, args[0])
+
+    return types.uint16(value), codegen
+
+
+def _f16_bits_narrow(builder, value):
+    """A float32 as the nearest f16 word, by integer operations (Giesen's ``float_to_half_fast3_rtne``).
+
+    Magnitudes from f16's overflow threshold up become Inf (or a quiet NaN for NaN); those
+    below the smallest normal f16 are rounded by a float add that lines their mantissa up
+    with f16's subnormal grid; the rest drop 13 mantissa bits, rounding to nearest even.
+    """
+    i32, f32 = ir.IntType(32), ir.FloatType()
+
+    def const(v):
+        return ir.Constant(i32, v)
+
+    bits = builder.bitcast(value, i32)
+    sign = builder.and_(bits, const(0x80000000))
+    magnitude = builder.xor(bits, sign)
+    special = builder.select(builder.icmp_unsigned(">", magnitude, const(0x7F800000)), const(0x7E00), const(0x7C00))
+    subnormal_magic = ((127 - 15) + (23 - 10) + 1) << 23
+    aligned = builder.fadd(builder.bitcast(magnitude, f32), builder.bitcast(const(subnormal_magic), f32))
+    subnormal = builder.sub(builder.bitcast(aligned, i32), const(subnormal_magic))
+    odd = builder.and_(builder.lshr(magnitude, const(13)), const(1))
+    normal = builder.lshr(builder.add(builder.add(magnitude, const(((15 - 127) << 23) + 0xFFF)), odd), const(13))
+    finite = builder.select(builder.icmp_unsigned("<", magnitude, const(113 << 23)), subnormal, normal)
+    word = builder.select(builder.icmp_unsigned(">=", magnitude, const((127 + 16) << 23)), special, finite)
+    return builder.trunc(builder.or_(word, builder.lshr(sign, const(16))), ir.IntType(16))
 
 
 @intrinsic

@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from .. import errors
+from ..memory import Arena
 from ..nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, checks, scratch
-from ..nn.attention import INITIAL_CACHE_LENGTH
+from ..nn.attention import CACHE_DTYPES, INITIAL_CACHE_LENGTH
 from .config import BitNetConfig
 from .sampling import Sampler
 
@@ -34,9 +35,10 @@ class DecoderLayer:
         self.input_norm = input_norm
         self.post_attention_norm = post_attention_norm
 
-    def __call__(self, x: np.ndarray, cache: KVCache, index: int) -> None:
-        """Update the residual stream ``x`` (``(n, hidden)``) in place."""
-        attended = self.attention(self.input_norm(x), cache, index)
+    def __call__(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], index: int) -> None:
+        """Update the residual stream ``x`` (``(n, hidden)``) in place; ``sequences`` pairs each
+        sequence's cache with its rows of ``x`` (see :meth:`Attention.batched`)."""
+        attended = self.attention.batched(self.input_norm(x), sequences, index)
         x += self.mlp(self.post_attention_norm.add_and_normalize(x, attended))
 
 
@@ -175,19 +177,35 @@ class BitNetForCausalLM:
         self.layers = layers
         self.norm = norm
         self.lm_head = embed_tokens if lm_head is None else lm_head
+        self.kv_dtype = "float32"
 
     @property
     def tied(self) -> bool:
         return self.lm_head is self.embed_tokens
 
-    def new_cache(self, capacity: int = INITIAL_CACHE_LENGTH) -> KVCache:
-        """An empty key/value cache for one sequence.
+    @property
+    def kv_dtype(self) -> str:
+        """Storage of the caches this model makes: "float32" (the default: the numbers HF
+        transformers computes, to float32 rounding) or "float16" (llama.cpp's default: half the
+        bytes a long context reads per token; logits move by about 1e-3 of their range)."""
+        return self._kv_dtype
+
+    @kv_dtype.setter
+    def kv_dtype(self, dtype: str) -> None:
+        if dtype not in CACHE_DTYPES:
+            raise errors.InvalidValueError(f"kv_dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+        self._kv_dtype = dtype
+
+    def new_cache(self, capacity: int = INITIAL_CACHE_LENGTH, arena: Arena | None = None) -> KVCache:
+        """An empty key/value cache for one sequence, of :attr:`kv_dtype`.
 
         It grows by doubling past ``capacity``, up to the model's context
-        (``config.max_position_embeddings``), which it never exceeds.
+        (``config.max_position_embeddings``), which it never exceeds. With ``arena`` its
+        buffers come from that :class:`bitnet.Arena`; ``cache.release()`` gives them back.
         """
         c = self.config
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, c.max_position_embeddings)
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, c.max_position_embeddings,
+                       self.kv_dtype, arena)
 
     def forward(
         self, input_ids, cache: KVCache | None = None, last_only: bool = False, out: np.ndarray | None = None
@@ -214,24 +232,80 @@ class BitNetForCausalLM:
         model's context (``config.max_position_embeddings``). All before anything runs.
         """
         ids = self._checked_ids(input_ids)
-        c = self.config
-        errors.checked_out(out, (1 if last_only else len(ids), c.vocab_size))
-        if cache is None:
-            cache = self.new_cache(len(ids))
-        elif not isinstance(cache, KVCache):
-            raise errors.DTypeError(f"cache must be a bn.nn.KVCache, got {type(cache).__name__}")
-        cache.check(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
-        self._check_context(cache.length + len(ids), "start a new cache, or run a shorter input")
-        cache.reserve(cache.length + len(ids))
-        with scratch.step():
-            x = self.embed_tokens.rows(ids, out=scratch.empty((len(ids), self.config.hidden_size)))
-            for index, layer in enumerate(self.layers):
-                layer(x, cache, index)
-            cache.length += len(ids)
-            h = self.norm(x[-1:] if last_only else x)
-            return self.lm_head.logits(h, out=out)
+        errors.checked_out(out, (1 if last_only else len(ids), self.config.vocab_size))
+        cache = self.new_cache(len(ids)) if cache is None else self._checked_cache(cache, len(ids))
+        return self._run([ids], [cache], slice(-1, None) if last_only else slice(None), out)
 
     __call__ = forward
+
+    def forward_batch(self, sequences, caches: list[KVCache], out: np.ndarray | None = None) -> np.ndarray:
+        """Continue several sequences at once: the logits of each one's last new position.
+
+        The projections run once over all the new tokens (``n`` = their total, so a decode
+        step of 8 sequences streams the weights once); rope and attention run per sequence
+        over its own cache. Each row equals what :meth:`forward` gives that sequence alone
+        with ``last_only=True``: quantization, norms and attention are per row.
+
+        Parameters
+        ----------
+        sequences : list of 1-D array_like of int token ids, one entry per sequence (one
+            token for a decode step, several for a chunk of a prompt).
+        caches : ``caches[i]`` holds sequence ``i`` so far (made by :meth:`new_cache`; each
+            cache once) and is extended by its tokens.
+        out : float32 array of shape ``(len(sequences), vocab_size)`` to write into.
+
+        Returns
+        -------
+        ndarray of float32, shape ``(len(sequences), vocab_size)``.
+
+        Raises
+        ------
+        InvalidValueError, ShapeError or DTypeError, before anything runs, for what
+        :meth:`forward` refuses in any one sequence, lists of different lengths, an empty
+        list or a cache given twice.
+        """
+        if not isinstance(sequences, (list, tuple)) or not isinstance(caches, (list, tuple)):
+            raise errors.InvalidValueError("sequences and caches must be lists (one entry per sequence)")
+        if not sequences or len(sequences) != len(caches):
+            raise errors.InvalidValueError(
+                f"give one cache per sequence and at least one sequence: got {len(sequences)} sequences and "
+                f"{len(caches)} caches"
+            )
+        if len({id(cache) for cache in caches}) != len(caches):
+            raise errors.InvalidValueError("a KV cache appears twice in caches: each sequence needs its own")
+        ids = [self._checked_ids(s) for s in sequences]
+        errors.checked_out(out, (len(ids), self.config.vocab_size))
+        caches = [self._checked_cache(cache, len(i)) for cache, i in zip(caches, ids, strict=True)]
+        last_rows = np.cumsum([len(i) for i in ids]) - 1
+        all_rows = last_rows[-1] + 1 == len(ids)  # a decode step: one token per sequence
+        return self._run(ids, caches, slice(None) if all_rows else last_rows, out)
+
+    def _checked_cache(self, cache: object, new: int) -> KVCache:
+        """``cache``, checked to be this model's and reserved for ``new`` more positions within the context."""
+        c = self.config
+        if not isinstance(cache, KVCache):
+            raise errors.DTypeError(f"cache must be a bn.nn.KVCache, got {type(cache).__name__}")
+        cache.check(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        self._check_context(cache.length + new, "start a new cache, or run a shorter input")
+        cache.reserve(cache.length + new)
+        return cache
+
+    def _run(self, ids: list[np.ndarray], caches: list[KVCache], rows: slice | np.ndarray,
+             out: np.ndarray | None) -> np.ndarray:
+        """The forward pass over checked sequences: the logits of ``rows`` of the concatenated tokens."""
+        ends = np.cumsum([len(i) for i in ids]).tolist()
+        sequences = [(cache, slice(end - len(i), end)) for cache, i, end in zip(caches, ids, ends, strict=True)]
+        with scratch.step():
+            tokens = ids[0] if len(ids) == 1 else np.concatenate(ids)
+            x = self.embed_tokens.rows(tokens, out=scratch.empty((len(tokens), self.config.hidden_size)))
+            for index, layer in enumerate(self.layers):
+                layer(x, sequences, index)
+            for cache, i in zip(caches, ids, strict=True):
+                cache.length += len(i)
+            if isinstance(rows, np.ndarray):
+                x = np.take(x, rows, axis=0, out=scratch.empty((len(rows), x.shape[1])))
+            h = self.norm(x[rows] if isinstance(rows, slice) else x)
+            return self.lm_head.logits(h, out=out)
 
     def stream(
         self,

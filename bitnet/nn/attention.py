@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
-from . import checks, float_kernels, scratch
+from ..kernels import attention as kernels
+from ..memory import Arena
+from . import checks, scratch
 from .linear import BitLinear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
 INITIAL_CACHE_LENGTH = 256
+
+
+CACHE_DTYPES = {"float32": np.float32, "float16": np.float16}
+"""Storage a KV cache may use: float32 (HF transformers' numbers) or float16 (llama.cpp's
+default: half the bytes a long context reads per token)."""
 
 
 class KVCache:
@@ -21,27 +28,50 @@ class KVCache:
     copy), so a decode step normally writes into memory that already exists. With
     ``max_length`` (the model's context) the capacity never grows past it, and reserving
     more positions raises InvalidValueError.
+
+    Parameters
+    ----------
+    layers, kv_heads, head_dim : the model's cache layout.
+    capacity : positions to allocate at first.
+    max_length : the most positions the cache may ever hold, or None.
+    dtype : "float32", or "float16": keys and values rounded to the nearest f16 as they are
+        written and widened exactly as attention reads them (half the bytes per position).
+    arena : a :class:`bitnet.Arena` to take the buffers from (and give them back to on growth
+        and :meth:`release`), or None for plain numpy arrays.
     """
 
     def __init__(
         self, layers: int, kv_heads: int, head_dim: int, capacity: int = INITIAL_CACHE_LENGTH,
-        max_length: int | None = None,
+        max_length: int | None = None, dtype: str = "float32", arena: Arena | None = None,
     ) -> None:
         sizes = [checks.positive_int(v, name) for v, name in ((layers, "layers"), (kv_heads, "kv_heads"),
                                                              (head_dim, "head_dim"), (capacity, "capacity"))]
         self.max_length = None if max_length is None else checks.positive_int(max_length, "max_length")
+        if dtype not in CACHE_DTYPES:
+            raise errors.InvalidValueError(f"a KV cache dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+        if arena is not None and not isinstance(arena, Arena):
+            raise errors.DTypeError(f"arena must be a bn.Arena or None, got {type(arena).__name__}")
+        self.dtype = dtype
+        self.arena = arena
         capacity = sizes[3] if self.max_length is None else min(sizes[3], self.max_length)
         shape = (sizes[1], capacity, sizes[2])
-        self.keys = [np.zeros(shape, np.float32) for _ in range(sizes[0])]
-        self.values = [np.zeros(shape, np.float32) for _ in range(sizes[0])]
+        self.keys = [self._new(shape) for _ in range(sizes[0])]
+        self.values = [self._new(shape) for _ in range(sizes[0])]
         self.length = 0
+        self.released = False
+
+    def _new(self, shape: tuple[int, int, int]) -> np.ndarray:
+        # np.zeros maps pages lazily, so a large capacity costs memory only as positions fill.
+        dtype = CACHE_DTYPES[self.dtype]
+        return np.zeros(shape, dtype) if self.arena is None else self.arena.empty(shape, dtype)
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[1] if self.keys else 0
 
     def reserve(self, length: int) -> None:
         """Make room for ``length`` positions in total, doubling the capacity as needed (up to ``max_length``)."""
+        self._check_live()
         if length <= self.capacity:
             return
         if self.max_length is not None and length > self.max_length:
@@ -55,13 +85,27 @@ class KVCache:
             capacity = min(capacity, self.max_length)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = np.zeros((old.shape[0], capacity, old.shape[2]), np.float32)
+                grown = self._new((old.shape[0], capacity, old.shape[2]))
                 grown[:, : self.length] = old[:, : self.length]
                 store[i] = grown
+                if self.arena is not None:
+                    self.arena.release(old)
+
+    def release(self) -> None:
+        """Give the buffers back (to the arena, if the cache came from one); the cache is unusable after."""
+        if self.arena is not None and not self.released:
+            for array in (*self.keys, *self.values):
+                self.arena.release(array)
+        self.keys, self.values, self.length, self.released = [], [], 0, True
+
+    def _check_live(self) -> None:
+        if self.released:
+            raise errors.InvalidValueError("this KV cache was released: make a new one with the model's new_cache()")
 
     def check(self, layers: int, kv_heads: int, head_dim: int) -> None:
-        """Raise unless this cache has ``layers`` layers of ``(kv_heads, capacity, head_dim)`` float32
-        keys and values and a length within its capacity: the layout a model's kernels write into."""
+        """Raise unless this cache has ``layers`` layers of ``(kv_heads, capacity, head_dim)`` keys and
+        values of its dtype and a length within its capacity: the layout a model's kernels write into."""
+        self._check_live()
         if len(self.keys) != layers or len(self.values) != layers:
             raise errors.ShapeError(
                 f"this KV cache has {len(self.keys)} layers, the model {layers}: make it with the model's new_cache()"
@@ -70,21 +114,24 @@ class KVCache:
             self.layer(index, kv_heads, head_dim, 0)
 
     def layer(self, index: int, kv_heads: int, head_dim: int, new: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of layer ``index``, checked to have room for ``new`` positions after ``length``.
+        """Keys and values of layer ``index`` as the kernels take them, checked to have room for ``new``
+        positions after ``length``: float32 arrays, or a float16 cache's raw words as uint16.
 
-        Raises ShapeError when the layer is missing or its arrays are not float32
-        ``(kv_heads, capacity, head_dim)`` (a cache made for another model), or when the
-        positions do not fit (call :meth:`reserve` first).
+        Raises ShapeError when the layer is missing or its arrays are not ``(kv_heads, capacity,
+        head_dim)`` of the cache's dtype (a cache made for another model), or when the positions
+        do not fit (call :meth:`reserve` first); InvalidValueError once the cache is released.
         """
+        self._check_live()
         if not 0 <= index < len(self.keys) or len(self.values) != len(self.keys):
             raise errors.ShapeError(f"this KV cache has no layer {index}: make it with the model's new_cache()")
         keys, values = self.keys[index], self.values[index]
         expected = (kv_heads, self.capacity, head_dim)
+        dtype = CACHE_DTYPES.get(self.dtype)
         for name, array in (("keys", keys), ("values", values)):
-            if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.shape != expected:
+            if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape != expected:
                 got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
                 raise errors.ShapeError(
-                    f"KV cache {name} of layer {index} are {got}, the model needs float32 (kv_heads={kv_heads}, "
+                    f"KV cache {name} of layer {index} are {got}, the model needs {self.dtype} (kv_heads={kv_heads}, "
                     f"{self.capacity}, head_dim={head_dim}): make the cache with the model's new_cache()"
                 )
         length = self.length
@@ -93,6 +140,8 @@ class KVCache:
                 f"the cache length {length!r} plus {new} new positions must fit its capacity {self.capacity}: "
                 f"call cache.reserve(length + new) first"
             )
+        if dtype is np.float16:
+            return keys.view(np.uint16), values.view(np.uint16)
         return keys, values
 
 
@@ -177,27 +226,58 @@ class Attention:
         ``cache.length`` once all layers have run.
         """
         checks.check_rows(x, "attention input", self.hidden_size)
-        if not isinstance(cache, KVCache):
-            raise errors.DTypeError(f"cache must be a bn.nn.KVCache, got {type(cache).__name__}")
-        n, start = x.shape[0], cache.length
-        keys, values = cache.layer(layer, self.kv_heads, self.head_dim, n)
+        return self.batched(x, [(cache, slice(0, x.shape[0]))], layer)
+
+    def batched(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], layer: int) -> np.ndarray:
+        """Attention for rows of several sequences at once: ``sequences`` pairs each one's cache with
+        its rows of ``x`` (consecutive, covering ``x``). The projections run once over all rows;
+        rope and attention run per sequence, over its own cache."""
+        checks.check_rows(x, "attention input", self.hidden_size)
+        _check_sequences(sequences, x.shape[0])
         qkv = self._project(x)
-        self.rope.reserve(start + n)
-        queries = scratch.reused("self_attn.queries", (n, self.heads, self.head_dim))
-        float_kernels.rope_into_cache(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
-                                      queries, keys, values)
-        context = self._attend(queries, keys, values, start)
+        queries = scratch.reused("self_attn.queries", (x.shape[0], self.heads, self.head_dim))
+        context = scratch.reused("self_attn.context", (x.shape[0], self.heads * self.head_dim))
+        for cache, rows in sequences:
+            n, start = rows.stop - rows.start, cache.length
+            keys, values = cache.layer(layer, self.kv_heads, self.head_dim, n)
+            self.rope.reserve(start + n)
+            kernels.rope_into_cache(qkv[rows], self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
+                                    queries[rows], keys, values)
+            self._attend(queries[rows], keys, values, start, context[rows])
         return self.o_proj(context if self.sub_norm is None else self.sub_norm(context))
 
-    def _attend(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
-        """Causal attention of ``queries`` (``(n, heads, d)``, from position ``start``) over the cache.
+    def _attend(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
+                out: np.ndarray) -> None:
+        """Causal attention of ``queries`` (``(n, heads, d)``, from position ``start``) over the cache,
+        into ``out`` (``(n, heads * d)``).
 
         ``keys``/``values`` are ``(kv_heads, capacity, d)`` with positions ``0 .. start + n - 1`` filled.
         """
-        n = queries.shape[0]
-        # Sized by the cache capacity, not the current length, so decode steps reuse one buffer.
-        scores = scratch.reused("self_attn.scores", (self.heads, keys.shape[1]))
-        context = scratch.reused("self_attn.context", (n, self.heads * self.head_dim))
-        kernels = float_kernels.for_attention(n, start + n)
-        kernels.causal_attention(queries, keys, values, start, self.scaling, scores, context)
-        return context
+        n, capacity = queries.shape[0], keys.shape[1]
+        # Sized by the cache capacity, not the current length, so decode steps reuse one set of buffers.
+        shapes = kernels.scratch_shapes(n, self.heads, self.kv_heads, self.head_dim, capacity)
+        work = [scratch.reused(f"self_attn.{name}", shape) for name, shape in shapes.items()]
+        kernels.for_attention(n, start + n).causal_attention(
+            queries, keys, values, start, self.scaling, kernels.chunk_length(n, capacity), *work, out)
+
+
+def _check_sequences(sequences: object, rows: int) -> None:
+    """Raise unless ``sequences`` pairs distinct KVCaches with consecutive slices covering ``rows`` rows."""
+    if not isinstance(sequences, (list, tuple)) or not sequences:
+        raise errors.InvalidValueError("sequences must be a non-empty list of (KVCache, slice of rows) pairs")
+    end = 0
+    for pair in sequences:
+        cache, part = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+        if not isinstance(cache, KVCache):
+            raise errors.DTypeError(f"each sequence must be a (bn.nn.KVCache, slice) pair, got {pair!r:.80}")
+        if not (isinstance(part, slice) and part.start == end and part.step in (None, 1)
+                and checks.is_int(part.stop) and end < part.stop <= rows):
+            raise errors.ShapeError(
+                f"the sequences' row slices must be consecutive and cover the {rows} input rows: {part!r} follows "
+                f"row {end}"
+            )
+        end = part.stop
+    if end != rows:
+        raise errors.ShapeError(f"the sequences' row slices cover {end} of the {rows} input rows")
+    if len({id(cache) for cache, _ in sequences}) != len(sequences):
+        raise errors.InvalidValueError("a KV cache appears twice among the sequences: each sequence needs its own")

@@ -1,0 +1,173 @@
+"""Causal attention over float32 and float16 KV caches, rope into the cache, and batched sequences.
+
+References are plain numpy in float64; a float16 cache is compared with a reference that reads
+the same keys and values rounded by numpy's own ``astype(np.float16)``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+import bitnet as bn
+from bitnet.kernels import attention as kernels
+from bitnet.nn import BitLinear, KVCache, RMSNorm, RotaryEmbedding
+from bitnet.nn.attention import Attention
+
+
+def reference_attention(q, k, v, start):
+    """Causal softmax attention with query head h reading kv head h // group, in float64.
+
+    ``q``: ``(n, heads, d)``; ``k``/``v``: ``(positions, kv_heads, d)``.
+    """
+    n, heads, d = q.shape
+    group = heads // k.shape[1]
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    out = np.empty((n, heads, d))
+    for h in range(heads):
+        scores = q[:, h] @ k[:, h // group].T / np.sqrt(d)
+        future = np.arange(k.shape[0])[None, :] > (start + np.arange(n))[:, None]
+        scores[future] = -np.inf
+        p = np.exp(scores - scores.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // group]
+    return out.reshape(n, heads * d)
+
+
+def run_kernel(q, k, v, start, dtype, kernel_set=None):
+    """The library kernel on ``q`` and a cache of ``dtype`` holding ``k``/``v`` (``(positions, kv_heads, d)``)."""
+    n, heads, d = q.shape
+    positions, kv_heads, _ = k.shape
+    capacity = positions + 5  # room past the filled positions, as a real cache has
+    keys, values = (np.zeros((kv_heads, capacity, d), dtype) for _ in range(2))
+    keys[:, :positions], values[:, :positions] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+    if dtype == np.float16:
+        keys, values = keys.view(np.uint16), values.view(np.uint16)
+    shapes = kernels.scratch_shapes(n, heads, kv_heads, d, capacity)
+    work = [np.full(shape, np.nan, np.float32) for shape in shapes.values()]  # NaN: every read must be written
+    out = np.full((n, heads * d), np.nan, np.float32)
+    kernel_set = kernel_set or kernels.for_attention(n, start + n)
+    kernel_set.causal_attention(q, keys, values, start, np.float32(d**-0.5), kernels.chunk_length(n, capacity),
+                                *work, out)
+    return out
+
+
+CASES = [  # heads, kv_heads, head_dim, queries, start: odd sizes, one query, contexts past a chunk and a tile
+    (4, 4, 8, 5, 3), (4, 2, 16, 1, 0), (6, 1, 7, 3, 40), (20, 5, 128, 1, 700), (6, 3, 10, 9, 600),
+    (2, 1, 33, 1, 255), (2, 2, 4, 1, 256), (3, 3, 6, 8, 31),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("heads, kv_heads, d, n, start", CASES)
+def test_attention_matches_numpy(rng, dtype, heads, kv_heads, d, n, start):
+    q = rng.standard_normal((n, heads, d)).astype(np.float32)
+    k, v = ((3 * rng.standard_normal((start + n, kv_heads, d))).astype(np.float32) for _ in range(2))
+    k[1::7] = 0.0  # zeros mixed in
+    stored_k, stored_v = (a.astype(dtype).astype(np.float32) for a in (k, v))
+    expected = reference_attention(q, stored_k, stored_v, start)
+    np.testing.assert_allclose(run_kernel(q, k, v, start, dtype), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_serial_and_parallel_builds_and_thread_counts_give_the_same_bits(rng):
+    heads, kv_heads, d, n, start = 8, 2, 64, 1, 1100
+    q = rng.standard_normal((n, heads, d)).astype(np.float32)
+    k, v = (rng.standard_normal((start + n, kv_heads, d)).astype(np.float32) for _ in range(2))
+    results = [run_kernel(q, k, v, start, np.float16, kernels.serial)]
+    for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+        numba.set_num_threads(threads)
+        try:
+            results.append(run_kernel(q, k, v, start, np.float16, kernels.parallel))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for result in results[1:]:
+        assert np.array_equal(result, results[0])
+
+
+def test_inf_and_nan_reach_the_output_as_float32_attention_gives_them(rng):
+    q = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((5, 1, 8)).astype(np.float32) for _ in range(2))
+    v[2, 0, 3] = np.nan
+    out = run_kernel(q, k, v, 4, np.float16)
+    assert np.isnan(out[0, 3]) and np.isnan(out[0, 8 + 3]) and np.isfinite(np.delete(out[0], [3, 11])).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_rope_into_cache_rounds_keys_and_values_like_numpy(rng, dtype):
+    heads, kv_heads, d, n, start = 4, 2, 16, 3, 5
+    rope = RotaryEmbedding(d, 1e4)
+    rope.reserve(start + n)
+    qkv = (100 * rng.standard_normal((n, (heads + 2 * kv_heads) * d))).astype(np.float32)
+    qkv[0, :5] = [7e4, -7e4, 1e-7, 65519.0, np.nan]  # past f16's range, a subnormal, a tie, NaN
+    cache = KVCache(1, kv_heads, d, 16, dtype=dtype)
+    keys, values = cache.layer(0, kv_heads, d, n)
+    queries = np.empty((n, heads, d), np.float32)
+    kernels.rope_into_cache(qkv, heads, kv_heads, rope.cos, rope.sin, start, queries, keys, values)
+    reference = KVCache(1, kv_heads, d, 16, dtype="float32")
+    ref_keys, ref_values = reference.layer(0, kv_heads, d, n)
+    expected_queries = np.empty_like(queries)
+    kernels.rope_into_cache(qkv, heads, kv_heads, rope.cos, rope.sin, start, expected_queries, ref_keys, ref_values)
+    assert np.array_equal(queries, expected_queries, equal_nan=True)
+    with np.errstate(over="ignore"):
+        for got, expected in ((cache.keys[0], ref_keys), (cache.values[0], ref_values)):
+            assert got.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(got, expected.astype(dtype))
+    assert not cache.keys[0][:, start + n :].any()  # nothing written past the new positions
+
+
+def test_kv_cache_from_an_arena_grows_and_goes_back_to_it():
+    arena = bn.Arena()
+    cache = KVCache(2, 2, 8, capacity=4, arena=arena)
+    assert arena.stats().live_arrays == 4
+    cache.keys[1][:, :3] = 5.0
+    cache.length = 3
+    cache.reserve(7)
+    assert cache.capacity == 8 and (cache.keys[1][:, :3] == 5.0).all() and arena.stats().live_arrays == 4
+    cache.release()
+    assert arena.stats().live_arrays == 0 and arena.used_bytes() == 0
+    with pytest.raises(bn.InvalidValueError, match="released"):
+        cache.reserve(9)
+    with pytest.raises(bn.InvalidValueError, match="dtype"):
+        KVCache(1, 1, 8, dtype="bfloat16")
+    with pytest.raises(bn.DTypeError, match="arena"):
+        KVCache(1, 1, 8, arena=np.zeros(3))
+
+
+def _attention(rng, hidden=48, heads=4, kv_heads=2, d=12):
+    projections = [BitLinear.from_float(rng.standard_normal(shape).astype(np.float32))
+                   for shape in ((heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden),
+                                 (hidden, heads * d))]
+    return Attention(*projections, RMSNorm(np.ones(heads * d)), heads, kv_heads, d, RotaryEmbedding(d, 1e4))
+
+
+def test_batched_attention_equals_each_sequence_alone(rng):
+    attention = _attention(rng)
+    lengths, history = [1, 5, 1, 9], [3, 0, 70, 12]
+    x = rng.standard_normal((sum(lengths), 48)).astype(np.float32)
+    caches, alone = [], []
+    for n, past in zip(lengths, history, strict=True):
+        pair = []
+        for _ in range(2):
+            cache = KVCache(1, 2, 12, capacity=past + n)
+            if past:
+                attention(np.ones((past, 48), np.float32), cache, 0)
+                cache.length = past
+            pair.append(cache)
+        caches.append(pair[0])
+        alone.append(pair[1])
+    ends = np.cumsum(lengths)
+    sequences = [(cache, slice(int(end - n), int(end))) for cache, n, end in zip(caches, lengths, ends, strict=True)]
+    batched = attention.batched(x, sequences, 0)
+    for (cache, rows), single in zip(sequences, alone, strict=True):
+        np.testing.assert_allclose(batched[rows], attention(x[rows], single, 0), rtol=0, atol=1e-5)
+        assert np.array_equal(cache.keys[0], single.keys[0]) and np.array_equal(cache.values[0], single.values[0])
+
+
+def test_batched_attention_refuses_rows_that_do_not_cover_the_input(rng):
+    attention = _attention(rng)
+    x = rng.standard_normal((4, 48)).astype(np.float32)
+    a, b = KVCache(1, 2, 12), KVCache(1, 2, 12)
+    for sequences in ([(a, slice(0, 2)), (b, slice(3, 4))], [(a, slice(0, 2))], [(a, slice(0, 5))], [],
+                      [(a, slice(0, 2)), (a, slice(2, 4))], [(a, 2)], [(None, slice(0, 4))]):
+        with pytest.raises(bn.BitNetError):
+            attention.batched(x, sequences, 0)
