@@ -23,6 +23,8 @@ import numpy as np
 
 import bitnet as bn
 from bitnet import bench
+from bitnet.io.chat import ASSISTANT, USER, chat_format, fitted
+from bitnet.io.detokenize import TextStream
 from bitnet.kernels.cpu_features import supported_paths
 
 
@@ -104,17 +106,12 @@ def _timed(tokens: Iterable[int], stamps: list[float], skip: int = 0) -> Iterato
 
 
 def _decoded(tokenizer, tokens: Iterable[int], shown: str = "") -> Iterator[str]:
-    """The text of ``tokens`` piece by piece, as it grows, less the ``shown`` start already printed.
-
-    A piece waits for the rest of a multi-byte character (decoded meanwhile as U+FFFD).
-    """
-    generated: list[int] = []
+    """The text of ``tokens`` piece by piece, as it grows, less the ``shown`` start already printed."""
+    text = TextStream(tokenizer, skip=shown)
     for token in tokens:
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
+        piece = text.push(token)
+        if piece:
+            yield piece
 
 
 WARM_UP_LENGTHS = (1, 8, 32)  # one token (decode), the 8-token tiles, AMX's 32-token batches
@@ -150,10 +147,6 @@ def _print_load_note() -> None:
         print(note)
 
 
-USER, ASSISTANT = "user", "assistant"
-PLAIN_ROLES = {USER: "User", ASSISTANT: "Assistant"}  # the transcript when the model has no chat template
-
-
 def _chat(args: argparse.Namespace, model, tokenizer, source: str) -> int:
     """An interactive conversation: each line read is a user turn, each reply streamed.
 
@@ -170,10 +163,12 @@ def _chat(args: argparse.Namespace, model, tokenizer, source: str) -> int:
     if args.max_new_tokens >= context:
         raise bn.InvalidValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the conversation in "
                                    f"the model's context of {context} tokens")
-    render, stop = _transcript_format(args.model_dir, tokenizer, model.config)
+    chat = chat_format(args.model_dir, tokenizer, model.config)
+    if chat.note:
+        print(f"note: {chat.note}", file=sys.stderr)
     sampling = _sampling(args)
     _warm_up(model, context - args.max_new_tokens)
-    kind = "its chat template" if stop is None else "a plain User:/Assistant: transcript (it has no chat template)"
+    kind = "its chat template" if chat.templated else "a plain User:/Assistant: transcript (it has no chat template)"
     print(f"chatting with {source} through {kind}; Ctrl-C stops a reply, Ctrl-D (or Ctrl-C twice) quits",
           file=sys.stderr)
     messages: list[dict[str, str]] = []
@@ -195,8 +190,8 @@ def _chat(args: argparse.Namespace, model, tokenizer, source: str) -> int:
         if not line.strip():
             continue
         messages.append({"role": USER, "content": line})
-        ids = _fitted(messages, render, tokenizer, context - args.max_new_tokens)
-        reply = _stream_reply(tokenizer, model.stream(ids, args.max_new_tokens, *sampling, args.seed), stop)
+        ids = fitted(messages, chat.render, context - args.max_new_tokens)
+        reply = _stream_reply(tokenizer, model.stream(ids, args.max_new_tokens, *sampling, args.seed), chat.stop)
         messages.append({"role": ASSISTANT, "content": reply.strip()})
 
 
@@ -205,78 +200,18 @@ def _stream_reply(tokenizer, tokens: Iterable[int], stop: str | None) -> str:
 
     Ctrl-C ends it early: the part already printed is the reply the conversation keeps.
     """
-    hold = len(stop) - 1 if stop else 0  # text that may turn out to begin the stop string waits
-    reply, printed = "", 0
+    # The transcript's space after "Assistant:" is not the reply's.
+    text = TextStream(tokenizer, [stop] if stop else [], strip_start=True)
     try:
-        for piece in _decoded(tokenizer, tokens):
-            reply = (reply + piece).lstrip()  # the transcript's space after "Assistant:" is not the reply's
-            cut = reply.find(stop) if stop else -1
-            if cut >= 0:
-                reply = reply[:cut]
+        for token in tokens:
+            print(text.push(token), end="", flush=True)
+            if text.stopped:
                 break
-            if len(reply) - hold > printed:
-                print(reply[printed:len(reply) - hold], end="", flush=True)
-                printed = len(reply) - hold
     except KeyboardInterrupt:
         print(" [stopped]", flush=True)
-        return reply[:printed]
-    print(reply[printed:], flush=True)
-    return reply
-
-
-def _transcript_format(model_dir, tokenizer, config) -> tuple[Callable[[list[dict]], list[int]], str | None]:
-    """``(render, stop)``: token ids of a conversation ending with the assistant's turn to speak, and the text
-    that begins the next user turn (None with a chat template, whose replies end with an end-of-turn token)."""
-    template = bn.io.read_chat_template(model_dir)
-    if template is not None:
-        try:
-            import jinja2.sandbox
-        except ImportError:
-            print("note: the model's chat template needs jinja2 (pip install jinja2); using a plain transcript",
-                  file=sys.stderr)
-        else:
-            compiled = _compiled_template(jinja2.sandbox, template)
-            specials = {name: tokenizer.id_to_token(i) if i is not None else "" for name, i in
-                        (("bos_token", config.bos_token_id), ("eos_token", (config.stop_token_ids or [None])[0]))}
-
-            def render(messages: list[dict]) -> list[int]:
-                try:
-                    text = compiled.render(messages=messages, add_generation_prompt=True, **specials)
-                except Exception as exc:  # jinja2's errors, or the template's raise_exception
-                    raise bn.CheckpointError(f"the model's chat template fails: {exc}") from None
-                return tokenizer.encode(text, add_special_tokens=False).ids  # the template has them
-
-            return render, None
-
-    def plain(messages: list[dict]) -> list[int]:
-        turns = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
-        return tokenizer.encode("\n".join([*turns, f"{PLAIN_ROLES[ASSISTANT]}:"])).ids
-
-    return plain, f"\n{PLAIN_ROLES[USER]}:"
-
-
-def _compiled_template(sandbox, template: str):
-    """A chat template compiled as transformers compiles it (sandboxed, trimmed blocks, raise_exception)."""
-
-    def raise_exception(message: str) -> NoReturn:
-        raise bn.CheckpointError(f"the model's chat template refuses the conversation: {message}")
-
-    environment = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
-    try:
-        return environment.from_string(template)
-    except Exception as exc:  # jinja2.TemplateSyntaxError
-        raise bn.CheckpointError(f"the model's chat template is not valid Jinja: {exc}") from None
-
-
-def _fitted(messages: list[dict], render, tokenizer, budget: int) -> list[int]:
-    """The conversation's token ids within ``budget``: the oldest turns dropped, then the oldest tokens."""
-    first = 0
-    ids = render(messages)
-    while len(ids) > budget and first + 2 < len(messages):
-        first += 2  # a user turn and its reply, so that the conversation still opens with a user turn
-        ids = render(messages[first:])
-    return ids[-budget:]
+        return text.shown
+    print(text.flush(), flush=True)
+    return text.shown
 
 
 def _sampling(args: argparse.Namespace) -> tuple[float, int | None, float | None]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -132,25 +131,6 @@ def test_chat_reads_turns_until_end_of_input():
     first = greedy_reply(model, tokenizer, f"User: {lines[0]}\nAssistant:", 12)
     second = greedy_reply(model, tokenizer, f"User: {lines[0]}\nAssistant: {first}\nUser: {lines[1]}\nAssistant:", 12)
     assert done.stdout == f"> {first}\n> {second}\n> \n"
-
-
-def test_chat_uses_the_model_s_template_and_fits_the_context(tmp_path):
-    config = bn.BitNetConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=0)
-    tokenizer = bn.load_tokenizer()
-    template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                "{% if add_generation_prompt %}<assistant>{% endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    render, stop = cli._transcript_format(tmp_path, tokenizer, config)
-    assert stop is None
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"},
-                {"role": "user", "content": "go on"}]
-    expected = f"{tokenizer.id_to_token(1)}<user>hi<assistant>yes<user>go on<assistant>"
-    assert render(messages) == tokenizer.encode(expected, add_special_tokens=False).ids
-    # Too long for the budget: the oldest turn pair goes first, then the oldest tokens.
-    shorter = render(messages[2:])
-    assert cli._fitted(messages, render, tokenizer, len(shorter)) == shorter
-    assert cli._fitted(messages, render, tokenizer, 3) == shorter[-3:]
 
 
 def test_chat_refuses_a_reply_budget_the_context_cannot_hold(capsys):
