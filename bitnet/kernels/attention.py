@@ -25,8 +25,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .simd import F16_WORDS, narrow_to_f16, widen_word
+from .simd import F16_WORDS, narrow_to_f16, prefetch, widen_word
 from .variants import serial_and_parallel
+from .vector_math import exp32
 
 # Reassociation lets the dot products vectorize; no "nnan"/"ninf" (a NaN must stay NaN), and
 # numpy's error model so a division by zero gives inf/NaN instead of raising.
@@ -116,6 +117,111 @@ def scratch_shapes(queries: int, heads: int, kv_heads: int, head_dim: int, capac
             "chunk_sum": (queries, heads, chunks), "chunk_context": (queries, heads, chunks, head_dim)}
 
 
+@njit(**_KERNEL)
+def _prefetch_rows(cache, kv, t0, t1):
+    """Ask for cache rows ``t0 .. t1`` of head ``kv`` (contiguous in memory), one 64-byte line at a time."""
+    d = cache.shape[2]
+    line = 64 // cache.itemsize
+    first = (kv * cache.shape[1] + t0) * d
+    for index in range(first, first + (t1 - t0) * d, line):
+        prefetch(cache, index)
+
+
+@njit(**_KERNEL)
+def _tile_scores(queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):
+    """``tile_scores[g + x, t - t0] = scaling * queries[i, h + x] . keys[kv, t]`` for ``x < count``
+    (4 or 1) and positions ``t0 .. t1``.
+
+    Four heads take two positions per pass over the rows: each key row is widened once for
+    all four heads, and each query element loaded once per two positions.
+    """
+    d = queries.shape[2]
+    t = t0
+    if count == 4:
+        while t + 2 <= t1:
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            for j in range(d):
+                k, m = stored(keys[kv, t, j]), stored(keys[kv, t + 1, j])
+                q0, q1, q2, q3 = queries[i, h, j], queries[i, h + 1, j], queries[i, h + 2, j], queries[i, h + 3, j]
+                a0 += q0 * k
+                a1 += q1 * k
+                a2 += q2 * k
+                a3 += q3 * k
+                b0 += q0 * m
+                b1 += q1 * m
+                b2 += q2 * m
+                b3 += q3 * m
+            s = t - t0
+            tile_scores[g, s], tile_scores[g, s + 1] = a0 * scaling, b0 * scaling
+            tile_scores[g + 1, s], tile_scores[g + 1, s + 1] = a1 * scaling, b1 * scaling
+            tile_scores[g + 2, s], tile_scores[g + 2, s + 1] = a2 * scaling, b2 * scaling
+            tile_scores[g + 3, s], tile_scores[g + 3, s + 1] = a3 * scaling, b3 * scaling
+            t += 2
+        if t < t1:  # an odd last position
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for j in range(d):
+                k = stored(keys[kv, t, j])
+                a0 += queries[i, h, j] * k
+                a1 += queries[i, h + 1, j] * k
+                a2 += queries[i, h + 2, j] * k
+                a3 += queries[i, h + 3, j] * k
+            tile_scores[g, t - t0], tile_scores[g + 1, t - t0] = a0 * scaling, a1 * scaling
+            tile_scores[g + 2, t - t0], tile_scores[g + 3, t - t0] = a2 * scaling, a3 * scaling
+            t += 1
+    for t in range(t, t1):  # one head (count 1)
+        a0 = np.float32(0.0)
+        for j in range(d):
+            a0 += queries[i, h, j] * stored(keys[kv, t, j])
+        tile_scores[g, t - t0] = a0 * scaling
+
+
+@njit(**_KERNEL)
+def _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h, c):
+    """``chunk_context[i, h + x, c] += tile_scores[g + x, t - t0] * values[kv, t]`` for ``x < count``
+    (4 or 1) and positions ``t0 .. t1``.
+
+    Four heads take four positions per pass over the context rows, so each value row is
+    widened once for all four heads and each context element is loaded and stored once per
+    four positions, not once per position (the stores were the bottleneck).
+    """
+    d = values.shape[2]
+    t = t0
+    if count == 4:
+        while t + 4 <= t1:
+            # Weights in scalars: read through an array inside the loop, LLVM could not prove they
+            # do not alias the context rows and fell back to scalar code (4x slower).
+            s = t - t0
+            p00, p01, p02, p03 = tile_scores[g, s], tile_scores[g, s + 1], tile_scores[g, s + 2], tile_scores[g, s + 3]
+            p10, p11, p12, p13 = (tile_scores[g + 1, s], tile_scores[g + 1, s + 1], tile_scores[g + 1, s + 2],
+                                  tile_scores[g + 1, s + 3])
+            p20, p21, p22, p23 = (tile_scores[g + 2, s], tile_scores[g + 2, s + 1], tile_scores[g + 2, s + 2],
+                                  tile_scores[g + 2, s + 3])
+            p30, p31, p32, p33 = (tile_scores[g + 3, s], tile_scores[g + 3, s + 1], tile_scores[g + 3, s + 2],
+                                  tile_scores[g + 3, s + 3])
+            for j in range(d):
+                v0, v1, v2, v3 = (stored(values[kv, t, j]), stored(values[kv, t + 1, j]),
+                                  stored(values[kv, t + 2, j]), stored(values[kv, t + 3, j]))
+                chunk_context[i, h, c, j] += p00 * v0 + p01 * v1 + p02 * v2 + p03 * v3
+                chunk_context[i, h + 1, c, j] += p10 * v0 + p11 * v1 + p12 * v2 + p13 * v3
+                chunk_context[i, h + 2, c, j] += p20 * v0 + p21 * v1 + p22 * v2 + p23 * v3
+                chunk_context[i, h + 3, c, j] += p30 * v0 + p31 * v1 + p32 * v2 + p33 * v3
+            t += 4
+        while t < t1:
+            p0, p1, p2, p3 = (tile_scores[g, t - t0], tile_scores[g + 1, t - t0], tile_scores[g + 2, t - t0],
+                              tile_scores[g + 3, t - t0])
+            for j in range(d):
+                v = stored(values[kv, t, j])
+                chunk_context[i, h, c, j] += p0 * v
+                chunk_context[i, h + 1, c, j] += p1 * v
+                chunk_context[i, h + 2, c, j] += p2 * v
+                chunk_context[i, h + 3, c, j] += p3 * v
+            t += 1
+    for t in range(t, t1):  # one head (count 1)
+        p0 = tile_scores[g, t - t0]
+        for j in range(d):
+            chunk_context[i, h, c, j] += p0 * stored(values[kv, t, j])
+
+
 def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum, chunk_context,
                      out):
     """Softmax attention of each query over cache positions ``0 .. start + i`` (causal).
@@ -141,37 +247,35 @@ def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk
         for g in range(group):
             chunk_max[i, first_head + g, c] = -np.inf
             chunk_sum[i, first_head + g, c] = 0.0
-            chunk_context[i, first_head + g, c, :] = 0.0
+            for j in range(d):
+                chunk_context[i, first_head + g, c, j] = 0.0
         for t0 in range(lo, hi, TILE):
             t1 = min(t0 + TILE, hi)
-            for t in range(t0, t1):
-                for g in range(group):
-                    acc = np.float32(0.0)
-                    for j in range(d):
-                        acc += queries[i, first_head + g, j] * stored(keys[kv, t, j])
-                    tile_scores[g, t - t0] = acc * scaling
+            g = 0
+            while g < group:  # four heads at a time read each cached row once; the rest one by one
+                count = 4 if g + 4 <= group else 1
+                _tile_scores(queries, i, first_head + g, count, keys, kv, t0, t1, scaling, tile_scores, g)
+                g += count
             for g in range(group):
                 h = first_head + g
                 top = chunk_max[i, h, c]
                 for t in range(t1 - t0):
                     top = max(top, tile_scores[g, t])
-                rescale = np.exp(chunk_max[i, h, c] - top)
+                rescale = exp32(chunk_max[i, h, c] - top)
                 total = chunk_sum[i, h, c] * rescale
                 for t in range(t1 - t0):
-                    p = np.exp(tile_scores[g, t] - top)
+                    p = exp32(tile_scores[g, t] - top)
                     tile_scores[g, t] = p
                     total += p
                 chunk_max[i, h, c] = top
                 chunk_sum[i, h, c] = total
-                context = chunk_context[i, h, c]
                 for j in range(d):
-                    context[j] *= rescale
-            for t in range(t0, t1):
-                for g in range(group):
-                    p = tile_scores[g, t - t0]
-                    context = chunk_context[i, first_head + g, c]
-                    for j in range(d):
-                        context[j] += p * stored(values[kv, t, j])
+                    chunk_context[i, h, c, j] *= rescale
+            g = 0
+            while g < group:
+                count = 4 if g + 4 <= group else 1
+                _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, first_head + g, c)
+                g += count
     for row in prange(n * heads):
         i, h = row // heads, row % heads
         top = np.float32(-np.inf)
@@ -181,7 +285,7 @@ def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk
         result[:] = 0.0
         total = np.float32(0.0)
         for c in range(chunks):
-            weight = np.exp(chunk_max[i, h, c] - top)
+            weight = exp32(chunk_max[i, h, c] - top)
             total += weight * chunk_sum[i, h, c]
             for j in range(d):
                 result[j] += weight * chunk_context[i, h, c, j]
