@@ -17,8 +17,9 @@ from numba.extending import intrinsic
 
 import bitnet as bn
 from bitnet.kernels import cpu_features, simd
+from bitnet.kernels import head as head_kernels
 from bitnet.kernels.simd import BF16_WORDS, F16_WORDS
-from bitnet.nn import Embedding, head_kernels
+from bitnet.nn import Embedding
 
 WORD_DTYPES = ["f16", "bf16"]
 

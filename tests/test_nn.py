@@ -8,8 +8,9 @@ from conftest import ALL_PATHS
 
 import bitnet as bn
 from bitnet.kernels import attention as attention_kernels
+from bitnet.kernels import head as head_kernels
 from bitnet.kernels.simd import MARKERS
-from bitnet.nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, head_kernels
+from bitnet.nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding
 from bitnet.nn.embedding import bf16_bits_to_float, float_to_bf16_bits
 
 

@@ -136,8 +136,8 @@ def _tile_scores(queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g
     all four heads, and each query element loaded once per two positions.
     """
     d = queries.shape[2]
-    t = t0
     if count == 4:
+        t = t0
         while t + 2 <= t1:
             a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
             for j in range(d):
@@ -167,12 +167,12 @@ def _tile_scores(queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g
                 a3 += queries[i, h + 3, j] * k
             tile_scores[g, t - t0], tile_scores[g + 1, t - t0] = a0 * scaling, a1 * scaling
             tile_scores[g + 2, t - t0], tile_scores[g + 3, t - t0] = a2 * scaling, a3 * scaling
-            t += 1
-    for t in range(t, t1):  # one head (count 1)
-        a0 = np.float32(0.0)
-        for j in range(d):
-            a0 += queries[i, h, j] * stored(keys[kv, t, j])
-        tile_scores[g, t - t0] = a0 * scaling
+    else:
+        for t in range(t0, t1):
+            a0 = np.float32(0.0)
+            for j in range(d):
+                a0 += queries[i, h, j] * stored(keys[kv, t, j])
+            tile_scores[g, t - t0] = a0 * scaling
 
 
 @njit(**_KERNEL)
@@ -185,8 +185,8 @@ def _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h
     four positions, not once per position (the stores were the bottleneck).
     """
     d = values.shape[2]
-    t = t0
     if count == 4:
+        t = t0
         while t + 4 <= t1:
             # Weights in scalars: read through an array inside the loop, LLVM could not prove they
             # do not alias the context rows and fell back to scalar code (4x slower).
@@ -216,10 +216,11 @@ def _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h
                 chunk_context[i, h + 2, c, j] += p2 * v
                 chunk_context[i, h + 3, c, j] += p3 * v
             t += 1
-    for t in range(t, t1):  # one head (count 1)
-        p0 = tile_scores[g, t - t0]
-        for j in range(d):
-            chunk_context[i, h, c, j] += p0 * stored(values[kv, t, j])
+    else:
+        for t in range(t0, t1):
+            p0 = tile_scores[g, t - t0]
+            for j in range(d):
+                chunk_context[i, h, c, j] += p0 * stored(values[kv, t, j])
 
 
 def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum, chunk_context,

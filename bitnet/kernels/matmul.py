@@ -1,38 +1,22 @@
-"""Ternary matmul kernels: int8 activations times ``i2``-packed ternary weights, exact in int32.
+"""Ternary matmul: int8 activations times ``i2``-packed ternary weights, exact in int32.
 
-Layout (``bitnet.formats.i2``): row ``r`` of the weights is ``nb`` blocks of 64 bytes;
-byte ``j`` of block ``b`` holds ``W[r, 256 b + 64 i + j] + 1`` in bits ``2i..2i+1``. The
-activations come as an int8 buffer ``q`` of shape ``(n, 256 nb)``, zero past the true ``k``
-(so the padded weight codes, stored as 1, add nothing).
+One generic driver (``ternary_matmul``) runs every path; which inner loops it calls is
+decided at compile time by the ISA marker it gets (``simd.MARKERS``):
 
-The kernels multiply the *unsigned* stored codes ``c = w + 1`` in {0, 1, 2} by the signed
-activations, which is what the x86 byte multiply-add instructions take, and subtract
-``sum(q)`` once per token at the end: ``sum(w q) = sum(c q) - sum(q)``.
+* ``ternary_simd``: the GEMV (two rows at a time) and GEMM (2 rows x 8 tokens) loops on
+  AVX-512 VNNI, AVX-VNNI or AVX2;
+* ``ternary_portable``: the same loops in plain Numba, for any CPU;
+* ``ternary_amx``: all tokens of a batch of ``AMX_MIN_TOKENS`` or more on Intel AMX tiles.
 
-Two kernels per instruction set:
+The block layout and the output step they share are in ``ternary_blocks``. The entry point of
+each path (``ENTRY_POINTS``) is made from one definition (``_entry_point``) with its marker fixed.
 
-* GEMV (``n == 1``, and the ``n % 8`` tokens left after the GEMM tiles): two rows at a time.
-  Instead of shifting each byte to get code ``i``, it masks it in place
-  (``byte & (3 << 2i)`` = ``c_i * 4**i``) into a separate accumulator per ``i``, and divides
-  by ``4**i`` once at the end (exact: every lane is a multiple of ``4**i``). One load, four
-  ``and`` and four multiply-adds per 256 weights; weights are prefetched 4 KB ahead. A task
-  pairs row ``r`` with row ``r + half`` of its range, so each thread reads two streams of
-  weights at once, which DRAM serves ~10% faster than one stream of adjacent rows.
-* GEMM (``n >= 8``): a tile of 2 rows x 8 tokens (16 accumulators). Each 64-byte weight block
-  is decoded (shift + mask) once into registers and reused for the 8 tokens, so the decode
-  cost does not grow with ``n``. The k axis is cut into chunks so that a tile's activations
-  stay in L1 while ``GEMM_ROWS`` rows pass over them.
-
-Accumulator lanes are flushed into int64 totals every ``FOLD_BLOCKS`` blocks, so no int32
-lane can overflow whatever ``k``; the result is exact whenever it fits in int32.
-
-* AMX (the ``amx`` path, ``n >= 32``): all tokens go through Intel AMX tiles instead
-  (``_gemm_amx``): 32 rows x 32 tokens per pass, the codes decoded to bytes once per 32
-  rows, ``tdpbusd`` doing 16 x 16 x 64 byte multiply-adds at a time (``bitnet.kernels.amx``).
-
-Work is split over output rows with ``prange``; every output value is computed by one
-task in a fixed order, so results are bit-identical for any thread count. The SIMD
-primitives come from ``simd.py``; ``PORTABLE`` selects plain Numba loops instead, for any CPU.
+Work is split over output rows with ``prange``; every output value is computed by one task
+in a fixed order, so results are bit-identical for any thread count. A task pairs row ``r``
+with row ``r + half`` of its range in the GEMV loop, so each thread reads two streams of
+weights at once, which DRAM serves ~10% faster than one stream of adjacent rows. The GEMM
+k axis is cut into chunks so that a tile's activations stay in L1 while ``GEMM_ROWS`` rows
+pass over them.
 
 Scratch: the kernels allocate nothing. The caller passes the buffers ``scratch_shapes`` lists
 (``bitnet.ops`` keeps them per shape, so repeated calls reuse them), one set per thread slot.
@@ -46,52 +30,33 @@ from numba import njit, prange
 from numba.extending import overload
 
 from . import amx
-from .amx import TILE_CONFIG, load_config, release_tiles, tile_dot, tile_load, tile_store, tile_zero
 from .quantize import quantize_padded, quantize_row
-from .simd import (
-    AMX,
-    AVX2,
-    AVX512VNNI,
-    AVXVNNI,
-    PORTABLE,
-    add_acc,
-    and_bytes,
-    byte_vector_size,
-    dot_acc,
-    load_bytes,
-    prefetch,
-    shift_right_acc,
-    shift_right_bytes,
-    splat_bytes,
-    sum_acc,
-    zero_acc,
+from .simd import MARKERS
+from .ternary_amx import gemm_amx
+from .ternary_blocks import (
+    AMX_MAX_K,
+    AMX_MIN_TOKENS,
+    AMX_ROWS,
+    AMX_TOKENS,
+    BLOCK_BYTES,
+    KERNEL,
+    TILE_ROWS,
+    TILE_TOKENS,
+    emit,
 )
+from .ternary_portable import row_pair_portable, tile_portable
+from .ternary_simd import row_pair_simd, tile_simd
 
-BLOCK = 256  # weights per i2 block
-BLOCK_BYTES = 64  # bytes per i2 block
-FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lanes stay < 2**31)
-TILE_ROWS = 2
-TILE_TOKENS = 8
 K_CHUNK_BLOCKS = 12  # GEMM k-chunk: 8 tokens x 12 x 256 bytes of activations = 24 KB, fits L1
 PARALLEL_TASKS = 32  # tasks the rows are cut into: even shares for 1, 2, 4, 8, 16 or 32 threads
 GEMM_ROWS = 32  # rows a GEMM pass takes over one L1-resident activation tile (a multiple of TILE_ROWS)
-PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the portable path cannot overflow
-# How far ahead of the loads the GEMV loop prefetches each of its two rows: DRAM latency needs
-# several KB in flight per thread (4-16 KB stream the model's GEMVs ~25% faster than 1 KB; NOTES.md).
-PREFETCH_BYTES = 4096
-
-AMX_MIN_TOKENS = 32  # from this many tokens the amx path multiplies in tiles
-AMX_MAX_K = 2**22  # int32 tile sums stay exact below this: 2**22 x 2 x 128 < 2**31
-AMX_ROWS = 2 * amx.TILE_ROWS  # weight rows per tile pass (two code tiles)
-AMX_TOKENS = 2 * amx.TILE_ROWS  # tokens per tile pass (two activation tiles)
 
 # Scratch sets, one per thread of Numba's pool (bn.set_num_threads cannot go past its size), but no
 # more than there are tasks: a slot runs its tasks one after the other on its own set.
 SCRATCH_SLOTS = min(PARALLEL_TASKS, numba.config.NUMBA_NUM_THREADS)
 
-_KERNEL = dict(cache=True, nogil=True, boundscheck=False)
-# The scratch a path does not use, as constants: out of the entry points' arguments, they save
-# ~0.5 us of dispatch a call. Per-slot ones have PARALLEL_TASKS rows (as many as any slot count;
+# The scratch a path does not use, as constants (``_full_scratch``): out of the entry points'
+# arguments, they save ~0.5 us of dispatch a call. Per-slot ones have PARALLEL_TASKS rows (as many as any slot count;
 # a constant cannot follow NUMBA_NUM_THREADS, as cached code keeps the value it was compiled with).
 _NO_LANES = np.zeros((PARALLEL_TASKS, 0), np.int16)
 _NO_WIDE = np.zeros((0, 0), np.int16)
@@ -100,223 +65,11 @@ _NO_AMX_SUMS = np.zeros((PARALLEL_TASKS, 0, 0), np.int32)
 _NO_TILES = np.zeros((0, 0, 0), np.int32)
 
 
-# --- SIMD inner loops ------------------------------------------------------------------------
-
-
-@njit(**_KERNEL)
-def _unmask(a0, a1, a2, a3):
-    """Sum of the four masked accumulators: accumulator ``i`` holds ``4**i`` times its true value."""
-    folded = add_acc(add_acc(a0, shift_right_acc(a1, 2)), add_acc(shift_right_acc(a2, 4), shift_right_acc(a3, 6)))
-    return sum_acc(folded)
-
-
-@njit(**_KERNEL)
-def _row_pair_simd(isa, w, r0, r1, q, t):
-    """``sum(c q[t])`` for stored codes ``c`` of rows ``r0`` and ``r1`` (GEMV inner loop)."""
-    nb = w.shape[1] // BLOCK_BYTES
-    wb, kp = w.shape[1], q.shape[1]
-    step = byte_vector_size(isa)
-    mask0, mask1 = splat_bytes(isa, 0x03), splat_bytes(isa, 0x0C)
-    mask2, mask3 = splat_bytes(isa, 0x30), splat_bytes(isa, 0xC0)
-    total0 = 0
-    total1 = 0
-    for start in range(0, nb, FOLD_BLOCKS):
-        a00, a01, a02, a03 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-        a10, a11, a12, a13 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-        for b in range(start, min(nb, start + FOLD_BLOCKS)):
-            prefetch(w, r0 * wb + b * BLOCK_BYTES + PREFETCH_BYTES)
-            prefetch(w, r1 * wb + b * BLOCK_BYTES + PREFETCH_BYTES)
-            for h in range(0, BLOCK_BYTES, step):
-                x0 = load_bytes(isa, w, r0 * wb + b * BLOCK_BYTES + h)
-                x1 = load_bytes(isa, w, r1 * wb + b * BLOCK_BYTES + h)
-                at = t * kp + b * BLOCK + h
-                v = load_bytes(isa, q, at)
-                a00 = dot_acc(isa, a00, and_bytes(x0, mask0), v)
-                a10 = dot_acc(isa, a10, and_bytes(x1, mask0), v)
-                v = load_bytes(isa, q, at + 64)
-                a01 = dot_acc(isa, a01, and_bytes(x0, mask1), v)
-                a11 = dot_acc(isa, a11, and_bytes(x1, mask1), v)
-                v = load_bytes(isa, q, at + 128)
-                a02 = dot_acc(isa, a02, and_bytes(x0, mask2), v)
-                a12 = dot_acc(isa, a12, and_bytes(x1, mask2), v)
-                v = load_bytes(isa, q, at + 192)
-                a03 = dot_acc(isa, a03, and_bytes(x0, mask3), v)
-                a13 = dot_acc(isa, a13, and_bytes(x1, mask3), v)
-        total0 += _unmask(a00, a01, a02, a03)
-        total1 += _unmask(a10, a11, a12, a13)
-    return total0, total1
-
-
-@njit(**_KERNEL)
-def _tile_simd(isa, w, r0, r1, q, t, b0, b1):
-    """``sum(c q[t + j])`` over blocks ``b0 .. b1 - 1`` for rows ``r0, r1`` x tokens ``t .. t + 7``.
-
-    Returns 16 int64s: row ``r0`` for the 8 tokens, then row ``r1``. 16 accumulators and
-    the 2 decoded code vectors fit the 32 AVX-512 registers; activations are memory operands.
-    """
-    wb, kp = w.shape[1], q.shape[1]
-    step = byte_vector_size(isa)
-    three = splat_bytes(isa, 3)
-    s00 = s01 = s02 = s03 = s04 = s05 = s06 = s07 = 0
-    s10 = s11 = s12 = s13 = s14 = s15 = s16 = s17 = 0
-    for start in range(b0, b1, FOLD_BLOCKS):
-        a00, a01, a02, a03 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-        a04, a05, a06, a07 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-        a10, a11, a12, a13 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-        a14, a15, a16, a17 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-        for b in range(start, min(b1, start + FOLD_BLOCKS)):
-            for h in range(0, BLOCK_BYTES, step):
-                x0 = load_bytes(isa, w, r0 * wb + b * BLOCK_BYTES + h)
-                x1 = load_bytes(isa, w, r1 * wb + b * BLOCK_BYTES + h)
-                for i in range(4):
-                    c0 = and_bytes(shift_right_bytes(x0, 2 * i), three)
-                    c1 = and_bytes(shift_right_bytes(x1, 2 * i), three)
-                    at = t * kp + b * BLOCK + 64 * i + h
-                    v = load_bytes(isa, q, at)
-                    a00, a10 = dot_acc(isa, a00, c0, v), dot_acc(isa, a10, c1, v)
-                    v = load_bytes(isa, q, at + kp)
-                    a01, a11 = dot_acc(isa, a01, c0, v), dot_acc(isa, a11, c1, v)
-                    v = load_bytes(isa, q, at + 2 * kp)
-                    a02, a12 = dot_acc(isa, a02, c0, v), dot_acc(isa, a12, c1, v)
-                    v = load_bytes(isa, q, at + 3 * kp)
-                    a03, a13 = dot_acc(isa, a03, c0, v), dot_acc(isa, a13, c1, v)
-                    v = load_bytes(isa, q, at + 4 * kp)
-                    a04, a14 = dot_acc(isa, a04, c0, v), dot_acc(isa, a14, c1, v)
-                    v = load_bytes(isa, q, at + 5 * kp)
-                    a05, a15 = dot_acc(isa, a05, c0, v), dot_acc(isa, a15, c1, v)
-                    v = load_bytes(isa, q, at + 6 * kp)
-                    a06, a16 = dot_acc(isa, a06, c0, v), dot_acc(isa, a16, c1, v)
-                    v = load_bytes(isa, q, at + 7 * kp)
-                    a07, a17 = dot_acc(isa, a07, c0, v), dot_acc(isa, a17, c1, v)
-        s00, s01, s02, s03 = s00 + sum_acc(a00), s01 + sum_acc(a01), s02 + sum_acc(a02), s03 + sum_acc(a03)
-        s04, s05, s06, s07 = s04 + sum_acc(a04), s05 + sum_acc(a05), s06 + sum_acc(a06), s07 + sum_acc(a07)
-        s10, s11, s12, s13 = s10 + sum_acc(a10), s11 + sum_acc(a11), s12 + sum_acc(a12), s13 + sum_acc(a13)
-        s14, s15, s16, s17 = s14 + sum_acc(a14), s15 + sum_acc(a15), s16 + sum_acc(a16), s17 + sum_acc(a17)
-    return (s00, s01, s02, s03, s04, s05, s06, s07, s10, s11, s12, s13, s14, s15, s16, s17)
-
-
-# --- portable inner loops (plain Numba; LLVM vectorizes them for the target CPU) ----------------
-
-
-@njit(**_KERNEL)
-def _row_portable(w, r, q, t, b0, b1, lanes):
-    """``sum(c q[t])`` for row ``r`` over blocks ``b0 .. b1 - 1``, with int16 scratch ``lanes`` (64,).
-
-    ``q`` may be int8 or int16 (the portable path passes int16, see ``_activations_for``).
-
-    Lane ``j`` collects ``sum_i c(j + 64 i) q(j + 64 i)`` (at most 4 * 2 * 128 = 1024 a block)
-    and is flushed every ``PORTABLE_FLUSH_BLOCKS`` blocks, before it could pass 32767.
-    Written so LLVM vectorizes it well: 1-D slices indexed by ``range`` (2-D indexing with
-    computed offsets keeps Numba's negative-index fix-up and becomes gathers, 14x slower),
-    and int16 lanes (the widest type sets the vector length: 16 lanes per AVX2 register
-    instead of 8 with int32; 3.2x faster than int32 sums in all).
-    """
-    total = 0
-    for start in range(b0, b1, PORTABLE_FLUSH_BLOCKS):
-        lanes[:] = 0
-        for b in range(start, min(b1, start + PORTABLE_FLUSH_BLOCKS)):
-            codes = w[r, b * BLOCK_BYTES : (b + 1) * BLOCK_BYTES]
-            acts = q[t, b * BLOCK : (b + 1) * BLOCK]
-            for j in range(BLOCK_BYTES):
-                x = np.int16(codes[j])
-                lanes[j] = np.int16(
-                    lanes[j]
-                    + (x & 3) * np.int16(acts[j])
-                    + ((x >> 2) & 3) * np.int16(acts[64 + j])
-                    + ((x >> 4) & 3) * np.int16(acts[128 + j])
-                    + ((x >> 6) & 3) * np.int16(acts[192 + j])
-                )
-        for j in range(BLOCK_BYTES):
-            total += lanes[j]
-    return total
-
-
-@njit(**_KERNEL)
-def _row_pair_portable(w, r0, r1, q, t, b0, b1, lanes):
-    """The portable GEMV step: rows ``r0`` and ``r1`` (one after the other) with token ``t``."""
-    return _row_portable(w, r0, q, t, b0, b1, lanes), _row_portable(w, r1, q, t, b0, b1, lanes)
-
-
-@njit(**_KERNEL)
-def _tile_portable(w, r0, r1, q, t, b0, b1, lanes):
-    """The portable GEMM tile, same result layout as ``_tile_simd``: 8 GEMV steps, no decode reuse."""
-    s00, s10 = _row_pair_portable(w, r0, r1, q, t, b0, b1, lanes)
-    s01, s11 = _row_pair_portable(w, r0, r1, q, t + 1, b0, b1, lanes)
-    s02, s12 = _row_pair_portable(w, r0, r1, q, t + 2, b0, b1, lanes)
-    s03, s13 = _row_pair_portable(w, r0, r1, q, t + 3, b0, b1, lanes)
-    s04, s14 = _row_pair_portable(w, r0, r1, q, t + 4, b0, b1, lanes)
-    s05, s15 = _row_pair_portable(w, r0, r1, q, t + 5, b0, b1, lanes)
-    s06, s16 = _row_pair_portable(w, r0, r1, q, t + 6, b0, b1, lanes)
-    s07, s17 = _row_pair_portable(w, r0, r1, q, t + 7, b0, b1, lanes)
-    return (s00, s01, s02, s03, s04, s05, s06, s07, s10, s11, s12, s13, s14, s15, s16, s17)
-
-
-# --- AMX tiles (the amx path, prefill-sized batches) --------------------------------------------
-
-
-@njit(**_KERNEL)
-def _decode_codes(w, first, rows, codes):
-    """Stored codes (0, 1, 2) of rows ``first .. first + rows - 1`` into ``codes[i, k]``, one byte each."""
-    nb = w.shape[1] // BLOCK_BYTES
-    for i in range(rows):
-        packed = w[first + i]
-        row = codes[i]
-        for b in range(nb):
-            for j in range(BLOCK_BYTES):
-                x = packed[b * BLOCK_BYTES + j]
-                row[b * BLOCK + j] = x & 3
-                row[b * BLOCK + 64 + j] = (x >> 2) & 3
-                row[b * BLOCK + 128 + j] = (x >> 4) & 3
-                row[b * BLOCK + 192 + j] = x >> 6
-
-
-@njit(**_KERNEL)
-def _gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
-    """Rows ``first .. last - 1`` x all ``n`` tokens with AMX tiles, 32 rows x 32 tokens a pass.
-
-    Tiles 4, 5: the stored codes of 16 rows each (decoded to bytes once per 32 rows into
-    ``codes``, uint8 ``(AMX_ROWS, kp)``); tiles 6, 7: 16 tokens' activations each (``tiles``
-    from ``amx.vnni_activations``); tiles 0-3: the four 16 x 16 int32 sums, stored to ``sums``
-    (int32 ``(AMX_ROWS, AMX_TOKENS)``). Rows past ``last`` and tokens past ``n`` are computed
-    on whatever the buffers hold and never stored.
-    """
-    chunks, _, tokens = tiles.shape
-    kp = chunks * amx.TILE_BYTES
-    stride = tokens * 4
-    load_config(TILE_CONFIG)
-    for start in range(first, last, AMX_ROWS):
-        rows = min(last - start, AMX_ROWS)
-        _decode_codes(w, start, rows, codes)
-        for t0 in range(0, tokens, AMX_TOKENS):
-            tile_zero(0)
-            tile_zero(1)
-            tile_zero(2)
-            tile_zero(3)
-            for c in range(chunks):
-                tile_load(4, codes, c * amx.TILE_BYTES, kp)
-                tile_load(5, codes, amx.TILE_ROWS * kp + c * amx.TILE_BYTES, kp)
-                at = c * amx.TILE_ROWS * tokens + t0
-                tile_load(6, tiles, at, stride)
-                tile_load(7, tiles, at + amx.TILE_ROWS, stride)
-                tile_dot(0, 4, 6)
-                tile_dot(1, 4, 7)
-                tile_dot(2, 5, 6)
-                tile_dot(3, 5, 7)
-            tile_store(0, sums, 0, AMX_TOKENS * 4)
-            tile_store(1, sums, amx.TILE_ROWS, AMX_TOKENS * 4)
-            tile_store(2, sums, amx.TILE_ROWS * AMX_TOKENS, AMX_TOKENS * 4)
-            tile_store(3, sums, amx.TILE_ROWS * AMX_TOKENS + amx.TILE_ROWS, AMX_TOKENS * 4)
-            for j in range(min(AMX_TOKENS, n - t0)):  # token-major: each token's outputs are adjacent
-                for i in range(rows):
-                    _emit(t0 + j, start + i, sums[i, j], q_sum, act_scale, scale, scale_step, acc, out, as_float)
-    release_tiles()
-
-
 def _fill_tiles(isa, q, tiles):
     """``amx.vnni_activations`` on the amx path; compiled to nothing elsewhere (``tiles`` is empty there)."""
 
 
-@overload(_fill_tiles, jit_options=_KERNEL)
+@overload(_fill_tiles, jit_options=KERNEL)
 def _fill_tiles_for(isa, q, tiles):
     if isa.isa == "amx":
         return lambda isa, q, tiles: amx.vnni_activations(q, tiles)
@@ -324,15 +77,15 @@ def _fill_tiles_for(isa, q, tiles):
 
 
 def _gemm_tiles(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
-    """``_gemm_amx`` on the amx path; compiled to nothing elsewhere (no tile instructions there)."""
+    """``gemm_amx`` on the amx path; compiled to nothing elsewhere (no tile instructions there)."""
 
 
-@overload(_gemm_tiles, jit_options=_KERNEL)
+@overload(_gemm_tiles, jit_options=KERNEL)
 def _gemm_tiles_for(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
                     as_float):
     if isa.isa == "amx":
         return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
-                as_float: _gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc,
+                as_float: gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc,
                                     out, as_float))
     return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
             as_float: None)
@@ -349,29 +102,29 @@ def _tile(isa, w, r0, r1, q, t, b0, b1, lanes):
     """Compile-time dispatch to the GEMM inner loop of ``isa``."""
 
 
-@overload(_row_pair, jit_options=_KERNEL)
+@overload(_row_pair, jit_options=KERNEL)
 def _row_pair_for(isa, w, r0, r1, q, t, lanes):
     if isa.isa == "portable":
 
         def portable(isa, w, r0, r1, q, t, lanes):
-            return _row_pair_portable(w, r0, r1, q, t, 0, w.shape[1] // BLOCK_BYTES, lanes)
+            return row_pair_portable(w, r0, r1, q, t, 0, w.shape[1] // BLOCK_BYTES, lanes)
 
         return portable
-    return lambda isa, w, r0, r1, q, t, lanes: _row_pair_simd(isa, w, r0, r1, q, t)
+    return lambda isa, w, r0, r1, q, t, lanes: row_pair_simd(isa, w, r0, r1, q, t)
 
 
-@overload(_tile, jit_options=_KERNEL)
+@overload(_tile, jit_options=KERNEL)
 def _tile_for(isa, w, r0, r1, q, t, b0, b1, lanes):
     if isa.isa == "portable":
-        return lambda isa, w, r0, r1, q, t, b0, b1, lanes: _tile_portable(w, r0, r1, q, t, b0, b1, lanes)
-    return lambda isa, w, r0, r1, q, t, b0, b1, lanes: _tile_simd(isa, w, r0, r1, q, t, b0, b1)
+        return lambda isa, w, r0, r1, q, t, b0, b1, lanes: tile_portable(w, r0, r1, q, t, b0, b1, lanes)
+    return lambda isa, w, r0, r1, q, t, b0, b1, lanes: tile_simd(isa, w, r0, r1, q, t, b0, b1)
 
 
 def _activations_for(isa, q, wide):
     """``q`` as the inner loops of ``isa`` read it: int8 for SIMD, copied into int16 ``wide`` for portable."""
 
 
-@overload(_activations_for, jit_options=_KERNEL)
+@overload(_activations_for, jit_options=KERNEL)
 def _activations_for_impl(isa, q, wide):
     if isa.isa == "portable":  # widen each activation once per call, not once per weight row: 12% faster
 
@@ -418,20 +171,7 @@ def scratch_shapes(path: str, n: int, k_padded: int) -> tuple[tuple[tuple[int, .
     return shapes
 
 
-@njit(inline="always", **_KERNEL)
-def _emit(t, r, total, q_sum, act_scale, scale, scale_step, acc, out, as_float):
-    """Store one result: the int32 accumulator, or ``acc / a[t] * s[r]`` in float32.
-
-    Inlined by Numba itself, so its five array arguments are not passed for every output.
-    """
-    value = np.int32(total - q_sum[t])
-    if as_float:
-        out[t, r] = np.float32(value) / act_scale[t] * scale[r * scale_step]
-    else:
-        acc[t, r] = value
-
-
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _gemm_rows(isa, w, first_row, rows, q, tokens, sums, lanes):
     """``rows`` rows from ``first_row`` x the first ``tokens`` tokens (a multiple of 8) into ``sums``.
 
@@ -455,7 +195,7 @@ def _gemm_rows(isa, w, first_row, rows, q, tokens, sums, lanes):
                     sums[i + 1, t + j] += part[TILE_TOKENS + j]
 
 
-@njit(parallel=True, **_KERNEL)
+@njit(parallel=True, **KERNEL)
 def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, amx_codes,
                    amx_sums, amx_tiles):
     """``q @ (c - 1).T`` for i2 data ``w`` (m, 64 nb) and padded int8 ``q`` (n, 256 nb).
@@ -498,17 +238,17 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
                     _gemm_rows(isa, w, start, rows, q, tiled, sums, slot_lanes)
                     for t in range(tiled):  # token-major: each token's outputs are adjacent
                         for i in range(rows):
-                            _emit(t, start + i, sums[i, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
+                            emit(t, start + i, sums[i, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
             half = (last - first + 1) // 2
             for r0 in range(first, first + half):
                 r1 = r0 + half if r0 + half < last else r0
                 for t in range(tiled, n):
                     s0, s1 = _row_pair(isa, w, r0, r1, q, t, slot_lanes)
-                    _emit(t, r0, s0, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-                    _emit(t, r1, s1, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+                    emit(t, r0, s0, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+                    emit(t, r1, s1, q_sum, act_scale, scale, scale_step, acc, out, as_float)
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide, amx_codes,
             amx_sums, amx_tiles):
     """One entry for both operations, so each path compiles once.
@@ -531,46 +271,34 @@ def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_floa
                    gemm_sums, lanes, amx_codes, amx_sums, amx_tiles)
 
 
-# Entry points, one per path with the arguments of ``_matmul`` minus the ISA marker, which is
-# a compile-time constant here (as an argument it would cost ~3 us of type dispatch per call),
-# and minus the scratch the path does not use (``scratch_shapes``).
+def _full_scratch(isa, scratch):
+    """The six scratch arrays of ``_matmul`` from the ones the entry point of ``isa`` takes (``scratch_shapes``),
+    the rest filled in with the empty ``_NO_*`` constants at compile time."""
 
 
-@njit(**_KERNEL)
-def matmul_amx(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
-               gemm_sums, amx_codes, amx_sums, amx_tiles):
-    _matmul(AMX, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
-            gemm_sums, _NO_LANES, _NO_WIDE, amx_codes, amx_sums, amx_tiles)
+@overload(_full_scratch, jit_options=KERNEL)
+def _full_scratch_for(isa, scratch):
+    if isa.isa == "portable":
+        return lambda isa, scratch: (scratch[0], scratch[1], scratch[2], _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
+    if isa.isa == "amx":
+        return lambda isa, scratch: (scratch[0], _NO_LANES, _NO_WIDE, scratch[1], scratch[2], scratch[3])
+    return lambda isa, scratch: (scratch[0], _NO_LANES, _NO_WIDE, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
 
 
-@njit(**_KERNEL)
-def matmul_avx512vnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums):
-    _matmul(AVX512VNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
-            gemm_sums, _NO_LANES, _NO_WIDE, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
+def _entry_point(isa) -> numba.core.registry.CPUDispatcher:
+    """The compiled entry of one path: ``_matmul`` with the ISA marker ``isa`` fixed.
+
+    The marker is a compile-time constant here, not an argument (as one it would cost ~3 us
+    of type dispatch per call), and the entry takes only the scratch its path uses
+    (``scratch_shapes``), which saves ~0.5 us more. Numba's cache tells the entries apart
+    by their names and the marker they close over.
+    """
+
+    def entry(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, *scratch):
+        _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, *_full_scratch(isa, scratch))
+
+    entry.__name__ = entry.__qualname__ = f"matmul_{isa.name}"
+    return njit(**KERNEL)(entry)
 
 
-@njit(**_KERNEL)
-def matmul_avxvnni(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums):
-    _matmul(AVXVNNI, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
-            gemm_sums, _NO_LANES, _NO_WIDE, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
-
-
-@njit(**_KERNEL)
-def matmul_avx2(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums):
-    _matmul(AVX2, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
-            gemm_sums, _NO_LANES, _NO_WIDE, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
-
-
-@njit(**_KERNEL)
-def matmul_portable(x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide):
-    _matmul(PORTABLE, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float,
-            gemm_sums, lanes, wide, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
-
-
-ENTRY_POINTS = {
-    "amx": matmul_amx,
-    "avx512vnni": matmul_avx512vnni,
-    "avxvnni": matmul_avxvnni,
-    "avx2": matmul_avx2,
-    "portable": matmul_portable,
-}
+ENTRY_POINTS = {name: _entry_point(marker) for name, marker in MARKERS.items()}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
+from ..kernels import head as head_kernels
 from ..kernels.simd import BF16_WORDS, F16_WORDS, MARKERS
 from ..ops import KERNEL_PATH
-from . import checks, head_kernels, scratch
+from . import checks, scratch
 
 DTYPES = ("f32", "f16", "bf16", "int8")
 _NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
@@ -132,7 +133,7 @@ class Embedding:
         """``h @ table.T`` for ``h`` of shape ``(n, hidden)`` float32 -> ``(n, vocab)`` float32.
 
         With int8 storage ``h`` is rounded to int8 first, per block of 32 values
-        (``head_kernels.logits_int8``): each value moves by at most 1/254 of its block's
+        (``bitnet.kernels.head.logits_int8``): each value moves by at most 1/254 of its block's
         largest magnitude, on top of the table's own rounding.
         """
         checks.check_rows(h, "hidden states", self.hidden_size)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
-from . import checks, float_kernels, scratch
+from ..kernels import rows
+from . import checks, scratch
 from .linear import BitLinear
 from .norm import RMSNorm
 
@@ -73,7 +74,7 @@ class MLP:
         hidden = scratch.reused("mlp.hidden", (x.shape[0], gate_up.shape[1] // 2))
         norm = self.sub_norm
         weight, eps = (norm.weight, norm.eps) if norm is not None else (_NO_NORM, np.float32(0.0))
-        float_kernels.for_rows(x.shape[0]).gated_activation(
+        rows.for_rows(x.shape[0]).gated_activation(
             gate_up, self.activation == "silu", weight, eps, norm is not None, hidden
         )
         return self.down_proj(hidden)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import errors
-from . import checks, float_kernels, scratch
+from ..kernels import rows
+from . import checks, scratch
 
 
 class RMSNorm:
@@ -27,7 +28,7 @@ class RMSNorm:
         """Normalize the rows of ``x`` (``(n, features)`` float32) into a new step temporary."""
         checks.check_rows(x, "RMSNorm input", self.weight.shape[0])
         out = scratch.reused(self.tag, x.shape)
-        float_kernels.for_rows(x.shape[0]).rms_norm(x, self.weight, self.eps, out)
+        rows.for_rows(x.shape[0]).rms_norm(x, self.weight, self.eps, out)
         return out
 
     def add_and_normalize(self, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
@@ -37,5 +38,5 @@ class RMSNorm:
         if delta.shape != x.shape or not x.flags.writeable:
             raise errors.ShapeError(f"the residual update {delta.shape} must match the writeable input {x.shape}")
         out = scratch.reused(self.tag, x.shape)
-        float_kernels.for_rows(x.shape[0]).add_rms_norm(x, delta, self.weight, self.eps, out)
+        rows.for_rows(x.shape[0]).add_rms_norm(x, delta, self.weight, self.eps, out)
         return out

@@ -4,7 +4,7 @@ Each kernel writes into a buffer its caller provides (a step temporary from
 ``bitnet.nn.scratch``), so a decode step allocates nothing, and fuses what one layer does
 between two matmuls into a single call, which keeps the Python overhead per token low.
 The arithmetic follows HF transformers' float32 BitNet: ``w * (x / sqrt(mean(x^2) + eps))``,
-and the activations as it computes them (attention and rope: ``bitnet.kernels.attention``).
+and the activations as it computes them (attention and rope: ``attention``).
 
 Each kernel exists twice (``bitnet.kernels.variants``): ``serial.<name>`` for decode steps,
 whose few rows are too little work to pay for waking the thread pool, and
@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import prange
 
-from ..kernels.variants import serial_and_parallel
+from .variants import serial_and_parallel
 
 # Reassociation lets the reductions vectorize. No "nnan"/"ninf" (a NaN or Inf activation must
 # come out as NaN or Inf, not as whatever the optimizer assumed), and numpy's error model so a

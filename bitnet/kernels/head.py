@@ -17,8 +17,8 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from ..kernels.quantize import quantize_blocks
-from ..kernels.simd import (
+from .quantize import quantize_blocks
+from .simd import (
     byte_vector_size,
     load_bytes,
     prefetch,
@@ -32,7 +32,7 @@ from ..kernels.simd import (
 
 INT8_BLOCK = 32  # hidden-state values per activation scale of the int8 head (ggml's Q8_0 block)
 HEAD_PREFETCH_ROWS = 2  # the head kernels prefetch the rows this far ahead of their pair (NOTES.md)
-# As in float_kernels: vectorizable reductions, IEEE NaN/Inf kept, numpy's division semantics.
+# As in rows.py: vectorizable reductions, IEEE NaN/Inf kept, numpy's division semantics.
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True,
                nogil=True, boundscheck=False)
 _ROW_KERNEL = {**_KERNEL, "parallel": False, "inline": "always"}  # the body of one prange iteration

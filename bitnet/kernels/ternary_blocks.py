@@ -1,0 +1,48 @@
+"""The ``i2`` block layout the ternary matmul kernels read, their shared constants, and the output step.
+
+Layout (``bitnet.formats.i2``): row ``r`` of the weights is ``nb`` blocks of 64 bytes;
+byte ``j`` of block ``b`` holds ``W[r, 256 b + 64 i + j] + 1`` in bits ``2i..2i+1``. The
+activations come as an int8 buffer ``q`` of shape ``(n, 256 nb)``, zero past the true ``k``
+(so the padded weight codes, stored as 1, add nothing).
+
+The kernels multiply the *unsigned* stored codes ``c = w + 1`` in {0, 1, 2} by the signed
+activations, which is what the x86 byte multiply-add instructions take, and subtract
+``sum(q)`` once per token at the end (:func:`emit`): ``sum(w q) = sum(c q) - sum(q)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from . import amx
+
+BLOCK = 256  # weights per i2 block
+BLOCK_BYTES = 64  # bytes per i2 block
+FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lanes stay < 2**31)
+TILE_ROWS = 2  # rows of a GEMM tile
+TILE_TOKENS = 8  # tokens of a GEMM tile
+PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the portable path cannot overflow
+# How far ahead of the loads the GEMV loop prefetches each of its two rows: DRAM latency needs
+# several KB in flight per thread (4-16 KB stream the model's GEMVs ~25% faster than 1 KB; NOTES.md).
+PREFETCH_BYTES = 4096
+
+AMX_MIN_TOKENS = 32  # from this many tokens the amx path multiplies in tiles
+AMX_MAX_K = 2**22  # int32 tile sums stay exact below this: 2**22 x 2 x 128 < 2**31
+AMX_ROWS = 2 * amx.TILE_ROWS  # weight rows per tile pass (two code tiles)
+AMX_TOKENS = 2 * amx.TILE_ROWS  # tokens per tile pass (two activation tiles)
+
+KERNEL = dict(cache=True, nogil=True, boundscheck=False)
+
+
+@njit(inline="always", **KERNEL)
+def emit(t, r, total, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """Store one result: the int32 accumulator, or ``acc / a[t] * s[r]`` in float32.
+
+    Inlined by Numba itself, so its five array arguments are not passed for every output.
+    """
+    value = np.int32(total - q_sum[t])
+    if as_float:
+        out[t, r] = np.float32(value) / act_scale[t] * scale[r * scale_step]
+    else:
+        acc[t, r] = value
