@@ -1,4 +1,4 @@
-"""Command line of bitnet: python -m bitnet COMMAND (demo, generate, convert, info, bench, bench-model, train).
+"""Command line of bitnet: python -m bitnet COMMAND (demo, generate, convert, info, bench, bench-model, serve, train).
 
 Each subcommand is one function ``cmd_<name>(args)``; ``main`` only parses and dispatches.
 A user mistake (a bad flag value, a missing model, a setting the model refuses) ends in one
@@ -26,6 +26,8 @@ from bitnet import bench
 from bitnet.io.chat import ASSISTANT, USER, chat_format, fitted
 from bitnet.io.detokenize import TextStream
 from bitnet.kernels.cpu_features import supported_paths
+from bitnet.serve.engine import DEFAULT_MAX_QUEUE
+from bitnet.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -403,6 +405,20 @@ def _counts(formats: dict[str, int]) -> str:
     return ", ".join(f"{count} x {name}" for name, count in formats.items()) or "none"
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model over an OpenAI-compatible HTTP API with continuous batching (needs the [serve] extra)."""
+    try:
+        from .serve.server import serve
+    except ImportError as exc:
+        raise bn.errors.DependencyError(
+            f'serving needs uvicorn and starlette ({exc}); pip install "bitnet-numba[serve]"'
+        ) from None
+    serve(args.model_dir, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+          max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+          prefill_chunk=args.prefill_chunk, threads=args.threads, head_dtype=args.head)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a BitNet b1.58 model with quantization-aware training on a text corpus (needs the [train] extra)."""
     try:
@@ -580,6 +596,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_model.add_argument("--context", type=_at_least(0), default=0,
                              help="cached positions (random tokens, filled untimed) before the timed decode steps")
     bench_model.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random weights and prompt")
+    serve = command("serve", cmd_serve)
+    serve.add_argument("model_dir", nargs="?", default=None,
+                       help="HF model directory or .gguf file (default: the model bundled in the package)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=_at_least(0), default=8000, help="TCP port (0: any free one)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every request (default: $BITNET_API_KEY, "
+                            "else no key)")
+    serve.add_argument("--model-name", default=None,
+                       help="the model name clients give (default: the directory's name, bitnet-bundled)")
+    serve.add_argument("--max-batch", type=_at_least(1), default=DEFAULT_MAX_BATCH, help="requests generating at once")
+    serve.add_argument("--max-queue", type=_at_least(1), default=DEFAULT_MAX_QUEUE,
+                       help="requests waiting for a slot; past it requests get 503")
+    serve.add_argument("--max-context", type=_at_least(1), default=None,
+                       help="most prompt + max_tokens positions per request (default: the model's context)")
+    serve.add_argument("--prefill-chunk", type=_at_least(1), default=DEFAULT_PREFILL_CHUNK,
+                       help="most prompt tokens read in one step, over all requests")
+    serve.add_argument("--threads", type=_at_least(1), default=None, help="numba threads (default: numba's setting)")
+    serve.add_argument("--head", choices=bn.io.convert.HEADS, default="auto",
+                       help="embedding/head storage (auto: as in the checkpoint)")
     train = command("train", cmd_train)
     _add_train_arguments(train)
     return parser

@@ -79,6 +79,18 @@ class ArenaForeignArrayError(ArenaError):
     """An array given to an arena method was not handed out by that arena (or is only a view of one)."""
 
 
+class ContextLengthError(InvalidValueError):
+    """A request whose prompt plus the tokens it asks for does not fit the context a server allows."""
+
+
+class OverloadedError(BitNetError, RuntimeError):
+    """A server cannot take a request now: its queue is full, or it is shutting down. Retry later."""
+
+
+class UnknownModelError(BitNetError, LookupError):
+    """A request names a model the server does not serve."""
+
+
 def check_array(a: object, name: str) -> None:
     """Raise DTypeError unless ``a`` is a numpy array (None, lists and scalars are refused, not guessed at)."""
     if not isinstance(a, np.ndarray):
