@@ -1,4 +1,4 @@
-"""asv: one decode step (a token through the cached model) at 0 and 2048 cached positions.
+"""asv: one decode step (a token through the cached model) at 0 and 2048 cached positions, KV cache in float16 or float32.
 
 The model is 4 layers of BitNet b1.58 2B4T width (hidden 2560, intermediate 6912, heads
 20/5, head_dim 128) with an int8 head of 32768 rows, random weights: a step streams 70 MB
@@ -21,13 +21,14 @@ CONFIG = bn.BitNetConfig(vocab_size=32768, num_hidden_layers=4)
 class DecodeStep(_Threads):
     """``model.forward`` of one token after ``positions`` cached positions, the cache rewound before each step."""
 
-    params = [[0, 2048]]
-    param_names = ["positions"]
+    params = [[0, 2048], ["float16", "float32"]]
+    param_names = ["positions", "kv_dtype"]
     timeout = 180
 
-    def setup(self, positions):
+    def setup(self, positions, kv_dtype):
         self.setup_threads()
         self.model = bn.models.random_model(CONFIG, head_dtype="int8")
+        self.model.kv_dtype = kv_dtype
         self.positions = positions
         self.cache = self.model.new_cache(positions + 1)
         filler = np.random.default_rng(0).integers(0, CONFIG.vocab_size, positions)
@@ -35,8 +36,8 @@ class DecodeStep(_Threads):
             self.model.forward(filler[start : start + CONTEXT_CHUNK], self.cache, last_only=True)
         self.token = np.array([1])
         self.logits = np.empty((1, CONFIG.vocab_size), np.float32)
-        self.time_decode_step(positions)  # compile and touch the weights outside the timing
+        self.time_decode_step(positions, kv_dtype)  # compile and touch the weights outside the timing
 
-    def time_decode_step(self, positions):
+    def time_decode_step(self, positions, kv_dtype):
         self.cache.length = self.positions  # the step overwrites the position the last one wrote
         self.model.forward(self.token, self.cache, out=self.logits)

@@ -67,7 +67,7 @@ class StepBytes:
 
     ternary: int  # every projection the step runs (packed weights and their scales)
     head: int  # the output head's table (and row scales)
-    kv_cache: float  # keys and values of the attended positions, float32
+    kv_cache: float  # keys and values of the attended positions, in the cache's dtype
 
     @property
     def total(self) -> float:
@@ -172,7 +172,7 @@ def decode_step_bytes(model: BitNetForCausalLM, positions: float) -> StepBytes:
     """What a decode step attending to ``positions`` cached positions reads (norm gains and one embedding row aside)."""
     c = model.config
     ternary = sum(linear.weight.nbytes for linear in model.running_linears())
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * np.dtype(np.float32).itemsize * positions
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * np.dtype(model.kv_dtype).itemsize * positions
     return StepBytes(ternary, model.lm_head.nbytes, float(kv))
 
 
@@ -220,6 +220,36 @@ def _greedy_steps(model, cache, logits: np.ndarray, steps: int) -> list[float]:
         model.forward(token, cache, out=logits)
         times.append(time.perf_counter() - start)
     return times
+
+
+def decode_by_context(
+    model: BitNetForCausalLM, contexts: Sequence[int], decode_tokens: int = 16, repeats: int = 3, seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[int, Spread]:
+    """Decode tokens/s after each of ``contexts`` cached positions: how a long context slows a step.
+
+    One cache is filled once (not timed) with random tokens up to the largest context; each
+    round then rewinds it to every context in turn and times ``decode_tokens`` greedy steps
+    from there, so all contexts see the same machine state. Returns, per context, the
+    median (min-max) over ``repeats`` rounds of the steps' tokens/s.
+    """
+    contexts = sorted(set(contexts))
+    check_lengths(model.config, 1, decode_tokens, contexts[-1])
+    stage = progress or (lambda name: None)
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache(contexts[-1] + decode_tokens)
+    stage(f"filling {contexts[-1]} cached positions")
+    filler = rng.integers(0, model.config.vocab_size, contexts[-1])
+    for start in range(0, contexts[-1], CONTEXT_CHUNK):
+        model.forward(filler[start : start + CONTEXT_CHUNK], cache, last_only=True)
+    logits = np.zeros((1, model.config.vocab_size), np.float32)
+    rates: dict[int, list[float]] = {context: [] for context in contexts}
+    for run in range(repeats):
+        for context in contexts:
+            stage(f"round {run + 1} of {repeats}: {decode_tokens} decode steps after {context} cached positions")
+            cache.length = context  # the steps overwrite positions a larger context filled: timing is the same
+            rates[context].append(decode_tokens / sum(_greedy_steps(model, cache, logits, decode_tokens)))
+    return {context: Spread.of(values) for context, values in rates.items()}
 
 
 def python_seconds_per_step(config: BitNetConfig, steps: int = 20) -> float:
