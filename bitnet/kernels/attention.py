@@ -25,9 +25,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .simd import F16_WORDS, narrow_to_f16, prefetch, widen_word
+from .simd import F16_WORDS, narrow_to_f16, widen_word
 from .variants import serial_and_parallel
-from .vector_math import exp32
+from .vector_math import exp32, max32
 
 # Reassociation lets the dot products vectorize; no "nnan"/"ninf" (a NaN must stay NaN), and
 # numpy's error model so a division by zero gives inf/NaN instead of raising.
@@ -118,13 +118,16 @@ def scratch_shapes(queries: int, heads: int, kv_heads: int, head_dim: int, capac
 
 
 @njit(**_KERNEL)
-def _prefetch_rows(cache, kv, t0, t1):
-    """Ask for cache rows ``t0 .. t1`` of head ``kv`` (contiguous in memory), one 64-byte line at a time."""
-    d = cache.shape[2]
-    line = 64 // cache.itemsize
-    first = (kv * cache.shape[1] + t0) * d
-    for index in range(first, first + (t1 - t0) * d, line):
-        prefetch(cache, index)
+def _row_max(row, count, start):
+    """``max(start, row[:count])`` with vector max instructions (``max32``).
+
+    A NaN score may or may not become the max, but it makes its own weight NaN either way,
+    so the output is NaN as in float32 attention.
+    """
+    top = start
+    for t in range(count):
+        top = max32(top, row[t])
+    return top
 
 
 @njit(**_KERNEL)
@@ -259,9 +262,7 @@ def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk
                 g += count
             for g in range(group):
                 h = first_head + g
-                top = chunk_max[i, h, c]
-                for t in range(t1 - t0):
-                    top = max(top, tile_scores[g, t])
+                top = _row_max(tile_scores[g], t1 - t0, chunk_max[i, h, c])
                 rescale = exp32(chunk_max[i, h, c] - top)
                 total = chunk_sum[i, h, c] * rescale
                 for t in range(t1 - t0):

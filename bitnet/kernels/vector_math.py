@@ -1,15 +1,20 @@
-"""Float32 math that LLVM can vectorize: Numba's ``np.exp`` is a call to libm per value.
+"""Float32 math that LLVM can vectorize, where Numba's own does not.
 
 Without Intel's SVML, a loop calling ``np.exp`` runs one scalar ``expf`` per element. Softmax
-and the SiLU gate evaluate it once per score or hidden unit, which made decode attention at
-2048 positions compute bound (NOTES.md). :func:`exp32` is branch-free float and integer
-arithmetic, so a loop over it becomes vector code.
+evaluates it once per score, which made decode attention at 2048 positions compute bound
+(NOTES.md). :func:`exp32` is branch-free float and integer arithmetic, so a loop over it
+becomes vector code. A max over a loop (``max(a, b)`` or a compare and select) stays scalar
+too, as LLVM keeps its NaN rules; :func:`max32` is LLVM's ``maxnum``, which it reduces with
+vector instructions.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .simd import float32_from_bits
 
@@ -51,3 +56,16 @@ def exp32(x):
     y = np.float32(np.inf) if x > _OVERFLOW else y
     y = np.float32(0.0) if x < _UNDERFLOW else y
     return x if x != x else y
+
+
+@intrinsic
+def max32(typingctx, a, b):
+    """The larger of float32 ``a`` and ``b`` (LLVM ``maxnum``: a NaN operand gives the other one)."""
+    if a != types.float32 or b != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.FloatType()])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.maxnum.f32"), args)
+
+    return types.float32(a, b), codegen
