@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,10 +31,9 @@ class RunningServer:
 @contextlib.contextmanager
 def running_server(max_batch: int = 4, max_queue: int = 4, **engine_options) -> Iterator[RunningServer]:
     """Serve the bundled model until the block ends; every forward_batch call is recorded."""
-    import uvicorn
-
     from bitnet.io.chat import chat_format
     from bitnet.serve import Engine, create_app
+    from bitnet.serve.server import running
 
     model, tokenizer = bn.load_pretrained(), bn.load_tokenizer()
     batch_sizes: list[int] = []
@@ -49,23 +46,8 @@ def running_server(max_batch: int = 4, max_queue: int = 4, **engine_options) -> 
     model.forward_batch = recorded
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, **engine_options)
     app = create_app(engine, tokenizer, chat_format(None, tokenizer, model.config), MODEL_NAME, API_KEY)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield RunningServer(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", engine, model, tokenizer,
-                            batch_sizes)
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        listener.close()
+    with running(app) as url:
+        yield RunningServer(f"{url}/v1", engine, model, tokenizer, batch_sizes)
 
 
 def wait_until(condition, seconds: float = 30) -> bool:

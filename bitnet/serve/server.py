@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -16,6 +21,7 @@ from .engine import DEFAULT_MAX_QUEUE, Engine
 from .scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
 
 API_KEY_ENV = "BITNET_API_KEY"
+STARTUP_SECONDS = 300  # the engine's warm-up compiles kernels on a cold Numba cache
 BUNDLED_MODEL_NAME = "bitnet-bundled"
 
 
@@ -73,3 +79,32 @@ def serve(
     print(f"serving {name} at http://{host}:{port}/v1 (batches of up to {engine.scheduler.max_batch}, "
           f"context {engine.context}, {'an API key' if api_key else 'no API key'})", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@contextlib.contextmanager
+def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a background thread until the block ends; yields the base URL.
+
+    For notebooks, tests and benchmarks that talk to a server in their own process. Port 0
+    takes a free port.
+
+    Raises
+    ------
+    OSError when the address cannot be bound; RuntimeError when the app fails to start.
+    """
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_SECONDS
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see the log above)")
+            time.sleep(0.05)
+        yield f"http://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        listener.close()
