@@ -11,6 +11,7 @@ the machine's load average when other processes share its CPUs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -414,14 +415,19 @@ def _counts(formats: dict[str, int]) -> str:
     return ", ".join(f"{count} x {name}" for name, count in formats.items()) or "none"
 
 
+@contextlib.contextmanager
+def _extra(extra: str, needs: str) -> Iterator[None]:
+    """Turn an ImportError inside the block into the DependencyError that names the extra to install."""
+    try:
+        yield
+    except ImportError as exc:
+        raise bn.errors.DependencyError(f'{needs} ({exc}); pip install "bitnet-numba[{extra}]"') from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model over an OpenAI-compatible HTTP API with continuous batching (needs the [serve] extra)."""
-    try:
+    with _extra("serve", "serving needs uvicorn and starlette"):
         from .serve.server import serve
-    except ImportError as exc:
-        raise bn.errors.DependencyError(
-            f'serving needs uvicorn and starlette ({exc}); pip install "bitnet-numba[serve]"'
-        ) from None
     serve(args.model_dir, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
           prefill_chunk=args.prefill_chunk, threads=args.threads, head_dtype=args.head)
@@ -430,13 +436,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a BitNet b1.58 model with quantization-aware training on a text corpus (needs the [train] extra)."""
-    try:
+    with _extra("train", "training needs PyTorch and transformers"):
         from .torch.config import TrainConfig
         from .torch.training import train
-    except ImportError as exc:
-        raise bn.errors.DependencyError(
-            f'training needs PyTorch and transformers ({exc}); pip install "bitnet-numba[train]"'
-        ) from None
     values = {name: getattr(args, name) for name in TrainConfig.__dataclass_fields__}
     result = train(TrainConfig(**values), resume=args.resume, overwrite=args.overwrite,
                    progress=not args.no_progress, threads=args.threads)

@@ -83,13 +83,8 @@ def parse_completion(body: object, model_name: str) -> CompletionRequest:
 
 
 def parse_chat(body: object, model_name: str) -> ChatRequest:
-    """A ``/v1/chat/completions`` body, checked; each message's content as one string.
-
-    Raises
-    ------
-    InvalidValueError naming the field that is missing or wrong; UnknownModelError for
-    another ``model`` than ``model_name``.
-    """
+    """A ``/v1/chat/completions`` body, checked; each message's content as one string. Raises as
+    :func:`parse_completion`."""
     body = _checked_body(body, model_name)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
