@@ -1,4 +1,4 @@
-"""asv: one decode step (a token through the cached model) at 0 and 2048 cached positions, KV cache in float16 or float32.
+"""asv: one decode step (a token through the cached model) at 0 and 2048 cached positions, float16 or float32 KV.
 
 The model is 4 layers of BitNet b1.58 2B4T width (hidden 2560, intermediate 6912, heads
 20/5, head_dim 128) with an int8 head of 32768 rows, random weights: a step streams 70 MB

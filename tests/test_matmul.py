@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import bitnet as bn
 from bitnet import ops
-from bitnet.kernels import cpu_features, ternary_blocks
+from bitnet.kernels import cpu_features, ternary_blocks, ternary_simd
 from bitnet.kernels import matmul as kernels
 
 PATHS = cpu_features.supported_paths()
@@ -118,7 +118,7 @@ def test_extreme_activations_do_not_overflow(rng, path, value, n):
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_k_past_the_accumulator_fold_is_exact(rng, path):
     # Past FOLD_BLOCKS blocks the int32 lanes are flushed to int64; check the seam.
-    k = ternary_blocks.FOLD_BLOCKS * ternary_blocks.BLOCK + 300
+    k = ternary_simd.FOLD_BLOCKS * ternary_blocks.BLOCK + 300
     codes = np.where(rng.random((3, k)) < 0.5, 1, -1).astype(np.int8)
     codes[0] = 1
     t = bn.TernaryTensor(codes, np.float32(1.0).reshape(()))

@@ -261,7 +261,7 @@ def sum_acc(typingctx, a):
     """The sum of the int32 lanes of ``a`` as an int64.
 
     Summed in int32 (a few shuffles and adds): the kernels keep their lanes small enough
-    (see ``FOLD_BLOCKS`` in ``bitnet.kernels.matmul``) that the total cannot overflow.
+    (see ``FOLD_BLOCKS`` in ``bitnet.kernels.ternary_simd``) that the total cannot overflow.
     """
 
     def codegen(context, builder, sig, args):

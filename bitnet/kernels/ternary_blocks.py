@@ -8,6 +8,10 @@ activations come as an int8 buffer ``q`` of shape ``(n, 256 nb)``, zero past the
 The kernels multiply the *unsigned* stored codes ``c = w + 1`` in {0, 1, 2} by the signed
 activations, which is what the x86 byte multiply-add instructions take, and subtract
 ``sum(q)`` once per token at the end (:func:`emit`): ``sum(w q) = sum(c q) - sum(q)``.
+
+These constants are the contracts between the modules, not tunables (those live with the loop
+they tune). Numba's on-disk cache checks only a kernel's own file: after editing a value here,
+delete the caches (``find bitnet -name "*.nb[ic]" -delete``) or the old value stays compiled in.
 """
 
 from __future__ import annotations
@@ -19,13 +23,8 @@ from . import amx
 
 BLOCK = 256  # weights per i2 block
 BLOCK_BYTES = 64  # bytes per i2 block
-FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lanes stay < 2**31)
 TILE_ROWS = 2  # rows of a GEMM tile
-TILE_TOKENS = 8  # tokens of a GEMM tile
-PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the portable path cannot overflow
-# How far ahead of the loads the GEMV loop prefetches each of its two rows: DRAM latency needs
-# several KB in flight per thread (4-16 KB stream the model's GEMVs ~25% faster than 1 KB; NOTES.md).
-PREFETCH_BYTES = 4096
+TILE_TOKENS = 8  # tokens of a GEMM tile: a tile's 16 sums come back row by row, TILE_TOKENS each
 
 AMX_MIN_TOKENS = 32  # from this many tokens the amx path multiplies in tiles
 AMX_MAX_K = 2**22  # int32 tile sums stay exact below this: 2**22 x 2 x 128 < 2**31

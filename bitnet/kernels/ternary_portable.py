@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, PORTABLE_FLUSH_BLOCKS
+from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL
+
+PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the portable path cannot overflow
 
 
 @njit(**KERNEL)

@@ -31,7 +31,12 @@ from .simd import (
     sum_acc,
     zero_acc,
 )
-from .ternary_blocks import BLOCK, BLOCK_BYTES, FOLD_BLOCKS, KERNEL, PREFETCH_BYTES
+from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL
+
+FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lanes stay < 2**31)
+# How far ahead of the loads the GEMV loop prefetches each of its two rows: DRAM latency needs
+# several KB in flight per thread (4-16 KB stream the model's GEMVs ~25% faster than 1 KB; NOTES.md).
+PREFETCH_BYTES = 4096
 
 
 @njit(**KERNEL)
