@@ -25,7 +25,7 @@ class RunningServer:
     def client(self, **options):
         import openai
 
-        return openai.OpenAI(base_url=self.url, api_key=API_KEY, max_retries=0, timeout=60, **options)
+        return openai.OpenAI(base_url=self.url, api_key=API_KEY, **{"max_retries": 0, "timeout": 60, **options})
 
 
 @contextlib.contextmanager

@@ -116,3 +116,19 @@ def test_a_full_server_answers_503_and_hung_up_clients_free_their_slots(server, 
     prompt, text = expected[0]
     response = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
     assert response.choices[0].text == text
+
+
+def test_a_client_that_gives_up_on_a_whole_response_frees_its_slot(server, monkeypatch):
+    """A non-streamed request whose client times out is cancelled too, long before its 240 tokens."""
+    forward_batch = server.model.forward_batch
+
+    def slow(sequences, caches, out=None):
+        time.sleep(0.01)
+        return forward_batch(sequences, caches, out)
+
+    monkeypatch.setattr(server.model, "forward_batch", slow)
+    first_step = len(server.batch_sizes)
+    with pytest.raises(openai.APITimeoutError):
+        server.client(timeout=0.3).completions.create(model=MODEL_NAME, prompt="def f(x):", max_tokens=240)
+    assert wait_until(lambda: server.engine.outstanding == 0, 20)
+    assert len(server.batch_sizes) - first_step < 120

@@ -34,6 +34,7 @@ from .scheduler import Output, Sequence
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 2**20  # a request body past this is refused (413) before it is read whole
+CLIENT_CLOSED_REQUEST = 499  # the status logged for a client that left before its response (as nginx)
 
 # The status, OpenAI error type and code of each library error a request can meet (first match wins).
 ERROR_STATUS = [
@@ -166,25 +167,38 @@ class _Outputs:
 
 async def _whole(request: Request, reply: schemas.Reply, outputs: _Outputs, sequence: Sequence,
                  prompt_tokens: int) -> Response:
-    """The response as one JSON object, once the sequence has ended; the request is cancelled if the client leaves."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, sequence))
-    pieces = []
+    """The response as one JSON object, once the sequence has ended.
+
+    A client that disconnects first cancels its request, and is sent nothing (499 in the log).
+    """
+    collecting = asyncio.ensure_future(_collected(outputs))
+    disconnected = asyncio.ensure_future(_disconnect(request))
     try:
-        async for output in outputs:
-            if output.error is not None:
-                raise output.error
-            pieces.append(output.text)
+        await asyncio.wait({collecting, disconnected}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        collecting.cancel()
+        disconnected.cancel()
         sequence.cancel()  # a no-op once it has ended
-    token_counts = schemas.usage(prompt_tokens, output.completion_tokens)
-    return JSONResponse(reply.whole("".join(pieces), output.finish_reason, token_counts))
+    if collecting.cancelled():
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    text, last = collecting.result()  # raises the error that ended the sequence, if one did
+    return JSONResponse(reply.whole(text, last.finish_reason, schemas.usage(prompt_tokens, last.completion_tokens)))
 
 
-async def _cancel_on_disconnect(request: Request, sequence: Sequence) -> None:
+async def _collected(outputs: _Outputs) -> tuple[str, Output]:
+    """The whole text of a request's outputs, and its last output."""
+    pieces = []
+    async for output in outputs:
+        if output.error is not None:
+            raise output.error
+        pieces.append(output.text)
+    return "".join(pieces), output
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read: nothing else arrives before)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    sequence.cancel()
 
 
 async def _events(reply: schemas.Reply, outputs: _Outputs, sequence: Sequence, prompt_tokens: int,

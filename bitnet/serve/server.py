@@ -22,6 +22,7 @@ from .scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
 
 API_KEY_ENV = "BITNET_API_KEY"
 STARTUP_SECONDS = 300  # the engine's warm-up compiles kernels on a cold Numba cache
+SHUTDOWN_GRACE_SECONDS = 10  # on Ctrl-C, streams still open after this are cut
 BUNDLED_MODEL_NAME = "bitnet-bundled"
 
 
@@ -78,7 +79,7 @@ def serve(
     app = create_app(engine, tokenizer, chat, name, api_key)
     print(f"serving {name} at http://{host}:{port}/v1 (batches of up to {engine.scheduler.max_batch}, "
           f"context {engine.context}, {'an API key' if api_key else 'no API key'})", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
 
 
 @contextlib.contextmanager
@@ -94,7 +95,7 @@ def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_SECONDS
