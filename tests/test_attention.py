@@ -9,9 +9,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
+from numba import types
+from numba.extending import intrinsic
 
 import bitnet as bn
 from bitnet.kernels import attention as kernels
+from bitnet.kernels import simd, vector_math
 from bitnet.nn import BitLinear, KVCache, RMSNorm, RotaryEmbedding
 from bitnet.nn.attention import Attention
 
@@ -171,3 +174,63 @@ def test_batched_attention_refuses_rows_that_do_not_cover_the_input(rng):
                       [(a, slice(0, 2)), (a, slice(2, 4))], [(a, 2)], [(None, slice(0, 4))]):
         with pytest.raises(bn.BitNetError):
             attention.batched(x, sequences, 0)
+
+
+@intrinsic
+def _f16_by_integers(typingctx, value):
+    """``simd._f16_bits_narrow``: the F16C-less rounding (``NUMBA_CPU_NAME=generic`` caches), callable here."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return simd._f16_bits_narrow(builder, args[0])
+
+    return types.uint16(value), codegen
+
+
+@numba.njit
+def _narrow(values, by_integers, out):
+    for i in range(values.shape[0]):
+        out[i] = _f16_by_integers(values[i]) if by_integers else simd.narrow_to_f16(values[i])
+
+
+@pytest.mark.parametrize("by_integers", [True, False], ids=["integer-route", "cpu-route"])
+def test_f16_narrowing_rounds_as_numpy(rng, by_integers):
+    """Both routes of ``narrow_to_f16`` give numpy's ``astype(float16)``: ties to even, subnormals,
+    overflow to Inf, NaN kept; over random bit patterns and every 97th float of f16's range."""
+    dense = np.arange(0x30000000, 0x48000000, 97, dtype=np.uint32)
+    special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x477FEFFF, 0x477FF000, 0x33000000,
+                        0x33000001, 0x387FE000, 0x38800000, 0x387FF000], np.uint32)
+    bits = np.concatenate([rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32), special, dense,
+                           dense | 0x80000000])
+    values = bits.view(np.float32)
+    out = np.empty(values.shape, np.uint16)
+    _narrow(values, by_integers, out)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16).view(np.uint16)
+    nan = np.isnan(values)
+    assert np.isnan(out[nan].view(np.float16)).all()
+    np.testing.assert_array_equal(out[~nan], expected[~nan])
+
+
+@numba.njit(fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy")  # the kernels' flags
+def _exp_and_running_max(x, out):
+    top = np.float32(-np.inf)
+    for i in range(x.shape[0]):
+        out[i] = vector_math.exp32(x[i])
+        top = vector_math.max32(top, x[i])
+    return top
+
+
+def test_exp32_is_within_one_ulp_of_exp_and_max32_is_the_max(rng):
+    x = np.concatenate([rng.uniform(-90, 90, 500_000), rng.uniform(-1, 1, 100_000), [0.0, -0.0, 88.72, -87.33]])
+    x = np.concatenate([x.astype(np.float32), np.array([np.inf, -np.inf, np.nan, 88.73, -87.34, -200], np.float32)])
+    out = np.empty_like(x)
+    top = _exp_and_running_max(x, out)
+    assert top == np.inf  # NaN ignored (maxnum), +Inf the max
+    with np.errstate(over="ignore"):
+        exact = np.exp(x.astype(np.float64))
+    normal = (exact >= np.finfo(np.float32).tiny) & (exact <= np.finfo(np.float32).max)
+    ulps = np.abs(out[normal] - exact[normal]) / np.spacing(exact[normal].astype(np.float32))
+    assert ulps.max() <= 1.0
+    np.testing.assert_array_equal(out[-6:], np.array([np.inf, 0.0, np.nan, np.inf, 0.0, 0.0], np.float32))
