@@ -9,7 +9,9 @@ clients, each streaming one greedy completion of a different random prompt, repo
   decoding (after the last first token, before the first last token), over that window;
 * per-token latency: the median gap between a client's tokens in that window (median over clients);
 * time to first token and whole-request latency (medians over clients; prefill is chunked);
-* the aggregate speedup and the per-token latency over those of one client.
+* the aggregate speedup and the per-token latency over those of one client;
+* for comparison, one bare ``model.forward_batch`` decode step of that many sequences (median
+  of 9, after the server has stopped): what the kernels cost, without the server around them.
 
 The random model has no tokenizer: a word-level one over its 128256 ids ("t0" .. "t128255")
 decodes the streamed text, and prompts go in as token ids. EOS is off, so every request
@@ -90,6 +92,18 @@ def figures(results: list[dict]) -> dict[str, float]:
     }
 
 
+def bare_step_ms(model, sequences: int, rng: np.random.Generator, prompt_tokens: int) -> float:
+    """The median time of a decode step of ``sequences`` sequences through ``forward_batch`` alone."""
+    caches = [model.new_cache(prompt_tokens + 16) for _ in range(sequences)]
+    model.forward_batch([rng.integers(0, model.config.vocab_size, prompt_tokens) for _ in caches], caches)
+    times = []
+    for _ in range(9):
+        start = time.perf_counter()
+        model.forward_batch([np.zeros(1, np.int64)] * sequences, caches)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=30, help="decoder layers (2B4T has 30)")
@@ -120,14 +134,16 @@ def main() -> None:
             for n in concurrency:
                 prompts = [rng.integers(0, config.vocab_size, args.prompt_tokens).tolist() for _ in range(n)]
                 rows.setdefault(n, []).append(figures(asyncio.run(run_clients(url, prompts, args.max_tokens))))
+    bn.set_num_threads(args.threads)
+    bare = {n: bare_step_ms(model, n, rng, args.prompt_tokens) for n in concurrency}
     base = {key: statistics.median(run[key] for run in rows[concurrency[0]]) for key in rows[concurrency[0]][0]}
     print(f"{'clients':>7} {'aggregate tok/s':>16} {'x one':>6} {'ms/token':>9} {'x one':>6} {'first token s':>14} "
-          f"{'request s':>10}")
+          f"{'request s':>10} {'bare step ms':>13}")
     for n, runs in rows.items():
         m = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         print(f"{n:>7} {m['aggregate_tok_s']:>16.1f} {m['aggregate_tok_s'] / base['aggregate_tok_s']:>6.2f} "
               f"{m['per_token_ms']:>9.1f} {m['per_token_ms'] / base['per_token_ms']:>6.2f} "
-              f"{m['first_token_s']:>14.2f} {m['request_s']:>10.2f}")
+              f"{m['first_token_s']:>14.2f} {m['request_s']:>10.2f} {bare[n]:>13.1f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
