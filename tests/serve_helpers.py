@@ -29,8 +29,11 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def running_server(max_batch: int = 4, max_queue: int = 4, **engine_options) -> Iterator[RunningServer]:
-    """Serve the bundled model until the block ends; every forward_batch call is recorded."""
+def running_server(max_batch: int = 4, max_queue: int = 4, chat_dir=None, **engine_options) -> Iterator[RunningServer]:
+    """Serve the bundled model until the block ends; every forward_batch call is recorded.
+
+    ``chat_dir``: a directory whose ``tokenizer_config.json`` gives the chat template (default: none).
+    """
     from bitnet.io.chat import chat_format
     from bitnet.serve import Engine, create_app
     from bitnet.serve.server import running
@@ -45,7 +48,7 @@ def running_server(max_batch: int = 4, max_queue: int = 4, **engine_options) -> 
 
     model.forward_batch = recorded
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, **engine_options)
-    app = create_app(engine, tokenizer, chat_format(None, tokenizer, model.config), MODEL_NAME, API_KEY)
+    app = create_app(engine, tokenizer, chat_format(chat_dir, tokenizer, model.config), MODEL_NAME, API_KEY)
     with running(app) as url:
         yield RunningServer(f"{url}/v1", engine, model, tokenizer, batch_sizes)
 

@@ -4,6 +4,7 @@ cut at stop strings, and every mistake is an OpenAI error with its status code."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -137,6 +138,20 @@ def test_chat_whole_and_streamed(server):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == finish
+
+
+def test_chat_through_the_model_s_template(tmp_path):
+    """With a chat template the prompt is the rendered conversation, and the reply is the model's own text."""
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def add(a, b):"}]
+    with running_server(chat_dir=tmp_path) as server:
+        rendered = "<system>be brief\n<user>def add(a, b):\n<assistant>"
+        text, tokens, finish = reference(server, server.tokenizer.encode(rendered, add_special_tokens=False).ids, 40)
+        response = server.client().chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=40,
+                                                           temperature=0)
+    assert (response.choices[0].message.content, response.choices[0].finish_reason) == (text, finish)
+    assert response.usage.completion_tokens == tokens
 
 
 def test_stop_strings_cut_the_text_before_them(server):
