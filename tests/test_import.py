@@ -22,7 +22,7 @@ HEAVY = ["numba", "llvmlite"]
 OPTIONAL = ["numba_cuda", "numba.cuda", "torch", "transformers", "safetensors", "gguf", "tokenizers",
             "metalcompute", "sentencepiece", "ml_dtypes"]
 
-LAZY_PACKAGES = ["bitnet", "bitnet.cuda", "bitnet.models", "bitnet.nn", "bitnet.torch"]
+LAZY_PACKAGES = ["bitnet", "bitnet.cuda", "bitnet.models", "bitnet.nn", "bitnet.serve", "bitnet.torch"]
 
 
 def loaded_after(code: str) -> list[str]:
