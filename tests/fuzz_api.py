@@ -128,7 +128,7 @@ def fuzz_config(rng) -> None:
 def fuzz_model(rng, model=None) -> None:
     model = model or FUZZ_MODEL
     ids = maybe(rng, lambda: rng.integers(-2, 44, size(rng) or 1), 0.2)
-    kind = rng.integers(3)
+    kind = rng.integers(4)
     if kind == 0:
         model(ids)
     elif kind == 1:
@@ -137,9 +137,19 @@ def fuzz_model(rng, model=None) -> None:
                        top_k=maybe(rng, lambda: None, 0.3), top_p=maybe(rng, lambda: None, 0.3),
                        seed=maybe(rng, lambda: int(rng.integers(100)), 0.3),
                        stop=maybe(rng, lambda: None, 0.3))
-    else:
+    elif kind == 2:
         other = OTHER_MODEL if rng.random() < 0.5 else model
         model(ids, cache=maybe(rng, lambda: other.new_cache(int(rng.integers(1, 8))), 0.2))
+    else:  # several sequences: float16 or float32 caches, some released, shared or of the other model
+        model.kv_dtype = maybe(rng, lambda: str(rng.choice(["float16", "float32"])), 0.1)
+        caches = [(OTHER_MODEL if rng.random() < 0.1 else model).new_cache(int(rng.integers(1, 8)))
+                  for _ in range(int(rng.integers(0, 4)))]
+        if caches and rng.random() < 0.2:
+            caches[0].release()
+        if caches and rng.random() < 0.1:
+            caches.append(caches[-1])
+        sequences = [maybe(rng, lambda: rng.integers(-2, 44, size(rng) or 1), 0.2) for _ in range(len(caches))]
+        model.forward_batch(maybe(rng, lambda: sequences, 0.1), caches)
 
 
 def fuzz_arena(rng) -> None:

@@ -192,9 +192,7 @@ class BitNetForCausalLM:
 
     @kv_dtype.setter
     def kv_dtype(self, dtype: str) -> None:
-        if dtype not in CACHE_DTYPES:
-            raise errors.InvalidValueError(f"kv_dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
-        self._kv_dtype = dtype
+        self._kv_dtype = errors.check_choice("kv_dtype", dtype, CACHE_DTYPES)
 
     def new_cache(self, capacity: int = INITIAL_CACHE_LENGTH, arena: Arena | None = None) -> KVCache:
         """An empty key/value cache for one sequence, of :attr:`kv_dtype`.

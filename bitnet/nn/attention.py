@@ -47,8 +47,7 @@ class KVCache:
         sizes = [checks.positive_int(v, name) for v, name in ((layers, "layers"), (kv_heads, "kv_heads"),
                                                              (head_dim, "head_dim"), (capacity, "capacity"))]
         self.max_length = None if max_length is None else checks.positive_int(max_length, "max_length")
-        if dtype not in CACHE_DTYPES:
-            raise errors.InvalidValueError(f"a KV cache dtype must be one of {sorted(CACHE_DTYPES)}, got {dtype!r}")
+        errors.check_choice("KV cache dtype", dtype, CACHE_DTYPES)
         if arena is not None and not isinstance(arena, Arena):
             raise errors.DTypeError(f"arena must be a bn.Arena or None, got {type(arena).__name__}")
         self.dtype = dtype
