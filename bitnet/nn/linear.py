@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import backends, errors
 from ..formats import KERNEL_FORMAT, PackedTernary, convert, pack
-from ..ops import matmul
+from ..ops import matmul, matmul_rows
 from ..quant import quantize_weights
 from . import checks, scratch
 from .norm import RMSNorm
@@ -134,7 +134,10 @@ class BitLinear:
         if self.input_norm is not None:
             x = self.input_norm(x)
         out = scratch.reused(self.tag, (x.shape[0], self.out_features))
-        out = matmul(x, self.weight, out=out, device=self.device)
+        if self.device == backends.CPU and x.flags.c_contiguous:  # checked here and at construction
+            matmul_rows(x, self.weight, out)
+        else:
+            out = matmul(x, self.weight, out=out, device=self.device)
         if self.bias is not None:
             out += self.bias
         return out
