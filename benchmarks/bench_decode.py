@@ -11,7 +11,7 @@ share of a step shows (22 vs 31 ms here). The full model: ``python -m bitnet ben
 import numpy as np
 
 import bitnet as bn
-from bitnet.models.bench import CONTEXT_CHUNK
+from bitnet.models.bench import filled_cache
 
 from .bench_matmul import _Threads
 
@@ -30,10 +30,7 @@ class DecodeStep(_Threads):
         self.model = bn.models.random_model(CONFIG, head_dtype="int8")
         self.model.kv_dtype = kv_dtype
         self.positions = positions
-        self.cache = self.model.new_cache(positions + 1)
-        filler = np.random.default_rng(0).integers(0, CONFIG.vocab_size, positions)
-        for start in range(0, positions, CONTEXT_CHUNK):
-            self.model.forward(filler[start : start + CONTEXT_CHUNK], self.cache, last_only=True)
+        self.cache, _ = filled_cache(self.model, positions, 1, np.random.default_rng(0))
         self.token = np.array([1])
         self.logits = np.empty((1, CONFIG.vocab_size), np.float32)
         self.time_decode_step(positions, kv_dtype)  # compile and touch the weights outside the timing

@@ -35,6 +35,7 @@ from numba import njit, prange
 
 from .. import errors
 from ..bench import timings
+from ..nn import KVCache
 from ..ops import get_num_threads, matmul, set_num_threads
 from .bitnet import BitNetForCausalLM
 from .config import BitNetConfig
@@ -203,6 +204,19 @@ def kernel_seconds_per_step(model: BitNetForCausalLM, repeats: int = 5) -> float
     return timings(step, min_time=0.0, min_repeats=repeats, max_repeats=repeats)[0]
 
 
+def filled_cache(
+    model: BitNetForCausalLM, positions: int, room: int, rng: np.random.Generator
+) -> tuple[KVCache, np.ndarray]:
+    """A cache holding ``positions`` random tokens (drawn from ``rng``) with ``room`` more positions,
+    and the logits of its last position (zeros, so that the first token is id 0, when empty)."""
+    cache = model.new_cache(positions + room)
+    logits = np.zeros((1, model.config.vocab_size), np.float32)
+    filler = rng.integers(0, model.config.vocab_size, positions)
+    for start in range(0, positions, CONTEXT_CHUNK):
+        logits = model.forward(filler[start : start + CONTEXT_CHUNK], cache, last_only=True)
+    return cache, logits
+
+
 def _decode_step_seconds(model: BitNetForCausalLM, steps: int, prompt: np.ndarray) -> list[float]:
     """Wall time of each of ``steps`` greedy decode steps after prefilling ``prompt``."""
     cache = model.new_cache(len(prompt) + steps + 1)
@@ -237,11 +251,8 @@ def decode_by_context(
     check_lengths(model.config, 1, decode_tokens, contexts[-1])
     stage = progress or (lambda name: None)
     rng = np.random.default_rng(seed)
-    cache = model.new_cache(contexts[-1] + decode_tokens)
     stage(f"filling {contexts[-1]} cached positions")
-    filler = rng.integers(0, model.config.vocab_size, contexts[-1])
-    for start in range(0, contexts[-1], CONTEXT_CHUNK):
-        model.forward(filler[start : start + CONTEXT_CHUNK], cache, last_only=True)
+    cache, _ = filled_cache(model, contexts[-1], decode_tokens, rng)
     logits = np.zeros((1, model.config.vocab_size), np.float32)
     rates: dict[int, list[float]] = {context: [] for context in contexts}
     for run in range(repeats):
@@ -309,14 +320,10 @@ def bench_model(
     prompt = rng.integers(0, model.config.vocab_size, prompt_tokens)
     stage("warming up (kernel compilation, first touch of the weights)")
     _decode_step_seconds(model, 2, prompt[:8])
-    cache = model.new_cache(context + decode_tokens)
-    logits = np.zeros((1, model.config.vocab_size), np.float32)  # without context, the first token is id 0
     if context:
         stage(f"filling {context} cached positions")
-        filler = rng.integers(0, model.config.vocab_size, context)
-        for start in range(0, context, CONTEXT_CHUNK):
-            logits = model.forward(filler[start : start + CONTEXT_CHUNK], cache, last_only=True)
-    first_logits = logits.copy()
+    cache, first_logits = filled_cache(model, context, decode_tokens, rng)
+    logits = first_logits.copy()
     prefill, decode, steps, bandwidth = [], [], [], []
     buffer, peak = None, 0
     for run in range(repeats):
