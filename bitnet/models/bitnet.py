@@ -232,7 +232,7 @@ class BitNetForCausalLM:
         ids = self._checked_ids(input_ids)
         errors.checked_out(out, (1 if last_only else len(ids), self.config.vocab_size))
         cache = self.new_cache(len(ids)) if cache is None else self._checked_cache(cache, len(ids))
-        return self._run([ids], [cache], slice(-1, None) if last_only else slice(None), out)
+        return self._run([ids], [cache], last_only, out)
 
     __call__ = forward
 
@@ -274,9 +274,7 @@ class BitNetForCausalLM:
         ids = [self._checked_ids(s) for s in sequences]
         errors.checked_out(out, (len(ids), self.config.vocab_size))
         caches = [self._checked_cache(cache, len(i)) for cache, i in zip(caches, ids, strict=True)]
-        last_rows = np.cumsum([len(i) for i in ids]) - 1
-        all_rows = last_rows[-1] + 1 == len(ids)  # a decode step: one token per sequence
-        return self._run(ids, caches, slice(None) if all_rows else last_rows, out)
+        return self._run(ids, caches, True, out)
 
     def _checked_cache(self, cache: object, new: int) -> KVCache:
         """``cache``, checked to be this model's and reserved for ``new`` more positions within the context."""
@@ -288,9 +286,9 @@ class BitNetForCausalLM:
         cache.reserve(cache.length + new)
         return cache
 
-    def _run(self, ids: list[np.ndarray], caches: list[KVCache], rows: slice | np.ndarray,
+    def _run(self, ids: list[np.ndarray], caches: list[KVCache], last_only: bool,
              out: np.ndarray | None) -> np.ndarray:
-        """The forward pass over checked sequences: the logits of ``rows`` of the concatenated tokens."""
+        """The forward pass over checked sequences: the logits of every token, or of each sequence's last."""
         ends = np.cumsum([len(i) for i in ids]).tolist()
         sequences = [(cache, slice(end - len(i), end)) for cache, i, end in zip(caches, ids, ends, strict=True)]
         with scratch.step():
@@ -300,10 +298,11 @@ class BitNetForCausalLM:
                 layer(x, sequences, index)
             for cache, i in zip(caches, ids, strict=True):
                 cache.length += len(i)
-            if isinstance(rows, np.ndarray):
-                x = np.take(x, rows, axis=0, out=scratch.empty((len(rows), x.shape[1])))
-            h = self.norm(x[rows] if isinstance(rows, slice) else x)
-            return self.lm_head.logits(h, out=out)
+            if last_only and len(ids) == 1:
+                x = x[-1:]
+            elif last_only and ends[-1] > len(ids):  # some sequence brought several tokens: keep each one's last
+                x = np.take(x, [end - 1 for end in ends], axis=0, out=scratch.empty((len(ends), x.shape[1])))
+            return self.lm_head.logits(self.norm(x), out=out)
 
     def stream(
         self,
