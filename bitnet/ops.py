@@ -12,6 +12,8 @@ Kernel path: chosen at import from the CPU's features (``avx512vnni``, ``avxvnni
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Iterable
 
 import numba
 import numpy as np
@@ -94,11 +96,32 @@ def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
 _Workspace = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]
 
 
-class _Workspaces(threading.local):
-    """Per thread: ``(n, k_padded, path)`` -> the temporaries of a matmul of that shape, oldest first."""
+def _release(workspaces: Iterable[_Workspace]) -> None:
+    """Give every buffer of ``workspaces`` back to ``WORKSPACE_ARENA``."""
+    for q, act_scale, q_sum, scratch in workspaces:
+        for array in (q, act_scale, q_sum, *scratch):
+            WORKSPACE_ARENA.release(array)
+
+
+class _ThreadWorkspaces:
+    """One thread's ``(n, k_padded, path)`` -> workspace, oldest first.
+
+    When the thread ends, Python drops its thread-local data and the finalizer gives the
+    buffers back to the arena, which would otherwise count them as live for the rest of the
+    process (a server's engine thread, a worker pool's threads). A ``weakref.finalize``, not
+    ``__del__``: it runs at exit too, before the module's globals are torn down.
+    """
 
     def __init__(self) -> None:
         self.by_shape: dict[tuple[int, int, str], _Workspace] = {}
+        weakref.finalize(self, _release, self.by_shape.values())  # a live view: the buffers held at the end
+
+
+class _Workspaces(threading.local):
+    """Per thread: the matmul workspaces of that thread."""
+
+    def __init__(self) -> None:
+        self.thread = _ThreadWorkspaces()
 
 
 _workspaces = _Workspaces()
@@ -116,14 +139,12 @@ def _workspace(n: int, k_padded: int, path: str) -> _Workspace:
     and batch size (``tests/test_arena_use.py`` measures each). Nothing needs clearing: the
     kernel writes every element that reaches a result before reading it, zero padding included.
     """
-    cached = _workspaces.by_shape
+    cached = _workspaces.thread.by_shape
     key = (n, k_padded, path)
     buffers = cached.get(key)
     if buffers is None:
         if len(cached) == _WORKSPACE_SHAPES:
-            q, act_scale, q_sum, scratch = cached.pop(next(iter(cached)))
-            for array in (q, act_scale, q_sum, *scratch):
-                WORKSPACE_ARENA.release(array)
+            _release([cached.pop(next(iter(cached)))])
         buffers = cached[key] = (
             WORKSPACE_ARENA.empty((n, k_padded), np.int8),
             WORKSPACE_ARENA.empty(n, np.float32),

@@ -1,5 +1,6 @@
 """Steady-state matmul and layer calls take their temporaries from arenas and allocate nothing new."""
 
+import threading
 import tracemalloc
 
 import numpy as np
@@ -113,3 +114,14 @@ def test_repeated_matmul_with_out_allocates_nothing_on_any_path(rng, path, n):
     allocations = numba_allocations(lambda: bn.matmul(x, w, out=out, path=path))
     assert ops.WORKSPACE_ARENA.miss_count() == misses and np.array_equal(out, expected)
     assert peak < NO_ARRAY_BYTES and allocations == entry_arrays(path, n, 768)
+
+
+def test_a_finished_thread_gives_its_matmul_workspaces_back(rng):
+    w = bn.pack(bn.quantize_weights(rng.standard_normal((40, 300)).astype(np.float32)))
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    live = ops.WORKSPACE_ARENA.stats().live_arrays
+    worker = threading.Thread(target=bn.matmul, args=(x, w))
+    worker.start()
+    worker.join()
+    del worker
+    assert ops.WORKSPACE_ARENA.stats().live_arrays == live
