@@ -130,6 +130,14 @@ def test_kv_cache_from_an_arena_grows_and_goes_back_to_it():
     assert arena.stats().live_arrays == 0 and arena.used_bytes() == 0
     with pytest.raises(bn.InvalidValueError, match="released"):
         cache.reserve(9)
+    for bad in ([1], -1, 2.5):
+        with pytest.raises(bn.InvalidValueError, match="integer"):
+            KVCache(1, 1, 8).reserve(bad)
+    for bad in ([1], 2.5):
+        with pytest.raises(bn.InvalidValueError, match="integers"):
+            KVCache(1, 1, 8).layer(bad, 1, 8, 0)
+        with pytest.raises(bn.InvalidValueError, match="integers"):
+            KVCache(1, 1, 8).layer(0, 1, 8, bad)
     with pytest.raises(bn.InvalidValueError, match="dtype"):
         KVCache(1, 1, 8, dtype="bfloat16")
     with pytest.raises(bn.DTypeError, match="arena"):

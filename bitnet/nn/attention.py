@@ -71,6 +71,8 @@ class KVCache:
     def reserve(self, length: int) -> None:
         """Make room for ``length`` positions in total, doubling the capacity as needed (up to ``max_length``)."""
         self._check_live()
+        if not checks.is_int(length) or length < 0:
+            raise errors.InvalidValueError(f"reserve takes a number of positions (an integer >= 0), got {length!r:.80}")
         if length <= self.capacity:
             return
         if self.max_length is not None and length > self.max_length:
@@ -121,6 +123,9 @@ class KVCache:
         do not fit (call :meth:`reserve` first); InvalidValueError once the cache is released.
         """
         self._check_live()
+        if not (checks.is_int(index) and checks.is_int(new)) or new < 0:
+            raise errors.InvalidValueError(f"layer index and new positions must be integers (new >= 0), got "
+                                           f"{index!r:.40} and {new!r:.40}")
         if not 0 <= index < len(self.keys) or len(self.values) != len(self.keys):
             raise errors.ShapeError(f"this KV cache has no layer {index}: make it with the model's new_cache()")
         keys, values = self.keys[index], self.values[index]
