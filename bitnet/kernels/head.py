@@ -9,6 +9,10 @@ The int8 table is multiplied like llama.cpp's ``Q8_0 x Q8_0`` dot product: the h
 is quantized to int8 in blocks of ``INT8_BLOCK`` values, each with its own scale, so the
 bytes meet in the CPU's byte multiply-adds (``vpdpbusd``) instead of being widened to float
 one by one, which made the head compute bound at half the DRAM bandwidth (NOTES.md).
+Those take one unsigned operand; with VNNI the table's bytes are offset by 128 and each
+lane starts from ``-128 * sum(q)`` of its 4 activations (``lane_bias``, once per token):
+``sum((t + 128) q) - 128 sum(q) = sum(t q)``, exactly, in one ``xor`` and one ``vpdpbusd``
+per 64 bytes (``simd.signed_dot``).
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ from numba.extending import overload
 from .quantize import quantize_blocks
 from .simd import (
     byte_vector_size,
+    load_acc,
     load_bytes,
     prefetch,
     scaled_add_floats,
-    signed_dot_acc,
+    signed_dot,
     sum_floats,
     widen_word,
-    zero_acc,
     zero_floats,
 )
 
@@ -76,24 +80,24 @@ def logits_words(word_format, table, h, out):
             out[t, r1] = acc1
 
 
-def _int8_row_pair(isa, table, row_scale, q, lane_scale, out, r0, r1):
+def _int8_row_pair(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1):
     """``out[t, r] = row_scale[r] * sum_j table[r, j] q[t, j] lane_scale[t, j // 4]`` for rows ``r0, r1``."""
 
 
 @overload(_int8_row_pair, jit_options=_ROW_KERNEL)
-def _int8_row_pair_for(isa, table, row_scale, q, lane_scale, out, r0, r1):
+def _int8_row_pair_for(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1):
     if isa.isa == "portable":
-        def portable(isa, table, row_scale, q, lane_scale, out, r0, r1):
+        def portable(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1):
             _int8_row_portable(table, row_scale, q, lane_scale, out, r0)
             _int8_row_portable(table, row_scale, q, lane_scale, out, r1)
 
         return portable
-    return lambda isa, table, row_scale, q, lane_scale, out, r0, r1: _int8_row_pair_simd(
-        isa, table, row_scale, q, lane_scale, out, r0, r1)
+    return lambda isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1: _int8_row_pair_simd(
+        isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1)
 
 
 @njit(**_ROW_KERNEL)
-def _int8_row_pair_simd(isa, table, row_scale, q, lane_scale, out, r0, r1):
+def _int8_row_pair_simd(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1):
     """Each run of 4 values meets in one int32 lane of a byte dot product, then gets its block's scale.
 
     The rows ``HEAD_PREFETCH_ROWS`` ahead of both are prefetched first: the hardware
@@ -102,6 +106,7 @@ def _int8_row_pair_simd(isa, table, row_scale, q, lane_scale, out, r0, r1):
     the arrays' reference counts once per row from every thread, which cost a third of the time.
     """
     width = table.shape[1]
+    lanes = lane_scale.shape[1]
     step = byte_vector_size(isa)
     whole = width - width % step
     base0, base1 = r0 * width, r1 * width
@@ -112,10 +117,11 @@ def _int8_row_pair_simd(isa, table, row_scale, q, lane_scale, out, r0, r1):
         total0, total1 = zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
             x = load_bytes(isa, q, t * width + j)
-            lane = t * lane_scale.shape[1] + j // 4
-            dots = signed_dot_acc(isa, zero_acc(isa), load_bytes(isa, table, base0 + j), x)
+            lane = t * lanes + j // 4
+            bias = load_acc(isa, lane_bias, lane)
+            dots = signed_dot(isa, load_bytes(isa, table, base0 + j), x, bias)
             total0 = scaled_add_floats(total0, dots, lane_scale, lane)
-            dots = signed_dot_acc(isa, zero_acc(isa), load_bytes(isa, table, base1 + j), x)
+            dots = signed_dot(isa, load_bytes(isa, table, base1 + j), x, bias)
             total1 = scaled_add_floats(total1, dots, lane_scale, lane)
         acc0, acc1 = sum_floats(total0), sum_floats(total1)
         for j in range(whole, width):
@@ -140,23 +146,31 @@ def _int8_row_portable(table, row_scale, q, lane_scale, out, r):
 
 
 @njit(**_KERNEL)
-def logits_int8(isa, table, row_scale, h, q, lane_scale, out):
+def logits_int8(isa, table, row_scale, h, q, lane_scale, lane_bias, out):
     """``out[t, r] ~ row_scale[r] * sum_j table[r, j] * h[t, j]`` for an int8 ``table`` ``(V, K)``.
 
     ``h`` is first quantized into ``q`` (int8, ``(n, K)``) and ``lane_scale`` (float32,
     ``(n, ceil(K / 4))``) by ``quantize_blocks`` in blocks of ``INT8_BLOCK``: the products
-    are exact integers, each block's sum is scaled once. A token with NaN or Inf in ``h``
-    gets NaN logits. ``isa`` is a ``bitnet.kernels.simd`` marker.
+    are exact integers, each block's sum is scaled once. ``lane_bias`` (int32, shaped like
+    ``lane_scale``) gets ``-128`` times each lane's sum of ``q`` for the offset table bytes
+    (see the module's docstring). A token with NaN or Inf in ``h`` gets NaN logits. ``isa``
+    is a ``bitnet.kernels.simd`` marker.
 
     Rows go in pairs (``_row_pair``). Each row is computed by one thread in a fixed order, so
     the result does not depend on the number of threads.
     """
+    width = h.shape[1]
     for t in range(h.shape[0]):
         quantize_blocks(h, t, q, lane_scale, INT8_BLOCK)
+        for lane in range(lane_bias.shape[1]):
+            total = np.int32(0)
+            for j in range(4 * lane, min(width, 4 * lane + 4)):
+                total += np.int32(q[t, j])
+            lane_bias[t, lane] = -128 * total
     vocab = table.shape[0]
     for i in prange((vocab + 1) // 2):
         r0, r1 = _row_pair(i, vocab)
-        _int8_row_pair(isa, table, row_scale, q, lane_scale, out, r0, r1)
+        _int8_row_pair(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1)
 
 
 @njit(cache=True, nogil=True)

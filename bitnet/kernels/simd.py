@@ -13,8 +13,8 @@ instruction set. The markers must only be used on CPUs that have the features
 (``bitnet.kernels.cpu_features`` decides).
 
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
-/ ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
-``signed_dot_acc`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator
+/ ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``load_acc`` /
+``dot_acc`` / ``signed_dot`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator
 vectors; ``zero_floats`` / ``scaled_add_floats`` / ``sum_floats`` on float32 vectors of the
 same lane count; ``prefetch``; and the scalars ``widen_word`` (a bf16 or f16 word, as a
 ``WordFormat`` marker says), its inverse ``narrow_to_f16`` and ``float32_from_bits``.
@@ -219,21 +219,41 @@ def dot_acc(typingctx, isa, acc, codes, activations):
 
 
 @intrinsic
-def signed_dot_acc(typingctx, isa, acc, a, b):
-    """``acc`` plus, in each int32 lane, the sum of 4 adjacent products ``s8 a * s8 b`` (``b != -128``).
+def signed_dot(typingctx, isa, a, b, offset_sums):
+    """In each int32 lane, the sum of 4 adjacent products ``s8 a * s8 b`` (``b != -128``).
 
-    The byte multiply-adds take one unsigned operand, so the sign of ``a`` moves onto ``b``:
+    The byte multiply-adds take one unsigned operand. With VNNI it is ``a + 128`` (``a ^
+    0x80``): ``vpdpbusd`` starting from ``offset_sums``, which must hold ``-128 * sum(b)`` of
+    each lane's 4 bytes. AVX2's ``vpmaddubsw`` would saturate on those larger products, so
+    there the sign of ``a`` moves onto ``b`` instead (``offset_sums`` unused):
     ``a * b = |a| * (b if a >= 0 else -b)``, with ``|a| <= 128`` as ``dot_acc`` requires.
     """
 
     def codegen(context, builder, sig, args):
-        _, acc_v, a_v, b_v = args
+        _, a_v, b_v, offset_v = args
+        if isa.isa in ("amx", "avx512vnni", "avxvnni"):
+            shifted = builder.xor(a_v, ir.Constant(a_v.type, [0x80] * a.lanes))
+            return _dot(builder, isa.isa, offset_v, shifted, b_v)
         magnitude = _call(builder, f"llvm.abs.v{a.lanes}i8", a_v.type, [a_v, ir.Constant(ir.IntType(1), 0)])
         negative = builder.icmp_signed("<", a_v, ir.Constant(a_v.type, [0] * a.lanes))
         signed = builder.select(negative, builder.neg(b_v), b_v)
-        return _dot(builder, isa.isa, acc_v, magnitude, signed)
+        return _dot(builder, isa.isa, ir.Constant(offset_v.type, [0] * offset_sums.lanes), magnitude, signed)
 
-    return acc(isa, acc, a, b), codegen
+    return offset_sums(isa, a, b, offset_sums), codegen
+
+
+@intrinsic
+def load_acc(typingctx, isa, array, index):
+    """An int32 accumulator vector of ``isa`` from flat ``index`` on of a C-contiguous int32 array."""
+    if not (isinstance(array, types.Array) and array.dtype == types.int32):
+        return None
+    vec = _acc_type(isa)
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
+        return builder.load(pointer, align=4)
+
+    return vec(isa, array, index), codegen
 
 
 @intrinsic

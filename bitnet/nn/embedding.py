@@ -147,7 +147,9 @@ class Embedding:
             n, width = h.shape
             q = scratch.empty((n, width), np.int8)
             lane_scale = scratch.empty((n, -(-width // 4)), np.float32)
-            head_kernels.logits_int8(MARKERS[KERNEL_PATH], self.table, self.row_scale, h, q, lane_scale, out)
+            lane_bias = scratch.empty(lane_scale.shape, np.int32)
+            head_kernels.logits_int8(MARKERS[KERNEL_PATH], self.table, self.row_scale, h, q, lane_scale, lane_bias,
+                                     out)
         return out
 
 
