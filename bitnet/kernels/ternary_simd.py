@@ -7,7 +7,8 @@
   ``and`` and four multiply-adds per 256 weights; weights are prefetched 4 KB ahead.
 * GEMM (``n >= 8``): a tile of 2 rows x 8 tokens (16 accumulators). Each 64-byte weight block
   is decoded (shift + mask) once into registers and reused for the 8 tokens, so the decode
-  cost does not grow with ``n``.
+  cost does not grow with ``n``. It prefetches the weights of the tile ``GEMM_PREFETCH_ROWS``
+  rows on, which the hardware prefetcher alone does not bring from DRAM in time.
 
 Accumulator lanes are flushed into int64 totals every ``FOLD_BLOCKS`` blocks, so no int32
 lane can overflow whatever ``k``. The vector operations come from ``simd.py``; the ISA
@@ -37,6 +38,9 @@ FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lan
 # How far ahead of the loads the GEMV loop prefetches each of its two rows: DRAM latency needs
 # several KB in flight per thread (4-16 KB stream the model's GEMVs ~25% faster than 1 KB; NOTES.md).
 PREFETCH_BYTES = 4096
+# The GEMM tile prefetches the same blocks of the rows this far below its own (the tile two pairs
+# on): from DRAM, 2560x2560 n = 8 tiles ran at ~130 GMAC/s a core without, ~170-198 with (NOTES.md).
+GEMM_PREFETCH_ROWS = 4
 
 
 @njit(**KERNEL)
@@ -101,6 +105,8 @@ def tile_simd(isa, w, r0, r1, q, t, b0, b1):
         a10, a11, a12, a13 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
         a14, a15, a16, a17 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
         for b in range(start, min(b1, start + FOLD_BLOCKS)):
+            prefetch(w, (r0 + GEMM_PREFETCH_ROWS) * wb + b * BLOCK_BYTES)
+            prefetch(w, (r1 + GEMM_PREFETCH_ROWS) * wb + b * BLOCK_BYTES)
             for h in range(0, BLOCK_BYTES, step):
                 x0 = load_bytes(isa, w, r0 * wb + b * BLOCK_BYTES + h)
                 x1 = load_bytes(isa, w, r1 * wb + b * BLOCK_BYTES + h)
