@@ -267,12 +267,12 @@ def test_the_scratch_shapes_pick_each_tokens_loop():
         return [shape for shape, _ in kernels.scratch_shapes(path, n, k_padded)]
 
     slots, rows = kernels.SCRATCH_SLOTS, kernels.GEMM_ROWS
-    assert shapes("amx", 33, 512) == [(slots, rows, 0), (slots, 32, 512), (slots, 32, 32), (8, 16, 64)]
+    assert shapes("amx", 33, 512) == [(slots, 0, rows), (slots, 32, 512), (slots, 32, 32), (8, 16, 64)]
     for n, k_padded in [(31, 512), (40, kernels.AMX_MAX_K + 256)]:
         gemm_sums, codes, amx_sums, tiles = shapes("amx", n, k_padded)
-        assert gemm_sums == (slots, rows, n - n % 8) and tiles[0] == codes[1] == amx_sums[1] == 0
-    assert shapes("portable", 19, 256) == [(slots, rows, 16), (slots, 64), (19, 256)]
-    assert shapes("avx512vnni", 40, 512) == [(slots, rows, 40)] and shapes("avx2", 1, 256) == [(slots, rows, 0)]
+        assert gemm_sums == (slots, n - n % 8, rows) and tiles[0] == codes[1] == amx_sums[1] == 0
+    assert shapes("portable", 19, 256) == [(slots, 16, rows), (slots, 64), (19, 256)]
+    assert shapes("avx512vnni", 40, 512) == [(slots, 40, rows)] and shapes("avx2", 1, 256) == [(slots, 0, rows)]
 
 
 def test_vnni_activations_lay_out_tile_operands(rng):

@@ -43,6 +43,7 @@ from .ternary_blocks import (
     TILE_ROWS,
     TILE_TOKENS,
     emit,
+    emit_rows,
 )
 from .ternary_portable import row_pair_portable, tile_portable
 from .ternary_simd import row_pair_simd, tile_simd
@@ -153,11 +154,11 @@ def scratch_shapes(path: str, n: int, k_padded: int) -> tuple[tuple[tuple[int, .
     the portable path, ``amx_codes``, ``amx_sums`` and ``amx_tiles`` on the amx path (see
     ``ternary_matmul``); those this call does not use have no elements. The shapes also say
     which loop each token takes: AMX tiles when ``amx_tiles`` has elements, else GEMM tiles
-    for the first ``gemm_sums.shape[2]`` tokens, the GEMV loop for the rest. The per-task
+    for the first ``gemm_sums.shape[1]`` tokens, the GEMV loop for the rest. The per-task
     arrays have ``SCRATCH_SLOTS`` in front, one for each thread slot.
     """
     on_tiles = path == "amx" and n >= AMX_MIN_TOKENS and k_padded <= AMX_MAX_K
-    shapes = (((SCRATCH_SLOTS, GEMM_ROWS, 0 if on_tiles else n - n % TILE_TOKENS), np.int64),)
+    shapes = (((SCRATCH_SLOTS, 0 if on_tiles else n - n % TILE_TOKENS, GEMM_ROWS), np.int64),)
     if path == "portable":
         shapes += (((SCRATCH_SLOTS, BLOCK_BYTES), np.int16), ((n, k_padded), np.int16))
     elif path == "amx":
@@ -177,13 +178,14 @@ def _gemm_rows(isa, w, first_row, rows, q, tokens, sums, lanes):
 
     Loop order keeps both operands close: for each tile of 8 tokens and each chunk of at
     most ``K_CHUNK_BLOCKS`` blocks, the tile's activations (8 x 3 KB) stay in L1 while every
-    row pair of the task passes over them; ``sums[i, t]`` collects row ``first_row + i``.
+    row pair of the task passes over them; ``sums[t, i]`` collects row ``first_row + i``
+    (token-major, so that the output step runs over adjacent rows in vectors).
     """
     nb = w.shape[1] // BLOCK_BYTES
     m = w.shape[0]
     chunks = (nb + K_CHUNK_BLOCKS - 1) // K_CHUNK_BLOCKS
     per_chunk = (nb + chunks - 1) // chunks
-    sums[:rows, :tokens] = 0
+    sums[:tokens, :rows] = 0
     for t in range(0, tokens, TILE_TOKENS):
         for b0 in range(0, nb, per_chunk):
             b1 = min(nb, b0 + per_chunk)
@@ -191,8 +193,8 @@ def _gemm_rows(isa, w, first_row, rows, q, tokens, sums, lanes):
                 r0 = first_row + i
                 part = _tile(isa, w, r0, min(r0 + 1, m - 1), q, t, b0, b1, lanes)
                 for j in range(TILE_TOKENS):
-                    sums[i, t + j] += part[j]
-                    sums[i + 1, t + j] += part[TILE_TOKENS + j]
+                    sums[t + j, i] += part[j]
+                    sums[t + j, i + 1] += part[TILE_TOKENS + j]
 
 
 @njit(parallel=True, **KERNEL)
@@ -204,7 +206,7 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
     ``acc / act_scale[t] * scale[r * scale_step]`` (``scale_step`` 0 for one scale per tensor).
     The scratch arrays are those of ``scratch_shapes``, whose shapes pick the loops: when
     ``amx_tiles`` (``q`` as AMX tile operands) is not empty, every token goes through the AMX
-    tile loop; otherwise the first ``gemm_sums.shape[2]`` tokens go through the GEMM tiles.
+    tile loop; otherwise the first ``gemm_sums.shape[1]`` tokens go through the GEMM tiles.
 
     The rows are cut into ``PARALLEL_TASKS`` tasks (fewer for small ``m``) of an even number of
     rows, dealt out in even runs to ``SCRATCH_SLOTS`` slots (one per thread of Numba's pool, as
@@ -218,7 +220,7 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
     m = w.shape[0]
     n = q.shape[0]
     on_tiles = amx_tiles.shape[0] > 0
-    tiled = n if on_tiles else gemm_sums.shape[2]
+    tiled = n if on_tiles else gemm_sums.shape[1]
     per_task = -(-m // PARALLEL_TASKS)
     per_task += per_task % TILE_ROWS
     tasks = (m + per_task - 1) // per_task
@@ -237,8 +239,7 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
                     rows = min(last - start, GEMM_ROWS)
                     _gemm_rows(isa, w, start, rows, q, tiled, sums, slot_lanes)
                     for t in range(tiled):  # token-major: each token's outputs are adjacent
-                        for i in range(rows):
-                            emit(t, start + i, sums[i, t], q_sum, act_scale, scale, scale_step, acc, out, as_float)
+                        emit_rows(t, start, sums[t], rows, q_sum, act_scale, scale, scale_step, acc, out, as_float)
             half = (last - first + 1) // 2
             for r0 in range(first, first + half):
                 r1 = r0 + half if r0 + half < last else r0

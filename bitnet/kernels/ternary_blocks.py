@@ -45,3 +45,18 @@ def emit(t, r, total, q_sum, act_scale, scale, scale_step, acc, out, as_float):
         out[t, r] = np.float32(value) / act_scale[t] * scale[r * scale_step]
     else:
         acc[t, r] = value
+
+
+@njit(inline="always", **KERNEL)
+def emit_rows(t, first, sums, rows, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``emit`` for token ``t`` and rows ``first .. first + rows - 1`` from ``sums[:rows]``.
+
+    One loop per ``scale_step`` (0 or 1) with the step a constant, so that LLVM turns the
+    loop into vector divides and multiplies (a scalar ``vdivss`` per output was 8% of a GEMM).
+    """
+    if scale_step == 0:
+        for i in range(rows):
+            emit(t, first + i, sums[i], q_sum, act_scale, scale, 0, acc, out, as_float)
+    else:
+        for i in range(rows):
+            emit(t, first + i, sums[i], q_sum, act_scale, scale, 1, acc, out, as_float)
