@@ -160,8 +160,8 @@ def int8_head_reference(table, row_scale, h):
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
-@pytest.mark.parametrize("vocab, width, tokens", [(1, 1, 3), (5, 37, 3), (7, 64, 1), (9, 100, 5), (300, 72, 3),
-                                                  (33, 2560, 9)])
+@pytest.mark.parametrize("vocab, width, tokens", [(1, 1, 3), (2, 64, 2), (3, 130, 1), (5, 37, 3), (7, 64, 1),
+                                                  (9, 100, 5), (300, 72, 3), (33, 2560, 9)])
 def test_int8_head_is_q8_0_dot_products(rng, path, vocab, width, tokens):
     table = rng.integers(-128, 128, (vocab, width)).astype(np.int8)
     table[0, : min(width, 70)] = -128  # the byte whose offset (t ^ 0x80) is 0
@@ -171,10 +171,9 @@ def test_int8_head_is_q8_0_dot_products(rng, path, vocab, width, tokens):
     h[tokens // 2, : min(width, 40)] = 0  # an all-zero block
     h[-1, width // 2] = 3e30  # a huge value: its block's other values round to 0
     q = np.empty(h.shape, np.int8)
-    lane_scale = np.empty((tokens, -(-width // 4)), np.float32)
-    lane_bias = np.empty(lane_scale.shape, np.int32)
+    block_scale = np.empty((tokens, -(-width // 32)), np.float32)
     out = np.empty((tokens, vocab), np.float32)
-    head_kernels.logits_int8(MARKERS[path], table, row_scale, h, q, lane_scale, lane_bias, out)
+    head_kernels.logits_int8(MARKERS[path], table, row_scale, h, q, block_scale, out)
     expected = int8_head_reference(table, row_scale, h)
     for t in range(tokens):  # float32 sums of exact integer block dot products
         np.testing.assert_allclose(out[t], expected[t], rtol=1e-5, atol=1e-5 * np.abs(expected[t]).max())

@@ -10,9 +10,11 @@ is quantized to int8 in blocks of ``INT8_BLOCK`` values, each with its own scale
 bytes meet in the CPU's byte multiply-adds (``vpdpbusd``) instead of being widened to float
 one by one, which made the head compute bound at half the DRAM bandwidth (NOTES.md).
 Those take one unsigned operand; with VNNI the table's bytes are offset by 128 and each
-lane starts from ``-128 * sum(q)`` of its 4 activations (``lane_bias``, once per token):
-``sum((t + 128) q) - 128 sum(q) = sum(t q)``, exactly, in one ``xor`` and one ``vpdpbusd``
-per 64 bytes (``simd.signed_dot``).
+lane starts from ``-128 * sum(q)`` of its 4 activations: ``sum((t + 128) q) - 128 sum(q) =
+sum(t q)``, exactly, in one ``xor`` and one ``vpdpbusd`` per 64 bytes (``simd.signed_dot``).
+A thread takes 4 rows at a time and every token over them, so each 64 bytes of a token's
+activations (and its offset and scales) are loaded once for 4 rows; a token's activations
+and block scales (2.9 KB for 2B4T) and the 4 rows stay in L1.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from numba.extending import overload
 
 from .quantize import quantize_blocks
 from .simd import (
+    block_scales,
     byte_vector_size,
-    load_acc,
     load_bytes,
+    offset_sums,
     prefetch,
     scaled_add_floats,
     signed_dot,
@@ -80,59 +83,68 @@ def logits_words(word_format, table, h, out):
             out[t, r1] = acc1
 
 
-def _int8_row_pair(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1):
-    """``out[t, r] = row_scale[r] * sum_j table[r, j] q[t, j] lane_scale[t, j // 4]`` for rows ``r0, r1``."""
+def _int8_rows(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
+    """``out[t, r] = row_scale[r] * sum_j table[r, j] q[t, j] block_scale[t, j // 32]`` for 4 rows."""
 
 
-@overload(_int8_row_pair, jit_options=_ROW_KERNEL)
-def _int8_row_pair_for(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1):
+@overload(_int8_rows, jit_options=_ROW_KERNEL)
+def _int8_rows_for(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
     if isa.isa == "portable":
-        def portable(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1):
-            _int8_row_portable(table, row_scale, q, lane_scale, out, r0)
-            _int8_row_portable(table, row_scale, q, lane_scale, out, r1)
+        def portable(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
+            for r in (r0, r1, r2, r3):
+                _int8_row_portable(table, row_scale, q, block_scale, out, r)
 
         return portable
-    return lambda isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1: _int8_row_pair_simd(
-        isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1)
+    return lambda isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3: _int8_rows_simd(
+        isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3)
 
 
 @njit(**_ROW_KERNEL)
-def _int8_row_pair_simd(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1):
+def _int8_rows_simd(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
     """Each run of 4 values meets in one int32 lane of a byte dot product, then gets its block's scale.
 
-    The rows ``HEAD_PREFETCH_ROWS`` ahead of both are prefetched first: the hardware
+    The rows ``HEAD_PREFETCH_ROWS`` ahead of each are prefetched first: the hardware
     prefetcher alone keeps too few lines in flight to stream the table at DRAM speed. The
     SIMD loads take flat indexes into the C-contiguous arrays: a ``reshape`` here would update
     the arrays' reference counts once per row from every thread, which cost a third of the time.
     """
     width = table.shape[1]
-    lanes = lane_scale.shape[1]
+    blocks = block_scale.shape[1]
     step = byte_vector_size(isa)
     whole = width - width % step
-    base0, base1 = r0 * width, r1 * width
     for j in range(0, width, 64):
-        prefetch(table, base0 + HEAD_PREFETCH_ROWS * width + j)
-        prefetch(table, base1 + HEAD_PREFETCH_ROWS * width + j)
+        for r in (r0, r1, r2, r3):
+            prefetch(table, (r + HEAD_PREFETCH_ROWS) * width + j)
     for t in range(q.shape[0]):
-        total0, total1 = zero_floats(isa), zero_floats(isa)
+        total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
             x = load_bytes(isa, q, t * width + j)
-            lane = t * lanes + j // 4
-            bias = load_acc(isa, lane_bias, lane)
-            dots = signed_dot(isa, load_bytes(isa, table, base0 + j), x, bias)
-            total0 = scaled_add_floats(total0, dots, lane_scale, lane)
-            dots = signed_dot(isa, load_bytes(isa, table, base1 + j), x, bias)
-            total1 = scaled_add_floats(total1, dots, lane_scale, lane)
-        acc0, acc1 = sum_floats(total0), sum_floats(total1)
-        for j in range(whole, width):
-            acc0 += np.float32(np.int32(table[r0, j]) * np.int32(q[t, j])) * lane_scale[t, j // 4]
-            acc1 += np.float32(np.int32(table[r1, j]) * np.int32(q[t, j])) * lane_scale[t, j // 4]
-        out[t, r0] = acc0 * row_scale[r0]
-        out[t, r1] = acc1 * row_scale[r1]
+            offset = offset_sums(isa, x)
+            scales = block_scales(isa, block_scale, t * blocks + j // INT8_BLOCK)
+            total0 = scaled_add_floats(total0, signed_dot(isa, load_bytes(isa, table, r0 * width + j), x, offset),
+                                       scales)
+            total1 = scaled_add_floats(total1, signed_dot(isa, load_bytes(isa, table, r1 * width + j), x, offset),
+                                       scales)
+            total2 = scaled_add_floats(total2, signed_dot(isa, load_bytes(isa, table, r2 * width + j), x, offset),
+                                       scales)
+            total3 = scaled_add_floats(total3, signed_dot(isa, load_bytes(isa, table, r3 * width + j), x, offset),
+                                       scales)
+        out[t, r0] = _row_total(table, row_scale, q, block_scale, sum_floats(total0), t, r0, whole)
+        out[t, r1] = _row_total(table, row_scale, q, block_scale, sum_floats(total1), t, r1, whole)
+        out[t, r2] = _row_total(table, row_scale, q, block_scale, sum_floats(total2), t, r2, whole)
+        out[t, r3] = _row_total(table, row_scale, q, block_scale, sum_floats(total3), t, r3, whole)
 
 
 @njit(**_ROW_KERNEL)
-def _int8_row_portable(table, row_scale, q, lane_scale, out, r):
+def _row_total(table, row_scale, q, block_scale, acc, t, r, start):
+    """``acc`` plus the scaled products of row ``r`` and token ``t`` from value ``start`` on, times the row's scale."""
+    for j in range(start, table.shape[1]):
+        acc += np.float32(np.int32(table[r, j]) * np.int32(q[t, j])) * block_scale[t, j // INT8_BLOCK]
+    return acc * row_scale[r]
+
+
+@njit(**_ROW_KERNEL)
+def _int8_row_portable(table, row_scale, q, block_scale, out, r):
     """Plain loops for any CPU: an int32 dot product per block, then its scale."""
     width = table.shape[1]
     for t in range(q.shape[0]):
@@ -141,36 +153,31 @@ def _int8_row_portable(table, row_scale, q, lane_scale, out, r):
             dot = np.int32(0)
             for j in range(start, min(width, start + INT8_BLOCK)):
                 dot += np.int32(table[r, j]) * np.int32(q[t, j])
-            acc += np.float32(dot) * lane_scale[t, start // 4]
+            acc += np.float32(dot) * block_scale[t, start // INT8_BLOCK]
         out[t, r] = acc * row_scale[r]
 
 
 @njit(**_KERNEL)
-def logits_int8(isa, table, row_scale, h, q, lane_scale, lane_bias, out):
+def logits_int8(isa, table, row_scale, h, q, block_scale, out):
     """``out[t, r] ~ row_scale[r] * sum_j table[r, j] * h[t, j]`` for an int8 ``table`` ``(V, K)``.
 
-    ``h`` is first quantized into ``q`` (int8, ``(n, K)``) and ``lane_scale`` (float32,
-    ``(n, ceil(K / 4))``) by ``quantize_blocks`` in blocks of ``INT8_BLOCK``: the products
-    are exact integers, each block's sum is scaled once. ``lane_bias`` (int32, shaped like
-    ``lane_scale``) gets ``-128`` times each lane's sum of ``q`` for the offset table bytes
-    (see the module's docstring). A token with NaN or Inf in ``h`` gets NaN logits. ``isa``
-    is a ``bitnet.kernels.simd`` marker.
+    ``h`` is first quantized into ``q`` (int8, ``(n, K)``) and ``block_scale`` (float32,
+    ``(n, ceil(K / INT8_BLOCK))``) by ``quantize_blocks`` in blocks of ``INT8_BLOCK``: the
+    products are exact integers, each block's sum is scaled once. A token with NaN or Inf in
+    ``h`` gets NaN logits. ``isa`` is a ``bitnet.kernels.simd`` marker.
 
-    Rows go in pairs (``_row_pair``). Each row is computed by one thread in a fixed order, so
-    the result does not depend on the number of threads.
+    Rows go in two adjacent pairs (``_row_pair`` of ``2 g`` and ``2 g + 1``; the last alone
+    when the pairs are odd, computed twice). Each row is computed by one thread in a fixed
+    order, so the result does not depend on the number of threads.
     """
-    width = h.shape[1]
     for t in range(h.shape[0]):
-        quantize_blocks(h, t, q, lane_scale, INT8_BLOCK)
-        for lane in range(lane_bias.shape[1]):
-            total = np.int32(0)
-            for j in range(4 * lane, min(width, 4 * lane + 4)):
-                total += np.int32(q[t, j])
-            lane_bias[t, lane] = -128 * total
+        quantize_blocks(h, t, q, block_scale, INT8_BLOCK)
     vocab = table.shape[0]
-    for i in prange((vocab + 1) // 2):
-        r0, r1 = _row_pair(i, vocab)
-        _int8_row_pair(isa, table, row_scale, q, lane_scale, lane_bias, out, r0, r1)
+    pairs = (vocab + 1) // 2
+    for g in prange((pairs + 1) // 2):
+        r0, r1 = _row_pair(2 * g, vocab)
+        r2, r3 = _row_pair(min(2 * g + 1, pairs - 1), vocab)
+        _int8_rows(isa, table, row_scale, q, block_scale, out, r0, r2, r1, r3)
 
 
 @njit(cache=True, nogil=True)

@@ -100,18 +100,17 @@ def quantize_row(x, t, q, act_scale, q_sum):
 
 
 @njit(**_KERNEL)
-def quantize_blocks(x, t, q, lane_scale, block):
+def quantize_blocks(x, t, q, block_scale, block):
     """Row ``t`` of ``x`` to int8 in ``q[t]``, each run of ``block`` values with its own scale.
 
-    ``lane_scale[t, i]`` is ``1 / a`` of the block holding values ``4 i .. 4 i + 3`` (one
-    entry per int32 lane of a byte dot product; ``block`` is a multiple of 4), which is what
-    the int8 head kernel multiplies each lane's dot product by.
+    ``block_scale[t, i]`` is ``1 / a`` of block ``i`` (values ``block i .. block (i + 1) - 1``),
+    which is what the int8 head kernel multiplies the block's dot products by.
     """
     k = x.shape[1]
     for start in range(0, k, block):
         stop = min(k, start + block)
         a, _ = quantize_span(x[t, start:stop], q[t, start:stop])
-        lane_scale[t, start // 4 : (stop + 3) // 4] = np.float32(1.0) / a
+        block_scale[t, start // block] = np.float32(1.0) / a
 
 
 @njit(parallel=True, **_KERNEL)

@@ -13,11 +13,12 @@ instruction set. The markers must only be used on CPUs that have the features
 (``bitnet.kernels.cpu_features`` decides).
 
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
-/ ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``load_acc`` /
-``dot_acc`` / ``signed_dot`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32 accumulator
-vectors; ``zero_floats`` / ``scaled_add_floats`` / ``sum_floats`` on float32 vectors of the
-same lane count; ``prefetch``; and the scalars ``widen_word`` (a bf16 or f16 word, as a
-``WordFormat`` marker says), its inverse ``narrow_to_f16`` and ``float32_from_bits``.
+/ ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
+``offset_sums`` / ``signed_dot`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` on int32
+accumulator vectors; ``zero_floats`` / ``block_scales`` / ``scaled_add_floats`` /
+``sum_floats`` on float32 vectors of the same lane count; ``prefetch``; and the scalars
+``widen_word`` (a bf16 or f16 word, as a ``WordFormat`` marker says), its inverse
+``narrow_to_f16`` and ``float32_from_bits``.
 """
 
 from __future__ import annotations
@@ -189,10 +190,13 @@ def zero_acc(typingctx, isa):
     return vec(isa), codegen
 
 
+_VNNI = ("amx", "avx512vnni", "avxvnni")  # the markers whose dot product is ``vpdpbusd``
+
+
 def _dot(builder, isa_name: str, acc, unsigned_bytes, signed_bytes):
     """``acc`` plus the sums of 4 adjacent ``u8 x s8`` byte products, in each int32 lane."""
     i32 = acc.type
-    if isa_name in ("amx", "avx512vnni", "avxvnni"):
+    if isa_name in _VNNI:
         width = 256 if isa_name == "avxvnni" else 512
         ops = [acc, builder.bitcast(unsigned_bytes, i32), builder.bitcast(signed_bytes, i32)]
         return _call(builder, f"llvm.x86.avx512.vpdpbusd.{width}", i32, ops)
@@ -219,41 +223,43 @@ def dot_acc(typingctx, isa, acc, codes, activations):
 
 
 @intrinsic
-def signed_dot(typingctx, isa, a, b, offset_sums):
+def offset_sums(typingctx, isa, b):
+    """What ``signed_dot`` starts each int32 lane from for the bytes ``b``: ``-128`` times the sum
+    of the lane's 4 bytes with VNNI (one ``vpdpbusd`` and a negation), zeros elsewhere."""
+    vec = _acc_type(isa)
+
+    def codegen(context, builder, sig, args):
+        zeros = ir.Constant(vec.llvm_type, [0] * vec.lanes)
+        if isa.isa not in _VNNI:
+            return zeros
+        offset = ir.Constant(args[1].type, [0x80] * b.lanes)
+        return builder.sub(zeros, _dot(builder, isa.isa, zeros, offset, args[1]))
+
+    return vec(isa, b), codegen
+
+
+@intrinsic
+def signed_dot(typingctx, isa, a, b, offset):
     """In each int32 lane, the sum of 4 adjacent products ``s8 a * s8 b`` (``b != -128``).
 
     The byte multiply-adds take one unsigned operand. With VNNI it is ``a + 128`` (``a ^
-    0x80``): ``vpdpbusd`` starting from ``offset_sums``, which must hold ``-128 * sum(b)`` of
-    each lane's 4 bytes. AVX2's ``vpmaddubsw`` would saturate on those larger products, so
-    there the sign of ``a`` moves onto ``b`` instead (``offset_sums`` unused):
-    ``a * b = |a| * (b if a >= 0 else -b)``, with ``|a| <= 128`` as ``dot_acc`` requires.
+    0x80``): ``vpdpbusd`` starting from ``offset = offset_sums(isa, b)``, which is ``-128 *
+    sum(b)`` in each lane. AVX2's ``vpmaddubsw`` would saturate on those larger products, so
+    there the sign of ``a`` moves onto ``b`` instead: ``a * b = |a| * (b if a >= 0 else -b)``,
+    with ``|a| <= 128`` as ``dot_acc`` requires (``offset`` is zeros there).
     """
 
     def codegen(context, builder, sig, args):
         _, a_v, b_v, offset_v = args
-        if isa.isa in ("amx", "avx512vnni", "avxvnni"):
+        if isa.isa in _VNNI:
             shifted = builder.xor(a_v, ir.Constant(a_v.type, [0x80] * a.lanes))
             return _dot(builder, isa.isa, offset_v, shifted, b_v)
         magnitude = _call(builder, f"llvm.abs.v{a.lanes}i8", a_v.type, [a_v, ir.Constant(ir.IntType(1), 0)])
         negative = builder.icmp_signed("<", a_v, ir.Constant(a_v.type, [0] * a.lanes))
         signed = builder.select(negative, builder.neg(b_v), b_v)
-        return _dot(builder, isa.isa, ir.Constant(offset_v.type, [0] * offset_sums.lanes), magnitude, signed)
+        return _dot(builder, isa.isa, offset_v, magnitude, signed)
 
-    return offset_sums(isa, a, b, offset_sums), codegen
-
-
-@intrinsic
-def load_acc(typingctx, isa, array, index):
-    """An int32 accumulator vector of ``isa`` from flat ``index`` on of a C-contiguous int32 array."""
-    if not (isinstance(array, types.Array) and array.dtype == types.int32):
-        return None
-    vec = _acc_type(isa)
-
-    def codegen(context, builder, sig, args):
-        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
-        return builder.load(pointer, align=4)
-
-    return vec(isa, array, index), codegen
+    return offset(isa, a, b, offset), codegen
 
 
 @intrinsic
@@ -466,18 +472,33 @@ def float32_from_bits(typingctx, word):
 
 
 @intrinsic
-def scaled_add_floats(typingctx, total, acc, scales, index):
-    """``total + float(acc) * scales[index : index + lanes]`` lane by lane (float32 ``scales``)."""
+def block_scales(typingctx, isa, scales, index):
+    """A float32 vector (the lanes of an int32 accumulator of ``isa``) of ``scales[index:]``, one
+    value for every 8 lanes: the scale of each 32-byte block of a byte vector, for its lanes."""
     if not (isinstance(scales, types.Array) and scales.dtype == types.float32):
         return None
+    vec = FloatVectorType(isa.vector_bytes // 4)
+    blocks = isa.vector_bytes // 32
 
     def codegen(context, builder, sig, args):
-        total_v, acc_v, scales_a, index_v = args
-        pointer = _element_pointer(context, builder, sig.args[2], scales_a, sig.args[3], index_v, total_v.type)
-        products = builder.fmul(builder.sitofp(acc_v, total_v.type), builder.load(pointer, align=4))
-        return builder.fadd(total_v, products)
+        values = ir.VectorType(ir.FloatType(), blocks)
+        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], values)
+        loaded = builder.load(pointer, align=4)
+        spread = ir.Constant(ir.VectorType(ir.IntType(32), vec.lanes), [lane // 8 for lane in range(vec.lanes)])
+        return builder.shuffle_vector(loaded, ir.Constant(values, ir.Undefined), spread)
 
-    return total(total, acc, scales, index), codegen
+    return vec(isa, scales, index), codegen
+
+
+@intrinsic
+def scaled_add_floats(typingctx, total, acc, scales):
+    """``total + float(acc) * scales`` lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        total_v, acc_v, scales_v = args
+        return builder.fadd(total_v, builder.fmul(builder.sitofp(acc_v, total_v.type), scales_v))
+
+    return total(total, acc, scales), codegen
 
 
 @intrinsic

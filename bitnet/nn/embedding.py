@@ -146,10 +146,8 @@ class Embedding:
             h = np.ascontiguousarray(h)
             n, width = h.shape
             q = scratch.empty((n, width), np.int8)
-            lane_scale = scratch.empty((n, -(-width // 4)), np.float32)
-            lane_bias = scratch.empty(lane_scale.shape, np.int32)
-            head_kernels.logits_int8(MARKERS[KERNEL_PATH], self.table, self.row_scale, h, q, lane_scale, lane_bias,
-                                     out)
+            block_scale = scratch.empty((n, -(-width // head_kernels.INT8_BLOCK)), np.float32)
+            head_kernels.logits_int8(MARKERS[KERNEL_PATH], self.table, self.row_scale, h, q, block_scale, out)
         return out
 
 
