@@ -99,7 +99,7 @@ def _row_pair(isa, w, r0, r1, q, t, lanes):
     """Compile-time dispatch to the GEMV inner loop of ``isa`` (see the overload below)."""
 
 
-def _tile(isa, w, r0, r1, q, t, b0, b1, lanes):
+def _tile(isa, w, r0, r1, q, t, b0, b1, lanes, sums, i):
     """Compile-time dispatch to the GEMM inner loop of ``isa``."""
 
 
@@ -115,10 +115,11 @@ def _row_pair_for(isa, w, r0, r1, q, t, lanes):
 
 
 @overload(_tile, jit_options=KERNEL)
-def _tile_for(isa, w, r0, r1, q, t, b0, b1, lanes):
+def _tile_for(isa, w, r0, r1, q, t, b0, b1, lanes, sums, i):
     if isa.isa == "portable":
-        return lambda isa, w, r0, r1, q, t, b0, b1, lanes: tile_portable(w, r0, r1, q, t, b0, b1, lanes)
-    return lambda isa, w, r0, r1, q, t, b0, b1, lanes: tile_simd(isa, w, r0, r1, q, t, b0, b1)
+        return lambda isa, w, r0, r1, q, t, b0, b1, lanes, sums, i: tile_portable(w, r0, r1, q, t, b0, b1, lanes,
+                                                                                 sums, i)
+    return lambda isa, w, r0, r1, q, t, b0, b1, lanes, sums, i: tile_simd(isa, w, r0, r1, q, t, b0, b1, sums, i)
 
 
 def _activations_for(isa, q, wide):
@@ -191,10 +192,7 @@ def _gemm_rows(isa, w, first_row, rows, q, tokens, sums, lanes):
             b1 = min(nb, b0 + per_chunk)
             for i in range(0, rows, TILE_ROWS):
                 r0 = first_row + i
-                part = _tile(isa, w, r0, min(r0 + 1, m - 1), q, t, b0, b1, lanes)
-                for j in range(TILE_TOKENS):
-                    sums[t + j, i] += part[j]
-                    sums[t + j, i + 1] += part[TILE_TOKENS + j]
+                _tile(isa, w, r0, min(r0 + 1, m - 1), q, t, b0, b1, lanes, sums, i)
 
 
 @njit(parallel=True, **KERNEL)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL
+from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, TILE_TOKENS
 
 PORTABLE_FLUSH_BLOCKS = 31  # 31 blocks x 1024 < 32767: int16 lanes of the portable path cannot overflow
 
@@ -54,14 +54,9 @@ def row_pair_portable(w, r0, r1, q, t, b0, b1, lanes):
 
 
 @njit(**KERNEL)
-def tile_portable(w, r0, r1, q, t, b0, b1, lanes):
-    """The portable GEMM tile, same result layout as ``tile_simd``: 8 GEMV steps, no decode reuse."""
-    s00, s10 = row_pair_portable(w, r0, r1, q, t, b0, b1, lanes)
-    s01, s11 = row_pair_portable(w, r0, r1, q, t + 1, b0, b1, lanes)
-    s02, s12 = row_pair_portable(w, r0, r1, q, t + 2, b0, b1, lanes)
-    s03, s13 = row_pair_portable(w, r0, r1, q, t + 3, b0, b1, lanes)
-    s04, s14 = row_pair_portable(w, r0, r1, q, t + 4, b0, b1, lanes)
-    s05, s15 = row_pair_portable(w, r0, r1, q, t + 5, b0, b1, lanes)
-    s06, s16 = row_pair_portable(w, r0, r1, q, t + 6, b0, b1, lanes)
-    s07, s17 = row_pair_portable(w, r0, r1, q, t + 7, b0, b1, lanes)
-    return (s00, s01, s02, s03, s04, s05, s06, s07, s10, s11, s12, s13, s14, s15, s16, s17)
+def tile_portable(w, r0, r1, q, t, b0, b1, lanes, sums, i):
+    """The portable GEMM tile, adding into ``sums`` as ``tile_simd`` does: 8 GEMV steps, no decode reuse."""
+    for j in range(TILE_TOKENS):
+        s0, s1 = row_pair_portable(w, r0, r1, q, t + j, b0, b1, lanes)
+        sums[t + j, i] += s0
+        sums[t + j, i + 1] += s1

@@ -24,6 +24,8 @@ from .simd import (
     and_bytes,
     byte_vector_size,
     dot_acc,
+    lane,
+    lane_totals,
     load_bytes,
     prefetch,
     shift_right_acc,
@@ -32,7 +34,7 @@ from .simd import (
     sum_acc,
     zero_acc,
 )
-from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL
+from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, TILE_TOKENS
 
 FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lanes stay < 2**31)
 # How far ahead of the loads the GEMV loop prefetches each of its two rows: DRAM latency needs
@@ -88,17 +90,16 @@ def row_pair_simd(isa, w, r0, r1, q, t):
 
 
 @njit(**KERNEL)
-def tile_simd(isa, w, r0, r1, q, t, b0, b1):
-    """``sum(c q[t + j])`` over blocks ``b0 .. b1 - 1`` for rows ``r0, r1`` x tokens ``t .. t + 7``.
+def tile_simd(isa, w, r0, r1, q, t, b0, b1, sums, i):
+    """Adds ``sum(c q[t + j])`` over blocks ``b0 .. b1 - 1`` to ``sums[t + j, i]`` (row ``r0``) and
+    ``sums[t + j, i + 1]`` (row ``r1``) for the 8 tokens ``j``.
 
-    Returns 16 int64s: row ``r0`` for the 8 tokens, then row ``r1``. 16 accumulators and
-    the 2 decoded code vectors fit the 32 AVX-512 registers; activations are memory operands.
+    16 accumulators and the 2 decoded code vectors fit the 32 AVX-512 registers; activations
+    are memory operands. The accumulators' lanes are summed by one shuffle tree (``lane_totals``).
     """
     wb, kp = w.shape[1], q.shape[1]
     step = byte_vector_size(isa)
     three = splat_bytes(isa, 3)
-    s00 = s01 = s02 = s03 = s04 = s05 = s06 = s07 = 0
-    s10 = s11 = s12 = s13 = s14 = s15 = s16 = s17 = 0
     for start in range(b0, b1, FOLD_BLOCKS):
         a00, a01, a02, a03 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
         a04, a05, a06, a07 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
@@ -110,10 +111,10 @@ def tile_simd(isa, w, r0, r1, q, t, b0, b1):
             for h in range(0, BLOCK_BYTES, step):
                 x0 = load_bytes(isa, w, r0 * wb + b * BLOCK_BYTES + h)
                 x1 = load_bytes(isa, w, r1 * wb + b * BLOCK_BYTES + h)
-                for i in range(4):
-                    c0 = and_bytes(shift_right_bytes(x0, 2 * i), three)
-                    c1 = and_bytes(shift_right_bytes(x1, 2 * i), three)
-                    at = t * kp + b * BLOCK + 64 * i + h
+                for c in range(4):
+                    c0 = and_bytes(shift_right_bytes(x0, 2 * c), three)
+                    c1 = and_bytes(shift_right_bytes(x1, 2 * c), three)
+                    at = t * kp + b * BLOCK + 64 * c + h
                     v = load_bytes(isa, q, at)
                     a00, a10 = dot_acc(isa, a00, c0, v), dot_acc(isa, a10, c1, v)
                     v = load_bytes(isa, q, at + kp)
@@ -130,8 +131,7 @@ def tile_simd(isa, w, r0, r1, q, t, b0, b1):
                     a06, a16 = dot_acc(isa, a06, c0, v), dot_acc(isa, a16, c1, v)
                     v = load_bytes(isa, q, at + 7 * kp)
                     a07, a17 = dot_acc(isa, a07, c0, v), dot_acc(isa, a17, c1, v)
-        s00, s01, s02, s03 = s00 + sum_acc(a00), s01 + sum_acc(a01), s02 + sum_acc(a02), s03 + sum_acc(a03)
-        s04, s05, s06, s07 = s04 + sum_acc(a04), s05 + sum_acc(a05), s06 + sum_acc(a06), s07 + sum_acc(a07)
-        s10, s11, s12, s13 = s10 + sum_acc(a10), s11 + sum_acc(a11), s12 + sum_acc(a12), s13 + sum_acc(a13)
-        s14, s15, s16, s17 = s14 + sum_acc(a14), s15 + sum_acc(a15), s16 + sum_acc(a16), s17 + sum_acc(a17)
-    return (s00, s01, s02, s03, s04, s05, s06, s07, s10, s11, s12, s13, s14, s15, s16, s17)
+        totals = lane_totals((a00, a01, a02, a03, a04, a05, a06, a07, a10, a11, a12, a13, a14, a15, a16, a17))
+        for j in range(TILE_TOKENS):
+            sums[t + j, i] += lane(totals, j)
+            sums[t + j, i + 1] += lane(totals, TILE_TOKENS + j)
