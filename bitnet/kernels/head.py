@@ -38,7 +38,7 @@ from .simd import (
 )
 
 INT8_BLOCK = 32  # hidden-state values per activation scale of the int8 head (ggml's Q8_0 block)
-HEAD_PREFETCH_ROWS = 2  # the head kernels prefetch the rows this far ahead of their pair (NOTES.md)
+HEAD_PREFETCH_ROWS = 2  # the head kernels prefetch the rows this far ahead of their own (NOTES.md)
 # As in rows.py: vectorizable reductions, IEEE NaN/Inf kept, numpy's division semantics.
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True,
                nogil=True, boundscheck=False)
@@ -103,21 +103,27 @@ def _int8_rows_for(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
 def _int8_rows_simd(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
     """Each run of 4 values meets in one int32 lane of a byte dot product, then gets its block's scale.
 
-    The rows ``HEAD_PREFETCH_ROWS`` ahead of each are prefetched first: the hardware
-    prefetcher alone keeps too few lines in flight to stream the table at DRAM speed. The
-    SIMD loads take flat indexes into the C-contiguous arrays: a ``reshape`` here would update
-    the arrays' reference counts once per row from every thread, which cost a third of the time.
+    The rows ``HEAD_PREFETCH_ROWS`` ahead of each (the next group) are prefetched a line per
+    row per step of the first token's pass: the hardware prefetcher alone keeps too few lines
+    in flight to stream the table at DRAM speed, and all 160 lines at once before the pass
+    stalled on the CPU's miss buffers instead of overlapping the work (2 threads, n = 1:
+    20.5-23.9 -> 13.8-14.3 ms for the 2B4T table; NOTES.md). The SIMD loads take flat indexes
+    into the C-contiguous arrays: a ``reshape`` here would update the arrays' reference counts
+    once per row from every thread, which cost a third of the time.
     """
     width = table.shape[1]
     blocks = block_scale.shape[1]
     step = byte_vector_size(isa)
     whole = width - width % step
-    for j in range(0, width, 64):
-        for r in (r0, r1, r2, r3):
-            prefetch(table, (r + HEAD_PREFETCH_ROWS) * width + j)
+    ahead = HEAD_PREFETCH_ROWS * width
     for t in range(q.shape[0]):
         total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
+            if t == 0:
+                prefetch(table, r0 * width + ahead + j)
+                prefetch(table, r1 * width + ahead + j)
+                prefetch(table, r2 * width + ahead + j)
+                prefetch(table, r3 * width + ahead + j)
             x = load_bytes(isa, q, t * width + j)
             offset = offset_sums(isa, x)
             scales = block_scales(isa, block_scale, t * blocks + j // INT8_BLOCK)
