@@ -12,6 +12,7 @@ import re
 import numba
 import numpy as np
 import pytest
+from conftest import ALL_PATHS
 from numba import types
 from numba.extending import intrinsic
 
@@ -48,6 +49,26 @@ def test_word_table_logits_match_numpy(rng, dtype, vocab, width):
     table = Embedding.from_weights(rng.standard_normal((vocab, width)).astype(np.float32), dtype)
     h = rng.standard_normal((3, width)).astype(np.float32)
     assert_logits_close(table.logits(h), h, stored_floats(table))
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("word_format", [F16_WORDS, BF16_WORDS])
+@pytest.mark.parametrize("vocab, width, tokens", [(1, 1, 2), (3, 40, 1), (6, 64, 3), (9, 2560, 5)])
+def test_word_logits_on_every_path(rng, path, word_format, vocab, width, tokens):
+    """Each kernel path of ``logits_words`` (odd vocabularies: a group's rows repeated; widths
+    with a tail past the vectors) against numpy's widening, in float64."""
+    values = rng.standard_normal((vocab, width)).astype(np.float32)
+    values[:, ::7] *= 1e-6  # small values too (f16 subnormals)
+    if word_format is F16_WORDS:
+        words = values.astype(np.float16).view(np.uint16)
+        floats = words.view(np.float16).astype(np.float32)
+    else:
+        words = (values.view(np.uint32) >> 16).astype(np.uint16)
+        floats = (words.astype(np.uint32) << 16).view(np.float32)
+    h = rng.standard_normal((tokens, width)).astype(np.float32)
+    out = np.empty((tokens, vocab), np.float32)
+    head_kernels.logits_words(simd.MARKERS[path], word_format, words, h, out)
+    assert_logits_close(out, h, floats)
 
 
 @pytest.mark.parametrize("dtype", WORD_DTYPES)
@@ -151,7 +172,8 @@ def test_kernels_are_vectorized(kernel, word_format, expected):
     table = np.zeros((5, 64), np.uint16)
     ids, rows = np.array([1, 3]), np.empty((2, 64), np.float32)
     args = {
-        "logits_words": (word_format, table, np.zeros((1, 64), np.float32), np.empty((1, 5), np.float32)),
+        "logits_words": (simd.MARKERS["avx512vnni"], word_format, table, np.zeros((1, 64), np.float32),
+                         np.empty((1, 5), np.float32)),
         "rows_words": (word_format, table, ids, rows),
         "rows_int8": (table.astype(np.int8), np.ones(5, np.float32), ids, rows),
     }[kernel]

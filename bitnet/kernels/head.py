@@ -25,15 +25,18 @@ from numba.extending import overload
 
 from .quantize import quantize_blocks
 from .simd import (
+    add_products,
     block_scales,
     byte_vector_size,
     load_bytes,
+    load_floats,
     offset_sums,
     prefetch,
     scaled_add_floats,
     signed_dot,
     sum_floats,
     widen_word,
+    widen_words,
     zero_floats,
 )
 
@@ -47,40 +50,113 @@ _ROW_KERNEL = {**_KERNEL, "parallel": False, "inline": "always"}  # the body of 
 
 @njit(**_ROW_KERNEL)
 def _row_pair(i, vocab):
-    """Rows ``(i, i + half)`` of a table of ``vocab`` rows (the odd middle row alone: ``(i, i)``).
-
-    The head kernels take rows in these pairs, so that each thread streams two regions of
-    the table at once, which DRAM serves 15% faster than one (NOTES.md).
-    """
+    """Rows ``(i, i + half)`` of a table of ``vocab`` rows (the odd middle row alone: ``(i, i)``)."""
     half = (vocab + 1) // 2
     first = np.int64(i)
     return first, first + half if first + half < vocab else first
 
 
+@njit(**_ROW_KERNEL)
+def _row_groups(vocab):
+    """How many groups of 4 rows ``_row_group`` cuts a table of ``vocab`` rows into."""
+    return ((vocab + 1) // 2 + 1) // 2
+
+
+@njit(**_ROW_KERNEL)
+def _row_group(g, vocab):
+    """The 4 rows of group ``g``: two adjacent rows from each half of the table, ``_row_pair(2 g)``
+    and ``_row_pair(2 g + 1)`` (the last pair again when the pairs are odd, computed twice).
+
+    The head kernels take rows in these groups, so that each thread streams two regions of the
+    table at once, which DRAM serves 15% faster than one (NOTES.md), and each 64 bytes of a
+    token's hidden state are loaded once for 4 rows.
+    """
+    pairs = (vocab + 1) // 2
+    r0, r2 = _row_pair(2 * g, vocab)
+    r1, r3 = _row_pair(min(2 * g + 1, pairs - 1), vocab)
+    return r0, r1, r2, r3
+
+
+@njit(**_ROW_KERNEL)
+def _prefetch_group(table, r0, r1, r2, r3, j):
+    """Prefetch the line at column ``j`` of the rows ``HEAD_PREFETCH_ROWS`` below each of the 4 (the next group).
+
+    The head kernels call it a line at a time along the first token's pass: the hardware
+    prefetcher alone keeps too few lines in flight to stream the table at DRAM speed, and all
+    of a group's lines at once before the pass stalled on the CPU's miss buffers instead of
+    overlapping the work (int8, 2 threads, n = 1: 20.5-23.9 -> 13.8-14.3 ms; NOTES.md).
+    """
+    ahead = HEAD_PREFETCH_ROWS * table.shape[1] + j
+    for r in (r0, r1, r2, r3):
+        prefetch(table, r * table.shape[1] + ahead)
+
+
 @njit(**_KERNEL)
-def logits_words(word_format, table, h, out):
+def logits_words(isa, word_format, table, h, out):
     """``out[t, r] = sum_j float32(table[r, j]) * h[t, j]``; ``table`` is ``(V, K)`` uint16 words.
 
     ``word_format`` (``BF16_WORDS`` or ``F16_WORDS`` of ``bitnet.kernels.simd``) says what
-    the words hold. A plain loop that LLVM vectorizes (widen, FMA) for any CPU. Each row is
-    computed by one thread in a fixed order, so the result does not depend on the number of
-    threads.
+    the words hold; ``h`` is C-contiguous. On x86 SIMD (``isa``) the words are widened in
+    registers (a shift for bf16, ``vcvtph2ps`` for f16) and multiplied into 4 rows at once;
+    the portable path is a plain loop that LLVM vectorizes. Rows go in groups of 4
+    (``_row_group``); each row is computed by one thread in a fixed order, so the result does
+    not depend on the number of threads.
     """
-    vocab, width = table.shape
-    for i in prange((vocab + 1) // 2):
-        r0, r1 = _row_pair(i, vocab)
-        for j in range(0, width, 32):  # one prefetch per 64-byte line
-            prefetch(table, (r0 + HEAD_PREFETCH_ROWS) * width + j)
-            prefetch(table, (r1 + HEAD_PREFETCH_ROWS) * width + j)
+    vocab = table.shape[0]
+    for g in prange(_row_groups(vocab)):
+        r0, r1, r2, r3 = _row_group(g, vocab)
+        _word_rows(isa, word_format, table, h, out, r0, r1, r2, r3)
+
+
+def _word_rows(isa, word_format, table, h, out, r0, r1, r2, r3):
+    """``out[t, r] = sum_j float32(table[r, j]) * h[t, j]`` for 4 rows."""
+
+
+@overload(_word_rows, jit_options=_ROW_KERNEL)
+def _word_rows_for(isa, word_format, table, h, out, r0, r1, r2, r3):
+    if isa.isa == "portable":
+        return lambda isa, word_format, table, h, out, r0, r1, r2, r3: _word_rows_portable(
+            word_format, table, h, out, r0, r1, r2, r3)
+    return lambda isa, word_format, table, h, out, r0, r1, r2, r3: _word_rows_simd(
+        isa, word_format, table, h, out, r0, r1, r2, r3)
+
+
+@njit(**_ROW_KERNEL)
+def _word_rows_simd(isa, word_format, table, h, out, r0, r1, r2, r3):
+    """Float32 vectors of 16 (8 on AVX2) widened words, one fused multiply-add per row and vector."""
+    width = table.shape[1]
+    step = byte_vector_size(isa) // 4
+    whole = width - width % step
+    for t in range(h.shape[0]):
+        total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
+        for j in range(0, whole, step):
+            if t == 0 and j % 32 == 0:  # 32 words: one 64-byte line of each row
+                _prefetch_group(table, r0, r1, r2, r3, j)
+            x = load_floats(isa, h, t * width + j)
+            total0 = add_products(total0, widen_words(isa, word_format, table, r0 * width + j), x)
+            total1 = add_products(total1, widen_words(isa, word_format, table, r1 * width + j), x)
+            total2 = add_products(total2, widen_words(isa, word_format, table, r2 * width + j), x)
+            total3 = add_products(total3, widen_words(isa, word_format, table, r3 * width + j), x)
+        out[t, r0] = _word_total(word_format, table, h, sum_floats(total0), t, r0, whole)
+        out[t, r1] = _word_total(word_format, table, h, sum_floats(total1), t, r1, whole)
+        out[t, r2] = _word_total(word_format, table, h, sum_floats(total2), t, r2, whole)
+        out[t, r3] = _word_total(word_format, table, h, sum_floats(total3), t, r3, whole)
+
+
+@njit(**_ROW_KERNEL)
+def _word_total(word_format, table, h, acc, t, r, start):
+    """``acc`` plus the products of row ``r`` and token ``t`` from column ``start`` on."""
+    for j in range(start, table.shape[1]):
+        acc += widen_word(word_format, table[r, j]) * h[t, j]
+    return acc
+
+
+@njit(**_ROW_KERNEL)
+def _word_rows_portable(word_format, table, h, out, r0, r1, r2, r3):
+    """Plain loops for any CPU, one row at a time (LLVM vectorizes the widening and the sums)."""
+    for r in (r0, r1, r2, r3):
         for t in range(h.shape[0]):
-            acc0 = np.float32(0.0)
-            acc1 = np.float32(0.0)
-            for j in range(width):
-                x = h[t, j]
-                acc0 += widen_word(word_format, table[r0, j]) * x
-                acc1 += widen_word(word_format, table[r1, j]) * x
-            out[t, r0] = acc0
-            out[t, r1] = acc1
+            out[t, r] = _word_total(word_format, table, h, np.float32(0.0), t, r, 0)
 
 
 def _int8_rows(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
@@ -103,27 +179,19 @@ def _int8_rows_for(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
 def _int8_rows_simd(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
     """Each run of 4 values meets in one int32 lane of a byte dot product, then gets its block's scale.
 
-    The rows ``HEAD_PREFETCH_ROWS`` ahead of each (the next group) are prefetched a line per
-    row per step of the first token's pass: the hardware prefetcher alone keeps too few lines
-    in flight to stream the table at DRAM speed, and all 160 lines at once before the pass
-    stalled on the CPU's miss buffers instead of overlapping the work (2 threads, n = 1:
-    20.5-23.9 -> 13.8-14.3 ms for the 2B4T table; NOTES.md). The SIMD loads take flat indexes
-    into the C-contiguous arrays: a ``reshape`` here would update the arrays' reference counts
-    once per row from every thread, which cost a third of the time.
+    The next group is prefetched along the first token's pass (``_prefetch_group``). The SIMD
+    loads take flat indexes into the C-contiguous arrays: a ``reshape`` here would update the
+    arrays' reference counts once per row from every thread, which cost a third of the time.
     """
     width = table.shape[1]
     blocks = block_scale.shape[1]
     step = byte_vector_size(isa)
     whole = width - width % step
-    ahead = HEAD_PREFETCH_ROWS * width
     for t in range(q.shape[0]):
         total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
-            if t == 0:
-                prefetch(table, r0 * width + ahead + j)
-                prefetch(table, r1 * width + ahead + j)
-                prefetch(table, r2 * width + ahead + j)
-                prefetch(table, r3 * width + ahead + j)
+            if t == 0 and j % 64 == 0:  # one 64-byte line of each row
+                _prefetch_group(table, r0, r1, r2, r3, j)
             x = load_bytes(isa, q, t * width + j)
             offset = offset_sums(isa, x)
             scales = block_scales(isa, block_scale, t * blocks + j // INT8_BLOCK)
@@ -172,18 +240,15 @@ def logits_int8(isa, table, row_scale, h, q, block_scale, out):
     products are exact integers, each block's sum is scaled once. A token with NaN or Inf in
     ``h`` gets NaN logits. ``isa`` is a ``bitnet.kernels.simd`` marker.
 
-    Rows go in two adjacent pairs (``_row_pair`` of ``2 g`` and ``2 g + 1``; the last alone
-    when the pairs are odd, computed twice). Each row is computed by one thread in a fixed
+    Rows go in groups of 4 (``_row_group``). Each row is computed by one thread in a fixed
     order, so the result does not depend on the number of threads.
     """
     for t in range(h.shape[0]):
         quantize_blocks(h, t, q, block_scale, INT8_BLOCK)
     vocab = table.shape[0]
-    pairs = (vocab + 1) // 2
-    for g in prange((pairs + 1) // 2):
-        r0, r1 = _row_pair(2 * g, vocab)
-        r2, r3 = _row_pair(min(2 * g + 1, pairs - 1), vocab)
-        _int8_rows(isa, table, row_scale, q, block_scale, out, r0, r2, r1, r3)
+    for g in prange(_row_groups(vocab)):
+        r0, r1, r2, r3 = _row_group(g, vocab)
+        _int8_rows(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3)
 
 
 @njit(cache=True, nogil=True)

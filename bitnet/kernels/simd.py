@@ -15,10 +15,11 @@ instruction set. The markers must only be used on CPUs that have the features
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
 / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
 ``offset_sums`` / ``signed_dot`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` /
-``lane_totals`` / ``lane`` on int32 accumulator vectors; ``zero_floats`` / ``block_scales`` / ``scaled_add_floats`` /
-``sum_floats`` on float32 vectors of the same lane count; ``prefetch``; and the scalars
-``widen_word`` (a bf16 or f16 word, as a ``WordFormat`` marker says), its inverse
-``narrow_to_f16`` and ``float32_from_bits``.
+``lane_totals`` / ``lane`` on int32 accumulator vectors; ``zero_floats`` / ``load_floats`` /
+``widen_words`` / ``block_scales`` / ``scaled_add_floats`` / ``add_products`` / ``sum_floats``
+on float32 vectors of the same lane count; ``prefetch``; and the scalars ``widen_word`` (a
+bf16 or f16 word, as a ``WordFormat`` marker says), its inverse ``narrow_to_f16`` and
+``float32_from_bits``.
 """
 
 from __future__ import annotations
@@ -416,12 +417,7 @@ def widen_word(typingctx, word_format, word):
         return None
 
     def codegen(context, builder, sig, args):
-        if word_format.word_format == "f16":
-            if _converts_half():
-                return builder.fpext(builder.bitcast(args[1], ir.HalfType()), ir.FloatType())
-            return _f16_bits_widen(builder, args[1])
-        wide = builder.zext(args[1], ir.IntType(32))  # a bf16 word is the top half of a float32
-        return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+        return _widen(builder, word_format.word_format, args[1])
 
     return types.float32(word_format, word), codegen
 
@@ -435,28 +431,92 @@ def _converts_half() -> bool:
     return not llvm.get_process_triple().startswith(("x86", "i686")) or "f16c" in _compile_target_features()
 
 
+def _widen(builder, word_format: str, words):
+    """Raw uint16 words (one, or a vector of them) as float32 values, exactly."""
+    if word_format == "f16":
+        if _converts_half():
+            return builder.fpext(builder.bitcast(words, _like(words, ir.HalfType())), _like(words, ir.FloatType()))
+        return _f16_bits_widen(builder, words)
+    wide = builder.zext(words, _like(words, ir.IntType(32)))  # a bf16 word is the top half of a float32
+    return builder.bitcast(builder.shl(wide, _constant(wide.type, 16)), _like(words, ir.FloatType()))
+
+
+def _like(value, element):
+    """``element``, or a vector of it with as many lanes as ``value`` has."""
+    return ir.VectorType(element, value.type.count) if isinstance(value.type, ir.VectorType) else element
+
+
+def _constant(kind, value):
+    """``value`` as a constant of ``kind``, in every lane if ``kind`` is a vector type."""
+    return ir.Constant(kind, [value] * kind.count) if isinstance(kind, ir.VectorType) else ir.Constant(kind, value)
+
+
 def _f16_bits_widen(builder, word):
-    """An IEEE f16 word as a float32, by moving its fields (as ggml's and Giesen's ``half_to_float``).
+    """An IEEE f16 word (or a vector of them) as float32, by moving its fields (as ggml's and
+    Giesen's ``half_to_float``).
 
     Sign, exponent and mantissa shift into float32 places and the exponent is rebased;
     Inf/NaN get the all-ones exponent; a subnormal (or zero) is rebuilt as a normal float
     ``2**-14 * (1 + m / 1024)`` from which ``2**-14`` is subtracted, exactly.
     """
-    i32, f32 = ir.IntType(32), ir.FloatType()
+    i32, f32 = _like(word, ir.IntType(32)), _like(word, ir.FloatType())
 
     def const(value):
-        return ir.Constant(i32, value)
+        return _constant(i32, value)
 
     wide = builder.zext(word, i32)
     bits = builder.shl(builder.and_(wide, const(0x7FFF)), const(13))
     exponent = builder.and_(bits, const(0x7C00 << 13))
     rebased = builder.add(bits, const((127 - 15) << 23))
     special = builder.add(rebased, const((128 - 16) << 23))
-    small = builder.fsub(builder.bitcast(builder.add(rebased, const(1 << 23)), f32), ir.Constant(f32, 2.0**-14))
+    small = builder.fsub(builder.bitcast(builder.add(rebased, const(1 << 23)), f32), _constant(f32, 2.0**-14))
     value = builder.select(builder.icmp_unsigned("==", exponent, const(0x7C00 << 13)), special, rebased)
     value = builder.select(builder.icmp_unsigned("==", exponent, const(0)), builder.bitcast(small, i32), value)
     sign = builder.shl(builder.and_(wide, const(0x8000)), const(16))
     return builder.bitcast(builder.or_(value, sign), f32)
+
+
+@intrinsic
+def widen_words(typingctx, isa, word_format, array, index):
+    """A float32 vector (the lanes of an int32 accumulator of ``isa``) of the raw uint16 words of
+    a C-contiguous ``array`` from flat ``index`` on, widened exactly as ``widen_word`` does."""
+    if not (isinstance(word_format, WordFormatType) and isinstance(array, types.Array)
+            and array.dtype == types.uint16):
+        return None
+    vec = FloatVectorType(isa.vector_bytes // 4)
+
+    def codegen(context, builder, sig, args):
+        words = ir.VectorType(ir.IntType(16), vec.lanes)
+        pointer = _element_pointer(context, builder, sig.args[2], args[2], sig.args[3], args[3], words)
+        return _widen(builder, word_format.word_format, builder.load(pointer, align=2))
+
+    return vec(isa, word_format, array, index), codegen
+
+
+@intrinsic
+def load_floats(typingctx, isa, array, index):
+    """A float32 vector (the lanes of an int32 accumulator of ``isa``) of a C-contiguous float32
+    ``array`` from flat ``index`` on."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32):
+        return None
+    vec = FloatVectorType(isa.vector_bytes // 4)
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
+        return builder.load(pointer, align=4)
+
+    return vec(isa, array, index), codegen
+
+
+@intrinsic
+def add_products(typingctx, total, a, b):
+    """``total + a * b`` lane by lane, fused (one rounding: ``llvm.fma``)."""
+
+    def codegen(context, builder, sig, args):
+        total_v, a_v, b_v = args
+        return _call(builder, f"llvm.fma.v{total.lanes}f32", total_v.type, [a_v, b_v, total_v])
+
+    return total(total, a, b), codegen
 
 
 @intrinsic

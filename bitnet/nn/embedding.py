@@ -141,7 +141,8 @@ class Embedding:
         if self.dtype == "f32":
             np.matmul(h, self.table.T, out=out)
         elif self.dtype in _WORD_FORMATS:
-            head_kernels.logits_words(_WORD_FORMATS[self.dtype], self.table.view(np.uint16), h, out)
+            head_kernels.logits_words(MARKERS[KERNEL_PATH], _WORD_FORMATS[self.dtype], self.table.view(np.uint16),
+                                      np.ascontiguousarray(h), out)
         else:
             h = np.ascontiguousarray(h)
             n, width = h.shape
