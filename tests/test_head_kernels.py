@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 import bitnet as bn
 from bitnet.kernels import cpu_features, simd
 from bitnet.kernels import head as head_kernels
-from bitnet.kernels.simd import BF16_WORDS, F16_WORDS
+from bitnet.kernels.simd import BF16_WORDS, F16_WORDS, F32_VALUES
 from bitnet.nn import Embedding
 
 WORD_DTYPES = ["f16", "bf16"]
@@ -52,14 +52,16 @@ def test_word_table_logits_match_numpy(rng, dtype, vocab, width):
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
-@pytest.mark.parametrize("word_format", [F16_WORDS, BF16_WORDS])
+@pytest.mark.parametrize("word_format", [F16_WORDS, BF16_WORDS, F32_VALUES])
 @pytest.mark.parametrize("vocab, width, tokens", [(1, 1, 2), (3, 40, 1), (6, 64, 3), (9, 2560, 5)])
 def test_word_logits_on_every_path(rng, path, word_format, vocab, width, tokens):
     """Each kernel path of ``logits_words`` (odd vocabularies: a group's rows repeated; widths
     with a tail past the vectors) against numpy's widening, in float64."""
     values = rng.standard_normal((vocab, width)).astype(np.float32)
     values[:, ::7] *= 1e-6  # small values too (f16 subnormals)
-    if word_format is F16_WORDS:
+    if word_format is F32_VALUES:
+        words = floats = values
+    elif word_format is F16_WORDS:
         words = values.astype(np.float16).view(np.uint16)
         floats = words.view(np.float16).astype(np.float32)
     else:
@@ -163,6 +165,7 @@ _HOST = cpu_features._compile_target_features()
 @pytest.mark.parametrize("kernel, word_format, expected", [
     ("logits_words", F16_WORDS, ("vcvtph2ps", r"vfmadd\w+")),
     ("logits_words", BF16_WORDS, ("vpslld", r"vfmadd\w+")),
+    ("logits_words", F32_VALUES, (r"vfmadd\w+",)),
     ("rows_words", F16_WORDS, ("vcvtph2ps",)),
     ("rows_words", BF16_WORDS, ("vpslld",)),
     ("rows_int8", None, ("vpmovsxbd", "vcvtdq2ps", "vmulps")),
@@ -172,8 +175,9 @@ def test_kernels_are_vectorized(kernel, word_format, expected):
     table = np.zeros((5, 64), np.uint16)
     ids, rows = np.array([1, 3]), np.empty((2, 64), np.float32)
     args = {
-        "logits_words": (simd.MARKERS["avx512vnni"], word_format, table, np.zeros((1, 64), np.float32),
-                         np.empty((1, 5), np.float32)),
+        "logits_words": (simd.MARKERS["avx512vnni"], word_format,
+                         table.astype(np.float32) if word_format is F32_VALUES else table,
+                         np.zeros((1, 64), np.float32), np.empty((1, 5), np.float32)),
         "rows_words": (word_format, table, ids, rows),
         "rows_int8": (table.astype(np.int8), np.ones(5, np.float32), ids, rows),
     }[kernel]

@@ -3,7 +3,7 @@
 The table is the biggest tensor of a BitNet model (128256 x 2560 for 2B4T) and is read
 once per generated token, so these loops stream it once. bf16 and f16 rows arrive as raw
 uint16 words and are widened to float32 in registers (a shift for bf16, ``vcvtph2ps`` for
-f16) by one kernel compiled per ``WordFormat``.
+f16) by one kernel compiled per ``WordFormat``, which also reads float32 tables as they are.
 
 The int8 table is multiplied like llama.cpp's ``Q8_0 x Q8_0`` dot product: the hidden state
 is quantized to int8 in blocks of ``INT8_BLOCK`` values, each with its own scale, so the
@@ -93,10 +93,10 @@ def _prefetch_group(table, r0, r1, r2, r3, j):
 
 @njit(**_KERNEL)
 def logits_words(isa, word_format, table, h, out):
-    """``out[t, r] = sum_j float32(table[r, j]) * h[t, j]``; ``table`` is ``(V, K)`` uint16 words.
+    """``out[t, r] = sum_j float32(table[r, j]) * h[t, j]``; ``table`` is ``(V, K)`` uint16 words or float32.
 
-    ``word_format`` (``BF16_WORDS`` or ``F16_WORDS`` of ``bitnet.kernels.simd``) says what
-    the words hold; ``h`` is C-contiguous. On x86 SIMD (``isa``) the words are widened in
+    ``word_format`` (``BF16_WORDS``, ``F16_WORDS`` or ``F32_VALUES`` of ``bitnet.kernels.simd``)
+    says what the table holds; ``h`` is C-contiguous. On x86 SIMD (``isa``) the words are widened in
     registers (a shift for bf16, ``vcvtph2ps`` for f16) and multiplied into 4 rows at once;
     the portable path is a plain loop that LLVM vectorizes. Rows go in groups of 4
     (``_row_group``); each row is computed by one thread in a fixed order, so the result does
@@ -127,10 +127,11 @@ def _word_rows_simd(isa, word_format, table, h, out, r0, r1, r2, r3):
     width = table.shape[1]
     step = byte_vector_size(isa) // 4
     whole = width - width % step
+    per_line = 64 // table.itemsize
     for t in range(h.shape[0]):
         total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
-            if t == 0 and j % 32 == 0:  # 32 words: one 64-byte line of each row
+            if t == 0 and j % per_line == 0:  # one 64-byte line of each row
                 _prefetch_group(table, r0, r1, r2, r3, j)
             x = load_floats(isa, h, t * width + j)
             total0 = add_products(total0, widen_words(isa, word_format, table, r0 * width + j), x)

@@ -370,11 +370,12 @@ def zero_floats(typingctx, isa):
 
 
 class WordFormat:
-    """A Python-side token naming how a raw 16-bit word holds a float: ``BF16_WORDS`` or ``F16_WORDS``.
+    """A Python-side token naming how a table element holds a float: ``BF16_WORDS`` or
+    ``F16_WORDS`` (raw 16-bit words), or ``F32_VALUES`` (float32, read as it is).
 
-    numpy has no bfloat16 and Numba no float16 on the CPU, so both kinds of table reach a
-    kernel as uint16 arrays; this marker, typed like an ISA marker, tells ``widen_word``
-    which one it reads, and one generic kernel compiles to each.
+    numpy has no bfloat16 and Numba no float16 on the CPU, so both kinds of 16-bit table reach
+    a kernel as uint16 arrays; this marker, typed like an ISA marker, tells ``widen_word``
+    which one it reads, and one generic kernel compiles to each format, float32 included.
     """
 
     def __init__(self, name: str):
@@ -392,6 +393,7 @@ class WordFormatType(types.Type):
 
 BF16_WORDS = WordFormat("bf16")
 F16_WORDS = WordFormat("f16")  # IEEE binary16
+F32_VALUES = WordFormat("f32")  # a float32 table: "widening" is the identity
 register_model(WordFormatType)(models.OpaqueModel)
 lower_constant(WordFormatType)(_lower_marker)
 unbox(WordFormatType)(_unbox_marker)
@@ -404,7 +406,8 @@ def _typeof_word_format(marker, context):
 
 @intrinsic
 def widen_word(typingctx, word_format, word):
-    """One float held in a raw uint16 ``word`` as a float32, exactly; ``word_format`` says bf16 or f16.
+    """One float held in a raw uint16 ``word`` as a float32, exactly; ``word_format`` says bf16 or f16
+    (or f32: ``word`` is then a float32, returned as it is).
 
     f16 is LLVM's ``fpext half to float``, which a vectorized loop turns into one
     ``vcvtph2ps`` per 16 values (F16C / AVX-512F) instead of a call per value. Where Numba
@@ -412,8 +415,7 @@ def widen_word(typingctx, word_format, word):
     ``__extendhfsf2``, which Numba cannot link, so the bits are moved with integer operations
     (``_f16_bits_widen``) that vectorize on any x86.
     """
-    if not (isinstance(word_format, WordFormatType) and isinstance(word, types.Integer)
-            and word.bitwidth == 16 and not word.signed):
+    if not isinstance(word_format, WordFormatType) or word != _element_type(word_format):
         return None
 
     def codegen(context, builder, sig, args):
@@ -431,8 +433,15 @@ def _converts_half() -> bool:
     return not llvm.get_process_triple().startswith(("x86", "i686")) or "f16c" in _compile_target_features()
 
 
+def _element_type(word_format: WordFormatType) -> types.Type:
+    """The Numba type of a table element in ``word_format``: uint16 words, or float32."""
+    return types.float32 if word_format.word_format == "f32" else types.uint16
+
+
 def _widen(builder, word_format: str, words):
-    """Raw uint16 words (one, or a vector of them) as float32 values, exactly."""
+    """Raw uint16 words (one, or a vector of them) as float32 values, exactly (float32 ones as they are)."""
+    if word_format == "f32":
+        return words
     if word_format == "f16":
         if _converts_half():
             return builder.fpext(builder.bitcast(words, _like(words, ir.HalfType())), _like(words, ir.FloatType()))
@@ -478,15 +487,16 @@ def _f16_bits_widen(builder, word):
 
 @intrinsic
 def widen_words(typingctx, isa, word_format, array, index):
-    """A float32 vector (the lanes of an int32 accumulator of ``isa``) of the raw uint16 words of
-    a C-contiguous ``array`` from flat ``index`` on, widened exactly as ``widen_word`` does."""
+    """A float32 vector (the lanes of an int32 accumulator of ``isa``) of the elements of a
+    C-contiguous ``array`` (uint16 words, or float32 for ``F32_VALUES``) from flat ``index``
+    on, widened exactly as ``widen_word`` does."""
     if not (isinstance(word_format, WordFormatType) and isinstance(array, types.Array)
-            and array.dtype == types.uint16):
+            and array.dtype == _element_type(word_format)):
         return None
     vec = FloatVectorType(isa.vector_bytes // 4)
 
     def codegen(context, builder, sig, args):
-        words = ir.VectorType(ir.IntType(16), vec.lanes)
+        words = ir.VectorType(context.get_value_type(array.dtype), vec.lanes)
         pointer = _element_pointer(context, builder, sig.args[2], args[2], sig.args[3], args[3], words)
         return _widen(builder, word_format.word_format, builder.load(pointer, align=2))
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import errors
 from ..kernels import head as head_kernels
-from ..kernels.simd import BF16_WORDS, F16_WORDS, MARKERS
+from ..kernels.simd import BF16_WORDS, F16_WORDS, F32_VALUES, MARKERS
 from ..ops import KERNEL_PATH
 from . import checks, scratch
 
@@ -139,7 +139,7 @@ class Embedding:
         checks.check_rows(h, "hidden states", self.hidden_size)
         out = errors.checked_out(out, (h.shape[0], self.vocab_size))
         if self.dtype == "f32":
-            np.matmul(h, self.table.T, out=out)
+            head_kernels.logits_words(MARKERS[KERNEL_PATH], F32_VALUES, self.table, np.ascontiguousarray(h), out)
         elif self.dtype in _WORD_FORMATS:
             head_kernels.logits_words(MARKERS[KERNEL_PATH], _WORD_FORMATS[self.dtype], self.table.view(np.uint16),
                                       np.ascontiguousarray(h), out)
