@@ -243,7 +243,7 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     if not (isinstance(device, str) and device == backends.CPU):
         errors.check_choice("device", device, (backends.CPU, *backends.BACKENDS), errors.DeviceError)
         return backends.get_backend(device).matmul(x, w, out=out)
-    _kernel_weights(w)
+    _kernel_weights(w)  # checks w before x (and caches its kernel arrays for matmul_rows)
     x = np.asarray(x)
     errors.check_float(x, "activations")
     m, k = w.shape

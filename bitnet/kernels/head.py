@@ -40,7 +40,9 @@ from .simd import (
     zero_floats,
 )
 
-INT8_BLOCK = 32  # hidden-state values per activation scale of the int8 head (ggml's Q8_0 block)
+# Hidden-state values per activation scale of the int8 head (ggml's Q8_0 block): 8 int32 lanes
+# of a byte dot product, as ``simd.block_scales`` spreads each scale.
+INT8_BLOCK = 32
 HEAD_PREFETCH_ROWS = 2  # the head kernels prefetch the rows this far ahead of their own (NOTES.md)
 # As in rows.py: vectorizable reductions, IEEE NaN/Inf kept, numpy's division semantics.
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True,
@@ -78,17 +80,20 @@ def _row_group(g, vocab):
 
 
 @njit(**_ROW_KERNEL)
-def _prefetch_group(table, r0, r1, r2, r3, j):
-    """Prefetch the line at column ``j`` of the rows ``HEAD_PREFETCH_ROWS`` below each of the 4 (the next group).
+def _prefetch_next_group(table, r0, r1, r2, r3, t, j):
+    """On token ``t == 0`` and a column ``j`` that starts a 64-byte line, prefetch that line of
+    the rows ``HEAD_PREFETCH_ROWS`` below each of the 4 (the next group).
 
-    The head kernels call it a line at a time along the first token's pass: the hardware
-    prefetcher alone keeps too few lines in flight to stream the table at DRAM speed, and all
-    of a group's lines at once before the pass stalled on the CPU's miss buffers instead of
-    overlapping the work (int8, 2 threads, n = 1: 20.5-23.9 -> 13.8-14.3 ms; NOTES.md).
+    The head kernels call it at every step of their passes, so the next group arrives a line
+    at a time along the first token's pass: the hardware prefetcher alone keeps too few lines
+    in flight to stream the table at DRAM speed, and all of a group's lines at once before the
+    pass stalled on the CPU's miss buffers instead of overlapping the work (int8, 2 threads,
+    n = 1: 20.5-23.9 -> 13.8-14.3 ms; NOTES.md).
     """
-    ahead = HEAD_PREFETCH_ROWS * table.shape[1] + j
-    for r in (r0, r1, r2, r3):
-        prefetch(table, r * table.shape[1] + ahead)
+    if t == 0 and j * table.itemsize % 64 == 0:  # a multiply, not a division by the run-time itemsize
+        ahead = HEAD_PREFETCH_ROWS * table.shape[1] + j
+        for r in (r0, r1, r2, r3):
+            prefetch(table, r * table.shape[1] + ahead)
 
 
 @njit(**_KERNEL)
@@ -127,12 +132,10 @@ def _word_rows_simd(isa, word_format, table, h, out, r0, r1, r2, r3):
     width = table.shape[1]
     step = byte_vector_size(isa) // 4
     whole = width - width % step
-    per_line = 64 // table.itemsize
     for t in range(h.shape[0]):
         total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
-            if t == 0 and j % per_line == 0:  # one 64-byte line of each row
-                _prefetch_group(table, r0, r1, r2, r3, j)
+            _prefetch_next_group(table, r0, r1, r2, r3, t, j)
             x = load_floats(isa, h, t * width + j)
             total0 = add_products(total0, widen_words(isa, word_format, table, r0 * width + j), x)
             total1 = add_products(total1, widen_words(isa, word_format, table, r1 * width + j), x)
@@ -180,7 +183,7 @@ def _int8_rows_for(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
 def _int8_rows_simd(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
     """Each run of 4 values meets in one int32 lane of a byte dot product, then gets its block's scale.
 
-    The next group is prefetched along the first token's pass (``_prefetch_group``). The SIMD
+    The next group is prefetched along the first token's pass (``_prefetch_next_group``). The SIMD
     loads take flat indexes into the C-contiguous arrays: a ``reshape`` here would update the
     arrays' reference counts once per row from every thread, which cost a third of the time.
     """
@@ -191,8 +194,7 @@ def _int8_rows_simd(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
     for t in range(q.shape[0]):
         total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
-            if t == 0 and j % 64 == 0:  # one 64-byte line of each row
-                _prefetch_group(table, r0, r1, r2, r3, j)
+            _prefetch_next_group(table, r0, r1, r2, r3, t, j)
             x = load_bytes(isa, q, t * width + j)
             offset = offset_sums(isa, x)
             scales = block_scales(isa, block_scale, t * blocks + j // INT8_BLOCK)

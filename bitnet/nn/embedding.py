@@ -138,13 +138,13 @@ class Embedding:
         """
         checks.check_rows(h, "hidden states", self.hidden_size)
         out = errors.checked_out(out, (h.shape[0], self.vocab_size))
+        h = np.ascontiguousarray(h)  # the kernels load it by flat index
         if self.dtype == "f32":
-            head_kernels.logits_words(MARKERS[KERNEL_PATH], F32_VALUES, self.table, np.ascontiguousarray(h), out)
+            head_kernels.logits_words(MARKERS[KERNEL_PATH], F32_VALUES, self.table, h, out)
         elif self.dtype in _WORD_FORMATS:
-            head_kernels.logits_words(MARKERS[KERNEL_PATH], _WORD_FORMATS[self.dtype], self.table.view(np.uint16),
-                                      np.ascontiguousarray(h), out)
+            head_kernels.logits_words(MARKERS[KERNEL_PATH], _WORD_FORMATS[self.dtype], self.table.view(np.uint16), h,
+                                      out)
         else:
-            h = np.ascontiguousarray(h)
             n, width = h.shape
             q = scratch.empty((n, width), np.int8)
             block_scale = scratch.empty((n, -(-width // head_kernels.INT8_BLOCK)), np.float32)
