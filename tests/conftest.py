@@ -1,5 +1,6 @@
 """Shared test helpers: random inputs with awkward sizes, and every kernel path (skipped where it cannot run)."""
 
+import numba
 import numpy as np
 import pytest
 
@@ -11,6 +12,19 @@ ALL_PATHS = [
 ]
 """Every kernel path, for ``@pytest.mark.parametrize("path", ALL_PATHS)``: a path this machine
 cannot run shows as a skip with the reason (``amx: CPU lacks amx-tile, amx-int8 ...``)."""
+
+AVX512_ASM = pytest.mark.skipif(
+    not {"avx512f", "f16c"} <= cpu_features._compile_target_features(),
+    reason="the check is for AVX-512 code: Numba does not compile for an AVX-512 CPU with F16C here")
+"""Marks a test that reads the AVX-512 assembly Numba makes on this machine."""
+
+
+def fresh_asm(dispatcher, *args) -> str:
+    """The assembly of ``dispatcher`` compiled anew for ``args`` (Numba shows none for cached code)."""
+    options = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("nopython", "cache")}
+    fresh = numba.njit(**options)(dispatcher.py_func)
+    fresh(*args)
+    return "\n".join(fresh.inspect_asm().values())
 
 
 @pytest.fixture

@@ -6,9 +6,12 @@ the same keys and values rounded by numpy's own ``astype(np.float16)``.
 
 from __future__ import annotations
 
+import re
+
 import numba
 import numpy as np
 import pytest
+from conftest import ALL_PATHS, AVX512_ASM, fresh_asm
 from numba import types
 from numba.extending import intrinsic
 
@@ -37,8 +40,9 @@ def reference_attention(q, k, v, start):
     return out.reshape(n, heads * d)
 
 
-def run_kernel(q, k, v, start, dtype, kernel_set=None):
-    """The library kernel on ``q`` and a cache of ``dtype`` holding ``k``/``v`` (``(positions, kv_heads, d)``)."""
+def run_kernel(q, k, v, start, dtype, threaded=None, path=bn.ops.KERNEL_PATH):
+    """The library kernel (of kernel ``path``; threaded or not, by default as the model chooses) on ``q``
+    and a cache of ``dtype`` holding ``k``/``v`` (``(positions, kv_heads, d)``)."""
     n, heads, d = q.shape
     positions, kv_heads, _ = k.shape
     capacity = positions + 5  # room past the filled positions, as a real cache has
@@ -49,38 +53,60 @@ def run_kernel(q, k, v, start, dtype, kernel_set=None):
     shapes = kernels.scratch_shapes(n, heads, kv_heads, d, capacity)
     work = [np.full(shape, np.nan, np.float32) for shape in shapes.values()]  # NaN: every read must be written
     out = np.full((n, heads * d), np.nan, np.float32)
-    kernel_set = kernel_set or kernels.for_attention(n, start + n)
-    kernel_set.causal_attention(q, keys, values, start, np.float32(d**-0.5), kernels.chunk_length(n, capacity),
-                                *work, out)
+    kernel = kernels.for_attention(n, start + n, path) if threaded is None else kernels.ENTRY_POINTS[path, threaded]
+    kernel(q, keys, values, start, np.float32(d**-0.5), kernels.chunk_length(n, capacity), *work, out)
     return out
 
 
 CASES = [  # heads, kv_heads, head_dim, queries, start: odd sizes, one query, contexts past a chunk and a tile
     (4, 4, 8, 5, 3), (4, 2, 16, 1, 0), (6, 1, 7, 3, 40), (20, 5, 128, 1, 700), (6, 3, 10, 9, 600),
     (2, 1, 33, 1, 255), (2, 2, 4, 1, 256), (3, 3, 6, 8, 31),
+    # The AVX-512 register blocks (4 heads of a kv head, d a multiple of 16 or 64): positions that end
+    # mid-block and mid-tile, 4 heads plus a 5th (one by one), d = 16 (scores in blocks, context not).
+    (8, 2, 64, 1, 4093), (10, 2, 128, 2, 37), (5, 1, 16, 3, 29), (12, 3, 64, 9, 1), (4, 1, 128, 1, 0),
 ]
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("heads, kv_heads, d, n, start", CASES)
-def test_attention_matches_numpy(rng, dtype, heads, kv_heads, d, n, start):
+def test_attention_matches_numpy(rng, path, dtype, heads, kv_heads, d, n, start):
     q = rng.standard_normal((n, heads, d)).astype(np.float32)
     k, v = ((3 * rng.standard_normal((start + n, kv_heads, d))).astype(np.float32) for _ in range(2))
     k[1::7] = 0.0  # zeros mixed in
     stored_k, stored_v = (a.astype(dtype).astype(np.float32) for a in (k, v))
     expected = reference_attention(q, stored_k, stored_v, start)
-    np.testing.assert_allclose(run_kernel(q, k, v, start, dtype), expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(run_kernel(q, k, v, start, dtype, path=path), expected, rtol=2e-5, atol=2e-5)
+
+
+@AVX512_ASM
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_avx512_attention_runs_in_register_blocks(dtype):
+    """On AVX-512 the scores and the context of 4 heads go by 16 vector accumulators, widening
+    f16 16 values per instruction, with the cache prefetched into L2 (``prefetcht1``) as they go."""
+    heads, kv_heads, d, capacity = 8, 2, 64, 40
+    cache = np.zeros((kv_heads, capacity, d), dtype)
+    if dtype == np.float16:
+        cache = cache.view(np.uint16)
+    shapes = kernels.scratch_shapes(1, heads, kv_heads, d, capacity)
+    asm = fresh_asm(kernels.serial.causal_attention, simd.MARKERS["avx512vnni"], np.zeros((1, heads, d), np.float32),
+                    cache, cache.copy(), 30, np.float32(0.125), kernels.chunk_length(1, capacity),
+                    *(np.zeros(shape, np.float32) for shape in shapes.values()), np.empty((1, heads * d), np.float32))
+    expected = (r"vfmadd\w+", r"vbroadcastss") + (("vcvtph2ps",) if dtype == np.float16 else ())
+    for instruction in expected:
+        assert re.search(rf"\b{instruction}\s[^\n]*%zmm", asm), instruction
+    assert "prefetcht1" in asm and not re.search(r"extendhfsf2|h2f_ieee", asm)
 
 
 def test_serial_and_parallel_builds_and_thread_counts_give_the_same_bits(rng):
     heads, kv_heads, d, n, start = 8, 2, 64, 1, 1100
     q = rng.standard_normal((n, heads, d)).astype(np.float32)
     k, v = (rng.standard_normal((start + n, kv_heads, d)).astype(np.float32) for _ in range(2))
-    results = [run_kernel(q, k, v, start, np.float16, kernels.serial)]
+    results = [run_kernel(q, k, v, start, np.float16, threaded=False)]
     for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
         numba.set_num_threads(threads)
         try:
-            results.append(run_kernel(q, k, v, start, np.float16, kernels.parallel))
+            results.append(run_kernel(q, k, v, start, np.float16, threaded=True))
         finally:
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for result in results[1:]:

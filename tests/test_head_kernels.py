@@ -12,13 +12,13 @@ import re
 import numba
 import numpy as np
 import pytest
-from conftest import ALL_PATHS
+from conftest import ALL_PATHS, AVX512_ASM, fresh_asm
 from numba import types
 from numba.extending import intrinsic
 
 import bitnet as bn
-from bitnet.kernels import cpu_features, simd
 from bitnet.kernels import head as head_kernels
+from bitnet.kernels import simd
 from bitnet.kernels.simd import BF16_WORDS, F16_WORDS, F32_VALUES
 from bitnet.nn import Embedding
 
@@ -149,19 +149,7 @@ def test_integer_f16_widening_matches_numpy_for_every_word():
     assert np.array_equal(np.isnan(out), nan)
     np.testing.assert_array_equal(out.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])  # -0 and subnormals too
 
-def _fresh_asm(dispatcher, *args) -> str:
-    """The assembly of ``dispatcher`` compiled anew for ``args`` (Numba shows none for cached code)."""
-    options = {k: v for k, v in dispatcher.targetoptions.items() if k not in ("nopython", "cache")}
-    fresh = numba.njit(**options)(dispatcher.py_func)
-    fresh(*args)
-    return "\n".join(fresh.inspect_asm().values())
-
-
-_HOST = cpu_features._compile_target_features()
-
-
-@pytest.mark.skipif(not {"avx512f", "f16c"} <= _HOST,
-                    reason="the check is for AVX-512 code: Numba does not compile for an AVX-512 CPU with F16C here")
+@AVX512_ASM
 @pytest.mark.parametrize("kernel, word_format, expected", [
     ("logits_words", F16_WORDS, ("vcvtph2ps", r"vfmadd\w+")),
     ("logits_words", BF16_WORDS, ("vpslld", r"vfmadd\w+")),
@@ -181,7 +169,7 @@ def test_kernels_are_vectorized(kernel, word_format, expected):
         "rows_words": (word_format, table, ids, rows),
         "rows_int8": (table.astype(np.int8), np.ones(5, np.float32), ids, rows),
     }[kernel]
-    asm = _fresh_asm(getattr(head_kernels, kernel), *args)
+    asm = fresh_asm(getattr(head_kernels, kernel), *args)
     for instruction in expected:
         assert re.search(rf"\b{instruction}\s[^\n]*%zmm", asm), instruction
     assert not re.search(r"extendhfsf2|h2f_ieee|truncsfhf2", asm)

@@ -3,7 +3,8 @@
 A float16 cache arrives as raw uint16 words (Numba has no float16 on the CPU): keys and
 values are rounded to f16 once, when rope writes them (``vcvtps2ph``), and widened back
 exactly in registers when attention reads them (``vcvtph2ps``). The same source compiles for
-either cache dtype; :func:`stored` and :func:`store` are the only places that differ.
+either cache dtype; :func:`stored`, :func:`store` and :func:`cache_format` are the only places
+that differ.
 
 Attention splits its work into items of one key/value head, one query and one chunk of
 positions. All query heads that share a key/value head (GQA) are served by the same item,
@@ -13,19 +14,42 @@ is one tile of scores whatever the context. The chunks of a query are then combi
 fixed order. The chunk length depends on the number of queries only (``chunk_length``),
 never on the thread count, so any thread count gives the same bits.
 
+With AVX-512 the 4 heads of a key/value head (GQA's usual group) go by register blocks built
+from ``simd``: scores 4 positions at a time, summed across lanes by one shuffle tree, and the
+context with its sums in registers over a whole tile, prefetching the cache into L2 as they
+go. Elsewhere (other groups, head sizes that are not whole vectors, AVX2's 16 registers and
+the portable path) plain loops that LLVM vectorizes compute the same values (to float
+rounding: the sums go in another order). Each kernel path has its entry in ``ENTRY_POINTS``.
+
 The arithmetic is HF transformers' float32 attention: ``softmax(q k^T * scaling) v`` with
 rope as ``x * cos + rotate_half(x) * sin``.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 from numba import njit, prange, types
+from numba.core.registry import CPUDispatcher
 from numba.extending import overload
 
-from .simd import F16_WORDS, narrow_to_f16, widen_word
+from .simd import (
+    F16_WORDS,
+    F32_VALUES,
+    MARKERS,
+    IsaMarker,
+    add_products,
+    byte_vector_size,
+    lane,
+    lane_totals,
+    load_floats,
+    narrow_to_f16,
+    prefetch,
+    splat_floats,
+    store_floats,
+    widen_word,
+    widen_words,
+    zero_floats,
+)
 from .variants import serial_and_parallel
 from .vector_math import exp32, max32
 
@@ -40,6 +64,9 @@ FEW_QUERIES = 8  # below this many queries the positions are chunked; above, que
 # Attention over this many positions is worth threads even for one query: in a decode step the
 # cache comes back from DRAM (the weights evicted it), and two threads read it faster.
 PARALLEL_MIN_CONTEXT = 64
+# The register blocks prefetch (into L2) the cache this many bytes past the rows they read, spread
+# over their loops: the CPU drops prefetches issued in a burst (NOTES.md).
+CACHE_PREFETCH_BYTES = 16384
 
 
 def stored(value):
@@ -131,9 +158,9 @@ def _row_max(row, count, start):
 
 
 @njit(**_KERNEL)
-def _tile_scores(queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):
-    """``tile_scores[g + x, t - t0] = scaling * queries[i, h + x] . keys[kv, t]`` for ``x < count``
-    (4 or 1) and positions ``t0 .. t1``.
+def _tile_scores(queries, i, h, count, keys, kv, origin, t0, t1, scaling, tile_scores, g):
+    """``tile_scores[g + x, t - origin] = scaling * queries[i, h + x] . keys[kv, t]`` for ``x < count``
+    (4 or 1) and positions ``t0 .. t1``, in plain loops that LLVM vectorizes along ``d``.
 
     Four heads take two positions per pass over the rows: each key row is widened once for
     all four heads, and each query element loaded once per two positions.
@@ -154,7 +181,7 @@ def _tile_scores(queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g
                 b1 += q1 * m
                 b2 += q2 * m
                 b3 += q3 * m
-            s = t - t0
+            s = t - origin
             tile_scores[g, s], tile_scores[g, s + 1] = a0 * scaling, b0 * scaling
             tile_scores[g + 1, s], tile_scores[g + 1, s + 1] = a1 * scaling, b1 * scaling
             tile_scores[g + 2, s], tile_scores[g + 2, s + 1] = a2 * scaling, b2 * scaling
@@ -168,14 +195,14 @@ def _tile_scores(queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g
                 a1 += queries[i, h + 1, j] * k
                 a2 += queries[i, h + 2, j] * k
                 a3 += queries[i, h + 3, j] * k
-            tile_scores[g, t - t0], tile_scores[g + 1, t - t0] = a0 * scaling, a1 * scaling
-            tile_scores[g + 2, t - t0], tile_scores[g + 3, t - t0] = a2 * scaling, a3 * scaling
+            tile_scores[g, t - origin], tile_scores[g + 1, t - origin] = a0 * scaling, a1 * scaling
+            tile_scores[g + 2, t - origin], tile_scores[g + 3, t - origin] = a2 * scaling, a3 * scaling
     else:
         for t in range(t0, t1):
             a0 = np.float32(0.0)
             for j in range(d):
                 a0 += queries[i, h, j] * stored(keys[kv, t, j])
-            tile_scores[g, t - t0] = a0 * scaling
+            tile_scores[g, t - origin] = a0 * scaling
 
 
 @njit(**_KERNEL)
@@ -226,8 +253,167 @@ def _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h
                 chunk_context[i, h, c, j] += p0 * stored(values[kv, t, j])
 
 
-def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum, chunk_context,
-                     out):
+def cache_format(cache):
+    """The ``simd.WordFormat`` a cache array holds: f16 words (uint16) or float32 values."""
+
+
+@overload(cache_format, inline="always")
+def _cache_format(cache):
+    word_format = F16_WORDS if cache.dtype == types.uint16 else F32_VALUES
+    return lambda cache: word_format
+
+
+def _vector_blocks(isa, *arrays) -> bool:
+    """Whether the register blocks below compile for ``isa`` and these arrays: AVX-512 (their 16
+    accumulators and the operands need 21 of its 32 vector registers; AVX2 has 16) and
+    C-contiguous arrays (the vector loads address flat elements)."""
+    return isa.vector_bytes == 64 and all(a.layout == "C" for a in arrays)
+
+
+@njit(**_KERNEL)
+def _scores_4x4(isa, queries, i, h, keys, kv, t, scaling, tile_scores, g, s):
+    """``tile_scores[g + x, s + p] = scaling * queries[i, h + x] . keys[kv, t + p]`` for 4 heads and
+    4 positions (``d`` a multiple of the vector lanes).
+
+    16 vector accumulators, one per head and position: each key vector is widened once for 4
+    heads and each query vector loaded once for 4 positions, and the 16 dot products are
+    summed across lanes by one shuffle tree (``lane_totals``) instead of 16 reductions.
+    """
+    heads, d = queries.shape[1], queries.shape[2]
+    step = byte_vector_size(isa) // 4
+    word_format = cache_format(keys)
+    q0 = (i * heads + h) * d  # flat index of queries[i, h, 0]
+    k0 = (kv * keys.shape[1] + t) * d  # of keys[kv, t, 0]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_floats(isa)
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_floats(isa)
+    ahead = k0 + CACHE_PREFETCH_BYTES // keys.itemsize
+    line = 64 // keys.itemsize
+    for j in range(0, d, step):
+        for e in range(0, 4 * step, line):  # the next blocks' rows, as many lines as this step reads
+            prefetch(keys, ahead + 4 * j + e)
+        k_0 = widen_words(isa, word_format, keys, k0 + j)
+        k_1 = widen_words(isa, word_format, keys, k0 + d + j)
+        k_2 = widen_words(isa, word_format, keys, k0 + 2 * d + j)
+        k_3 = widen_words(isa, word_format, keys, k0 + 3 * d + j)
+        q = load_floats(isa, queries, q0 + j)
+        a00, a01, a02, a03 = (add_products(a00, q, k_0), add_products(a01, q, k_1), add_products(a02, q, k_2),
+                              add_products(a03, q, k_3))
+        q = load_floats(isa, queries, q0 + d + j)
+        a10, a11, a12, a13 = (add_products(a10, q, k_0), add_products(a11, q, k_1), add_products(a12, q, k_2),
+                              add_products(a13, q, k_3))
+        q = load_floats(isa, queries, q0 + 2 * d + j)
+        a20, a21, a22, a23 = (add_products(a20, q, k_0), add_products(a21, q, k_1), add_products(a22, q, k_2),
+                              add_products(a23, q, k_3))
+        q = load_floats(isa, queries, q0 + 3 * d + j)
+        a30, a31, a32, a33 = (add_products(a30, q, k_0), add_products(a31, q, k_1), add_products(a32, q, k_2),
+                              add_products(a33, q, k_3))
+    totals = lane_totals((a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33))
+    for x in range(4):
+        for p in range(4):
+            tile_scores[g + x, s + p] = lane(totals, 4 * x + p) * scaling
+
+
+@njit(**_KERNEL)
+def _context_4(isa, tile_scores, g, values, kv, t0, t1, chunk_context, i, h, c):
+    """``chunk_context[i, h + x, c] += tile_scores[g + x, t - t0] * values[kv, t]`` for 4 heads and
+    positions ``t0 .. t1`` (``d`` a multiple of 4 vectors).
+
+    ``d`` goes by 4 vectors at a time, whose sums for the 4 heads (16 accumulators) stay in
+    registers over all the tile's positions: each value vector is widened once for 4 heads,
+    and the context is loaded and stored once per tile instead of once per few positions.
+    """
+    heads, chunks, d = chunk_context.shape[1], chunk_context.shape[2], chunk_context.shape[3]
+    step = byte_vector_size(isa) // 4
+    word_format = cache_format(values)
+    between_heads = chunks * d  # flat distance from chunk_context[i, h, c, j] to [i, h + 1, c, j]
+    ahead = CACHE_PREFETCH_BYTES // values.itemsize
+    line = 64 // values.itemsize
+    for j in range(0, d, 4 * step):
+        o0 = ((i * heads + h) * chunks + c) * d + j
+        o1, o2, o3 = o0 + between_heads, o0 + 2 * between_heads, o0 + 3 * between_heads
+        c00, c01, c02, c03 = (load_floats(isa, chunk_context, o0), load_floats(isa, chunk_context, o0 + step),
+                              load_floats(isa, chunk_context, o0 + 2 * step),
+                              load_floats(isa, chunk_context, o0 + 3 * step))
+        c10, c11, c12, c13 = (load_floats(isa, chunk_context, o1), load_floats(isa, chunk_context, o1 + step),
+                              load_floats(isa, chunk_context, o1 + 2 * step),
+                              load_floats(isa, chunk_context, o1 + 3 * step))
+        c20, c21, c22, c23 = (load_floats(isa, chunk_context, o2), load_floats(isa, chunk_context, o2 + step),
+                              load_floats(isa, chunk_context, o2 + 2 * step),
+                              load_floats(isa, chunk_context, o2 + 3 * step))
+        c30, c31, c32, c33 = (load_floats(isa, chunk_context, o3), load_floats(isa, chunk_context, o3 + step),
+                              load_floats(isa, chunk_context, o3 + 2 * step),
+                              load_floats(isa, chunk_context, o3 + 3 * step))
+        for t in range(t0, t1):
+            v = (kv * values.shape[1] + t) * d + j  # flat index of values[kv, t, j]
+            for e in range(0, 4 * step, line):
+                prefetch(values, v + ahead + e)
+            v0, v1 = widen_words(isa, word_format, values, v), widen_words(isa, word_format, values, v + step)
+            v2 = widen_words(isa, word_format, values, v + 2 * step)
+            v3 = widen_words(isa, word_format, values, v + 3 * step)
+            p = splat_floats(isa, tile_scores[g, t - t0])
+            c00, c01, c02, c03 = (add_products(c00, p, v0), add_products(c01, p, v1), add_products(c02, p, v2),
+                                  add_products(c03, p, v3))
+            p = splat_floats(isa, tile_scores[g + 1, t - t0])
+            c10, c11, c12, c13 = (add_products(c10, p, v0), add_products(c11, p, v1), add_products(c12, p, v2),
+                                  add_products(c13, p, v3))
+            p = splat_floats(isa, tile_scores[g + 2, t - t0])
+            c20, c21, c22, c23 = (add_products(c20, p, v0), add_products(c21, p, v1), add_products(c22, p, v2),
+                                  add_products(c23, p, v3))
+            p = splat_floats(isa, tile_scores[g + 3, t - t0])
+            c30, c31, c32, c33 = (add_products(c30, p, v0), add_products(c31, p, v1), add_products(c32, p, v2),
+                                  add_products(c33, p, v3))
+        for o, a0, a1, a2, a3 in ((o0, c00, c01, c02, c03), (o1, c10, c11, c12, c13), (o2, c20, c21, c22, c23),
+                                  (o3, c30, c31, c32, c33)):
+            store_floats(chunk_context, o, a0)
+            store_floats(chunk_context, o + step, a1)
+            store_floats(chunk_context, o + 2 * step, a2)
+            store_floats(chunk_context, o + 3 * step, a3)
+
+
+def _scores(isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):
+    """``tile_scores[g + x, t - t0] = scaling * queries[i, h + x] . keys[kv, t]`` for ``x < count``
+    (4 or 1) and positions ``t0 .. t1``: 4 heads by register blocks of 4 positions where
+    ``_vector_blocks`` allows, the rest by plain loops."""
+
+
+@overload(_scores, jit_options=_KERNEL)
+def _scores_for(isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):
+    if not _vector_blocks(isa, queries, keys):
+        return lambda isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g: _tile_scores(
+            queries, i, h, count, keys, kv, t0, t0, t1, scaling, tile_scores, g)
+
+    def blocks(isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):
+        t = t0
+        if count == 4 and queries.shape[2] % (byte_vector_size(isa) // 4) == 0:
+            while t + 4 <= t1:
+                _scores_4x4(isa, queries, i, h, keys, kv, t, scaling, tile_scores, g, t - t0)
+                t += 4
+        _tile_scores(queries, i, h, count, keys, kv, t0, t, t1, scaling, tile_scores, g)
+    return blocks
+
+
+def _context(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h, c):
+    """``chunk_context[i, h + x, c] += tile_scores[g + x, t - t0] * values[kv, t]`` for ``x < count``
+    (4 or 1) and positions ``t0 .. t1``: 4 heads by register blocks where ``_vector_blocks``
+    allows and ``d`` is a multiple of 4 vectors, otherwise by plain loops."""
+
+
+@overload(_context, jit_options=_KERNEL)
+def _context_for(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h, c):
+    if not _vector_blocks(isa, values, chunk_context):
+        return lambda isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h, c: _tile_context(
+            tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h, c)
+
+    def blocks(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h, c):
+        if count == 4 and values.shape[2] % byte_vector_size(isa) == 0:
+            _context_4(isa, tile_scores, g, values, kv, t0, t1, chunk_context, i, h, c)
+        else:
+            _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h, c)
+    return blocks
+
+
+def causal_attention(isa, queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum,
+                     chunk_context, out):
     """Softmax attention of each query over cache positions ``0 .. start + i`` (causal).
 
     ``queries``: ``(n, heads, d)``, query ``i`` at position ``start + i``; ``keys``/``values``:
@@ -258,7 +444,7 @@ def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk
             g = 0
             while g < group:  # four heads at a time read each cached row once; the rest one by one
                 count = 4 if g + 4 <= group else 1
-                _tile_scores(queries, i, first_head + g, count, keys, kv, t0, t1, scaling, tile_scores, g)
+                _scores(isa, queries, i, first_head + g, count, keys, kv, t0, t1, scaling, tile_scores, g)
                 g += count
             for g in range(group):
                 h = first_head + g
@@ -276,7 +462,7 @@ def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk
             g = 0
             while g < group:
                 count = 4 if g + 4 <= group else 1
-                _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, first_head + g, c)
+                _context(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, i, first_head + g, c)
                 g += count
     for row in prange(n * heads):
         i, h = row // heads, row % heads
@@ -299,6 +485,24 @@ def causal_attention(queries, keys, values, start, scaling, chunk, scores, chunk
 serial, parallel = serial_and_parallel((causal_attention,), **_KERNEL)
 
 
-def for_attention(n: int, context: int) -> SimpleNamespace:
-    """The kernel build for attention of ``n`` queries over ``context`` positions."""
-    return parallel if n >= FEW_QUERIES or context >= PARALLEL_MIN_CONTEXT else serial
+def _entry_point(marker: IsaMarker, threaded: bool) -> CPUDispatcher:
+    """``causal_attention`` (threaded or not) with the ISA marker fixed at compile time: as an
+    argument it would cost a type dispatch (~3 us) per call, for each layer of a decode step."""
+    kernel = (parallel if threaded else serial).causal_attention
+
+    def entry(queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum, chunk_context, out):
+        kernel(marker, queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum, chunk_context, out)
+
+    entry.__name__ = entry.__qualname__ = f"causal_attention_{marker.name}_{'parallel' if threaded else 'serial'}"
+    return njit(**_KERNEL)(entry)
+
+
+ENTRY_POINTS = {(name, threaded): _entry_point(marker, threaded) for name, marker in MARKERS.items()
+                for threaded in (False, True)}
+"""``causal_attention`` per kernel path and threading, taking its arguments after ``isa``."""
+
+
+def for_attention(n: int, context: int, path: str) -> CPUDispatcher:
+    """``causal_attention`` of kernel ``path`` for ``n`` queries over ``context`` positions: on
+    every thread, or on one where that is too little work to wake the others."""
+    return ENTRY_POINTS[path, n >= FEW_QUERIES or context >= PARALLEL_MIN_CONTEXT]

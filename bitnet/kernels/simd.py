@@ -15,9 +15,10 @@ instruction set. The markers must only be used on CPUs that have the features
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
 / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
 ``offset_sums`` / ``signed_dot`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` /
-``lane_totals`` / ``lane`` on int32 accumulator vectors; ``zero_floats`` / ``load_floats`` /
-``widen_words`` / ``block_scales`` / ``scaled_add_floats`` / ``add_products`` / ``sum_floats``
-on float32 vectors of the same lane count; ``prefetch``; and the scalars ``widen_word`` (a
+``lane_totals`` / ``lane`` on int32 accumulator vectors; ``zero_floats`` / ``splat_floats`` /
+``load_floats`` / ``store_floats`` / ``widen_words`` / ``block_scales`` / ``scaled_add_floats`` /
+``add_products`` / ``sum_floats`` (and ``lane_totals`` / ``lane``) on float32 vectors of the same
+lane count; ``prefetch``; and the scalars ``widen_word`` (a
 bf16 or f16 word, as a ``WordFormat`` marker says), its inverse ``narrow_to_f16`` and
 ``float32_from_bits``.
 """
@@ -283,19 +284,39 @@ def shift_right_acc(typingctx, a, count):
     return a(a, count), codegen
 
 
+class FloatVectorType(types.Type):
+    """An LLVM ``<lanes x float>`` held as one Numba value."""
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+        super().__init__(name=f"f32x{lanes}")
+
+    @property
+    def llvm_type(self) -> ir.VectorType:
+        return ir.VectorType(ir.FloatType(), self.lanes)
+
+
+register_model(FloatVectorType)(_VectorModel)
+
+
 @intrinsic
 def lane_totals(typingctx, accs):
-    """The lane sums of 16 int32 accumulators as one 16-lane int32 vector (lane ``i``: ``sum(accs[i])``).
+    """The lane sums of 16 accumulators as one 16-lane vector (lane ``i``: ``sum(accs[i])``):
+    int32 accumulators give int32 totals, float32 ones float32.
 
     A tree of pairwise shuffles and adds (``log2(lanes)`` levels, ~45 vector operations for
-    AVX-512) instead of 16 separate reductions (~9 each). Summed in int32, as ``sum_acc``.
+    AVX-512) instead of 16 separate reductions (~9 each). Summed in int32, as ``sum_acc``;
+    float lanes in the tree's fixed order.
     """
-    if not (isinstance(accs, types.UniTuple) and accs.count == 16 and isinstance(accs.dtype, VectorType)):
+    if not (isinstance(accs, types.UniTuple) and accs.count == 16
+            and isinstance(accs.dtype, (VectorType, FloatVectorType))):
         return None
     lanes = accs.dtype.lanes
-    out = VectorType(32, 16)
+    floats = isinstance(accs.dtype, FloatVectorType)
+    out = FloatVectorType(16) if floats else VectorType(32, 16)
 
     def codegen(context, builder, sig, args):
+        add = builder.fadd if floats else builder.add
         vectors = cgutils.unpack_tuple(builder, args[0])
         width = lanes  # lanes of each accumulator's partial sums within a vector
         while width > 1:
@@ -305,7 +326,7 @@ def lane_totals(typingctx, accs):
             low = ir.Constant(ir.VectorType(ir.IntType(32), lanes), first + [lanes + i for i in first])
             high = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [i + half for i in first]
                                + [lanes + i + half for i in first])
-            vectors = [builder.add(builder.shuffle_vector(a, b, low), builder.shuffle_vector(a, b, high))
+            vectors = [add(builder.shuffle_vector(a, b, low), builder.shuffle_vector(a, b, high))
                        for a, b in zip(vectors[::2], vectors[1::2], strict=True)]
             width = half
         while len(vectors) > 1:  # AVX2: two 8-lane vectors of totals, in order
@@ -319,13 +340,14 @@ def lane_totals(typingctx, accs):
 
 @intrinsic
 def lane(typingctx, vector, index):
-    """Lane ``index`` of an int32 vector, as an int64."""
+    """Lane ``index`` of a vector: an int32 lane as an int64, a float32 lane as a float32."""
+    floats = isinstance(vector, FloatVectorType)
 
     def codegen(context, builder, sig, args):
         value = builder.extract_element(args[0], builder.trunc(args[1], ir.IntType(32)))
-        return builder.sext(value, ir.IntType(64))
+        return value if floats else builder.sext(value, ir.IntType(64))
 
-    return types.int64(vector, index), codegen
+    return (types.float32 if floats else types.int64)(vector, index), codegen
 
 
 @intrinsic
@@ -341,21 +363,6 @@ def sum_acc(typingctx, a):
         return builder.sext(total, ir.IntType(64))
 
     return types.int64(a), codegen
-
-
-class FloatVectorType(types.Type):
-    """An LLVM ``<lanes x float>`` held as one Numba value."""
-
-    def __init__(self, lanes: int):
-        self.lanes = lanes
-        super().__init__(name=f"f32x{lanes}")
-
-    @property
-    def llvm_type(self) -> ir.VectorType:
-        return ir.VectorType(ir.FloatType(), self.lanes)
-
-
-register_model(FloatVectorType)(_VectorModel)
 
 
 @intrinsic
@@ -516,6 +523,31 @@ def load_floats(typingctx, isa, array, index):
         return builder.load(pointer, align=4)
 
     return vec(isa, array, index), codegen
+
+
+@intrinsic
+def store_floats(typingctx, array, index, vector):
+    """Store a float32 vector into a C-contiguous float32 ``array`` from flat ``index`` on."""
+    if not (isinstance(array, types.Array) and array.dtype == types.float32 and isinstance(vector, FloatVectorType)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], vector.llvm_type)
+        builder.store(args[2], pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(array, index, vector), codegen
+
+
+@intrinsic
+def splat_floats(typingctx, isa, value):
+    """A float32 vector (the lanes of an int32 accumulator of ``isa``) with ``value`` in every lane."""
+    vec = FloatVectorType(isa.vector_bytes // 4)
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, vec.llvm_type, context.cast(builder, args[1], sig.args[1], types.float32))
+
+    return vec(isa, value), codegen
 
 
 @intrinsic

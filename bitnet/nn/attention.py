@@ -7,6 +7,7 @@ import numpy as np
 from .. import errors
 from ..kernels import attention as kernels
 from ..memory import Arena
+from ..ops import KERNEL_PATH
 from . import checks, scratch
 from .linear import BitLinear
 from .norm import RMSNorm
@@ -261,7 +262,7 @@ class Attention:
         # Sized by the cache capacity, not the current length, so decode steps reuse one set of buffers.
         shapes = kernels.scratch_shapes(n, self.heads, self.kv_heads, self.head_dim, capacity)
         work = [scratch.reused(f"self_attn.{name}", shape) for name, shape in shapes.items()]
-        kernels.for_attention(n, start + n).causal_attention(
+        kernels.for_attention(n, start + n, KERNEL_PATH)(
             queries, keys, values, start, self.scaling, kernels.chunk_length(n, capacity), *work, out)
 
 
