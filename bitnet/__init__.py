@@ -23,6 +23,7 @@ from .errors import (
     FormatError,
     GGUFError,
     InvalidValueError,
+    OutOfMemoryError,
     ShapeError,
 )
 
@@ -88,6 +89,7 @@ __all__ = [
     "DeviceError",
     "FormatError",
     "InvalidValueError",
+    "OutOfMemoryError",
     "PackedTernary",
     "QuantizedTensor",
     "ShapeError",

@@ -71,6 +71,10 @@ class ArenaLimitError(ArenaError, MemoryError):
     """An arena allocation would go over the limit set with ``Arena.set_limit``, or the memory the system gives."""
 
 
+class OutOfMemoryError(BitNetError, MemoryError):
+    """The system would not give the memory an object asked for: ask for less (a smaller capacity or length)."""
+
+
 class ArenaDoubleReleaseError(ArenaError):
     """An arena array was released a second time (by hand, or by hand after its frame had ended)."""
 

@@ -166,6 +166,10 @@ def test_kv_cache_from_an_arena_grows_and_goes_back_to_it():
             KVCache(1, 1, 8).layer(0, 1, 8, bad)
     with pytest.raises(bn.InvalidValueError, match="dtype"):
         KVCache(1, 1, 8, dtype="bfloat16")
+    with pytest.raises(bn.OutOfMemoryError, match="max_length"):  # 32 PiB of keys, refused up front by the OS
+        KVCache(1, 1, 8).reserve(2**50)
+    with pytest.raises(bn.OutOfMemoryError):
+        KVCache(1, 1, 8, capacity=2**50)
     with pytest.raises(bn.DTypeError, match="arena"):
         KVCache(1, 1, 8, arena=np.zeros(3))
 

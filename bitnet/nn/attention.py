@@ -61,16 +61,32 @@ class KVCache:
         self.released = False
 
     def _new(self, shape: tuple[int, int, int]) -> np.ndarray:
-        # np.zeros maps pages lazily, so a large capacity costs memory only as positions fill.
         dtype = CACHE_DTYPES[self.dtype]
-        return np.zeros(shape, dtype) if self.arena is None else self.arena.empty(shape, dtype)
+        if self.arena is not None:
+            return self.arena.empty(shape, dtype)  # over its limit or the system's memory: ArenaLimitError
+        try:
+            # np.zeros maps pages lazily, so a large capacity costs memory only as positions fill.
+            return np.zeros(shape, dtype)
+        except MemoryError as exc:
+            raise errors.OutOfMemoryError(
+                f"a KV cache layer of {shape[1]} positions ({np.prod(shape) * np.dtype(dtype).itemsize:,} bytes of "
+                f"keys) does not fit in memory ({exc}): ask for fewer positions, or make the cache with "
+                "max_length (the model's new_cache() caps it at the model's context)"
+            ) from None
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[1] if self.keys else 0
 
     def reserve(self, length: int) -> None:
-        """Make room for ``length`` positions in total, doubling the capacity as needed (up to ``max_length``)."""
+        """Make room for ``length`` positions in total, doubling the capacity as needed (up to ``max_length``).
+
+        Raises InvalidValueError past ``max_length``; OutOfMemoryError (ArenaLimitError with an
+        arena) when the memory for the grown layers cannot be had. Layers grow one by one (the
+        peak is one layer more than the cache), so after that error some may be larger than
+        others: ``layer`` then refuses the cache (ShapeError), it is never written past an array;
+        make a new one.
+        """
         self._check_live()
         if not checks.is_int(length) or length < 0:
             raise errors.InvalidValueError(f"reserve takes a number of positions (an integer >= 0), got {length!r:.80}")
