@@ -73,6 +73,25 @@ def test_word_logits_on_every_path(rng, path, word_format, vocab, width, tokens)
     assert_logits_close(out, h, floats)
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("word_format", [F16_WORDS, BF16_WORDS, F32_VALUES])
+@pytest.mark.parametrize("vocab, width", [(7, 100), (13, 2560), (2, 1)])
+def test_a_tokens_word_logits_do_not_depend_on_the_tokens_beside_it(rng, path, word_format, vocab, width):
+    """One token alone (the row-by-row decode kernel) gets the bits it gets among 6 (groups of 4 rows),
+    on every path: batched and single decoding agree exactly."""
+    table = rng.standard_normal((vocab, width)).astype(np.float32)
+    if word_format is not F32_VALUES:
+        table = table.astype(np.float16).view(np.uint16) if word_format is F16_WORDS else \
+            (table.view(np.uint32) >> 16).astype(np.uint16)
+    h = rng.standard_normal((6, width)).astype(np.float32)
+    together = np.empty((6, vocab), np.float32)
+    head_kernels.logits_words(simd.MARKERS[path], word_format, table, h, together)
+    for t in range(6):
+        alone = np.empty((1, vocab), np.float32)
+        head_kernels.logits_words(simd.MARKERS[path], word_format, table, h[t : t + 1].copy(), alone)
+        assert np.array_equal(alone[0], together[t])
+
+
 @pytest.mark.parametrize("dtype", WORD_DTYPES)
 def test_widening_is_exact_for_every_finite_word(dtype):
     """Every finite f16 / bf16 value (subnormals, -0, the largest) widens exactly, in rows and logits."""

@@ -25,6 +25,7 @@ from numba.extending import overload
 
 from .quantize import quantize_blocks
 from .simd import (
+    add_floats,
     add_products,
     block_scales,
     byte_vector_size,
@@ -80,20 +81,21 @@ def _row_group(g, vocab):
 
 
 @njit(**_ROW_KERNEL)
-def _prefetch_next_group(table, r0, r1, r2, r3, t, j):
-    """On token ``t == 0`` and a column ``j`` that starts a 64-byte line, prefetch that line of
-    the rows ``HEAD_PREFETCH_ROWS`` below each of the 4 (the next group).
+def _prefetch_next_group(table, r0, r1, r2, r3, t, j, span):
+    """On token ``t == 0``, prefetch the lines of columns ``j .. j + span`` of the rows
+    ``HEAD_PREFETCH_ROWS`` below each of the 4 (the next group).
 
-    The head kernels call it at every step of their passes, so the next group arrives a line
-    at a time along the first token's pass: the hardware prefetcher alone keeps too few lines
-    in flight to stream the table at DRAM speed, and all of a group's lines at once before the
-    pass stalled on the CPU's miss buffers instead of overlapping the work (int8, 2 threads,
-    n = 1: 20.5-23.9 -> 13.8-14.3 ms; NOTES.md).
+    The group kernels call it at every step of their passes with the columns the step reads, so
+    the next group arrives a line at a time along the first token's pass: the hardware
+    prefetcher alone keeps too few lines in flight to stream 4 rows side by side at DRAM speed,
+    and all of a group's lines at once before the pass stalled on the CPU's miss buffers instead
+    of overlapping the work (int8, 2 threads, n = 1: 20.5-23.9 -> 13.8-14.3 ms; NOTES.md).
     """
-    if t == 0 and j * table.itemsize % 64 == 0:  # a multiply, not a division by the run-time itemsize
+    if t == 0:
         ahead = HEAD_PREFETCH_ROWS * table.shape[1] + j
-        for r in (r0, r1, r2, r3):
-            prefetch(table, r * table.shape[1] + ahead)
+        for e in range(0, span, 64 // table.itemsize):
+            for r in (r0, r1, r2, r3):
+                prefetch(table, r * table.shape[1] + ahead + e)
 
 
 @njit(**_KERNEL)
@@ -102,49 +104,130 @@ def logits_words(isa, word_format, table, h, out):
 
     ``word_format`` (``BF16_WORDS``, ``F16_WORDS`` or ``F32_VALUES`` of ``bitnet.kernels.simd``)
     says what the table holds; ``h`` is C-contiguous. On x86 SIMD (``isa``) the words are widened in
-    registers (a shift for bf16, ``vcvtph2ps`` for f16) and multiplied into 4 rows at once;
-    the portable path is a plain loop that LLVM vectorizes. Rows go in groups of 4
-    (``_row_group``); each row is computed by one thread in a fixed order, so the result does
-    not depend on the number of threads.
+    registers (a shift for bf16, ``vcvtph2ps`` for f16); the portable path is a plain loop that
+    LLVM vectorizes.
+
+    One token (decode) goes through the rows one at a time, each thread through its own
+    consecutive rows: one sequential stream per thread, which the hardware prefetcher serves at
+    ~32 GB/s on one Zen 4 core, against ~22 GB/s for 4 rows read side by side. Several tokens
+    go by groups of 4 rows (``_row_group``), so that each vector of a token's hidden state is
+    loaded once for 4 rows. Either way a row's logit of a token is the same sums in the same
+    order (``_word_dot``), computed by one thread: the result depends neither on the number of
+    threads nor on the number of tokens.
     """
     vocab = table.shape[0]
-    for g in prange(_row_groups(vocab)):
-        r0, r1, r2, r3 = _row_group(g, vocab)
-        _word_rows(isa, word_format, table, h, out, r0, r1, r2, r3)
+    if h.shape[0] == 1:
+        for r in prange(vocab):
+            _word_row(isa, word_format, table, h, out, r)
+    else:
+        for g in prange(_row_groups(vocab)):
+            r0, r1, r2, r3 = _row_group(g, vocab)
+            _word_rows(isa, word_format, table, h, out, r0, r1, r2, r3)
+
+
+def _word_row(isa, word_format, table, h, out, r):
+    """``out[t, r] = sum_j float32(table[r, j]) * h[t, j]`` for one row and every token."""
+
+
+@overload(_word_row, jit_options=_ROW_KERNEL)
+def _word_row_for(isa, word_format, table, h, out, r):
+    if isa.isa == "portable":
+        return lambda isa, word_format, table, h, out, r: _word_row_portable(word_format, table, h, out, r)
+
+    def simd(isa, word_format, table, h, out, r):
+        for t in range(h.shape[0]):
+            _word_dot(isa, word_format, table, h, out, r, t)
+
+    return simd
 
 
 def _word_rows(isa, word_format, table, h, out, r0, r1, r2, r3):
-    """``out[t, r] = sum_j float32(table[r, j]) * h[t, j]`` for 4 rows."""
+    """``out[t, r] = sum_j float32(table[r, j]) * h[t, j]`` for 4 rows and every token."""
 
 
 @overload(_word_rows, jit_options=_ROW_KERNEL)
 def _word_rows_for(isa, word_format, table, h, out, r0, r1, r2, r3):
     if isa.isa == "portable":
-        return lambda isa, word_format, table, h, out, r0, r1, r2, r3: _word_rows_portable(
-            word_format, table, h, out, r0, r1, r2, r3)
-    return lambda isa, word_format, table, h, out, r0, r1, r2, r3: _word_rows_simd(
-        isa, word_format, table, h, out, r0, r1, r2, r3)
+        def portable(isa, word_format, table, h, out, r0, r1, r2, r3):
+            for r in (r0, r1, r2, r3):
+                _word_row_portable(word_format, table, h, out, r)
+
+        return portable
+
+    def simd(isa, word_format, table, h, out, r0, r1, r2, r3):
+        for t in range(h.shape[0]):
+            _word_dots_4(isa, word_format, table, h, out, r0, r1, r2, r3, t)
+
+    return simd
 
 
 @njit(**_ROW_KERNEL)
-def _word_rows_simd(isa, word_format, table, h, out, r0, r1, r2, r3):
-    """Float32 vectors of 16 (8 on AVX2) widened words, one fused multiply-add per row and vector."""
+def _word_row_portable(word_format, table, h, out, r):
+    """Plain loops for any CPU (LLVM vectorizes the widening and the sums)."""
+    for t in range(h.shape[0]):
+        out[t, r] = _word_total(word_format, table, h, np.float32(0.0), t, r, 0)
+
+
+@njit(**_ROW_KERNEL)
+def _word_dot(isa, word_format, table, h, out, r, t):
+    """``out[t, r]``: float32 vectors of 16 (8 on AVX2) widened words in four fused multiply-add
+    chains (one would wait on its own latency), summed in a fixed order (``_chains_total``), then
+    the tail."""
     width = table.shape[1]
     step = byte_vector_size(isa) // 4
-    whole = width - width % step
-    for t in range(h.shape[0]):
-        total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
-        for j in range(0, whole, step):
-            _prefetch_next_group(table, r0, r1, r2, r3, t, j)
-            x = load_floats(isa, h, t * width + j)
-            total0 = add_products(total0, widen_words(isa, word_format, table, r0 * width + j), x)
-            total1 = add_products(total1, widen_words(isa, word_format, table, r1 * width + j), x)
-            total2 = add_products(total2, widen_words(isa, word_format, table, r2 * width + j), x)
-            total3 = add_products(total3, widen_words(isa, word_format, table, r3 * width + j), x)
-        out[t, r0] = _word_total(word_format, table, h, sum_floats(total0), t, r0, whole)
-        out[t, r1] = _word_total(word_format, table, h, sum_floats(total1), t, r1, whole)
-        out[t, r2] = _word_total(word_format, table, h, sum_floats(total2), t, r2, whole)
-        out[t, r3] = _word_total(word_format, table, h, sum_floats(total3), t, r3, whole)
+    whole = width - width % (4 * step)
+    row, x = r * width, t * width
+    a0, a1, a2, a3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
+    for j in range(0, whole, 4 * step):
+        a0 = add_products(a0, widen_words(isa, word_format, table, row + j), load_floats(isa, h, x + j))
+        a1 = add_products(a1, widen_words(isa, word_format, table, row + j + step), load_floats(isa, h, x + j + step))
+        a2 = add_products(a2, widen_words(isa, word_format, table, row + j + 2 * step),
+                          load_floats(isa, h, x + j + 2 * step))
+        a3 = add_products(a3, widen_words(isa, word_format, table, row + j + 3 * step),
+                          load_floats(isa, h, x + j + 3 * step))
+    out[t, r] = _word_total(word_format, table, h, _chains_total(a0, a1, a2, a3), t, r, whole)
+
+
+@njit(**_ROW_KERNEL)
+def _word_dots_4(isa, word_format, table, h, out, r0, r1, r2, r3, t):
+    """``out[t, r]`` for 4 rows, each exactly as ``_word_dot`` computes it (16 chains), each vector of
+    the token loaded once for the 4; the next group is prefetched along the first token's pass."""
+    width = table.shape[1]
+    step = byte_vector_size(isa) // 4
+    whole = width - width % (4 * step)
+    w0, w1, w2, w3, x = r0 * width, r1 * width, r2 * width, r3 * width, t * width
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero_floats(isa)
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_floats(isa)
+    for j in range(0, whole, 4 * step):
+        _prefetch_next_group(table, r0, r1, r2, r3, t, j, 4 * step)
+        h0, h1 = load_floats(isa, h, x + j), load_floats(isa, h, x + j + step)
+        h2, h3 = load_floats(isa, h, x + j + 2 * step), load_floats(isa, h, x + j + 3 * step)
+        a00 = add_products(a00, widen_words(isa, word_format, table, w0 + j), h0)
+        a01 = add_products(a01, widen_words(isa, word_format, table, w0 + j + step), h1)
+        a02 = add_products(a02, widen_words(isa, word_format, table, w0 + j + 2 * step), h2)
+        a03 = add_products(a03, widen_words(isa, word_format, table, w0 + j + 3 * step), h3)
+        a10 = add_products(a10, widen_words(isa, word_format, table, w1 + j), h0)
+        a11 = add_products(a11, widen_words(isa, word_format, table, w1 + j + step), h1)
+        a12 = add_products(a12, widen_words(isa, word_format, table, w1 + j + 2 * step), h2)
+        a13 = add_products(a13, widen_words(isa, word_format, table, w1 + j + 3 * step), h3)
+        a20 = add_products(a20, widen_words(isa, word_format, table, w2 + j), h0)
+        a21 = add_products(a21, widen_words(isa, word_format, table, w2 + j + step), h1)
+        a22 = add_products(a22, widen_words(isa, word_format, table, w2 + j + 2 * step), h2)
+        a23 = add_products(a23, widen_words(isa, word_format, table, w2 + j + 3 * step), h3)
+        a30 = add_products(a30, widen_words(isa, word_format, table, w3 + j), h0)
+        a31 = add_products(a31, widen_words(isa, word_format, table, w3 + j + step), h1)
+        a32 = add_products(a32, widen_words(isa, word_format, table, w3 + j + 2 * step), h2)
+        a33 = add_products(a33, widen_words(isa, word_format, table, w3 + j + 3 * step), h3)
+    out[t, r0] = _word_total(word_format, table, h, _chains_total(a00, a01, a02, a03), t, r0, whole)
+    out[t, r1] = _word_total(word_format, table, h, _chains_total(a10, a11, a12, a13), t, r1, whole)
+    out[t, r2] = _word_total(word_format, table, h, _chains_total(a20, a21, a22, a23), t, r2, whole)
+    out[t, r3] = _word_total(word_format, table, h, _chains_total(a30, a31, a32, a33), t, r3, whole)
+
+
+@njit(**_ROW_KERNEL)
+def _chains_total(a0, a1, a2, a3):
+    """The sum of four chains' lanes, always in this order: the chains lane by lane, then the lanes."""
+    return sum_floats(add_floats(add_floats(a0, a1), add_floats(a2, a3)))
 
 
 @njit(**_ROW_KERNEL)
@@ -153,14 +236,6 @@ def _word_total(word_format, table, h, acc, t, r, start):
     for j in range(start, table.shape[1]):
         acc += widen_word(word_format, table[r, j]) * h[t, j]
     return acc
-
-
-@njit(**_ROW_KERNEL)
-def _word_rows_portable(word_format, table, h, out, r0, r1, r2, r3):
-    """Plain loops for any CPU, one row at a time (LLVM vectorizes the widening and the sums)."""
-    for r in (r0, r1, r2, r3):
-        for t in range(h.shape[0]):
-            out[t, r] = _word_total(word_format, table, h, np.float32(0.0), t, r, 0)
 
 
 def _int8_rows(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
@@ -194,7 +269,7 @@ def _int8_rows_simd(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
     for t in range(q.shape[0]):
         total0, total1, total2, total3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
         for j in range(0, whole, step):
-            _prefetch_next_group(table, r0, r1, r2, r3, t, j)
+            _prefetch_next_group(table, r0, r1, r2, r3, t, j, step)
             x = load_bytes(isa, q, t * width + j)
             offset = offset_sums(isa, x)
             scales = block_scales(isa, block_scale, t * blocks + j // INT8_BLOCK)

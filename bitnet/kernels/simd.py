@@ -17,7 +17,7 @@ Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat
 ``offset_sums`` / ``signed_dot`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` /
 ``lane_totals`` / ``lane`` on int32 accumulator vectors; ``zero_floats`` / ``splat_floats`` /
 ``load_floats`` / ``store_floats`` / ``widen_words`` / ``block_scales`` / ``scaled_add_floats`` /
-``add_products`` / ``sum_floats`` (and ``lane_totals`` / ``lane``) on float32 vectors of the same
+``add_floats`` / ``add_products`` / ``sum_floats`` (and ``lane_totals`` / ``lane``) on float32 vectors of the same
 lane count; ``prefetch``; and the scalars ``widen_word`` (a
 bf16 or f16 word, as a ``WordFormat`` marker says), its inverse ``narrow_to_f16`` and
 ``float32_from_bits``.
@@ -548,6 +548,18 @@ def splat_floats(typingctx, isa, value):
         return _splat(builder, vec.llvm_type, context.cast(builder, args[1], sig.args[1], types.float32))
 
     return vec(isa, value), codegen
+
+
+@intrinsic
+def add_floats(typingctx, a, b):
+    """``a + b`` lane by lane (float32 vectors)."""
+    if not (isinstance(a, FloatVectorType) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
 
 
 @intrinsic
