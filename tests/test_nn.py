@@ -179,6 +179,25 @@ def test_int8_head_is_q8_0_dot_products(rng, path, vocab, width, tokens):
         np.testing.assert_allclose(out[t], expected[t], rtol=1e-5, atol=1e-5 * np.abs(expected[t]).max())
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("vocab, width", [(7, 100), (13, 2560), (2, 1)])
+def test_a_tokens_int8_logits_do_not_depend_on_the_tokens_beside_it(rng, path, vocab, width):
+    """One token alone (rows one at a time) gets the bits it gets among 5 (groups of 4 rows), on every path."""
+    table = rng.integers(-128, 128, (vocab, width)).astype(np.int8)
+    row_scale = rng.uniform(0.001, 0.1, vocab).astype(np.float32)
+    h = rng.standard_normal((5, width)).astype(np.float32)
+
+    def logits(rows):
+        q, out = np.empty(rows.shape, np.int8), np.empty((rows.shape[0], vocab), np.float32)
+        head_kernels.logits_int8(MARKERS[path], table, row_scale, rows, q,
+                                 np.empty((rows.shape[0], -(-width // 32)), np.float32), out)
+        return out
+
+    together = logits(h)
+    for t in range(5):
+        assert np.array_equal(logits(h[t : t + 1].copy())[0], together[t])
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 def test_head_kernels_nan_rows_and_thread_count(dtype):
     """Row pairs (r, r + half) with an odd vocabulary, 1 vs 2 threads, a NaN in one token only."""
