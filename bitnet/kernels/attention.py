@@ -42,10 +42,12 @@ from .simd import (
     lane,
     lane_totals,
     load_floats,
+    load_four_floats,
     narrow_to_f16,
     prefetch,
     splat_floats,
-    store_floats,
+    store_four_floats,
+    widen_four_words,
     widen_word,
     widen_words,
     zero_floats,
@@ -331,43 +333,31 @@ def _context_4(isa, tile_scores, g, values, kv, t0, t1, chunk_context, i, h, c):
     for j in range(0, d, 4 * step):
         o0 = ((i * heads + h) * chunks + c) * d + j
         o1, o2, o3 = o0 + between_heads, o0 + 2 * between_heads, o0 + 3 * between_heads
-        c00, c01, c02, c03 = (load_floats(isa, chunk_context, o0), load_floats(isa, chunk_context, o0 + step),
-                              load_floats(isa, chunk_context, o0 + 2 * step),
-                              load_floats(isa, chunk_context, o0 + 3 * step))
-        c10, c11, c12, c13 = (load_floats(isa, chunk_context, o1), load_floats(isa, chunk_context, o1 + step),
-                              load_floats(isa, chunk_context, o1 + 2 * step),
-                              load_floats(isa, chunk_context, o1 + 3 * step))
-        c20, c21, c22, c23 = (load_floats(isa, chunk_context, o2), load_floats(isa, chunk_context, o2 + step),
-                              load_floats(isa, chunk_context, o2 + 2 * step),
-                              load_floats(isa, chunk_context, o2 + 3 * step))
-        c30, c31, c32, c33 = (load_floats(isa, chunk_context, o3), load_floats(isa, chunk_context, o3 + step),
-                              load_floats(isa, chunk_context, o3 + 2 * step),
-                              load_floats(isa, chunk_context, o3 + 3 * step))
+        c00, c01, c02, c03 = load_four_floats(isa, chunk_context, o0)
+        c10, c11, c12, c13 = load_four_floats(isa, chunk_context, o1)
+        c20, c21, c22, c23 = load_four_floats(isa, chunk_context, o2)
+        c30, c31, c32, c33 = load_four_floats(isa, chunk_context, o3)
         for t in range(t0, t1):
             v = (kv * values.shape[1] + t) * d + j  # flat index of values[kv, t, j]
             for e in range(0, 4 * step, line):
                 prefetch(values, v + ahead + e)
-            v0, v1 = widen_words(isa, word_format, values, v), widen_words(isa, word_format, values, v + step)
-            v2 = widen_words(isa, word_format, values, v + 2 * step)
-            v3 = widen_words(isa, word_format, values, v + 3 * step)
-            p = splat_floats(isa, tile_scores[g, t - t0])
-            c00, c01, c02, c03 = (add_products(c00, p, v0), add_products(c01, p, v1), add_products(c02, p, v2),
-                                  add_products(c03, p, v3))
-            p = splat_floats(isa, tile_scores[g + 1, t - t0])
-            c10, c11, c12, c13 = (add_products(c10, p, v0), add_products(c11, p, v1), add_products(c12, p, v2),
-                                  add_products(c13, p, v3))
-            p = splat_floats(isa, tile_scores[g + 2, t - t0])
-            c20, c21, c22, c23 = (add_products(c20, p, v0), add_products(c21, p, v1), add_products(c22, p, v2),
-                                  add_products(c23, p, v3))
-            p = splat_floats(isa, tile_scores[g + 3, t - t0])
-            c30, c31, c32, c33 = (add_products(c30, p, v0), add_products(c31, p, v1), add_products(c32, p, v2),
-                                  add_products(c33, p, v3))
-        for o, a0, a1, a2, a3 in ((o0, c00, c01, c02, c03), (o1, c10, c11, c12, c13), (o2, c20, c21, c22, c23),
-                                  (o3, c30, c31, c32, c33)):
-            store_floats(chunk_context, o, a0)
-            store_floats(chunk_context, o + step, a1)
-            store_floats(chunk_context, o + 2 * step, a2)
-            store_floats(chunk_context, o + 3 * step, a3)
+            v0, v1, v2, v3 = widen_four_words(isa, word_format, values, v)
+            s = t - t0
+            c00, c01, c02, c03 = _add_scaled(isa, tile_scores[g, s], v0, v1, v2, v3, c00, c01, c02, c03)
+            c10, c11, c12, c13 = _add_scaled(isa, tile_scores[g + 1, s], v0, v1, v2, v3, c10, c11, c12, c13)
+            c20, c21, c22, c23 = _add_scaled(isa, tile_scores[g + 2, s], v0, v1, v2, v3, c20, c21, c22, c23)
+            c30, c31, c32, c33 = _add_scaled(isa, tile_scores[g + 3, s], v0, v1, v2, v3, c30, c31, c32, c33)
+        store_four_floats(isa, chunk_context, o0, c00, c01, c02, c03)
+        store_four_floats(isa, chunk_context, o1, c10, c11, c12, c13)
+        store_four_floats(isa, chunk_context, o2, c20, c21, c22, c23)
+        store_four_floats(isa, chunk_context, o3, c30, c31, c32, c33)
+
+
+@njit(**_KERNEL)
+def _add_scaled(isa, weight, v0, v1, v2, v3, c0, c1, c2, c3):
+    """``c + weight * v`` for a row of 4 vectors (``weight`` a float32 scalar)."""
+    p = splat_floats(isa, weight)
+    return add_products(c0, p, v0), add_products(c1, p, v1), add_products(c2, p, v2), add_products(c3, p, v3)
 
 
 def _scores(isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):

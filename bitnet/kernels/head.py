@@ -36,14 +36,14 @@ from .simd import (
     block_scales,
     byte_vector_size,
     load_bytes,
-    load_floats,
+    load_four_floats,
     offset_sums,
     prefetch,
     scaled_add_floats,
     signed_dot,
     sum_floats,
+    widen_four_words,
     widen_word,
-    widen_words,
     zero_floats,
 )
 
@@ -183,14 +183,10 @@ def _word_dot(isa, word_format, table, h, out, r, t):
     step = byte_vector_size(isa) // 4
     whole = width - width % (4 * step)
     row, x = r * width, t * width
-    a0, a1, a2, a3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
+    a0 = a1 = a2 = a3 = zero_floats(isa)
     for j in range(0, whole, 4 * step):
-        a0 = add_products(a0, widen_words(isa, word_format, table, row + j), load_floats(isa, h, x + j))
-        a1 = add_products(a1, widen_words(isa, word_format, table, row + j + step), load_floats(isa, h, x + j + step))
-        a2 = add_products(a2, widen_words(isa, word_format, table, row + j + 2 * step),
-                          load_floats(isa, h, x + j + 2 * step))
-        a3 = add_products(a3, widen_words(isa, word_format, table, row + j + 3 * step),
-                          load_floats(isa, h, x + j + 3 * step))
+        h0, h1, h2, h3 = load_four_floats(isa, h, x + j)
+        a0, a1, a2, a3 = _add_chains(isa, word_format, table, row + j, h0, h1, h2, h3, a0, a1, a2, a3)
     out[t, r] = _word_total(word_format, table, h, _chains_total(a0, a1, a2, a3), t, r, whole)
 
 
@@ -206,28 +202,23 @@ def _word_dots_4(isa, word_format, table, h, out, r0, r1, r2, r3, t):
     a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero_floats(isa)
     for j in range(0, whole, 4 * step):
         _prefetch_next_group(table, r0, r1, r2, r3, t, j, 4 * step)
-        h0, h1 = load_floats(isa, h, x + j), load_floats(isa, h, x + j + step)
-        h2, h3 = load_floats(isa, h, x + j + 2 * step), load_floats(isa, h, x + j + 3 * step)
-        a00 = add_products(a00, widen_words(isa, word_format, table, w0 + j), h0)
-        a01 = add_products(a01, widen_words(isa, word_format, table, w0 + j + step), h1)
-        a02 = add_products(a02, widen_words(isa, word_format, table, w0 + j + 2 * step), h2)
-        a03 = add_products(a03, widen_words(isa, word_format, table, w0 + j + 3 * step), h3)
-        a10 = add_products(a10, widen_words(isa, word_format, table, w1 + j), h0)
-        a11 = add_products(a11, widen_words(isa, word_format, table, w1 + j + step), h1)
-        a12 = add_products(a12, widen_words(isa, word_format, table, w1 + j + 2 * step), h2)
-        a13 = add_products(a13, widen_words(isa, word_format, table, w1 + j + 3 * step), h3)
-        a20 = add_products(a20, widen_words(isa, word_format, table, w2 + j), h0)
-        a21 = add_products(a21, widen_words(isa, word_format, table, w2 + j + step), h1)
-        a22 = add_products(a22, widen_words(isa, word_format, table, w2 + j + 2 * step), h2)
-        a23 = add_products(a23, widen_words(isa, word_format, table, w2 + j + 3 * step), h3)
-        a30 = add_products(a30, widen_words(isa, word_format, table, w3 + j), h0)
-        a31 = add_products(a31, widen_words(isa, word_format, table, w3 + j + step), h1)
-        a32 = add_products(a32, widen_words(isa, word_format, table, w3 + j + 2 * step), h2)
-        a33 = add_products(a33, widen_words(isa, word_format, table, w3 + j + 3 * step), h3)
+        h0, h1, h2, h3 = load_four_floats(isa, h, x + j)
+        a00, a01, a02, a03 = _add_chains(isa, word_format, table, w0 + j, h0, h1, h2, h3, a00, a01, a02, a03)
+        a10, a11, a12, a13 = _add_chains(isa, word_format, table, w1 + j, h0, h1, h2, h3, a10, a11, a12, a13)
+        a20, a21, a22, a23 = _add_chains(isa, word_format, table, w2 + j, h0, h1, h2, h3, a20, a21, a22, a23)
+        a30, a31, a32, a33 = _add_chains(isa, word_format, table, w3 + j, h0, h1, h2, h3, a30, a31, a32, a33)
     out[t, r0] = _word_total(word_format, table, h, _chains_total(a00, a01, a02, a03), t, r0, whole)
     out[t, r1] = _word_total(word_format, table, h, _chains_total(a10, a11, a12, a13), t, r1, whole)
     out[t, r2] = _word_total(word_format, table, h, _chains_total(a20, a21, a22, a23), t, r2, whole)
     out[t, r3] = _word_total(word_format, table, h, _chains_total(a30, a31, a32, a33), t, r3, whole)
+
+
+@njit(**_ROW_KERNEL)
+def _add_chains(isa, word_format, table, at, h0, h1, h2, h3, a0, a1, a2, a3):
+    """Four chains of one row, each advanced by one vector of the row's words (widened) from flat
+    ``at`` on times the matching vector ``h0 .. h3`` of a token."""
+    w0, w1, w2, w3 = widen_four_words(isa, word_format, table, at)
+    return add_products(a0, w0, h0), add_products(a1, w1, h1), add_products(a2, w2, h2), add_products(a3, w3, h3)
 
 
 @njit(**_ROW_KERNEL)

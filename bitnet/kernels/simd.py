@@ -17,16 +17,17 @@ Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat
 ``offset_sums`` / ``signed_dot`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` /
 ``lane_totals`` / ``lane`` on int32 accumulator vectors; ``zero_floats`` / ``splat_floats`` /
 ``load_floats`` / ``store_floats`` / ``widen_words`` / ``block_scales`` / ``scaled_add_floats`` /
-``add_floats`` / ``add_products`` / ``sum_floats`` (and ``lane_totals`` / ``lane``) on float32 vectors of the same
-lane count; ``prefetch``; and the scalars ``widen_word`` (a
-bf16 or f16 word, as a ``WordFormat`` marker says), its inverse ``narrow_to_f16`` and
-``float32_from_bits``.
+``add_floats`` / ``add_products`` / ``sum_floats`` (and ``lane_totals`` / ``lane``) on float32
+vectors of the same lane count, and ``load_four_floats`` / ``widen_four_words`` /
+``store_four_floats`` for a register block's row of 4 vectors; ``prefetch``; and the scalars
+``widen_word`` (a bf16 or f16 word, as a ``WordFormat`` marker says), its inverse
+``narrow_to_f16`` and ``float32_from_bits``.
 """
 
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.core.imputils import lower_constant
 from numba.extending import NativeValue, intrinsic, models, register_model, typeof_impl, unbox
@@ -571,6 +572,33 @@ def add_products(typingctx, total, a, b):
         return _call(builder, f"llvm.fma.v{total.lanes}f32", total_v.type, [a_v, b_v, total_v])
 
     return total(total, a, b), codegen
+
+
+@njit(cache=True, inline="always")
+def load_four_floats(isa, array, index):
+    """The 4 consecutive float32 vectors of a C-contiguous ``array`` from flat ``index`` on (a register block's row)."""
+    step = byte_vector_size(isa) // 4
+    return (load_floats(isa, array, index), load_floats(isa, array, index + step),
+            load_floats(isa, array, index + 2 * step), load_floats(isa, array, index + 3 * step))
+
+
+@njit(cache=True, inline="always")
+def widen_four_words(isa, word_format, array, index):
+    """``widen_words`` of the 4 consecutive vectors of ``array`` from flat ``index`` on."""
+    step = byte_vector_size(isa) // 4
+    return (widen_words(isa, word_format, array, index), widen_words(isa, word_format, array, index + step),
+            widen_words(isa, word_format, array, index + 2 * step),
+            widen_words(isa, word_format, array, index + 3 * step))
+
+
+@njit(cache=True, inline="always")
+def store_four_floats(isa, array, index, a, b, c, d):
+    """Store 4 float32 vectors consecutively into a C-contiguous ``array`` from flat ``index`` on."""
+    step = byte_vector_size(isa) // 4
+    store_floats(array, index, a)
+    store_floats(array, index + step, b)
+    store_floats(array, index + 2 * step, c)
+    store_floats(array, index + 3 * step, d)
 
 
 @intrinsic
