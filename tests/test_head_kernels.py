@@ -92,6 +92,14 @@ def test_a_tokens_word_logits_do_not_depend_on_the_tokens_beside_it(rng, path, w
         assert np.array_equal(alone[0], together[t])
 
 
+def test_vector_loads_refuse_strided_arrays_at_compile_time():
+    """The SIMD loads address flat elements: a strided array is a typing error, never a wrong logit."""
+    strided = np.zeros((2, 128), np.float32)[:, ::2]
+    with pytest.raises(numba.core.errors.TypingError, match="load_floats|widen_words"):
+        head_kernels.logits_words(simd.MARKERS["avx512vnni"], F32_VALUES, np.zeros((3, 64), np.float32), strided,
+                                  np.empty((2, 3), np.float32))
+
+
 @pytest.mark.parametrize("dtype", WORD_DTYPES)
 def test_widening_is_exact_for_every_finite_word(dtype):
     """Every finite f16 / bf16 value (subnormals, -0, the largest) widens exactly, in rows and logits."""

@@ -117,6 +117,13 @@ def _call(builder, name: str, return_type, args):
     return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
 
 
+def _c_array(array, dtype_ok) -> bool:
+    """Whether ``array`` is a C-contiguous Numba array type whose dtype passes ``dtype_ok``: the
+    vector loads and stores address flat elements, which a strided array would get wrong, so
+    they do not type for one (a compile error, not a wrong answer)."""
+    return isinstance(array, types.Array) and array.layout == "C" and dtype_ok(array.dtype)
+
+
 def _element_pointer(context, builder, array_type, array, index_type, index, value_type):
     """Pointer to flat element ``index`` of a C-contiguous array (any shape), typed as ``value_type*``."""
     data = context.make_array(array_type)(context, builder, array).data
@@ -137,7 +144,7 @@ def byte_vector_size(typingctx, isa):
 @intrinsic
 def load_bytes(typingctx, isa, array, index):
     """The ``byte_vector_size(isa)`` bytes of a C-contiguous 1-byte array from flat ``index`` on."""
-    if not (isinstance(array, types.Array) and array.dtype.bitwidth == 8):
+    if not _c_array(array, lambda dtype: dtype.bitwidth == 8):
         return None
     vec = _bytes_type(isa)
 
@@ -498,8 +505,8 @@ def widen_words(typingctx, isa, word_format, array, index):
     """A float32 vector (the lanes of an int32 accumulator of ``isa``) of the elements of a
     C-contiguous ``array`` (uint16 words, or float32 for ``F32_VALUES``) from flat ``index``
     on, widened exactly as ``widen_word`` does."""
-    if not (isinstance(word_format, WordFormatType) and isinstance(array, types.Array)
-            and array.dtype == _element_type(word_format)):
+    if not (isinstance(word_format, WordFormatType)
+            and _c_array(array, lambda dtype: dtype == _element_type(word_format))):
         return None
     vec = FloatVectorType(isa.vector_bytes // 4)
 
@@ -515,7 +522,7 @@ def widen_words(typingctx, isa, word_format, array, index):
 def load_floats(typingctx, isa, array, index):
     """A float32 vector (the lanes of an int32 accumulator of ``isa``) of a C-contiguous float32
     ``array`` from flat ``index`` on."""
-    if not (isinstance(array, types.Array) and array.dtype == types.float32):
+    if not _c_array(array, lambda dtype: dtype == types.float32):
         return None
     vec = FloatVectorType(isa.vector_bytes // 4)
 
@@ -529,7 +536,7 @@ def load_floats(typingctx, isa, array, index):
 @intrinsic
 def store_floats(typingctx, array, index, vector):
     """Store a float32 vector into a C-contiguous float32 ``array`` from flat ``index`` on."""
-    if not (isinstance(array, types.Array) and array.dtype == types.float32 and isinstance(vector, FloatVectorType)):
+    if not (_c_array(array, lambda dtype: dtype == types.float32) and isinstance(vector, FloatVectorType)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -662,7 +669,7 @@ def float32_from_bits(typingctx, word):
 def block_scales(typingctx, isa, scales, index):
     """A float32 vector (the lanes of an int32 accumulator of ``isa``) of ``scales[index:]``, one
     value for every 8 lanes: the scale of each 32-byte block of a byte vector, for its lanes."""
-    if not (isinstance(scales, types.Array) and scales.dtype == types.float32):
+    if not _c_array(scales, lambda dtype: dtype == types.float32):
         return None
     vec = FloatVectorType(isa.vector_bytes // 4)
     blocks = isa.vector_bytes // 32
