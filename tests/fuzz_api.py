@@ -108,6 +108,11 @@ def fuzz_layers(rng) -> None:
     p = packed(rng)
     linear = bn.nn.BitLinear(maybe(rng, lambda: p, 0.1), maybe(rng, lambda: None, 0.5))
     linear(maybe(rng, lambda: array(rng, (size(rng), p.shape[1]), np.float32), 0.3))
+    layers, kv_heads, head_dim = (maybe(rng, lambda: max(1, size(rng) % 4), 0.1) for _ in range(3))
+    dtype = maybe(rng, lambda: str(rng.choice(["float32", "float16"])), 0.1)
+    cache = bn.nn.KVCache(layers, kv_heads, head_dim, maybe(rng, lambda: max(1, size(rng)), 0.2),
+                          maybe(rng, lambda: None, 0.5), dtype)
+    cache.reserve(maybe(rng, lambda: size(rng), 0.4))  # junk includes 2**40 positions: OutOfMemoryError
 
 
 CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -297,18 +297,14 @@ def _scores_4x4(isa, queries, i, h, keys, kv, t, scaling, tile_scores, g, s):
         k_1 = widen_words(isa, word_format, keys, k0 + d + j)
         k_2 = widen_words(isa, word_format, keys, k0 + 2 * d + j)
         k_3 = widen_words(isa, word_format, keys, k0 + 3 * d + j)
-        q = load_floats(isa, queries, q0 + j)
-        a00, a01, a02, a03 = (add_products(a00, q, k_0), add_products(a01, q, k_1), add_products(a02, q, k_2),
-                              add_products(a03, q, k_3))
-        q = load_floats(isa, queries, q0 + d + j)
-        a10, a11, a12, a13 = (add_products(a10, q, k_0), add_products(a11, q, k_1), add_products(a12, q, k_2),
-                              add_products(a13, q, k_3))
-        q = load_floats(isa, queries, q0 + 2 * d + j)
-        a20, a21, a22, a23 = (add_products(a20, q, k_0), add_products(a21, q, k_1), add_products(a22, q, k_2),
-                              add_products(a23, q, k_3))
-        q = load_floats(isa, queries, q0 + 3 * d + j)
-        a30, a31, a32, a33 = (add_products(a30, q, k_0), add_products(a31, q, k_1), add_products(a32, q, k_2),
-                              add_products(a33, q, k_3))
+        a00, a01, a02, a03 = _add_times(load_floats(isa, queries, q0 + j), k_0, k_1, k_2, k_3,
+                                        a00, a01, a02, a03)
+        a10, a11, a12, a13 = _add_times(load_floats(isa, queries, q0 + d + j), k_0, k_1, k_2, k_3,
+                                        a10, a11, a12, a13)
+        a20, a21, a22, a23 = _add_times(load_floats(isa, queries, q0 + 2 * d + j), k_0, k_1, k_2, k_3,
+                                        a20, a21, a22, a23)
+        a30, a31, a32, a33 = _add_times(load_floats(isa, queries, q0 + 3 * d + j), k_0, k_1, k_2, k_3,
+                                        a30, a31, a32, a33)
     totals = lane_totals((a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33))
     for x in range(4):
         for p in range(4):
@@ -343,21 +339,25 @@ def _context_4(isa, tile_scores, g, values, kv, t0, t1, chunk_context, i, h, c):
                 prefetch(values, v + ahead + e)
             v0, v1, v2, v3 = widen_four_words(isa, word_format, values, v)
             s = t - t0
-            c00, c01, c02, c03 = _add_scaled(isa, tile_scores[g, s], v0, v1, v2, v3, c00, c01, c02, c03)
-            c10, c11, c12, c13 = _add_scaled(isa, tile_scores[g + 1, s], v0, v1, v2, v3, c10, c11, c12, c13)
-            c20, c21, c22, c23 = _add_scaled(isa, tile_scores[g + 2, s], v0, v1, v2, v3, c20, c21, c22, c23)
-            c30, c31, c32, c33 = _add_scaled(isa, tile_scores[g + 3, s], v0, v1, v2, v3, c30, c31, c32, c33)
+            c00, c01, c02, c03 = _add_times(splat_floats(isa, tile_scores[g, s]), v0, v1, v2, v3,
+                                              c00, c01, c02, c03)
+            c10, c11, c12, c13 = _add_times(splat_floats(isa, tile_scores[g + 1, s]), v0, v1, v2, v3,
+                                              c10, c11, c12, c13)
+            c20, c21, c22, c23 = _add_times(splat_floats(isa, tile_scores[g + 2, s]), v0, v1, v2, v3,
+                                              c20, c21, c22, c23)
+            c30, c31, c32, c33 = _add_times(splat_floats(isa, tile_scores[g + 3, s]), v0, v1, v2, v3,
+                                              c30, c31, c32, c33)
         store_four_floats(isa, chunk_context, o0, c00, c01, c02, c03)
         store_four_floats(isa, chunk_context, o1, c10, c11, c12, c13)
         store_four_floats(isa, chunk_context, o2, c20, c21, c22, c23)
         store_four_floats(isa, chunk_context, o3, c30, c31, c32, c33)
 
 
-@njit(**_KERNEL)
-def _add_scaled(isa, weight, v0, v1, v2, v3, c0, c1, c2, c3):
-    """``c + weight * v`` for a row of 4 vectors (``weight`` a float32 scalar)."""
-    p = splat_floats(isa, weight)
-    return add_products(c0, p, v0), add_products(c1, p, v1), add_products(c2, p, v2), add_products(c3, p, v3)
+@njit(**_KERNEL, inline="always")
+def _add_times(x, v0, v1, v2, v3, a0, a1, a2, a3):
+    """``a + x * v`` for a row of 4 accumulators: one vector ``x`` (a query's, or a weight in every
+    lane) times 4 vectors ``v`` (4 keys, or 4 vectors of a value row)."""
+    return add_products(a0, x, v0), add_products(a1, x, v1), add_products(a2, x, v2), add_products(a3, x, v3)
 
 
 def _scores(isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):

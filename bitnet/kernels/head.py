@@ -270,14 +270,10 @@ def _int8_rows_simd(isa, table, row_scale, q, block_scale, out, r0, r1, r2, r3):
             x = load_bytes(isa, q, t * width + j)
             offset = offset_sums(isa, x)
             scales = block_scales(isa, block_scale, t * blocks + j // INT8_BLOCK)
-            total0 = scaled_add_floats(total0, signed_dot(isa, load_bytes(isa, table, r0 * width + j), x, offset),
-                                       scales)
-            total1 = scaled_add_floats(total1, signed_dot(isa, load_bytes(isa, table, r1 * width + j), x, offset),
-                                       scales)
-            total2 = scaled_add_floats(total2, signed_dot(isa, load_bytes(isa, table, r2 * width + j), x, offset),
-                                       scales)
-            total3 = scaled_add_floats(total3, signed_dot(isa, load_bytes(isa, table, r3 * width + j), x, offset),
-                                       scales)
+            total0 = _int8_step(isa, table, r0 * width + j, x, offset, scales, total0)
+            total1 = _int8_step(isa, table, r1 * width + j, x, offset, scales, total1)
+            total2 = _int8_step(isa, table, r2 * width + j, x, offset, scales, total2)
+            total3 = _int8_step(isa, table, r3 * width + j, x, offset, scales, total3)
         out[t, r0] = _row_total(table, row_scale, q, block_scale, sum_floats(total0), t, r0, whole)
         out[t, r1] = _row_total(table, row_scale, q, block_scale, sum_floats(total1), t, r1, whole)
         out[t, r2] = _row_total(table, row_scale, q, block_scale, sum_floats(total2), t, r2, whole)
@@ -299,7 +295,8 @@ def _int8_row_for(isa, table, row_scale, q, block_scale, out, r):
 
 @njit(**_ROW_KERNEL)
 def _int8_row_simd(isa, table, row_scale, q, block_scale, out, r):
-    """One row of ``_int8_rows_simd``, step for step the same operations, without the group's prefetch."""
+    """One row of ``_int8_rows_simd``: the same steps (``_int8_step``) in the same order, without the
+    group's prefetch."""
     width = table.shape[1]
     blocks = block_scale.shape[1]
     step = byte_vector_size(isa)
@@ -309,9 +306,15 @@ def _int8_row_simd(isa, table, row_scale, q, block_scale, out, r):
         for j in range(0, whole, step):
             x = load_bytes(isa, q, t * width + j)
             scales = block_scales(isa, block_scale, t * blocks + j // INT8_BLOCK)
-            total = scaled_add_floats(total, signed_dot(isa, load_bytes(isa, table, r * width + j), x,
-                                                        offset_sums(isa, x)), scales)
+            total = _int8_step(isa, table, r * width + j, x, offset_sums(isa, x), scales, total)
         out[t, r] = _row_total(table, row_scale, q, block_scale, sum_floats(total), t, r, whole)
+
+
+@njit(**_ROW_KERNEL)
+def _int8_step(isa, table, at, x, offset, scales, total):
+    """``total`` plus one vector of a row's products: the table's bytes from flat ``at`` on times the
+    token's bytes ``x`` (exact, in int32 lanes: ``signed_dot``), each lane times its block's scale."""
+    return scaled_add_floats(total, signed_dot(isa, load_bytes(isa, table, at), x, offset), scales)
 
 
 @njit(**_ROW_KERNEL)
