@@ -1,19 +1,20 @@
 """bn.matmul / bn.matmul_int against plain numpy, on every kernel path (a path this CPU lacks is a skip)."""
 
 import os
+import re
 import subprocess
 import sys
 
 import numba
 import numpy as np
 import pytest
-from conftest import ALL_PATHS
+from conftest import ALL_PATHS, AVX512_ASM, fresh_asm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bitnet as bn
 from bitnet import ops
-from bitnet.kernels import cpu_features, ternary_blocks, ternary_simd
+from bitnet.kernels import cpu_features, simd, ternary_blocks, ternary_outer, ternary_simd
 from bitnet.kernels import matmul as kernels
 
 PATHS = cpu_features.supported_paths()
@@ -99,7 +100,7 @@ def test_matmul_int_random_odd_shapes(path, m, k, n, seed):
 
 @pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("value", [-128, 127])
-@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("n", [1, 5, 16])
 def test_extreme_activations_do_not_overflow(rng, path, value, n):
     # 4099 * 128 is far past int16: a kernel keeping int16 partial sums would wrap.
     k = 4099
@@ -245,11 +246,14 @@ def test_nan_or_inf_in_a_row_gives_a_nan_row(rng, path, bad):
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
-@pytest.mark.parametrize("m, k, n", [(1, 1, 32), (37, 517, 33), (70, 700, 64), (33, 257, 100), (5, 64, 45)])
-def test_prefill_sized_batches_are_exact(rng, path, m, k, n):
-    """From 32 tokens the amx path multiplies in tiles of 32 rows x 32 tokens: partial tiles
-    of rows and tokens, k tails, and the extreme activations must all come out exact."""
-    t = ternary(rng, m, k)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("m, k, n", [(1, 1, 32), (37, 517, 33), (70, 700, 64), (33, 257, 100), (5, 64, 45),
+                                     (16, 300, 16), (48, 1030, 80)])
+def test_prefill_sized_batches_are_exact(rng, path, granularity, m, k, n):
+    """From 32 tokens the amx path multiplies in tiles of 32 rows x 32 tokens, from 16 the
+    avx512vnni path in outer products of 16 rows x 16 tokens: partial tiles of rows and
+    tokens, k tails, and the extreme activations must all come out exact."""
+    t = ternary(rng, m, k, granularity)
     p = bn.pack(t, "i2")
     q = random_q(rng, n, k)
     q[0] = -128
@@ -269,21 +273,29 @@ def test_the_scratch_shapes_pick_each_tokens_loop():
     slots, rows = kernels.SCRATCH_SLOTS, kernels.GEMM_ROWS
     assert shapes("amx", 33, 512) == [(slots, 0, rows), (slots, 32, 512), (slots, 32, 32), (8, 16, 64)]
     for n, k_padded in [(31, 512), (40, kernels.AMX_MAX_K + 256)]:
-        gemm_sums, codes, amx_sums, tiles = shapes("amx", n, k_padded)
-        assert gemm_sums == (slots, n - n % 8, rows) and tiles[0] == codes[1] == amx_sums[1] == 0
+        gemm_sums, codes, tile_sums, tiles = shapes("amx", n, k_padded)
+        assert gemm_sums == (slots, n - n % 8, rows) and tiles[0] == codes[1] == tile_sums[1] == 0
     assert shapes("portable", 19, 256) == [(slots, 16, rows), (slots, 64), (19, 256)]
-    assert shapes("avx512vnni", 40, 512) == [(slots, 40, rows)] and shapes("avx2", 1, 256) == [(slots, 0, rows)]
+    assert shapes("avx2", 40, 512) == [(slots, 40, rows)] and shapes("avx2", 1, 256) == [(slots, 0, rows)]
+    # avx512vnni: outer products from 16 tokens, when the last 16-token tile is full or from 64 tokens.
+    assert shapes("avx512vnni", 48, 512) == [(slots, 0, rows), (slots, 16, 512), (slots, 17, 16), (8, 16, 48)]
+    assert shapes("avx512vnni", 65, 512)[3] == (8, 16, 80)
+    for n, k_padded in [(8, 512), (40, 512), (15, 512), (48, kernels.AMX_MAX_K + 256)]:
+        gemm_sums, codes, tile_sums, tiles = shapes("avx512vnni", n, k_padded)
+        assert gemm_sums == (slots, n - n % 8, rows) and tiles[0] == codes[1] == tile_sums[1] == 0
 
 
-def test_vnni_activations_lay_out_tile_operands(rng):
-    """The amx path's activation layout (plain Numba, so it runs on any CPU): word ``[c, k4, t]``
-    is activations ``64 c + 4 k4 .. + 3`` of token ``t``; columns past the tokens are left alone."""
-    from bitnet.kernels import amx
-
+@pytest.mark.parametrize("offset", [0, 128])
+def test_vnni_activations_lay_out_tile_operands(rng, offset):
+    """The tile paths' activation layout (plain Numba, so it runs on any CPU): word ``[c, k4, t]``
+    is activations ``64 c + 4 k4 .. + 3`` of token ``t``, each byte plus 128 for the outer
+    products (``offset``); columns past the tokens are left alone."""
     q = random_q(rng, 5, 256)
+    q[0, :8] = [-128, 127, 0, -1, 1, -128, 127, 0]
     tiles = np.full((4, 16, 32), 7, np.int32)
-    amx.vnni_activations(q, tiles)
-    words = q.view(np.int32)  # (5, 64): word j holds activations 4 j .. 4 j + 3
+    ternary_outer.vnni_activations(q, tiles, ternary_outer.OFFSET_WORD if offset else np.int32(0))
+    shifted = (q.astype(np.int64) + offset).astype(np.uint8)  # wraps: -128 + 128 = 0, 127 + 128 = 255
+    words = shifted.view(np.int32)  # (5, 64): word j holds activations 4 j .. 4 j + 3
     assert np.array_equal(tiles[:, :, :5], words.reshape(5, 4, 16).transpose(1, 2, 0))
     assert (tiles[:, :, 5:] == 7).all()
 
@@ -292,8 +304,8 @@ def test_vnni_activations_lay_out_tile_operands(rng):
 def test_results_do_not_depend_on_the_thread_count(rng, path):
     t = ternary(rng, 301, 1100, "channel")
     p = bn.pack(t, "i2")
-    x = rng.standard_normal((40, 1100)).astype(np.float32)  # 40 tokens: AMX tiles on amx, 8-token tiles elsewhere
-    q = random_q(rng, 40, 1100)
+    x = rng.standard_normal((48, 1100)).astype(np.float32)  # 48 tokens: AMX tiles, outer products, 8-token tiles
+    q = random_q(rng, 48, 1100)
     before = bn.get_num_threads()
     try:
         results = []
@@ -405,3 +417,18 @@ def test_weights_cannot_change_after_a_matmul(rng, fmt):
     view.shape = (-1,)
     assert np.array_equal(bn.matmul(x, p), first)
     np.testing.assert_allclose(first, float_reference(x, t), rtol=2e-6)
+
+
+@AVX512_ASM
+def test_outer_product_tiles_fold_the_code_broadcasts_and_emit_in_vectors():
+    """The outer-product tile is one ``vpdpbusd`` per row and 4 k with the row's 4 codes broadcast
+    from memory (``{1to16}``), and a tile's outputs leave in zmm divides, not one ``vdivss`` each."""
+    isa = simd.MARKERS["avx512vnni"]
+    m, n, kp = 16, 16, 256
+    ones = np.ones(n, np.float32)
+    asm = fresh_asm(ternary_outer.gemm_outer, isa, np.zeros((m, kp // 4), np.uint8), 0, m,
+                    np.zeros((kp // 64, 16, n), np.int32), np.zeros((16, kp), np.uint8), np.zeros((17, 16), np.int32),
+                    n, np.zeros(n, np.int64), ones, ones, 1, np.zeros((n, m), np.int32), np.zeros((n, m), np.float32),
+                    True)
+    assert len(re.findall(r"vpdpbusd\s+[^\n]*\{1to16\}, %zmm", asm)) >= 16
+    assert re.search(r"\bvdivps\s[^\n]*%zmm", asm)

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import types
 from numba.extending import intrinsic
 
 from .simd import _call, _element_pointer
@@ -141,21 +141,3 @@ def tile_dot(typingctx, acc, codes, activations):
 
     return types.none(acc, codes, activations), codegen
 
-
-@njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def vnni_activations(q, tiles):
-    """Write ``q`` (n, kp) int8 into ``tiles``, int32 ``(kp // 64, 16, tokens)`` with ``tokens >= n``, as tile operands.
-
-    Element ``[c, k4, t]`` holds the 4 activations ``64 c + 4 k4 .. + 3`` of token ``t``
-    (one int32 word of ``q``), so a tile load at ``[c, 0, t0]`` with a row stride of
-    ``4 tokens`` bytes is the activations tile of tokens ``t0 .. t0 + 15`` for k chunk ``c``.
-    Columns ``t >= n`` keep whatever they held: the sums of those tokens are never stored,
-    and leaving them spares a pass over a buffer that is reused from call to call.
-    """
-    n, kp = q.shape
-    words = q.view(np.int32)
-    chunks = kp // TILE_BYTES
-    for t in prange(n):  # each token writes its own column
-        for c in range(chunks):
-            for k4 in range(TILE_ROWS):
-                tiles[c, k4, t] = words[t, TILE_ROWS * c + k4]

@@ -6,6 +6,8 @@ decided at compile time by the ISA marker it gets (``simd.MARKERS``):
 * ``ternary_simd``: the GEMV (two rows at a time) and GEMM (2 rows x 8 tokens) loops on
   AVX-512 VNNI, AVX-VNNI or AVX2;
 * ``ternary_portable``: the same loops in plain Numba, for any CPU;
+* ``ternary_outer``: on AVX-512 VNNI, all tokens of a batch of ``OUTER_MIN_TOKENS`` or more
+  (``_on_tiles``) as outer products of 16 decoded rows x 16 tokens;
 * ``ternary_amx``: all tokens of a batch of ``AMX_MIN_TOKENS`` or more on Intel AMX tiles.
 
 The block layout and the output step they share are in ``ternary_blocks``. The entry point of
@@ -45,6 +47,7 @@ from .ternary_blocks import (
     emit,
     emit_rows,
 )
+from .ternary_outer import OFFSET_WORD, OUTER_MIN_TOKENS, OUTER_ROWS, OUTER_TOKENS, gemm_outer, vnni_activations
 from .ternary_portable import row_pair_portable, tile_portable
 from .ternary_simd import row_pair_simd, tile_simd
 
@@ -62,23 +65,26 @@ SCRATCH_SLOTS = min(PARALLEL_TASKS, numba.config.NUMBA_NUM_THREADS)
 _NO_LANES = np.zeros((PARALLEL_TASKS, 0), np.int16)
 _NO_WIDE = np.zeros((0, 0), np.int16)
 _NO_CODES = np.zeros((PARALLEL_TASKS, 0, 0), np.uint8)
-_NO_AMX_SUMS = np.zeros((PARALLEL_TASKS, 0, 0), np.int32)
+_NO_TILE_SUMS = np.zeros((PARALLEL_TASKS, 0, 0), np.int32)
 _NO_TILES = np.zeros((0, 0, 0), np.int32)
+_TILE_PATHS = ("amx", "avx512vnni")  # the paths that multiply batches on decoded rows (``_gemm_tiles``)
 
 
 def _fill_tiles(isa, q, tiles):
-    """``amx.vnni_activations`` on the amx path; compiled to nothing elsewhere (``tiles`` is empty there)."""
+    """``vnni_activations`` on the paths with a tile loop (signed for AMX, offset for the outer
+    products of avx512vnni); compiled to nothing elsewhere (``tiles`` is empty there)."""
 
 
 @overload(_fill_tiles, jit_options=KERNEL)
 def _fill_tiles_for(isa, q, tiles):
-    if isa.isa == "amx":
-        return lambda isa, q, tiles: amx.vnni_activations(q, tiles)
+    if isa.isa in _TILE_PATHS:
+        offset = np.int32(0) if isa.isa == "amx" else OFFSET_WORD
+        return lambda isa, q, tiles: vnni_activations(q, tiles, offset)
     return lambda isa, q, tiles: None
 
 
 def _gemm_tiles(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
-    """``gemm_amx`` on the amx path; compiled to nothing elsewhere (no tile instructions there)."""
+    """``gemm_amx`` on the amx path, ``gemm_outer`` on avx512vnni; compiled to nothing elsewhere."""
 
 
 @overload(_gemm_tiles, jit_options=KERNEL)
@@ -88,6 +94,10 @@ def _gemm_tiles_for(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale
         return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
                 as_float: gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc,
                                     out, as_float))
+    if isa.isa == "avx512vnni":
+        return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
+                as_float: gemm_outer(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step,
+                                      acc, out, as_float))
     return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
             as_float: None)
 
@@ -140,6 +150,18 @@ def _activations_for_impl(isa, q, wide):
     return lambda isa, q, wide: q
 
 
+def _on_tiles(path: str, n: int, k_padded: int) -> bool:
+    """Whether ``n`` tokens go through the tile loop of ``path`` (``_gemm_tiles``) rather than the GEMM
+    tiles and GEMV: on amx from ``AMX_MIN_TOKENS`` tokens; on avx512vnni from ``OUTER_MIN_TOKENS``,
+    when the last 16-token tile is full or the padding is at most a quarter of the tiles (17 tokens
+    padded to 32 cost as much as 32; NOTES.md); both while the int32 tile sums are exact."""
+    if path == "amx":
+        enough = n >= AMX_MIN_TOKENS
+    else:
+        enough = n >= OUTER_MIN_TOKENS and (n % OUTER_TOKENS == 0 or n >= 4 * OUTER_TOKENS)
+    return path in _TILE_PATHS and enough and k_padded <= AMX_MAX_K
+
+
 def scratch_shapes(path: str, n: int, k_padded: int) -> tuple[tuple[tuple[int, ...], type], ...]:
     """Shapes and dtypes of the scratch arrays the entry point of ``path`` takes, in argument order.
 
@@ -152,23 +174,26 @@ def scratch_shapes(path: str, n: int, k_padded: int) -> tuple[tuple[tuple[int, .
     Returns
     -------
     tuple of ``(shape, dtype)``: ``gemm_sums`` on every path, then ``lanes`` and ``wide`` on
-    the portable path, ``amx_codes``, ``amx_sums`` and ``amx_tiles`` on the amx path (see
-    ``ternary_matmul``); those this call does not use have no elements. The shapes also say
-    which loop each token takes: AMX tiles when ``amx_tiles`` has elements, else GEMM tiles
+    the portable path, ``row_codes``, ``tile_sums`` and ``tiles`` on the amx and avx512vnni
+    paths (see ``ternary_matmul``); those this call does not use have no elements. The shapes
+    also say which loop each token takes: the tile loop (AMX tiles, or outer products on
+    avx512vnni; ``_on_tiles``) when ``tiles`` has elements, else GEMM tiles
     for the first ``gemm_sums.shape[1]`` tokens, the GEMV loop for the rest. The per-task
     arrays have ``SCRATCH_SLOTS`` in front, one for each thread slot.
     """
-    on_tiles = path == "amx" and n >= AMX_MIN_TOKENS and k_padded <= AMX_MAX_K
+    on_tiles = _on_tiles(path, n, k_padded)
     shapes = (((SCRATCH_SLOTS, 0 if on_tiles else n - n % TILE_TOKENS, GEMM_ROWS), np.int64),)
     if path == "portable":
         shapes += (((SCRATCH_SLOTS, BLOCK_BYTES), np.int16), ((n, k_padded), np.int16))
-    elif path == "amx":
-        amx_rows, amx_k = (AMX_ROWS, k_padded) if on_tiles else (0, 0)
-        amx_tokens = -(-n // AMX_TOKENS) * AMX_TOKENS if on_tiles else 0
+    elif path in _TILE_PATHS:
+        rows, tokens, sums = (AMX_ROWS, AMX_TOKENS, (AMX_ROWS, AMX_TOKENS)) if path == "amx" else (
+            OUTER_ROWS, OUTER_TOKENS, (OUTER_TOKENS + 1, OUTER_ROWS))
+        if not on_tiles:
+            rows, k_padded, sums = 0, 0, (0, 0)
         shapes += (
-            ((SCRATCH_SLOTS, amx_rows, amx_k), np.uint8),
-            ((SCRATCH_SLOTS, amx_rows, AMX_TOKENS), np.int32),
-            ((amx_k // amx.TILE_BYTES, amx.TILE_ROWS, amx_tokens), np.int32),
+            ((SCRATCH_SLOTS, rows, k_padded), np.uint8),
+            ((SCRATCH_SLOTS, *sums), np.int32),
+            ((k_padded // amx.TILE_BYTES, amx.TILE_ROWS, -(-n // tokens) * tokens if on_tiles else 0), np.int32),
         )
     return shapes
 
@@ -196,20 +221,21 @@ def _gemm_rows(isa, w, first_row, rows, q, tokens, sums, lanes):
 
 
 @njit(parallel=True, **KERNEL)
-def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, amx_codes,
-                   amx_sums, amx_tiles):
+def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, row_codes,
+                   tile_sums, tiles):
     """``q @ (c - 1).T`` for i2 data ``w`` (m, 64 nb) and padded int8 ``q`` (n, 256 nb).
 
     Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
     ``acc / act_scale[t] * scale[r * scale_step]`` (``scale_step`` 0 for one scale per tensor).
     The scratch arrays are those of ``scratch_shapes``, whose shapes pick the loops: when
-    ``amx_tiles`` (``q`` as AMX tile operands) is not empty, every token goes through the AMX
-    tile loop; otherwise the first ``gemm_sums.shape[1]`` tokens go through the GEMM tiles.
+    ``tiles`` (``q`` in VNNI layout, ``vnni_activations``) is not empty, every token goes through
+    the tile loop of the path (AMX tiles, or the outer products on avx512vnni); otherwise the
+    first ``gemm_sums.shape[1]`` tokens go through the GEMM tiles.
 
     The rows are cut into ``PARALLEL_TASKS`` tasks (fewer for small ``m``) of an even number of
     rows, dealt out in even runs to ``SCRATCH_SLOTS`` slots (one per thread of Numba's pool, as
     ``prange`` deals out the slots to the threads in use); a slot runs its tasks one after the
-    other on ``gemm_sums[slot]``, ``lanes[slot]``, ``amx_codes[slot]`` and ``amx_sums[slot]``,
+    other on ``gemm_sums[slot]``, ``lanes[slot]``, ``row_codes[slot]`` and ``tile_sums[slot]``,
     and which slot or task computes a row never changes its value.
     Tokens go in tiles of ``TILE_TOKENS`` through the GEMM loop, ``GEMM_ROWS`` rows at a time;
     the rest (and ``n == 1``) through the GEMV loop, which takes row ``r`` of the task's first
@@ -217,7 +243,7 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
     """
     m = w.shape[0]
     n = q.shape[0]
-    on_tiles = amx_tiles.shape[0] > 0
+    on_tiles = tiles.shape[0] > 0
     tiled = n if on_tiles else gemm_sums.shape[1]
     per_task = -(-m // PARALLEL_TASKS)
     per_task += per_task % TILE_ROWS
@@ -225,12 +251,12 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
     # Not numba.get_num_threads(): it compiles to the address of a function, and kernels using it cannot be cached.
     slots = min(tasks, gemm_sums.shape[0])
     for slot in prange(slots):
-        sums, slot_lanes, codes, tile_sums = gemm_sums[slot], lanes[slot], amx_codes[slot], amx_sums[slot]
+        sums, slot_lanes, codes, slot_tile_sums = gemm_sums[slot], lanes[slot], row_codes[slot], tile_sums[slot]
         for task in range(slot * tasks // slots, (slot + 1) * tasks // slots):
             first = task * per_task
             last = min(m, first + per_task)
             if on_tiles:
-                _gemm_tiles(isa, w, first, last, amx_tiles, codes, tile_sums, n, q_sum, act_scale, scale, scale_step,
+                _gemm_tiles(isa, w, first, last, tiles, codes, slot_tile_sums, n, q_sum, act_scale, scale, scale_step,
                             acc, out, as_float)
             elif tiled:
                 for start in range(first, last, GEMM_ROWS):
@@ -248,8 +274,8 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
 
 
 @njit(**KERNEL)
-def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide, amx_codes,
-            amx_sums, amx_tiles):
+def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide, row_codes,
+            tile_sums, tiles):
     """One entry for both operations, so each path compiles once.
 
     ``as_float``: quantize ``x`` into ``q``, ``act_scale``, ``q_sum`` and write the float32
@@ -264,10 +290,10 @@ def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_floa
             quantize_row(x, 0, q, act_scale, q_sum)
         else:
             quantize_padded(x, q, act_scale, q_sum)
-    if amx_tiles.shape[0]:
-        _fill_tiles(isa, q, amx_tiles)
+    if tiles.shape[0]:
+        _fill_tiles(isa, q, tiles)
     ternary_matmul(isa, w, _activations_for(isa, q, wide), q_sum, act_scale, scale, scale_step, acc, out, as_float,
-                   gemm_sums, lanes, amx_codes, amx_sums, amx_tiles)
+                   gemm_sums, lanes, row_codes, tile_sums, tiles)
 
 
 def _full_scratch(isa, scratch):
@@ -278,10 +304,10 @@ def _full_scratch(isa, scratch):
 @overload(_full_scratch, jit_options=KERNEL)
 def _full_scratch_for(isa, scratch):
     if isa.isa == "portable":
-        return lambda isa, scratch: (scratch[0], scratch[1], scratch[2], _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
-    if isa.isa == "amx":
+        return lambda isa, scratch: (scratch[0], scratch[1], scratch[2], _NO_CODES, _NO_TILE_SUMS, _NO_TILES)
+    if isa.isa in _TILE_PATHS:
         return lambda isa, scratch: (scratch[0], _NO_LANES, _NO_WIDE, scratch[1], scratch[2], scratch[3])
-    return lambda isa, scratch: (scratch[0], _NO_LANES, _NO_WIDE, _NO_CODES, _NO_AMX_SUMS, _NO_TILES)
+    return lambda isa, scratch: (scratch[0], _NO_LANES, _NO_WIDE, _NO_CODES, _NO_TILE_SUMS, _NO_TILES)
 
 
 def _entry_point(isa) -> numba.core.registry.CPUDispatcher:

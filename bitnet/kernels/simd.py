@@ -13,11 +13,13 @@ instruction set. The markers must only be used on CPUs that have the features
 (``bitnet.kernels.cpu_features`` decides).
 
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
-/ ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` / ``dot_acc`` /
-``offset_sums`` / ``signed_dot`` / ``add_acc`` / ``shift_right_acc`` / ``sum_acc`` /
-``lane_totals`` / ``lane`` on int32 accumulator vectors; ``zero_floats`` / ``splat_floats`` /
+/ ``splat_four_bytes`` / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` /
+``splat_acc`` / ``dot_acc`` / ``offset_sums`` / ``signed_dot`` / ``add_acc`` /
+``shift_right_acc`` / ``sum_acc`` / ``lane_totals`` / ``transpose_lanes`` / ``lane`` on int32
+accumulator vectors, ``store_ints`` for both; ``zero_floats`` / ``splat_floats`` /
 ``load_floats`` / ``store_floats`` / ``widen_words`` / ``block_scales`` / ``scaled_add_floats`` /
-``add_floats`` / ``add_products`` / ``sum_floats`` (and ``lane_totals`` / ``lane``) on float32
+``dequantize`` / ``add_floats`` / ``add_products`` / ``sum_floats`` (and ``lane_totals`` /
+``lane``) on float32
 vectors of the same lane count, and ``load_four_floats`` / ``widen_four_words`` /
 ``store_four_floats`` for a register block's row of 4 vectors; ``prefetch``; and the scalars
 ``widen_word`` (a bf16 or f16 word, as a ``WordFormat`` marker says), its inverse
@@ -167,6 +169,39 @@ def splat_bytes(typingctx, isa, value):
 
 
 @intrinsic
+def splat_four_bytes(typingctx, isa, array, index):
+    """A byte vector repeating the 4 bytes of a C-contiguous 1-byte ``array`` from flat ``index`` on
+    in every 4-byte lane (a broadcast load that ``vpdpbusd`` folds into its memory operand)."""
+    if not _c_array(array, lambda dtype: dtype.bitwidth == 8):
+        return None
+    vec = _bytes_type(isa)
+
+    def codegen(context, builder, sig, args):
+        word = ir.IntType(32)
+        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], word)
+        words = _splat(builder, ir.VectorType(word, vec.lanes // 4), builder.load(pointer, align=1))
+        return builder.bitcast(words, vec.llvm_type)
+
+    return vec(isa, array, index), codegen
+
+
+@intrinsic
+def store_ints(typingctx, array, index, vector):
+    """Store a byte or int32 vector into a C-contiguous integer ``array`` of that element size from
+    flat ``index`` on."""
+    if not (isinstance(vector, VectorType)
+            and _c_array(array, lambda dtype: isinstance(dtype, types.Integer) and dtype.bitwidth == vector.bits)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], vector.llvm_type)
+        builder.store(args[2], pointer, align=1)
+        return context.get_dummy_value()
+
+    return types.none(array, index, vector), codegen
+
+
+@intrinsic
 def and_bytes(typingctx, a, b):
     """Lane-wise ``a & b`` of two byte vectors."""
 
@@ -198,6 +233,17 @@ def zero_acc(typingctx, isa):
         return ir.Constant(vec.llvm_type, [0] * vec.lanes)
 
     return vec(isa), codegen
+
+
+@intrinsic
+def splat_acc(typingctx, isa, value):
+    """An int32 accumulator vector with the low 32 bits of ``value`` in every lane."""
+    vec = _acc_type(isa)
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, vec.llvm_type, builder.trunc(args[1], ir.IntType(32)))
+
+    return vec(isa, value), codegen
 
 
 _VNNI = ("amx", "avx512vnni", "avxvnni")  # the markers whose dot product is ``vpdpbusd``
@@ -344,6 +390,38 @@ def lane_totals(typingctx, accs):
         return vectors[0]
 
     return out(accs), codegen
+
+
+@intrinsic
+def transpose_lanes(typingctx, accs):
+    """16 int32 vectors of 16 lanes transposed: lane ``j`` of vector ``i`` becomes lane ``i`` of vector ``j``.
+
+    Four butterfly stages (swap the off-diagonal 8 x 8, 4 x 4, 2 x 2, then 1 x 1 blocks), each
+    16 two-vector shuffles: 64 shuffles in all.
+    """
+    if not (isinstance(accs, types.UniTuple) and accs.count == 16
+            and isinstance(accs.dtype, VectorType) and accs.dtype.lanes == 16 and accs.dtype.bits == 32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vectors = cgutils.unpack_tuple(builder, args[0])
+        size = 16
+        for width in (8, 4, 2, 1):
+            # Shuffle indices 0..15 pick from the first vector, 16..31 from the second.
+            low = ir.Constant(ir.VectorType(ir.IntType(32), size),
+                              [j if j & width == 0 else size + (j ^ width) for j in range(size)])
+            high = ir.Constant(ir.VectorType(ir.IntType(32), size),
+                               [(j ^ width) if j & width == 0 else size + j for j in range(size)])
+            swapped = list(vectors)
+            for i in range(size):
+                if i & width == 0:
+                    a, b = vectors[i], vectors[i | width]
+                    swapped[i] = builder.shuffle_vector(a, b, low)
+                    swapped[i | width] = builder.shuffle_vector(a, b, high)
+            vectors = swapped
+        return context.make_tuple(builder, sig.return_type, vectors)
+
+    return accs(accs), codegen
 
 
 @intrinsic
@@ -693,6 +771,17 @@ def scaled_add_floats(typingctx, total, acc, scales):
         return builder.fadd(total_v, builder.fmul(builder.sitofp(acc_v, total_v.type), scales_v))
 
     return total(total, acc, scales), codegen
+
+
+@intrinsic
+def dequantize(typingctx, acc, divisors, factors):
+    """``float(acc) / divisors * factors`` lane by lane: ``emit``'s output step, in the same float32 operations."""
+
+    def codegen(context, builder, sig, args):
+        acc_v, divisors_v, factors_v = args
+        return builder.fmul(builder.fdiv(builder.sitofp(acc_v, divisors_v.type), divisors_v), factors_v)
+
+    return divisors(acc, divisors, factors), codegen
 
 
 @intrinsic

@@ -36,7 +36,7 @@ def gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, sca
 
     Tiles 4, 5: the stored codes of 16 rows each (decoded to bytes once per 32 rows into
     ``codes``, uint8 ``(AMX_ROWS, kp)``); tiles 6, 7: 16 tokens' activations each (``tiles``
-    from ``amx.vnni_activations``); tiles 0-3: the four 16 x 16 int32 sums, stored to ``sums``
+    from ``ternary_outer.vnni_activations``); tiles 0-3: the four 16 x 16 int32 sums, stored to ``sums``
     (int32 ``(AMX_ROWS, AMX_TOKENS)``). Rows past ``last`` and tokens past ``n`` are computed
     on whatever the buffers hold and never stored.
     """

@@ -1,0 +1,167 @@
+"""The ternary matmul as outer products on AVX-512 VNNI (batches of ``OUTER_MIN_TOKENS`` tokens or more).
+
+The GEMM tiles of ``ternary_simd`` take dot products along k: each accumulator holds 16
+partial sums of one row and token, summed across lanes at the end, and each code vector is
+decoded in the loop. Here each accumulator lane is a different token instead:
+
+* the rows' codes are decoded to bytes once per ``OUTER_ROWS`` rows (``decode_rows``, row by row);
+* the activations are laid out once per call in VNNI layout, 16 tokens x 4 k per 64 bytes
+  (``vnni_activations``), offset by 128 to be the unsigned operand of ``vpdpbusd``;
+* a tile (``tile_outer``) is 16 rows x 16 tokens: for every 4 k, one 64-byte load of the
+  tokens' activations and one ``vpdpbusd`` per row with that row's 4 codes broadcast from
+  memory. No decode and no lane sums in the loop: ~100% of the ``vpdpbusd`` peak from L2
+  (NOTES.md), against ~83% for the dot-product tile.
+
+The offset is undone exactly: each accumulator starts from ``-128 sum(codes of its row)``, so
+it ends at ``sum(c q)``, and ``emit`` subtracts ``sum(q)`` as on every path. A lane adds at
+most ``255 * 2`` per k, so int32 holds it for ``k <= AMX_MAX_K`` (the ``amx`` path's bound).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .simd import (
+    add_acc,
+    and_bytes,
+    dequantize,
+    dot_acc,
+    load_bytes,
+    load_floats,
+    shift_right_bytes,
+    splat_acc,
+    splat_bytes,
+    splat_floats,
+    splat_four_bytes,
+    store_floats,
+    store_ints,
+    sum_acc,
+    transpose_lanes,
+    zero_acc,
+)
+from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, emit_rows
+
+OUTER_ROWS = 16  # rows of a tile: one accumulator each
+OUTER_TOKENS = 16  # tokens of a tile: the 16 int32 lanes of an accumulator
+OUTER_MIN_TOKENS = 16  # from this many tokens the avx512vnni path multiplies in outer products
+OFFSET_WORD = np.int32(-0x7F7F7F80)  # 0x80808080: flips the sign bit of each of a word's 4 bytes
+
+
+@njit(parallel=True, **KERNEL)
+def vnni_activations(q, tiles, offset):
+    """Write ``q`` (n, kp) int8 into ``tiles``, int32 ``(kp // 64, 16, tokens)`` with ``tokens >= n``.
+
+    Element ``[c, k4, t]`` holds the 4 activations ``64 c + 4 k4 .. + 3`` of token ``t`` (one
+    int32 word of ``q``), xor ``offset``: 0 for AMX tiles (signed operands: a tile load at
+    ``[c, 0, t0]`` with a row stride of ``4 tokens`` bytes is the activations tile of tokens
+    ``t0 .. t0 + 15`` for k chunk ``c``), ``OFFSET_WORD`` for ``tile_outer`` (each byte plus
+    128, unsigned). Columns ``t >= n`` keep whatever they
+    held: the sums of those tokens are never stored, and leaving them spares a pass over a
+    buffer that is reused from call to call.
+    """
+    n, kp = q.shape
+    words = q.view(np.int32)
+    chunks, group, _ = tiles.shape
+    for t in prange(n):  # each token writes its own column
+        for c in range(chunks):
+            for k4 in range(group):
+                tiles[c, k4, t] = words[t, group * c + k4] ^ offset
+
+
+@njit(**KERNEL)
+def decode_rows(isa, w, first, rows, codes, code_sums):
+    """Stored codes (0, 1, 2) of rows ``first .. first + rows - 1`` into ``codes[i, k]``, one byte
+    each, and ``-128`` times each row's sum of codes into ``code_sums[i]``."""
+    nb = w.shape[1] // BLOCK_BYTES
+    kp = codes.shape[1]
+    three = splat_bytes(isa, 3)
+    ones = splat_bytes(isa, 1)
+    for i in range(rows):
+        total = zero_acc(isa)
+        for b in range(nb):
+            x = load_bytes(isa, w, (first + i) * w.shape[1] + b * BLOCK_BYTES)
+            for c in range(4):
+                v = and_bytes(shift_right_bytes(x, 2 * c), three)
+                store_ints(codes, i * kp + b * BLOCK + 64 * c, v)
+                total = dot_acc(isa, total, v, ones)
+        code_sums[i] = -128 * sum_acc(total)
+
+
+@njit(**KERNEL)
+def tile_outer(isa, codes, code_sums, tiles, stride, t0):
+    """Vector ``j`` lane ``i``: ``sum(c[i] q[t0 + j])`` for the 16 decoded rows ``i`` of ``codes`` and
+    the 16 tokens ``j`` from ``t0`` of ``tiles`` (the bytes of ``vnni_activations`` with the
+    offset, ``stride`` bytes per 4 k), transposed from the accumulators (lane = token)."""
+    kp = codes.shape[1]
+    a0, a1, a2, a3 = (splat_acc(isa, code_sums[0]), splat_acc(isa, code_sums[1]), splat_acc(isa, code_sums[2]),
+                      splat_acc(isa, code_sums[3]))
+    a4, a5, a6, a7 = (splat_acc(isa, code_sums[4]), splat_acc(isa, code_sums[5]), splat_acc(isa, code_sums[6]),
+                      splat_acc(isa, code_sums[7]))
+    a8, a9, a10, a11 = (splat_acc(isa, code_sums[8]), splat_acc(isa, code_sums[9]), splat_acc(isa, code_sums[10]),
+                        splat_acc(isa, code_sums[11]))
+    a12, a13, a14, a15 = (splat_acc(isa, code_sums[12]), splat_acc(isa, code_sums[13]),
+                          splat_acc(isa, code_sums[14]), splat_acc(isa, code_sums[15]))
+    for g in range(kp // 4):
+        x = load_bytes(isa, tiles, g * stride + 4 * t0)
+        at = 4 * g
+        a0 = dot_acc(isa, a0, x, splat_four_bytes(isa, codes, at))
+        a1 = dot_acc(isa, a1, x, splat_four_bytes(isa, codes, at + kp))
+        a2 = dot_acc(isa, a2, x, splat_four_bytes(isa, codes, at + 2 * kp))
+        a3 = dot_acc(isa, a3, x, splat_four_bytes(isa, codes, at + 3 * kp))
+        a4 = dot_acc(isa, a4, x, splat_four_bytes(isa, codes, at + 4 * kp))
+        a5 = dot_acc(isa, a5, x, splat_four_bytes(isa, codes, at + 5 * kp))
+        a6 = dot_acc(isa, a6, x, splat_four_bytes(isa, codes, at + 6 * kp))
+        a7 = dot_acc(isa, a7, x, splat_four_bytes(isa, codes, at + 7 * kp))
+        a8 = dot_acc(isa, a8, x, splat_four_bytes(isa, codes, at + 8 * kp))
+        a9 = dot_acc(isa, a9, x, splat_four_bytes(isa, codes, at + 9 * kp))
+        a10 = dot_acc(isa, a10, x, splat_four_bytes(isa, codes, at + 10 * kp))
+        a11 = dot_acc(isa, a11, x, splat_four_bytes(isa, codes, at + 11 * kp))
+        a12 = dot_acc(isa, a12, x, splat_four_bytes(isa, codes, at + 12 * kp))
+        a13 = dot_acc(isa, a13, x, splat_four_bytes(isa, codes, at + 13 * kp))
+        a14 = dot_acc(isa, a14, x, splat_four_bytes(isa, codes, at + 14 * kp))
+        a15 = dot_acc(isa, a15, x, splat_four_bytes(isa, codes, at + 15 * kp))
+    return transpose_lanes((a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15))
+
+
+@njit(**KERNEL)
+def emit_tile(isa, by_token, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``emit`` for a tile's sums (``by_token[j]``: token ``t0 + j``, lane ``i``: row ``start + i``).
+
+    A whole tile goes out in vectors, one store per token (the same float32 operations as
+    ``emit``, so the same bits); a tile with fewer rows through ``sums`` and ``emit_rows``.
+    """
+    m = out.shape[1] if as_float else acc.shape[1]
+    for j in range(min(OUTER_TOKENS, n - t0)):
+        t = t0 + j
+        if rows < OUTER_ROWS:
+            store_ints(sums, j * OUTER_ROWS, by_token[j])
+            emit_rows(t, start, sums[j], rows, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            continue
+        value = add_acc(by_token[j], splat_acc(isa, -q_sum[t]))
+        if not as_float:
+            store_ints(acc, t * m + start, value)
+            continue
+        factors = load_floats(isa, scale, start) if scale_step else splat_floats(isa, scale[0])
+        store_floats(out, t * m + start, dequantize(value, splat_floats(isa, act_scale[t]), factors))
+
+
+@njit(**KERNEL)
+def gemm_outer(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """Rows ``first .. last - 1`` x all ``n`` tokens in outer-product tiles, 16 rows x 16 tokens.
+
+    ``codes``: uint8 ``(OUTER_ROWS, kp)``, the decoded rows; ``sums``: int32
+    ``(OUTER_TOKENS + 1, OUTER_ROWS)``, a tile's sums token by token, and in its last row the
+    code sums the accumulators start from; ``tiles``: ``vnni_activations`` with the offset.
+    Rows past ``last`` and tokens past ``n`` are computed on whatever the buffers hold and
+    never stored.
+    """
+    flat_tiles = tiles.reshape(tiles.size).view(np.uint8)
+    stride = 4 * tiles.shape[2]
+    code_sums = sums[OUTER_TOKENS]
+    for start in range(first, last, OUTER_ROWS):
+        rows = min(last - start, OUTER_ROWS)
+        decode_rows(isa, w, start, rows, codes, code_sums)
+        for t0 in range(0, n, OUTER_TOKENS):
+            by_token = tile_outer(isa, codes, code_sums, flat_tiles, stride, t0)
+            emit_tile(isa, by_token, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step, acc, out, as_float)
