@@ -15,8 +15,8 @@ instruction set. The markers must only be used on CPUs that have the features
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
 / ``splat_four_bytes`` / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` /
 ``splat_acc`` / ``dot_acc`` / ``offset_sums`` / ``signed_dot`` / ``add_acc`` /
-``shift_right_acc`` / ``sum_acc`` / ``lane_totals`` / ``transpose_lanes`` / ``lane`` on int32
-accumulator vectors, ``store_ints`` for both; ``zero_floats`` / ``splat_floats`` /
+``shift_right_acc`` / ``sum_acc`` / ``lane_totals`` / ``lane`` on int32 accumulator vectors,
+``load_ints`` / ``store_transposed`` for them and ``store_ints`` for both; ``zero_floats`` / ``splat_floats`` /
 ``load_floats`` / ``store_floats`` / ``widen_words`` / ``block_scales`` / ``scaled_add_floats`` /
 ``dequantize`` / ``add_floats`` / ``add_products`` / ``sum_floats`` (and ``lane_totals`` /
 ``lane``) on float32
@@ -393,18 +393,20 @@ def lane_totals(typingctx, accs):
 
 
 @intrinsic
-def transpose_lanes(typingctx, accs):
-    """16 int32 vectors of 16 lanes transposed: lane ``j`` of vector ``i`` becomes lane ``i`` of vector ``j``.
+def store_transposed(typingctx, array, index, accs):
+    """Store 16 int32 vectors of 16 lanes transposed into a C-contiguous int32 ``array`` from flat
+    ``index`` on: lane ``j`` of vector ``i`` goes to ``index + 16 j + i``.
 
     Four butterfly stages (swap the off-diagonal 8 x 8, 4 x 4, 2 x 2, then 1 x 1 blocks), each
-    16 two-vector shuffles: 64 shuffles in all.
+    16 two-vector shuffles: 64 shuffles, then 16 stores.
     """
-    if not (isinstance(accs, types.UniTuple) and accs.count == 16
-            and isinstance(accs.dtype, VectorType) and accs.dtype.lanes == 16 and accs.dtype.bits == 32):
+    if not (isinstance(accs, types.UniTuple) and accs.count == 16 and isinstance(accs.dtype, VectorType)
+            and accs.dtype.lanes == 16 and accs.dtype.bits == 32
+            and _c_array(array, lambda dtype: dtype == types.int32)):
         return None
 
     def codegen(context, builder, sig, args):
-        vectors = cgutils.unpack_tuple(builder, args[0])
+        vectors = cgutils.unpack_tuple(builder, args[2])
         size = 16
         for width in (8, 4, 2, 1):
             # Shuffle indices 0..15 pick from the first vector, 16..31 from the second.
@@ -419,9 +421,27 @@ def transpose_lanes(typingctx, accs):
                     swapped[i] = builder.shuffle_vector(a, b, low)
                     swapped[i | width] = builder.shuffle_vector(a, b, high)
             vectors = swapped
-        return context.make_tuple(builder, sig.return_type, vectors)
+        vector_type = vectors[0].type
+        start = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], vector_type)
+        for j, vector in enumerate(vectors):
+            builder.store(vector, builder.gep(start, [ir.Constant(ir.IntType(32), j)]), align=4)
+        return context.get_dummy_value()
 
-    return accs(accs), codegen
+    return types.none(array, index, accs), codegen
+
+
+@intrinsic
+def load_ints(typingctx, isa, array, index):
+    """An int32 accumulator vector of ``isa`` from a C-contiguous int32 ``array`` from flat ``index`` on."""
+    if not _c_array(array, lambda dtype: dtype == types.int32):
+        return None
+    vec = _acc_type(isa)
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
+        return builder.load(pointer, align=4)
+
+    return vec(isa, array, index), codegen
 
 
 @intrinsic

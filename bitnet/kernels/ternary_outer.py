@@ -10,7 +10,9 @@ decoded in the loop. Here each accumulator lane is a different token instead:
 * a tile (``tile_outer``) is 16 rows x 16 tokens: for every 4 k, one 64-byte load of the
   tokens' activations and one ``vpdpbusd`` per row with that row's 4 codes broadcast from
   memory. No decode and no lane sums in the loop: ~100% of the ``vpdpbusd`` peak from L2
-  (NOTES.md), against ~83% for the dot-product tile.
+  (NOTES.md), against ~83% for the dot-product tile;
+* the 16 accumulators are transposed into ``sums`` (token by token) and each token's 16
+  outputs leave in one vector (``emit_tile``).
 
 The offset is undone exactly: each accumulator starts from ``-128 sum(codes of its row)``, so
 it ends at ``sum(c q)``, and ``emit`` subtracts ``sum(q)`` as on every path. A lane adds at
@@ -29,6 +31,7 @@ from .simd import (
     dot_acc,
     load_bytes,
     load_floats,
+    load_ints,
     shift_right_bytes,
     splat_acc,
     splat_bytes,
@@ -36,8 +39,8 @@ from .simd import (
     splat_four_bytes,
     store_floats,
     store_ints,
+    store_transposed,
     sum_acc,
-    transpose_lanes,
     zero_acc,
 )
 from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, emit_rows
@@ -89,10 +92,10 @@ def decode_rows(isa, w, first, rows, codes, code_sums):
 
 
 @njit(**KERNEL)
-def tile_outer(isa, codes, code_sums, tiles, stride, t0):
-    """Vector ``j`` lane ``i``: ``sum(c[i] q[t0 + j])`` for the 16 decoded rows ``i`` of ``codes`` and
-    the 16 tokens ``j`` from ``t0`` of ``tiles`` (the bytes of ``vnni_activations`` with the
-    offset, ``stride`` bytes per 4 k), transposed from the accumulators (lane = token)."""
+def tile_outer(isa, codes, code_sums, tiles, stride, t0, sums):
+    """``sums[j, i] = sum(c[i] q[t0 + j])`` for the 16 decoded rows ``i`` of ``codes`` and the 16
+    tokens ``j`` from ``t0`` of ``tiles`` (the bytes of ``vnni_activations`` with the offset,
+    ``stride`` bytes per 4 k), transposed from the accumulators (lane = token)."""
     kp = codes.shape[1]
     a0, a1, a2, a3 = (splat_acc(isa, code_sums[0]), splat_acc(isa, code_sums[1]), splat_acc(isa, code_sums[2]),
                       splat_acc(isa, code_sums[3]))
@@ -121,24 +124,23 @@ def tile_outer(isa, codes, code_sums, tiles, stride, t0):
         a13 = dot_acc(isa, a13, x, splat_four_bytes(isa, codes, at + 13 * kp))
         a14 = dot_acc(isa, a14, x, splat_four_bytes(isa, codes, at + 14 * kp))
         a15 = dot_acc(isa, a15, x, splat_four_bytes(isa, codes, at + 15 * kp))
-    return transpose_lanes((a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15))
+    store_transposed(sums, 0, (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15))
 
 
 @njit(**KERNEL)
-def emit_tile(isa, by_token, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step, acc, out, as_float):
-    """``emit`` for a tile's sums (``by_token[j]``: token ``t0 + j``, lane ``i``: row ``start + i``).
+def emit_tile(isa, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``emit`` for a tile's sums (``sums[j, i]``: token ``t0 + j``, row ``start + i``).
 
     A whole tile goes out in vectors, one store per token (the same float32 operations as
-    ``emit``, so the same bits); a tile with fewer rows through ``sums`` and ``emit_rows``.
+    ``emit``, so the same bits); a tile with fewer rows through ``emit_rows``.
     """
     m = out.shape[1] if as_float else acc.shape[1]
     for j in range(min(OUTER_TOKENS, n - t0)):
         t = t0 + j
         if rows < OUTER_ROWS:
-            store_ints(sums, j * OUTER_ROWS, by_token[j])
             emit_rows(t, start, sums[j], rows, q_sum, act_scale, scale, scale_step, acc, out, as_float)
             continue
-        value = add_acc(by_token[j], splat_acc(isa, -q_sum[t]))
+        value = add_acc(load_ints(isa, sums, j * OUTER_ROWS), splat_acc(isa, -q_sum[t]))
         if not as_float:
             store_ints(acc, t * m + start, value)
             continue
@@ -163,5 +165,5 @@ def gemm_outer(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, sca
         rows = min(last - start, OUTER_ROWS)
         decode_rows(isa, w, start, rows, codes, code_sums)
         for t0 in range(0, n, OUTER_TOKENS):
-            by_token = tile_outer(isa, codes, code_sums, flat_tiles, stride, t0)
-            emit_tile(isa, by_token, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            tile_outer(isa, codes, code_sums, flat_tiles, stride, t0, sums)
+            emit_tile(isa, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step, acc, out, as_float)
