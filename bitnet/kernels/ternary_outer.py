@@ -43,7 +43,7 @@ from .simd import (
     sum_acc,
     zero_acc,
 )
-from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, emit_rows
+from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, emit
 
 OUTER_ROWS = 16  # rows of a tile: one accumulator each
 OUTER_TOKENS = 16  # tokens of a tile: the 16 int32 lanes of an accumulator
@@ -132,13 +132,14 @@ def emit_tile(isa, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step
     """``emit`` for a tile's sums (``sums[j, i]``: token ``t0 + j``, row ``start + i``).
 
     A whole tile goes out in vectors, one store per token (the same float32 operations as
-    ``emit``, so the same bits); a tile with fewer rows through ``emit_rows``.
+    ``emit``, so the same bits); a tile with fewer rows value by value.
     """
     m = out.shape[1] if as_float else acc.shape[1]
     for j in range(min(OUTER_TOKENS, n - t0)):
         t = t0 + j
-        if rows < OUTER_ROWS:
-            emit_rows(t, start, sums[j], rows, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+        if rows < OUTER_ROWS:  # the last tile of a task, at most once per call and slot
+            for i in range(rows):
+                emit(t, start + i, sums[j, i], q_sum, act_scale, scale, scale_step, acc, out, as_float)
             continue
         value = add_acc(load_ints(isa, sums, j * OUTER_ROWS), splat_acc(isa, -q_sum[t]))
         if not as_float:
