@@ -17,8 +17,9 @@ from . import errors, ops
 from .formats import PackedTernary
 from .kernels import cpu_features
 
-# (m, k, n): decode GEMVs of a 2B-class model, a prefill batch, and a long prefill.
-SHAPES = ((2560, 2560, 1), (6912, 2560, 1), (2560, 6912, 1), (2560, 2560, 8), (2560, 6912, 128))
+# (m, k, n): decode GEMVs of a 2B-class model, a batch of 8 sequences, a long prefill, and
+# 2B4T's fused gate/up projection in a 64-token prefill chunk.
+SHAPES = ((2560, 2560, 1), (6912, 2560, 1), (2560, 6912, 1), (2560, 2560, 8), (2560, 6912, 128), (13824, 2560, 64))
 # 519 MB of i2 weights: far more than any cache, so the kernel streams them from DRAM.
 STREAM_SHAPE = (16384, 126720, 1)
 
