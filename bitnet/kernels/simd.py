@@ -12,15 +12,14 @@ dot-product instruction ``dot_acc`` emits, so one generic kernel compiles to eac
 instruction set. The markers must only be used on CPUs that have the features
 (``bitnet.kernels.cpu_features`` decides).
 
-Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes``
-/ ``splat_four_bytes`` / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` /
-``splat_acc`` / ``dot_acc`` / ``offset_sums`` / ``signed_dot`` / ``add_acc`` /
-``shift_right_acc`` / ``sum_acc`` / ``lane_totals`` / ``lane`` on int32 accumulator vectors,
-``load_ints`` / ``store_transposed`` for them and ``store_ints`` for both; ``zero_floats`` / ``splat_floats`` /
-``load_floats`` / ``store_floats`` / ``widen_words`` / ``block_scales`` / ``scaled_add_floats`` /
-``dequantize`` / ``add_floats`` / ``add_products`` / ``sum_floats`` (and ``lane_totals`` /
-``lane``) on float32
-vectors of the same lane count, and ``load_four_floats`` / ``widen_four_words`` /
+Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes`` /
+``splat_four_bytes`` / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` /
+``splat_acc`` / ``load_ints`` / ``dot_acc`` / ``offset_sums`` / ``signed_dot`` / ``add_acc`` /
+``shift_right_acc`` / ``sum_acc`` / ``lane_totals`` / ``store_transposed`` / ``lane`` on int32
+accumulator vectors; ``zero_floats`` / ``splat_floats`` / ``load_floats`` / ``widen_words`` /
+``block_scales`` / ``scaled_add_floats`` / ``dequantize`` / ``add_floats`` / ``add_products`` /
+``sum_floats`` (and ``lane_totals`` / ``lane``) on float32 vectors of the same lane count;
+``store_vector`` for all three; ``load_four_floats`` / ``widen_four_words`` /
 ``store_four_floats`` for a register block's row of 4 vectors; ``prefetch``; and the scalars
 ``widen_word`` (a bf16 or f16 word, as a ``WordFormat`` marker says), its inverse
 ``narrow_to_f16`` and ``float32_from_bits``.
@@ -143,29 +142,48 @@ def byte_vector_size(typingctx, isa):
     return types.intp(isa), codegen
 
 
-@intrinsic
-def load_bytes(typingctx, isa, array, index):
-    """The ``byte_vector_size(isa)`` bytes of a C-contiguous 1-byte array from flat ``index`` on."""
-    if not _c_array(array, lambda dtype: dtype.bitwidth == 8):
-        return None
-    vec = _bytes_type(isa)
+def _vector_load(vector_of, dtype_ok, doc: str):
+    """An intrinsic ``(isa, array, index)`` loading the vector ``vector_of(isa)`` from flat ``index`` on
+    of a C-contiguous ``array`` whose dtype passes ``dtype_ok``."""
 
-    def codegen(context, builder, sig, args):
-        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
-        return builder.load(pointer, align=1)
+    @intrinsic
+    def load(typingctx, isa, array, index):
+        if not _c_array(array, dtype_ok):
+            return None
+        vec = vector_of(isa)
 
-    return vec(isa, array, index), codegen
+        def codegen(context, builder, sig, args):
+            pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
+            return builder.load(pointer, align=1)
+
+        return vec(isa, array, index), codegen
+
+    load.__doc__ = doc
+    return load
 
 
-@intrinsic
-def splat_bytes(typingctx, isa, value):
-    """A byte vector with the low 8 bits of ``value`` in every lane."""
-    vec = _bytes_type(isa)
+load_bytes = _vector_load(_bytes_type, lambda dtype: dtype.bitwidth == 8,
+                          "The ``byte_vector_size(isa)`` bytes of a C-contiguous 1-byte array from flat ``index`` on.")
 
-    def codegen(context, builder, sig, args):
-        return _splat(builder, vec.llvm_type, builder.trunc(args[1], ir.IntType(8)))
 
-    return vec(isa, value), codegen
+def _splat_ints(vector_of, doc: str):
+    """An intrinsic ``(isa, value)`` giving the vector ``vector_of(isa)`` with the low bits of ``value``
+    in every lane."""
+
+    @intrinsic
+    def splat(typingctx, isa, value):
+        vec = vector_of(isa)
+
+        def codegen(context, builder, sig, args):
+            return _splat(builder, vec.llvm_type, builder.trunc(args[1], ir.IntType(vec.bits)))
+
+        return vec(isa, value), codegen
+
+    splat.__doc__ = doc
+    return splat
+
+
+splat_bytes = _splat_ints(_bytes_type, "A byte vector with the low 8 bits of ``value`` in every lane.")
 
 
 @intrinsic
@@ -183,22 +201,6 @@ def splat_four_bytes(typingctx, isa, array, index):
         return builder.bitcast(words, vec.llvm_type)
 
     return vec(isa, array, index), codegen
-
-
-@intrinsic
-def store_ints(typingctx, array, index, vector):
-    """Store a byte or int32 vector into a C-contiguous integer ``array`` of that element size from
-    flat ``index`` on."""
-    if not (isinstance(vector, VectorType)
-            and _c_array(array, lambda dtype: isinstance(dtype, types.Integer) and dtype.bitwidth == vector.bits)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        pointer = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], vector.llvm_type)
-        builder.store(args[2], pointer, align=1)
-        return context.get_dummy_value()
-
-    return types.none(array, index, vector), codegen
 
 
 @intrinsic
@@ -235,15 +237,7 @@ def zero_acc(typingctx, isa):
     return vec(isa), codegen
 
 
-@intrinsic
-def splat_acc(typingctx, isa, value):
-    """An int32 accumulator vector with the low 32 bits of ``value`` in every lane."""
-    vec = _acc_type(isa)
-
-    def codegen(context, builder, sig, args):
-        return _splat(builder, vec.llvm_type, builder.trunc(args[1], ir.IntType(32)))
-
-    return vec(isa, value), codegen
+splat_acc = _splat_ints(_acc_type, "An int32 accumulator vector with the low 32 bits of ``value`` in every lane.")
 
 
 _VNNI = ("amx", "avx512vnni", "avxvnni")  # the markers whose dot product is ``vpdpbusd``
@@ -430,18 +424,9 @@ def store_transposed(typingctx, array, index, accs):
     return types.none(array, index, accs), codegen
 
 
-@intrinsic
-def load_ints(typingctx, isa, array, index):
-    """An int32 accumulator vector of ``isa`` from a C-contiguous int32 ``array`` from flat ``index`` on."""
-    if not _c_array(array, lambda dtype: dtype == types.int32):
-        return None
-    vec = _acc_type(isa)
-
-    def codegen(context, builder, sig, args):
-        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
-        return builder.load(pointer, align=4)
-
-    return vec(isa, array, index), codegen
+load_ints = _vector_load(_acc_type, lambda dtype: dtype == types.int32,
+                         "An int32 accumulator vector of ``isa`` from a C-contiguous int32 ``array`` from flat "
+                         "``index`` on.")
 
 
 @intrinsic
@@ -616,30 +601,26 @@ def widen_words(typingctx, isa, word_format, array, index):
     return vec(isa, word_format, array, index), codegen
 
 
-@intrinsic
-def load_floats(typingctx, isa, array, index):
-    """A float32 vector (the lanes of an int32 accumulator of ``isa``) of a C-contiguous float32
-    ``array`` from flat ``index`` on."""
-    if not _c_array(array, lambda dtype: dtype == types.float32):
-        return None
-    vec = FloatVectorType(isa.vector_bytes // 4)
-
-    def codegen(context, builder, sig, args):
-        pointer = _element_pointer(context, builder, sig.args[1], args[1], sig.args[2], args[2], vec.llvm_type)
-        return builder.load(pointer, align=4)
-
-    return vec(isa, array, index), codegen
+load_floats = _vector_load(lambda isa: FloatVectorType(isa.vector_bytes // 4), lambda dtype: dtype == types.float32,
+                           "A float32 vector (the lanes of an int32 accumulator of ``isa``) of a C-contiguous "
+                           "float32 ``array`` from flat ``index`` on.")
 
 
 @intrinsic
-def store_floats(typingctx, array, index, vector):
-    """Store a float32 vector into a C-contiguous float32 ``array`` from flat ``index`` on."""
-    if not (_c_array(array, lambda dtype: dtype == types.float32) and isinstance(vector, FloatVectorType)):
+def store_vector(typingctx, array, index, vector):
+    """Store a vector into a C-contiguous ``array`` of its element type from flat ``index`` on: a
+    byte or int32 vector into integers of that size, a float32 vector into float32."""
+    if isinstance(vector, FloatVectorType):
+        fits = _c_array(array, lambda dtype: dtype == types.float32)
+    else:
+        fits = isinstance(vector, VectorType) and _c_array(
+            array, lambda dtype: isinstance(dtype, types.Integer) and dtype.bitwidth == vector.bits)
+    if not fits:
         return None
 
     def codegen(context, builder, sig, args):
         pointer = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], vector.llvm_type)
-        builder.store(args[2], pointer, align=4)
+        builder.store(args[2], pointer, align=1)
         return context.get_dummy_value()
 
     return types.none(array, index, vector), codegen
@@ -700,10 +681,10 @@ def widen_four_words(isa, word_format, array, index):
 def store_four_floats(isa, array, index, a, b, c, d):
     """Store 4 float32 vectors consecutively into a C-contiguous ``array`` from flat ``index`` on."""
     step = byte_vector_size(isa) // 4
-    store_floats(array, index, a)
-    store_floats(array, index + step, b)
-    store_floats(array, index + 2 * step, c)
-    store_floats(array, index + 3 * step, d)
+    store_vector(array, index, a)
+    store_vector(array, index + step, b)
+    store_vector(array, index + 2 * step, c)
+    store_vector(array, index + 3 * step, d)
 
 
 @intrinsic

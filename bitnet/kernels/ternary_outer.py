@@ -37,9 +37,8 @@ from .simd import (
     splat_bytes,
     splat_floats,
     splat_four_bytes,
-    store_floats,
-    store_ints,
     store_transposed,
+    store_vector,
     sum_acc,
     zero_acc,
 )
@@ -86,7 +85,7 @@ def decode_rows(isa, w, first, rows, codes, code_sums):
             x = load_bytes(isa, w, (first + i) * w.shape[1] + b * BLOCK_BYTES)
             for c in range(4):
                 v = and_bytes(shift_right_bytes(x, 2 * c), three)
-                store_ints(codes, i * kp + b * BLOCK + 64 * c, v)
+                store_vector(codes, i * kp + b * BLOCK + 64 * c, v)
                 total = dot_acc(isa, total, v, ones)
         code_sums[i] = -128 * sum_acc(total)
 
@@ -143,10 +142,10 @@ def emit_tile(isa, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step
             continue
         value = add_acc(load_ints(isa, sums, j * OUTER_ROWS), splat_acc(isa, -q_sum[t]))
         if not as_float:
-            store_ints(acc, t * m + start, value)
+            store_vector(acc, t * m + start, value)
             continue
         factors = load_floats(isa, scale, start) if scale_step else splat_floats(isa, scale[0])
-        store_floats(out, t * m + start, dequantize(value, splat_floats(isa, act_scale[t]), factors))
+        store_vector(out, t * m + start, dequantize(value, splat_floats(isa, act_scale[t]), factors))
 
 
 @njit(**KERNEL)
