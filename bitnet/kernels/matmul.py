@@ -152,9 +152,10 @@ def _activations_for_impl(isa, q, wide):
 
 def _on_tiles(path: str, n: int, k_padded: int) -> bool:
     """Whether ``n`` tokens go through the tile loop of ``path`` (``_gemm_tiles``) rather than the GEMM
-    tiles and GEMV: on amx from ``AMX_MIN_TOKENS`` tokens; on avx512vnni from ``OUTER_MIN_TOKENS``,
-    when the last 16-token tile is full or the padding is at most a quarter of the tiles (17 tokens
-    padded to 32 cost as much as 32; NOTES.md); both while the int32 tile sums are exact."""
+    tiles and GEMV: on amx from ``AMX_MIN_TOKENS`` tokens; on avx512vnni from ``OUTER_MIN_TOKENS``
+    when the last 16-token tile is full, and for any count from 64 on, where the padded tokens are
+    under a fifth of the tiles (17 tokens padded to 32 cost as much as 32; NOTES.md); both while
+    the int32 tile sums are exact."""
     if path == "amx":
         enough = n >= AMX_MIN_TOKENS
     else:
