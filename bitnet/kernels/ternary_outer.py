@@ -136,7 +136,7 @@ def emit_tile(isa, t0, start, rows, n, sums, q_sum, act_scale, scale, scale_step
     m = out.shape[1] if as_float else acc.shape[1]
     for j in range(min(OUTER_TOKENS, n - t0)):
         t = t0 + j
-        if rows < OUTER_ROWS:  # the last tile of a task, at most once per call and slot
+        if rows < OUTER_ROWS:  # only the last tile of a task
             for i in range(rows):
                 emit(t, start + i, sums[j, i], q_sum, act_scale, scale, scale_step, acc, out, as_float)
             continue
