@@ -271,7 +271,7 @@ def test_the_scratch_shapes_pick_each_tokens_loop():
         return [shape for shape, _ in kernels.scratch_shapes(path, n, k_padded)]
 
     slots, rows = kernels.SCRATCH_SLOTS, kernels.GEMM_ROWS
-    assert shapes("amx", 33, 512) == [(slots, 0, rows), (slots, 32, 512), (slots, 32, 32), (8, 16, 64)]
+    assert shapes("amx", 33, 512) == [(slots, 0, rows), (slots, 32, 512), (slots, 33, 32), (8, 16, 64)]
     for n, k_padded in [(31, 512), (40, kernels.AMX_MAX_K + 256)]:
         gemm_sums, codes, tile_sums, tiles = shapes("amx", n, k_padded)
         assert gemm_sums == (slots, n - n % 8, rows) and tiles[0] == codes[1] == tile_sums[1] == 0
@@ -285,6 +285,22 @@ def test_the_scratch_shapes_pick_each_tokens_loop():
         assert gemm_sums == (slots, n - n % 8, rows) and tiles[0] == codes[1] == tile_sums[1] == 0
 
 
+@pytest.mark.skipif("avx512vnni" not in PATHS, reason="decode_rows is AVX-512 code; this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("marker", ["avx512vnni", "amx"])  # the amx path's decode has no tile instructions
+def test_decode_rows_gives_each_rows_codes_and_their_sum(rng, marker):
+    """Both tile loops decode their rows with ``decode_rows``: stored codes (``w + 1``) one byte each,
+    zero-padded k included, and ``-128`` times each row's sum of them."""
+    t = ternary(rng, 21, 700)
+    w = bn.pack(t, "i2").data
+    kp = w.shape[1] * 4
+    codes, code_sums = np.full((16, kp), 9, np.uint8), np.zeros(16, np.int32)
+    ternary_blocks.decode_rows(simd.MARKERS[marker], w, 3, 13, codes, code_sums)
+    stored = np.ones((13, kp), np.int64)
+    stored[:, :700] = t.codes[3:16].astype(np.int64) + 1
+    assert np.array_equal(codes[:13], stored) and (codes[13:] == 9).all()
+    assert np.array_equal(code_sums[:13], -128 * stored.sum(axis=1))
+
+
 @pytest.mark.parametrize("offset", [0, 128])
 def test_vnni_activations_lay_out_tile_operands(rng, offset):
     """The tile paths' activation layout (plain Numba, so it runs on any CPU): word ``[c, k4, t]``
@@ -293,7 +309,7 @@ def test_vnni_activations_lay_out_tile_operands(rng, offset):
     q = random_q(rng, 5, 256)
     q[0, :8] = [-128, 127, 0, -1, 1, -128, 127, 0]
     tiles = np.full((4, 16, 32), 7, np.int32)
-    ternary_outer.vnni_activations(q, tiles, ternary_outer.OFFSET_WORD if offset else np.int32(0))
+    ternary_blocks.vnni_activations(q, tiles, ternary_blocks.OFFSET_WORD if offset else np.int32(0))
     shifted = (q.astype(np.int64) + offset).astype(np.uint8)  # wraps: -128 + 128 = 0, 127 + 128 = 255
     words = shifted.view(np.int32)  # (5, 64): word j holds activations 4 j .. 4 j + 3
     assert np.array_equal(tiles[:, :, :5], words.reshape(5, 4, 16).transpose(1, 2, 0))

@@ -42,12 +42,14 @@ from .ternary_blocks import (
     AMX_TOKENS,
     BLOCK_BYTES,
     KERNEL,
+    OFFSET_WORD,
     TILE_ROWS,
     TILE_TOKENS,
     emit,
     emit_rows,
+    vnni_activations,
 )
-from .ternary_outer import OFFSET_WORD, OUTER_MIN_TOKENS, OUTER_ROWS, OUTER_TOKENS, gemm_outer, vnni_activations
+from .ternary_outer import OUTER_MIN_TOKENS, OUTER_ROWS, OUTER_TOKENS, gemm_outer
 from .ternary_portable import row_pair_portable, tile_portable
 from .ternary_simd import row_pair_simd, tile_simd
 
@@ -187,7 +189,7 @@ def scratch_shapes(path: str, n: int, k_padded: int) -> tuple[tuple[tuple[int, .
     if path == "portable":
         shapes += (((SCRATCH_SLOTS, BLOCK_BYTES), np.int16), ((n, k_padded), np.int16))
     elif path in _TILE_PATHS:
-        rows, tokens, sums = (AMX_ROWS, AMX_TOKENS, (AMX_ROWS, AMX_TOKENS)) if path == "amx" else (
+        rows, tokens, sums = (AMX_ROWS, AMX_TOKENS, (AMX_ROWS + 1, AMX_TOKENS)) if path == "amx" else (
             OUTER_ROWS, OUTER_TOKENS, (OUTER_TOKENS + 1, OUTER_ROWS))
         if not on_tiles:
             rows, k_padded, sums = 0, 0, (0, 0)

@@ -11,23 +11,8 @@ from numba import njit
 
 from . import amx
 from .amx import TILE_CONFIG, load_config, release_tiles, tile_dot, tile_load, tile_store, tile_zero
-from .ternary_blocks import AMX_ROWS, AMX_TOKENS, BLOCK, BLOCK_BYTES, KERNEL, emit
-
-
-@njit(**KERNEL)
-def _decode_codes(w, first, rows, codes):
-    """Stored codes (0, 1, 2) of rows ``first .. first + rows - 1`` into ``codes[i, k]``, one byte each."""
-    nb = w.shape[1] // BLOCK_BYTES
-    for i in range(rows):
-        packed = w[first + i]
-        row = codes[i]
-        for b in range(nb):
-            for j in range(BLOCK_BYTES):
-                x = packed[b * BLOCK_BYTES + j]
-                row[b * BLOCK + j] = x & 3
-                row[b * BLOCK + 64 + j] = (x >> 2) & 3
-                row[b * BLOCK + 128 + j] = (x >> 4) & 3
-                row[b * BLOCK + 192 + j] = x >> 6
+from .simd import AMX
+from .ternary_blocks import AMX_ROWS, AMX_TOKENS, KERNEL, decode_rows, emit
 
 
 @njit(**KERNEL)
@@ -35,10 +20,11 @@ def gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, sca
     """Rows ``first .. last - 1`` x all ``n`` tokens with AMX tiles, 32 rows x 32 tokens a pass.
 
     Tiles 4, 5: the stored codes of 16 rows each (decoded to bytes once per 32 rows into
-    ``codes``, uint8 ``(AMX_ROWS, kp)``); tiles 6, 7: 16 tokens' activations each (``tiles``
-    from ``ternary_outer.vnni_activations``); tiles 0-3: the four 16 x 16 int32 sums, stored to ``sums``
-    (int32 ``(AMX_ROWS, AMX_TOKENS)``). Rows past ``last`` and tokens past ``n`` are computed
-    on whatever the buffers hold and never stored.
+    ``codes``, uint8 ``(AMX_ROWS, kp)``, by ``decode_rows``); tiles 6, 7: 16 tokens' activations
+    each (``tiles`` from ``vnni_activations``); tiles 0-3: the four 16 x 16 int32 sums, stored
+    to ``sums`` (int32 ``(AMX_ROWS + 1, AMX_TOKENS)``: its last row takes the code sums
+    ``decode_rows`` also gives, which the tiles do not need). Rows past ``last`` and tokens
+    past ``n`` are computed on whatever the buffers hold and never stored.
     """
     chunks, _, tokens = tiles.shape
     kp = chunks * amx.TILE_BYTES
@@ -46,7 +32,7 @@ def gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, sca
     load_config(TILE_CONFIG)
     for start in range(first, last, AMX_ROWS):
         rows = min(last - start, AMX_ROWS)
-        _decode_codes(w, start, rows, codes)
+        decode_rows(AMX, w, start, rows, codes, sums[AMX_ROWS])
         for t0 in range(0, tokens, AMX_TOKENS):
             tile_zero(0)
             tile_zero(1)

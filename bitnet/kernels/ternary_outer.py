@@ -4,9 +4,11 @@ The GEMM tiles of ``ternary_simd`` take dot products along k: each accumulator h
 partial sums of one row and token, summed across lanes at the end, and each code vector is
 decoded in the loop. Here each accumulator lane is a different token instead:
 
-* the rows' codes are decoded to bytes once per ``OUTER_ROWS`` rows (``decode_rows``, row by row);
+* the rows' codes are decoded to bytes once per ``OUTER_ROWS`` rows (``ternary_blocks.decode_rows``,
+  row by row, as the ``amx`` path decodes them);
 * the activations are laid out once per call in VNNI layout, 16 tokens x 4 k per 64 bytes
-  (``vnni_activations``), offset by 128 to be the unsigned operand of ``vpdpbusd``;
+  (``ternary_blocks.vnni_activations``, as for AMX tiles), offset by 128 (``OFFSET_WORD``) to
+  be the unsigned operand of ``vpdpbusd``;
 * a tile (``tile_outer``) is 16 rows x 16 tokens: for every 4 k, one 64-byte load of the
   tokens' activations and one ``vpdpbusd`` per row with that row's 4 codes broadcast from
   memory. No decode and no lane sums in the loop: ~100% of the ``vpdpbusd`` peak from L2
@@ -22,72 +24,26 @@ most ``255 * 2`` per k, so int32 holds it for ``k <= AMX_MAX_K`` (the ``amx`` pa
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .simd import (
     add_acc,
-    and_bytes,
     dequantize,
     dot_acc,
     load_bytes,
     load_floats,
     load_ints,
-    shift_right_bytes,
     splat_acc,
-    splat_bytes,
     splat_floats,
     splat_four_bytes,
     store_transposed,
     store_vector,
-    sum_acc,
-    zero_acc,
 )
-from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, emit
+from .ternary_blocks import KERNEL, decode_rows, emit
 
 OUTER_ROWS = 16  # rows of a tile: one accumulator each
 OUTER_TOKENS = 16  # tokens of a tile: the 16 int32 lanes of an accumulator
 OUTER_MIN_TOKENS = 16  # from this many tokens the avx512vnni path multiplies in outer products
-OFFSET_WORD = np.int32(-0x7F7F7F80)  # 0x80808080: flips the sign bit of each of a word's 4 bytes
-
-
-@njit(parallel=True, **KERNEL)
-def vnni_activations(q, tiles, offset):
-    """Write ``q`` (n, kp) int8 into ``tiles``, int32 ``(kp // 64, 16, tokens)`` with ``tokens >= n``.
-
-    Element ``[c, k4, t]`` holds the 4 activations ``64 c + 4 k4 .. + 3`` of token ``t`` (one
-    int32 word of ``q``), xor ``offset``: 0 for AMX tiles (signed operands: a tile load at
-    ``[c, 0, t0]`` with a row stride of ``4 tokens`` bytes is the activations tile of tokens
-    ``t0 .. t0 + 15`` for k chunk ``c``), ``OFFSET_WORD`` for ``tile_outer`` (each byte plus
-    128, unsigned). Columns ``t >= n`` keep whatever they
-    held: the sums of those tokens are never stored, and leaving them spares a pass over a
-    buffer that is reused from call to call.
-    """
-    n, kp = q.shape
-    words = q.view(np.int32)
-    chunks, group, _ = tiles.shape
-    for t in prange(n):  # each token writes its own column
-        for c in range(chunks):
-            for k4 in range(group):
-                tiles[c, k4, t] = words[t, group * c + k4] ^ offset
-
-
-@njit(**KERNEL)
-def decode_rows(isa, w, first, rows, codes, code_sums):
-    """Stored codes (0, 1, 2) of rows ``first .. first + rows - 1`` into ``codes[i, k]``, one byte
-    each, and ``-128`` times each row's sum of codes into ``code_sums[i]``."""
-    nb = w.shape[1] // BLOCK_BYTES
-    kp = codes.shape[1]
-    three = splat_bytes(isa, 3)
-    ones = splat_bytes(isa, 1)
-    for i in range(rows):
-        total = zero_acc(isa)
-        for b in range(nb):
-            x = load_bytes(isa, w, (first + i) * w.shape[1] + b * BLOCK_BYTES)
-            for c in range(4):
-                v = and_bytes(shift_right_bytes(x, 2 * c), three)
-                store_vector(codes, i * kp + b * BLOCK + 64 * c, v)
-                total = dot_acc(isa, total, v, ones)
-        code_sums[i] = -128 * sum_acc(total)
 
 
 @njit(**KERNEL)
