@@ -142,11 +142,17 @@ def byte_vector_size(typingctx, isa):
     return types.intp(isa), codegen
 
 
-def _vector_load(vector_of, dtype_ok, doc: str):
-    """An intrinsic ``(isa, array, index)`` loading the vector ``vector_of(isa)`` from flat ``index`` on
-    of a C-contiguous ``array`` whose dtype passes ``dtype_ok``."""
+def _named_intrinsic(function, name: str, doc: str):
+    """``function`` as an ``@intrinsic`` called ``name`` (so typing errors name it) with docstring ``doc``."""
+    function.__name__ = function.__qualname__ = name
+    function.__doc__ = doc
+    return intrinsic(function)
 
-    @intrinsic
+
+def _vector_load(name: str, vector_of, dtype_ok, doc: str):
+    """An intrinsic ``name(isa, array, index)`` loading the vector ``vector_of(isa)`` from flat ``index``
+    on of a C-contiguous ``array`` whose dtype passes ``dtype_ok``."""
+
     def load(typingctx, isa, array, index):
         if not _c_array(array, dtype_ok):
             return None
@@ -158,19 +164,17 @@ def _vector_load(vector_of, dtype_ok, doc: str):
 
         return vec(isa, array, index), codegen
 
-    load.__doc__ = doc
-    return load
+    return _named_intrinsic(load, name, doc)
 
 
-load_bytes = _vector_load(_bytes_type, lambda dtype: dtype.bitwidth == 8,
+load_bytes = _vector_load("load_bytes", _bytes_type, lambda dtype: dtype.bitwidth == 8,
                           "The ``byte_vector_size(isa)`` bytes of a C-contiguous 1-byte array from flat ``index`` on.")
 
 
-def _splat_ints(vector_of, doc: str):
-    """An intrinsic ``(isa, value)`` giving the vector ``vector_of(isa)`` with the low bits of ``value``
-    in every lane."""
+def _splat_ints(name: str, vector_of, doc: str):
+    """An intrinsic ``name(isa, value)`` giving the vector ``vector_of(isa)`` with the low bits of
+    ``value`` in every lane."""
 
-    @intrinsic
     def splat(typingctx, isa, value):
         vec = vector_of(isa)
 
@@ -179,11 +183,10 @@ def _splat_ints(vector_of, doc: str):
 
         return vec(isa, value), codegen
 
-    splat.__doc__ = doc
-    return splat
+    return _named_intrinsic(splat, name, doc)
 
 
-splat_bytes = _splat_ints(_bytes_type, "A byte vector with the low 8 bits of ``value`` in every lane.")
+splat_bytes = _splat_ints("splat_bytes", _bytes_type, "A byte vector with the low 8 bits of ``value`` in every lane.")
 
 
 @intrinsic
@@ -237,7 +240,8 @@ def zero_acc(typingctx, isa):
     return vec(isa), codegen
 
 
-splat_acc = _splat_ints(_acc_type, "An int32 accumulator vector with the low 32 bits of ``value`` in every lane.")
+splat_acc = _splat_ints("splat_acc", _acc_type,
+                        "An int32 accumulator vector with the low 32 bits of ``value`` in every lane.")
 
 
 _VNNI = ("amx", "avx512vnni", "avxvnni")  # the markers whose dot product is ``vpdpbusd``
@@ -424,7 +428,7 @@ def store_transposed(typingctx, array, index, accs):
     return types.none(array, index, accs), codegen
 
 
-load_ints = _vector_load(_acc_type, lambda dtype: dtype == types.int32,
+load_ints = _vector_load("load_ints", _acc_type, lambda dtype: dtype == types.int32,
                          "An int32 accumulator vector of ``isa`` from a C-contiguous int32 ``array`` from flat "
                          "``index`` on.")
 
@@ -601,7 +605,8 @@ def widen_words(typingctx, isa, word_format, array, index):
     return vec(isa, word_format, array, index), codegen
 
 
-load_floats = _vector_load(lambda isa: FloatVectorType(isa.vector_bytes // 4), lambda dtype: dtype == types.float32,
+load_floats = _vector_load("load_floats", lambda isa: FloatVectorType(isa.vector_bytes // 4),
+                           lambda dtype: dtype == types.float32,
                            "A float32 vector (the lanes of an int32 accumulator of ``isa``) of a C-contiguous "
                            "float32 ``array`` from flat ``index`` on.")
 
