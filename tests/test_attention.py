@@ -98,8 +98,9 @@ def test_avx512_attention_runs_in_register_blocks(dtype):
     assert "prefetcht1" in asm and not re.search(r"extendhfsf2|h2f_ieee", asm)
 
 
-def test_serial_and_parallel_builds_and_thread_counts_give_the_same_bits(rng):
-    heads, kv_heads, d, n, start = 8, 2, 64, 1, 1100
+@pytest.mark.parametrize("n, start", [(1, 1100), (37, 5)])  # decode (chunked positions); prefill (items paired)
+def test_serial_and_parallel_builds_and_thread_counts_give_the_same_bits(rng, n, start):
+    heads, kv_heads, d = 8, 2, 64
     q = rng.standard_normal((n, heads, d)).astype(np.float32)
     k, v = (rng.standard_normal((start + n, kv_heads, d)).astype(np.float32) for _ in range(2))
     results = [run_kernel(q, k, v, start, np.float16, threaded=False)]
@@ -111,6 +112,8 @@ def test_serial_and_parallel_builds_and_thread_counts_give_the_same_bits(rng):
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for result in results[1:]:
         assert np.array_equal(result, results[0])
+    rounded = [a.astype(np.float16) for a in (k, v)]  # what the float16 cache holds
+    np.testing.assert_allclose(results[0], reference_attention(q, *rounded, start), rtol=2e-5, atol=2e-5)
 
 
 def test_inf_and_nan_reach_the_output_as_float32_attention_gives_them(rng):

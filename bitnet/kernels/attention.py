@@ -402,6 +402,19 @@ def _context_for(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, 
     return blocks
 
 
+@njit(**_KERNEL)
+def _paired_from_both_ends(index, n):
+    """The query that work item row ``index`` serves: 0, n - 1, 1, n - 2, ...
+
+    Query ``i`` reads ``start + i + 1`` positions, so in order the last items would hold most
+    of a prefill's work, and ``prange``, which hands each thread one contiguous run of items,
+    would leave the first thread idle for most of it. Paired from both ends, any run of whole
+    pairs holds the same number of positions. Which thread computes an item never changes
+    its value.
+    """
+    return index // 2 if index % 2 == 0 else n - 1 - index // 2
+
+
 def causal_attention(isa, queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum,
                      chunk_context, out):
     """Softmax attention of each query over cache positions ``0 .. start + i`` (causal).
@@ -417,7 +430,7 @@ def causal_attention(isa, queries, keys, values, start, scaling, chunk, scores, 
     chunks = chunk_max.shape[2]
     scaling = np.float32(scaling)  # a Python float would turn the dot products into float64 (3x slower)
     for item in prange(n * kv_heads * chunks):
-        i = item // (kv_heads * chunks)
+        i = _paired_from_both_ends(item // (kv_heads * chunks), n)
         kv = item // chunks % kv_heads
         c = item % chunks
         first_head = kv * group
