@@ -363,6 +363,39 @@ def test_attention_refuses_a_cache_of_another_layout(rng):
     assert attention(x, cache, 0).shape == (3, 64)
 
 
+def test_decoder_layer_checks_its_arguments_before_anything_runs(rng):
+    """The model runs its layers without per-layer checks (it checks ids and caches once a step);
+    a DecoderLayer called on its own checks what its sublayers would have."""
+    hidden, inner = 64, 96
+    mlp = MLP(*(BitLinear.from_float(rng.standard_normal(shape).astype(np.float32))
+                for shape in ((inner, hidden), (inner, hidden), (hidden, inner))), None)
+    layer = bn.models.DecoderLayer(_attention(rng), mlp, RMSNorm(np.ones(hidden, np.float32)),
+                                   RMSNorm(np.ones(hidden, np.float32)))
+    x = rng.standard_normal((3, hidden)).astype(np.float32)
+    cache = KVCache(1, 2, 16, 8)
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    bad_calls = [
+        ((x[:, :32], [(cache, slice(0, 3))], 0), bn.ShapeError),  # width
+        ((x.astype(np.float64), [(cache, slice(0, 3))], 0), bn.DTypeError),
+        ((x, [(cache, slice(0, 2))], 0), bn.ShapeError),  # rows not covered
+        ((x, [(KVCache(1, 2, 16, 2), slice(0, 3))], 0), bn.ShapeError),  # no room: not reserved
+        ((x, [(KVCache(1, 4, 16, 8), slice(0, 3))], 0), bn.ShapeError),  # another layout
+        ((x, [(cache, slice(0, 3))], 1), bn.ShapeError),  # no such layer
+        ((read_only, [(cache, slice(0, 3))], 0), bn.ShapeError),
+    ]
+    before = x.copy()
+    for args, error in bad_calls:
+        with pytest.raises(error):
+            layer(*args)
+    assert np.array_equal(x, before) and not cache.keys[0].any()  # nothing ran
+    expected = x.copy()  # the layer's formula, from the sublayers' public calls
+    attended = layer.attention(layer.input_norm(expected), KVCache(1, 2, 16, 8), 0)
+    expected += mlp(layer.post_attention_norm.add_and_normalize(expected, attended))
+    layer(x, [(cache, slice(0, 3))], 0)
+    assert np.array_equal(x, expected)
+
+
 def test_attention_and_mlp_constructors_check_the_projection_shapes(rng):
     def linear(m, k):
         return BitLinear.from_float(rng.standard_normal((m, k)).astype(np.float32))

@@ -36,10 +36,18 @@ class DecoderLayer:
         self.post_attention_norm = post_attention_norm
 
     def __call__(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], index: int) -> None:
-        """Update the residual stream ``x`` (``(n, hidden)``) in place; ``sequences`` pairs each
-        sequence's cache with its rows of ``x`` (see :meth:`Attention.batched`)."""
-        attended = self.attention.batched(self.input_norm(x), sequences, index)
-        x += self.mlp(self.post_attention_norm.add_and_normalize(x, attended))
+        """Update the residual stream ``x`` (``(n, hidden)``, writeable) in place; ``sequences`` pairs
+        each sequence's cache with its rows of ``x`` (see :meth:`Attention.batched`)."""
+        self.attention.check_batch(x, sequences, index)
+        if not x.flags.writeable:
+            raise errors.ShapeError("the residual stream x is updated in place: pass a writeable array")
+        self._forward(x, sequences, index)
+
+    def _forward(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], index: int) -> None:
+        """``self(x, sequences, index)`` for arguments the model has checked: it checks the ids and
+        every cache once per step, and the layers then run without checks of their own."""
+        attended = self.attention._batched(self.input_norm._forward(x), sequences, index)
+        x += self.mlp._forward(self.post_attention_norm._add_and_normalize(x, attended))
 
 
 def build_layers(config: BitNetConfig, weights: dict[str, object]) -> tuple[list[DecoderLayer], RMSNorm]:
@@ -295,7 +303,7 @@ class BitNetForCausalLM:
             tokens = ids[0] if len(ids) == 1 else np.concatenate(ids)
             x = self.embed_tokens.rows(tokens, out=scratch.empty((len(tokens), self.config.hidden_size)))
             for index, layer in enumerate(self.layers):
-                layer(x, sequences, index)
+                layer._forward(x, sequences, index)
             for cache, i in zip(caches, ids, strict=True):
                 cache.length += len(i)
             if last_only and len(ids) == 1:

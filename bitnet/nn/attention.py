@@ -161,7 +161,12 @@ class KVCache:
                 f"the cache length {length!r} plus {new} new positions must fit its capacity {self.capacity}: "
                 f"call cache.reserve(length + new) first"
             )
-        if dtype is np.float16:
+        return self.kernel_arrays(index)
+
+    def kernel_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`layer` returns, without its checks: for a caller that has made them this step."""
+        keys, values = self.keys[index], self.values[index]
+        if keys.dtype == np.float16:
             return keys.view(np.uint16), values.view(np.uint16)
         return keys, values
 
@@ -234,8 +239,8 @@ class Attention:
     def _project(self, x: np.ndarray) -> np.ndarray:
         """Queries, keys and values side by side: ``(n, (heads + 2 kv_heads) head_dim)``."""
         if self.qkv_proj is not None:
-            return self.qkv_proj(x)
-        parts = [proj(x) for proj in self.projections]
+            return self.qkv_proj._forward(x)
+        parts = [proj._forward(x) for proj in self.projections]
         qkv = scratch.reused("self_attn.qkv", (x.shape[0], sum(p.shape[1] for p in parts)))
         np.concatenate(parts, axis=1, out=qkv)
         return qkv
@@ -253,19 +258,31 @@ class Attention:
         """Attention for rows of several sequences at once: ``sequences`` pairs each one's cache with
         its rows of ``x`` (consecutive, covering ``x``). The projections run once over all rows;
         rope and attention run per sequence, over its own cache."""
+        self.check_batch(x, sequences, layer)
+        return self._batched(x, sequences, layer)
+
+    def check_batch(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], layer: int) -> None:
+        """Raise unless :meth:`batched` can run on these arguments: ``x`` float32 ``(n, hidden)``, the
+        sequences' rows consecutive and covering ``x``, each cache with layer ``layer`` of this
+        attention's layout and room for its rows."""
         checks.check_rows(x, "attention input", self.hidden_size)
         _check_sequences(sequences, x.shape[0])
+        for cache, rows in sequences:
+            cache.layer(layer, self.kv_heads, self.head_dim, rows.stop - rows.start)
+
+    def _batched(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], layer: int) -> np.ndarray:
+        """:meth:`batched` for arguments :meth:`check_batch` passes."""
         qkv = self._project(x)
         queries = scratch.reused("self_attn.queries", (x.shape[0], self.heads, self.head_dim))
         context = scratch.reused("self_attn.context", (x.shape[0], self.heads * self.head_dim))
         for cache, rows in sequences:
             n, start = rows.stop - rows.start, cache.length
-            keys, values = cache.layer(layer, self.kv_heads, self.head_dim, n)
+            keys, values = cache.kernel_arrays(layer)
             self.rope.reserve(start + n)
             kernels.rope_into_cache(qkv[rows], self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
                                     queries[rows], keys, values)
             self._attend(queries[rows], keys, values, start, context[rows])
-        return self.o_proj(context if self.sub_norm is None else self.sub_norm(context))
+        return self.o_proj._forward(context if self.sub_norm is None else self.sub_norm._forward(context))
 
     def _attend(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
                 out: np.ndarray) -> None:

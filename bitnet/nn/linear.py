@@ -131,8 +131,13 @@ class BitLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``x`` of shape ``(n, in_features)`` float32 -> ``(n, out_features)`` float32 step temporary."""
         checks.check_rows(x, "BitLinear input", self.in_features)
+        return self._forward(x)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """``self(x)`` for an ``x`` the caller has checked: the calls of the layers built on this one,
+        which check their own input once instead of at every step inside."""
         if self.input_norm is not None:
-            x = self.input_norm(x)
+            x = self.input_norm._forward(x)
         out = scratch.reused(self.tag, (x.shape[0], self.out_features))
         if self.device == backends.CPU and x.flags.c_contiguous:  # checked here and at construction
             matmul_rows(x, self.weight, out)

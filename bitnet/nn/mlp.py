@@ -61,8 +61,8 @@ class MLP:
     def _gate_up(self, x: np.ndarray) -> np.ndarray:
         """``[gate(x) | up(x)]`` side by side: ``(n, 2 intermediate)``."""
         if self.gate_up_proj is not None:
-            return self.gate_up_proj(x)
-        parts = [proj(x) for proj in self.projections]
+            return self.gate_up_proj._forward(x)
+        parts = [proj._forward(x) for proj in self.projections]
         gate_up = scratch.reused("mlp.gate_up", (x.shape[0], 2 * parts[0].shape[1]))
         np.concatenate(parts, axis=1, out=gate_up)
         return gate_up
@@ -70,6 +70,10 @@ class MLP:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``x`` of shape ``(n, hidden)`` float32 -> ``(n, hidden)`` float32 step temporary."""
         checks.check_rows(x, "MLP input", self.down_proj.out_features)
+        return self._forward(x)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """``self(x)`` for an ``x`` the caller has checked (see ``BitLinear._forward``)."""
         gate_up = self._gate_up(x)
         hidden = scratch.reused("mlp.hidden", (x.shape[0], gate_up.shape[1] // 2))
         norm = self.sub_norm
@@ -77,4 +81,4 @@ class MLP:
         rows.for_rows(x.shape[0]).gated_activation(
             gate_up, self.activation == "silu", weight, eps, norm is not None, hidden
         )
-        return self.down_proj(hidden)
+        return self.down_proj._forward(hidden)

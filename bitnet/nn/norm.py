@@ -27,6 +27,10 @@ class RMSNorm:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Normalize the rows of ``x`` (``(n, features)`` float32) into a new step temporary."""
         checks.check_rows(x, "RMSNorm input", self.weight.shape[0])
+        return self._forward(x)
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """``self(x)`` for an ``x`` the caller has checked (see ``BitLinear._forward``)."""
         out = scratch.reused(self.tag, x.shape)
         rows.for_rows(x.shape[0]).rms_norm(x, self.weight, self.eps, out)
         return out
@@ -37,6 +41,10 @@ class RMSNorm:
         checks.check_rows(delta, "residual update", self.weight.shape[0])
         if delta.shape != x.shape or not x.flags.writeable:
             raise errors.ShapeError(f"the residual update {delta.shape} must match the writeable input {x.shape}")
+        return self._add_and_normalize(x, delta)
+
+    def _add_and_normalize(self, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """``add_and_normalize`` for arguments the caller has checked."""
         out = scratch.reused(self.tag, x.shape)
         rows.for_rows(x.shape[0]).add_rms_norm(x, delta, self.weight, self.eps, out)
         return out
