@@ -17,7 +17,7 @@ from numba.extending import intrinsic
 
 import bitnet as bn
 from bitnet.kernels import attention as kernels
-from bitnet.kernels import simd, vector_math
+from bitnet.kernels import cpu_features, simd, vector_math
 from bitnet.nn import BitLinear, KVCache, RMSNorm, RotaryEmbedding
 from bitnet.nn.attention import Attention
 
@@ -96,6 +96,24 @@ def test_avx512_attention_runs_in_register_blocks(dtype):
     for instruction in expected:
         assert re.search(rf"\b{instruction}\s[^\n]*%zmm", asm), instruction
     assert "prefetcht1" in asm and not re.search(r"extendhfsf2|h2f_ieee", asm)
+    # a 4 x 4 block's scores leave as 4 rows of 4 (128-bit stores), not 16 scalar extracts and stores
+    assert re.search(r"\bvextractf32x4\s+\$\d, %zmm\d+, -?\d*\(", asm)
+
+
+@numba.njit
+def _scaled_fours(isa, values, factor, out, index, stride):
+    products = simd.mul_floats(simd.load_floats(isa, values, 0), simd.splat_floats(isa, factor))
+    simd.store_fours(out, index, stride, products)
+
+
+@pytest.mark.skipif(cpu_features.unsupported_reason("avx512vnni") is not None, reason="needs AVX-512 vectors")
+def test_store_fours_writes_each_4_lanes_to_its_row(rng):
+    values = rng.standard_normal(16).astype(np.float32)
+    out = np.full((5, 7), np.nan, np.float32)
+    _scaled_fours(simd.MARKERS["avx512vnni"], values, np.float32(0.3), out, 9, 7)  # from out[1, 2], rows of 7
+    expected = np.full((5, 7), np.nan, np.float32)
+    expected[1:5, 2:6] = (values * np.float32(0.3)).reshape(4, 4)  # float32 products, as numpy rounds them
+    np.testing.assert_array_equal(out, expected)
 
 
 @pytest.mark.parametrize("n, start", [(1, 1100), (37, 5)])  # decode (chunked positions); prefill (items paired)

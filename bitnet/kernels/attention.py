@@ -39,14 +39,15 @@ from .simd import (
     IsaMarker,
     add_products,
     byte_vector_size,
-    lane,
     lane_totals,
     load_floats,
     load_four_floats,
+    mul_floats,
     narrow_to_f16,
     prefetch,
     splat_floats,
     store_four_floats,
+    store_fours,
     widen_four_words,
     widen_word,
     widen_words,
@@ -306,9 +307,8 @@ def _scores_4x4(isa, queries, i, h, keys, kv, t, scaling, tile_scores, g, s):
         a30, a31, a32, a33 = _add_times(load_floats(isa, queries, q0 + 3 * d + j), k_0, k_1, k_2, k_3,
                                         a30, a31, a32, a33)
     totals = lane_totals((a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33))
-    for x in range(4):
-        for p in range(4):
-            tile_scores[g + x, s + p] = lane(totals, 4 * x + p) * scaling
+    store_fours(tile_scores, g * tile_scores.shape[1] + s, tile_scores.shape[1],
+                mul_floats(totals, splat_floats(isa, scaling)))  # lane 4 x + p: head x, position p
 
 
 @njit(**_KERNEL)

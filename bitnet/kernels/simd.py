@@ -17,10 +17,11 @@ Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat
 ``splat_acc`` / ``load_ints`` / ``dot_acc`` / ``offset_sums`` / ``signed_dot`` / ``add_acc`` /
 ``shift_right_acc`` / ``sum_acc`` / ``lane_totals`` / ``store_transposed`` / ``lane`` on int32
 accumulator vectors; ``zero_floats`` / ``splat_floats`` / ``load_floats`` / ``widen_words`` /
-``block_scales`` / ``scaled_add_floats`` / ``dequantize`` / ``add_floats`` / ``add_products`` /
-``sum_floats`` (and ``lane_totals`` / ``lane``) on float32 vectors of the same lane count;
-``store_vector`` for all three; ``load_four_floats`` / ``widen_four_words`` /
-``store_four_floats`` for a register block's row of 4 vectors; ``prefetch``; and the scalars
+``block_scales`` / ``scaled_add_floats`` / ``dequantize`` / ``add_floats`` / ``mul_floats`` /
+``add_products`` / ``sum_floats`` (and ``lane_totals`` / ``lane``) on float32 vectors of the same
+lane count; ``store_vector`` for all three, ``store_fours`` for a 4 x 4 block of floats;
+``load_four_floats`` / ``widen_four_words`` / ``store_four_floats`` for a register block's row
+of 4 vectors; ``prefetch``; and the scalars
 ``widen_word`` (a bf16 or f16 word, as a ``WordFormat`` marker says), its inverse
 ``narrow_to_f16`` and ``float32_from_bits``.
 """
@@ -652,6 +653,40 @@ def add_floats(typingctx, a, b):
         return builder.fadd(args[0], args[1])
 
     return a(a, b), codegen
+
+
+@intrinsic
+def mul_floats(typingctx, a, b):
+    """``a * b`` lane by lane (float32 vectors)."""
+    if not (isinstance(a, FloatVectorType) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def store_fours(typingctx, array, index, stride, vector):
+    """Store each 4 consecutive lanes of a float32 vector into a C-contiguous float32 ``array``: lanes
+    ``4 q .. 4 q + 3`` from flat ``index + q stride`` on (a 4 x 4 block into 4 rows of a matrix,
+    one 128-bit store each)."""
+    if not (isinstance(vector, FloatVectorType) and _c_array(array, lambda dtype: dtype == types.float32)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        four = ir.VectorType(ir.FloatType(), 4)
+        start = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.FloatType())
+        step = context.cast(builder, args[2], sig.args[2], types.intp)
+        for q in range(vector.lanes // 4):
+            lanes = ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(4 * q, 4 * q + 4)))
+            part = builder.shuffle_vector(args[3], ir.Constant(args[3].type, ir.Undefined), lanes)
+            offset = builder.mul(step, ir.Constant(step.type, q))
+            builder.store(part, builder.bitcast(builder.gep(start, [offset]), four.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(array, index, stride, vector), codegen
 
 
 @intrinsic
