@@ -61,7 +61,11 @@ from .vector_math import exp32, max32
 _KERNEL = dict(fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True, nogil=True,
                boundscheck=False)
 
-TILE = 32  # positions scored at once within an item: the scores of a tile stay in L1
+# Positions scored at once within an item: a tile's scores (4 heads x 128 floats, 2 KB) stay in L1,
+# and each tile costs a softmax pass per head and a load and store of the context's accumulators,
+# so longer tiles cost less: 128 against 32 took a 2048-position decode's attention from 8-9 to
+# 6.6-7.3 ms and a 256-query prefill from 6.3-6.5 to 5.4-5.5 ms (NOTES.md).
+TILE = 128
 DECODE_CHUNK = 256  # positions per item when queries are few (decode): a long context splits over threads
 FEW_QUERIES = 8  # below this many queries the positions are chunked; above, queries give enough items
 # Attention over this many positions is worth threads even for one query: in a decode step the
