@@ -643,28 +643,24 @@ def splat_floats(typingctx, isa, value):
     return vec(isa, value), codegen
 
 
-@intrinsic
-def add_floats(typingctx, a, b):
-    """``a + b`` lane by lane (float32 vectors)."""
-    if not (isinstance(a, FloatVectorType) and a == b):
-        return None
+def _lane_by_lane(name: str, instruction: str, doc: str):
+    """An intrinsic ``name(a, b)`` applying the LLVM float ``instruction`` ("fadd", "fmul") to two
+    float32 vectors of the same lanes, lane by lane."""
 
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
+    def operation(typingctx, a, b):
+        if not (isinstance(a, FloatVectorType) and a == b):
+            return None
 
-    return a(a, b), codegen
+        def codegen(context, builder, sig, args):
+            return getattr(builder, instruction)(args[0], args[1])
+
+        return a(a, b), codegen
+
+    return _named_intrinsic(operation, name, doc)
 
 
-@intrinsic
-def mul_floats(typingctx, a, b):
-    """``a * b`` lane by lane (float32 vectors)."""
-    if not (isinstance(a, FloatVectorType) and a == b):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fmul(args[0], args[1])
-
-    return a(a, b), codegen
+add_floats = _lane_by_lane("add_floats", "fadd", "``a + b`` lane by lane (float32 vectors).")
+mul_floats = _lane_by_lane("mul_floats", "fmul", "``a * b`` lane by lane (float32 vectors).")
 
 
 @intrinsic
