@@ -133,7 +133,7 @@ def fuzz_config(rng) -> None:
 def fuzz_model(rng, model=None) -> None:
     model = model or FUZZ_MODEL
     ids = maybe(rng, lambda: rng.integers(-2, 44, size(rng) or 1), 0.2)
-    kind = rng.integers(4)
+    kind = rng.integers(5)
     if kind == 0:
         model(ids)
     elif kind == 1:
@@ -145,7 +145,7 @@ def fuzz_model(rng, model=None) -> None:
     elif kind == 2:
         other = OTHER_MODEL if rng.random() < 0.5 else model
         model(ids, cache=maybe(rng, lambda: other.new_cache(int(rng.integers(1, 8))), 0.2))
-    else:  # several sequences: float16 or float32 caches, some released, shared or of the other model
+    elif kind == 3:  # several sequences: float16 or float32 caches, some released, shared or of the other model
         model.kv_dtype = maybe(rng, lambda: str(rng.choice(["float16", "float32"])), 0.1)
         caches = [(OTHER_MODEL if rng.random() < 0.1 else model).new_cache(int(rng.integers(1, 8)))
                   for _ in range(int(rng.integers(0, 4)))]
@@ -155,6 +155,21 @@ def fuzz_model(rng, model=None) -> None:
             caches.append(caches[-1])
         sequences = [maybe(rng, lambda: rng.integers(-2, 44, size(rng) or 1), 0.2) for _ in range(len(caches))]
         model.forward_batch(maybe(rng, lambda: sequences, 0.1), caches)
+    else:  # one decoder layer on its own: the model runs it unchecked, a caller gets its checks
+        layer = model.layers[0]
+        rows = int(rng.integers(1, 9))
+        caches = [(OTHER_MODEL if rng.random() < 0.2 else model).new_cache(int(rng.integers(1, 8)))
+                  for _ in range(int(rng.integers(1, 3)))]
+        cut = int(rng.integers(0, rows + 1)) if len(caches) == 2 else rows  # 0 or rows: a row slice is empty
+        sequences = [(caches[0], slice(0, cut)), (caches[-1], slice(cut, rows))][: len(caches)]
+        for cache, part in sequences:
+            if rng.random() < 0.8:  # room for its rows, as the model reserves it; else the layer refuses
+                cache.reserve(part.stop - part.start)
+        x = maybe(rng, lambda: array(rng, (rows, model.config.hidden_size), np.float32), 0.1)
+        if isinstance(x, np.ndarray) and rng.random() < 0.1:
+            x.flags.writeable = False
+        index = 0 if rng.random() < 0.8 else int(rng.integers(-1, 3))  # the model has one layer
+        layer(x, maybe(rng, lambda: sequences, 0.1), maybe(rng, lambda: index, 0.1))
 
 
 def fuzz_arena(rng) -> None:

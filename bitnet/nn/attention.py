@@ -161,9 +161,9 @@ class KVCache:
                 f"the cache length {length!r} plus {new} new positions must fit its capacity {self.capacity}: "
                 f"call cache.reserve(length + new) first"
             )
-        return self.kernel_arrays(index)
+        return self._kernel_arrays(index)
 
-    def kernel_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _kernel_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """What :meth:`layer` returns, without its checks: for a caller that has made them this step."""
         keys, values = self.keys[index], self.values[index]
         if keys.dtype == np.float16:
@@ -277,7 +277,7 @@ class Attention:
         context = scratch.reused("self_attn.context", (x.shape[0], self.heads * self.head_dim))
         for cache, rows in sequences:
             n, start = rows.stop - rows.start, cache.length
-            keys, values = cache.kernel_arrays(layer)
+            keys, values = cache._kernel_arrays(layer)
             self.rope.reserve(start + n)
             kernels.rope_into_cache(qkv[rows], self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
                                     queries[rows], keys, values)
