@@ -1,6 +1,7 @@
 """Ternary matmul: validate inputs once, quantize activations, run the integer kernel, scale.
 
-The kernels (``bitnet.kernels.matmul``) need the ``i2`` layout and an int8 activation
+The kernels (``bitnet.kernels.matmul``) need the weights in their path's layout (``i2x16`` on
+AVX-512 VNNI, ``i2`` elsewhere: ``WEIGHT_FORMAT`` for the path in use) and an int8 activation
 buffer zero-padded to a whole number of 256-weight blocks. This module turns whatever the
 caller gives into exactly that, then hands plain arrays to one Numba call.
 
@@ -29,7 +30,10 @@ try:
 except ValueError as bad_setting:  # a BITNET_KERNEL value this machine cannot honour
     raise errors.InvalidValueError(str(bad_setting)) from None
 _RUNNABLE = cpu_features.supported_paths()
-_PREPARED = "matmul"  # key in PackedTernary.cache for the arrays the kernels take
+WEIGHT_FORMAT = kernels.WEIGHT_FORMATS[KERNEL_PATH]
+"""The packing format the CPU kernels of ``KERNEL_PATH`` read; layers keep their weights in it."""
+_PREPARED = "matmul"  # key in PackedTernary.cache, with the format, for the arrays the kernels take
+_BLOCK = 256  # the kernels take activations padded to whole blocks of this many features
 # Placeholders for the kernel arguments one operation does not use (same types as the used ones,
 # so both operations share one compiled kernel).
 _NO_X = np.empty((0, 0), np.float32)
@@ -71,25 +75,27 @@ def get_num_threads() -> int:
     return numba.get_num_threads()
 
 
-def _kernel_weights(w: PackedTernary) -> tuple[np.ndarray, np.ndarray, int]:
-    """The i2 payload, the scale as a flat float32 array, and the scale's step per output row.
+def _kernel_weights(w: PackedTernary, path: str = KERNEL_PATH) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The payload in ``path``'s layout, the scale as a flat float32 array, the scale's step per
+    output row, and the padded features (a multiple of 256).
 
-    Weights in another format are repacked to i2 once (``formats.kernel_layout``); this
-    triple is kept in ``w.cache`` too, which saves the checks on every later call. A
-    PackedTernary cannot change (its payload and scale are read-only, its shape fixed), so
-    the cached triple stays right. Its payload is C-contiguous, read-only (one array type
-    for the kernels), of the i2 shape ``(m, 64 ceil(k / 256))`` and free of the 2-bit value 3:
-    ``PackedTernary`` checked all of it.
+    Weights in another format are repacked once (``formats.kernel_layout``); this tuple is
+    kept in ``w.cache`` too, which saves the checks on every later call. A PackedTernary cannot
+    change (its payload and scale are read-only, its shape fixed), so the cached tuple stays
+    right. Its payload is C-contiguous, read-only (one array type for the kernels), of the
+    format's shape and free of the 2-bit value 3: ``PackedTernary`` checked all of it.
     """
     if type(w) is not PackedTernary:
         check_packed(w)
-    prepared = w.cache.get(_PREPARED)
+    key = (_PREPARED, kernels.WEIGHT_FORMATS[path])
+    prepared = w.cache.get(key)
     if prepared is not None:
         return prepared
     if w.shape[1] > _MAX_K:
         raise errors.ShapeError(f"matmul supports up to {_MAX_K} input features (exact int32 sums), got {w.shape[1]}")
-    prepared = (kernel_layout(w).data, w.scale.reshape(-1), 1 if w.granularity == "channel" else 0)
-    w.cache[_PREPARED] = prepared
+    prepared = (kernel_layout(w, key[1]).data, w.scale.reshape(-1), 1 if w.granularity == "channel" else 0,
+                -(-w.shape[1] // _BLOCK) * _BLOCK)
+    w.cache[key] = prepared
     return prepared
 
 
@@ -190,16 +196,16 @@ def matmul_int(q: np.ndarray, w: PackedTernary, *, path: str | None = None) -> n
     ShapeError when the last axis of ``q`` is not ``k`` or ``k >= 2**24``; FormatError for
     group-wise scales; InvalidValueError for an unknown ``path`` or one this CPU cannot run.
     """
-    data, _, _ = _kernel_weights(w)
+    path = _kernel_path(path)
+    data, _, _, k_padded = _kernel_weights(w, path)
     q = np.asarray(q)
     errors.check_dtype(q, "activations", [np.int8])
     m, k = w.shape
     rows = np.ascontiguousarray(errors.token_rows(q, "activations", k))
     n = rows.shape[0]
     acc = np.empty((n, m), np.int32)
-    path = _kernel_path(path)
     if n:
-        padded, _, q_sum, scratch = _workspace(n, data.shape[1] * 4, path)
+        padded, _, q_sum, scratch = _workspace(n, k_padded, path)
         padded[:, :k] = rows
         padded[:, k:] = 0
         np.sum(rows, axis=1, dtype=np.int32, out=q_sum)
@@ -243,7 +249,8 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     if not (isinstance(device, str) and device == backends.CPU):
         errors.check_choice("device", device, (backends.CPU, *backends.BACKENDS), errors.DeviceError)
         return backends.get_backend(device).matmul(x, w, out=out)
-    _kernel_weights(w)  # checks w before x (and caches its kernel arrays for matmul_rows)
+    path = _kernel_path(path)
+    _kernel_weights(w, path)  # checks w before x (and caches its kernel arrays for matmul_rows)
     x = np.asarray(x)
     errors.check_float(x, "activations")
     m, k = w.shape
@@ -251,7 +258,7 @@ def matmul(x: np.ndarray, w: PackedTernary, out: np.ndarray | None = None, devic
     if rows.dtype != np.float32:
         rows = rows.astype(np.float32)
     result = errors.checked_out(out, x.shape[:-1] + (m,))
-    matmul_rows(rows, w, result.reshape(rows.shape[0], m), _kernel_path(path))
+    matmul_rows(rows, w, result.reshape(rows.shape[0], m), path)
     return result
 
 
@@ -263,8 +270,8 @@ def matmul_rows(rows: np.ndarray, w: PackedTernary, out: np.ndarray, path: str =
     a runnable path. A layer checks its input once per call and its weights once at
     construction, so it skips ``matmul``'s own checks (~4 us a call, 120 calls a 2B4T decode step).
     """
-    data, scale, scale_step = _kernel_weights(w)
+    data, scale, scale_step, k_padded = _kernel_weights(w, path)
     n = rows.shape[0]
     if n:
-        q, act_scale, q_sum, scratch = _workspace(n, data.shape[1] * 4, path)
+        q, act_scale, q_sum, scratch = _workspace(n, k_padded, path)
         kernels.ENTRY_POINTS[path](rows, data, q, act_scale, q_sum, scale, scale_step, _NO_ACC, out, True, *scratch)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import bitnet as bn
 from bitnet import ops
-from bitnet.kernels import cpu_features, simd, ternary_blocks, ternary_outer, ternary_simd
+from bitnet.kernels import cpu_features, simd, ternary_blocks, ternary_lanes, ternary_simd
 from bitnet.kernels import matmul as kernels
 
 PATHS = cpu_features.supported_paths()
@@ -149,10 +149,10 @@ def test_matmul_every_format_and_the_repack_is_cached(rng, fmt, granularity):
     p = bn.pack(t, fmt)
     x = rng.standard_normal((2, 300)).astype(np.float32)
     np.testing.assert_allclose(bn.matmul(x, p), float_reference(x, t), rtol=2e-6)
-    if fmt != "i2":
-        cached = p.cache["i2"]
+    if fmt != ops.WEIGHT_FORMAT:
+        cached = p.cache[ops.WEIGHT_FORMAT]
         bn.matmul(x, p)
-        assert p.cache["i2"] is cached
+        assert p.cache[ops.WEIGHT_FORMAT] is cached
 
 
 def test_batch_dims_and_one_dimensional_input(rng):
@@ -250,9 +250,9 @@ def test_nan_or_inf_in_a_row_gives_a_nan_row(rng, path, bad):
 @pytest.mark.parametrize("m, k, n", [(1, 1, 32), (37, 517, 33), (70, 700, 64), (33, 257, 100), (5, 64, 45),
                                      (16, 300, 16), (48, 1030, 80)])
 def test_prefill_sized_batches_are_exact(rng, path, granularity, m, k, n):
-    """From 32 tokens the amx path multiplies in tiles of 32 rows x 32 tokens, from 16 the
-    avx512vnni path in outer products of 16 rows x 16 tokens: partial tiles of rows and
-    tokens, k tails, and the extreme activations must all come out exact."""
+    """From 32 tokens the amx path multiplies in tiles of 32 rows x 32 tokens, the avx512vnni
+    path in groups of 16 rows x 8, 4 and 1 tokens: partial tiles of rows and tokens, k tails,
+    and the extreme activations must all come out exact."""
     t = ternary(rng, m, k, granularity)
     p = bn.pack(t, "i2")
     q = random_q(rng, n, k)
@@ -271,56 +271,66 @@ def test_the_scratch_shapes_pick_each_tokens_loop():
         return [shape for shape, _ in kernels.scratch_shapes(path, n, k_padded)]
 
     slots, rows = kernels.SCRATCH_SLOTS, kernels.GEMM_ROWS
-    assert shapes("amx", 33, 512) == [(slots, 0, rows), (slots, 32, 512), (slots, 33, 32), (8, 16, 64)]
+    assert shapes("amx", 33, 512) == [(slots, 0, rows), (slots, 32, 512), (slots, 32, 32), (8, 16, 64)]
     for n, k_padded in [(31, 512), (40, kernels.AMX_MAX_K + 256)]:
         gemm_sums, codes, tile_sums, tiles = shapes("amx", n, k_padded)
         assert gemm_sums == (slots, n - n % 8, rows) and tiles[0] == codes[1] == tile_sums[1] == 0
     assert shapes("portable", 19, 256) == [(slots, 16, rows), (slots, 64), (19, 256)]
     assert shapes("avx2", 40, 512) == [(slots, 40, rows)] and shapes("avx2", 1, 256) == [(slots, 0, rows)]
-    # avx512vnni: outer products from 16 tokens, when the last 16-token tile is full or from 64 tokens.
-    assert shapes("avx512vnni", 48, 512) == [(slots, 0, rows), (slots, 16, 512), (slots, 17, 16), (8, 16, 48)]
-    assert shapes("avx512vnni", 65, 512)[3] == (8, 16, 80)
-    for n, k_padded in [(8, 512), (40, 512), (15, 512), (48, kernels.AMX_MAX_K + 256)]:
-        gemm_sums, codes, tile_sums, tiles = shapes("avx512vnni", n, k_padded)
-        assert gemm_sums == (slots, n - n % 8, rows) and tiles[0] == codes[1] == tile_sums[1] == 0
+    # avx512vnni: i2x16 weights, no scratch at all, whatever the batch.
+    for n, k_padded in [(1, 256), (8, 512), (48, 512), (65, kernels.AMX_MAX_K + 256)]:
+        assert shapes("avx512vnni", n, k_padded) == []
 
 
 @pytest.mark.skipif("avx512vnni" not in PATHS, reason="decode_rows is AVX-512 code; this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("marker", ["avx512vnni", "amx"])  # the amx path's decode has no tile instructions
-def test_decode_rows_gives_each_rows_codes_and_their_sum(rng, marker):
-    """Both tile loops decode their rows with ``decode_rows``: stored codes (``w + 1``) one byte each,
-    zero-padded k included, and ``-128`` times each row's sum of them."""
+def test_decode_rows_gives_each_rows_codes(rng):
+    """The AMX tiles read rows decoded by ``decode_rows`` (no tile instructions in it, so it runs on
+    any AVX-512 CPU): stored codes (``w + 1``) one byte each, zero-padded k included."""
     t = ternary(rng, 21, 700)
     w = bn.pack(t, "i2").data
     kp = w.shape[1] * 4
-    codes, code_sums = np.full((16, kp), 9, np.uint8), np.zeros(16, np.int32)
-    ternary_blocks.decode_rows(simd.MARKERS[marker], w, 3, 13, codes, code_sums)
+    codes = np.full((16, kp), 9, np.uint8)
+    ternary_blocks.decode_rows(simd.MARKERS["amx"], w, 3, 13, codes)
     stored = np.ones((13, kp), np.int64)
     stored[:, :700] = t.codes[3:16].astype(np.int64) + 1
     assert np.array_equal(codes[:13], stored) and (codes[13:] == 9).all()
-    assert np.array_equal(code_sums[:13], -128 * stored.sum(axis=1))
 
 
-@pytest.mark.parametrize("offset", [0, 128])
-def test_vnni_activations_lay_out_tile_operands(rng, offset):
-    """The tile paths' activation layout (plain Numba, so it runs on any CPU): word ``[c, k4, t]``
-    is activations ``64 c + 4 k4 .. + 3`` of token ``t``, each byte plus 128 for the outer
-    products (``offset``); columns past the tokens are left alone."""
+def test_vnni_activations_lay_out_tile_operands(rng):
+    """The AMX tiles' activation layout (plain Numba, so it runs on any CPU): word ``[c, k4, t]``
+    is activations ``64 c + 4 k4 .. + 3`` of token ``t``; columns past the tokens are left alone."""
     q = random_q(rng, 5, 256)
     q[0, :8] = [-128, 127, 0, -1, 1, -128, 127, 0]
     tiles = np.full((4, 16, 32), 7, np.int32)
-    ternary_blocks.vnni_activations(q, tiles, ternary_blocks.OFFSET_WORD if offset else np.int32(0))
-    shifted = (q.astype(np.int64) + offset).astype(np.uint8)  # wraps: -128 + 128 = 0, 127 + 128 = 255
-    words = shifted.view(np.int32)  # (5, 64): word j holds activations 4 j .. 4 j + 3
+    ternary_blocks.vnni_activations(q, tiles)
+    words = q.view(np.int32)  # (5, 64): word j holds activations 4 j .. 4 j + 3
     assert np.array_equal(tiles[:, :, :5], words.reshape(5, 4, 16).transpose(1, 2, 0))
     assert (tiles[:, :, 5:] == 7).all()
+
+
+def test_i2x16_puts_sixteen_rows_in_the_lanes_of_a_vector(rng):
+    """Byte ``4 i + b`` of vector ``s`` of group ``g`` holds ``W[16 g + i, 16 s + 4 f + b] + 1`` in bits
+    ``2f..2f+1``, written out here element by element; the rows past ``m`` hold zero weights."""
+    t = ternary(rng, 19, 300)
+    data = bn.pack(t, "i2x16").data
+    assert data.shape == (2, 2048)  # 16 rows x 512 padded columns / 4 per byte
+    padded = np.ones((32, 512), np.int64)
+    padded[:19, :300] = t.codes.astype(np.int64) + 1
+    expected = np.zeros((2, 2048), np.int64)
+    for g in range(2):
+        for s in range(32):
+            for i in range(16):
+                for b in range(4):
+                    expected[g, 64 * s + 4 * i + b] = sum(
+                        padded[16 * g + i, 16 * s + 4 * f + b] << (2 * f) for f in range(4))
+    assert np.array_equal(data, expected)
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_results_do_not_depend_on_the_thread_count(rng, path):
     t = ternary(rng, 301, 1100, "channel")
     p = bn.pack(t, "i2")
-    x = rng.standard_normal((48, 1100)).astype(np.float32)  # 48 tokens: AMX tiles, outer products, 8-token tiles
+    x = rng.standard_normal((48, 1100)).astype(np.float32)  # 48 tokens: AMX tiles, 8-token tiles
     q = random_q(rng, 48, 1100)
     before = bn.get_num_threads()
     try:
@@ -436,15 +446,14 @@ def test_weights_cannot_change_after_a_matmul(rng, fmt):
 
 
 @AVX512_ASM
-def test_outer_product_tiles_fold_the_code_broadcasts_and_emit_in_vectors():
-    """The outer-product tile is one ``vpdpbusd`` per row and 4 k with the row's 4 codes broadcast
-    from memory (``{1to16}``), and a tile's outputs leave in zmm divides, not one ``vdivss`` each."""
+def test_lanes_tiles_broadcast_the_activations_and_emit_in_vectors():
+    """``ternary_lanes`` multiplies 16 rows at once: each ``vpdpbusd`` takes 4 activations broadcast
+    from memory (``{1to16}``), and a group's outputs leave in zmm divides, not one ``vdivss`` each."""
     isa = simd.MARKERS["avx512vnni"]
-    m, n, kp = 16, 16, 256
+    m, n, kp = 32, 13, 256
     ones = np.ones(n, np.float32)
-    asm = fresh_asm(ternary_outer.gemm_outer, isa, np.zeros((m, kp // 4), np.uint8), 0, m,
-                    np.zeros((kp // 64, 16, n), np.int32), np.zeros((16, kp), np.uint8), np.zeros((17, 16), np.int32),
-                    n, np.zeros(n, np.int64), ones, ones, 1, np.zeros((n, m), np.int32), np.zeros((n, m), np.float32),
-                    True)
-    assert len(re.findall(r"vpdpbusd\s+[^\n]*\{1to16\}, %zmm", asm)) >= 16
+    asm = fresh_asm(ternary_lanes.lanes_matmul, isa, np.zeros((m // 16, 4 * kp), np.uint8), np.zeros((n, kp), np.int8),
+                    np.zeros(n, np.int32), ones, np.ones(m, np.float32), 1, np.zeros((n, m), np.int32),
+                    np.zeros((n, m), np.float32), True)
+    assert len(re.findall(r"vpdpbusd\s+[^\n]*\{1to16\}, %zmm", asm)) >= 8 + 4 + 4
     assert re.search(r"\bvdivps\s[^\n]*%zmm", asm)

@@ -28,7 +28,7 @@ def test_bitlinear_from_float_matches_reference(rng, m, k):
     layer = BitLinear.from_float(w)
     t = bn.quantize_weights(w)
     np.testing.assert_allclose(layer(x), reference_bitlinear(x, t.codes, float(t.scale)), rtol=1e-5, atol=1e-5)
-    assert layer.weight.format == "i2" and (layer.out_features, layer.in_features) == (m, k)
+    assert layer.weight.format == bn.ops.WEIGHT_FORMAT and (layer.out_features, layer.in_features) == (m, k)
 
 
 @pytest.mark.parametrize("divide", [False, True])
@@ -50,13 +50,18 @@ def test_bitlinear_input_norm_is_applied_first(rng):
     np.testing.assert_array_equal(BitLinear.from_float(w, input_norm=norm)(x), BitLinear.from_float(w)(norm(x)))
 
 
-def test_stacked_layers_give_the_same_outputs_and_share_bytes(rng):
-    layers = [BitLinear.from_float(rng.standard_normal((m, 64)).astype(np.float32)) for m in (16, 8, 8)]
-    x = rng.standard_normal((3, 64)).astype(np.float32)
+@pytest.mark.parametrize("rows", [(16, 32, 16), (16, 8, 8), (5, 7, 9)])
+def test_stacked_layers_give_the_same_outputs_and_share_bytes(rng, rows):
+    """The layers keep views of the stacked bytes, unless a layer ends inside a row group of the
+    kernels' format (``i2x16``: 16 rows a group), where the stack is repacked from the codes."""
+    layers = [BitLinear.from_float(rng.standard_normal((m, 300)).astype(np.float32)) for m in rows]
+    x = rng.standard_normal((3, 300)).astype(np.float32)
     separate = [layer(x).copy() for layer in layers]
     stacked = BitLinear.stacked(layers)
     np.testing.assert_array_equal(stacked(x), np.concatenate(separate, axis=1))
-    assert all(np.shares_memory(layer.weight.data, stacked.weight.data) for layer in layers)
+    group = bn.FORMATS[bn.ops.WEIGHT_FORMAT].row_group
+    shared = all(m % group == 0 for m in rows[:-1])
+    assert all(np.shares_memory(layer.weight.data, stacked.weight.data) for layer in layers) == shared
     for layer, before in zip(layers, separate, strict=True):
         np.testing.assert_array_equal(layer(x), before)
 
@@ -228,9 +233,12 @@ def test_bf16_bits_round_to_nearest_even_like_ml_dtypes(rng):
 
 
 def test_layers_built_side_by_side_stack_without_a_copy(rng):
-    from bitnet.models.random import random_linears
-
-    layers = random_linears(rng, [512, 128, 128], 256)
+    fmt = bn.ops.WEIGHT_FORMAT
+    group = bn.FORMATS[fmt].row_group
+    t = bn.quantize_weights(rng.standard_normal((768, 256)).astype(np.float32))
+    data = bn.pack(t, fmt).data
+    layers = [BitLinear(bn.PackedTernary(fmt, (rows, 256), data[start // group : (start + rows) // group], t.scale))
+              for start, rows in [(0, 512), (512, 128), (640, 128)]]
     base = layers[0].weight.data.base
     stacked = BitLinear.stacked(layers)
     assert stacked.weight.data.base is base and stacked.weight.shape == (768, 256)

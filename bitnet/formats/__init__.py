@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import errors
 from ..quant import QuantizedTensor, TernaryTensor
-from . import base3, ggml_tq, hf, i2, i2_s  # noqa: F401  (each module registers its format)
+from . import base3, ggml_tq, hf, i2, i2_s, i2x16  # noqa: F401  (each module registers its format)
 from .base import FORMATS, Format, PackedTernary, check_holds, checked_shape, get_format
 
 
@@ -20,7 +20,8 @@ def pack(t: TernaryTensor, format: str = "i2") -> PackedTernary:
     Parameters
     ----------
     t : TernaryTensor of shape ``(out_features, in_features)``.
-    format : "i2" (default, the kernels' layout), "hf", "tq2_0", "tq1_0", "i2_s" or "base3".
+    format : "i2" (default, the kernels' layout), "i2x16" (the AVX-512 VNNI kernels' layout),
+        "hf", "tq2_0", "tq1_0", "i2_s" or "base3".
 
     Returns
     -------
@@ -84,11 +85,11 @@ def check_packed(p: object, name: str = "weights") -> None:
         raise errors.DTypeError(f"{name} must be a bn.PackedTernary (from bn.pack), got {type(p).__name__}")
 
 
-KERNEL_FORMAT = "i2"  # the layout every matmul kernel reads (CPU, Metal, CUDA)
+KERNEL_FORMAT = "i2"  # the layout the matmul kernels read (Metal, CUDA, and the CPU without AVX-512 VNNI)
 
 
-def kernel_layout(p: PackedTernary) -> PackedTernary:
-    """``p`` in the ``KERNEL_FORMAT`` layout, repacked once and kept in ``p.cache[KERNEL_FORMAT]``.
+def kernel_layout(p: PackedTernary, format: str = KERNEL_FORMAT) -> PackedTernary:
+    """``p`` in the kernel layout ``format``, repacked once and kept in ``p.cache[format]``.
 
     Every matmul backend goes through here, so a weight is repacked at most once however
     many devices use it.
@@ -103,11 +104,11 @@ def kernel_layout(p: PackedTernary) -> PackedTernary:
             f"matmul needs a per-tensor or per-channel weight scale, not granularity='group' "
             f"(group_size={p.group_size}); quantize with granularity='tensor' or 'channel'"
         )
-    if p.format == KERNEL_FORMAT:
+    if p.format == format:
         return p
-    if KERNEL_FORMAT not in p.cache:
-        p.cache[KERNEL_FORMAT] = convert(p, KERNEL_FORMAT)
-    return p.cache[KERNEL_FORMAT]
+    if format not in p.cache:
+        p.cache[format] = convert(p, format)
+    return p.cache[format]
 
 
 __all__ = ["FORMATS", "KERNEL_FORMAT", "Format", "PackedTernary", "check_packed", "convert", "get_format",

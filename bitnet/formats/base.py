@@ -23,7 +23,8 @@ class Format:
     which is how corrupt or truncated payloads are caught before decoding. ``code_fields(data)``,
     for the 2-bit formats, is the part of the payload holding codes as a 3-D uint8 view
     ``(rows, blocks, bytes)``, checked for the value 3; base-3 formats have none (every byte
-    decodes to trits).
+    decodes to trits). ``row_group``: rows of the tensor per row of the payload (16 for
+    ``i2x16``, whose bytes mix 16 rows; the last group padded).
     """
 
     name: str
@@ -35,6 +36,7 @@ class Format:
     scale_in_data: bool = False
     group_size: int | None = None
     code_fields: Callable[[np.ndarray], np.ndarray] | None = None
+    row_group: int = 1
 
 
 FORMATS: dict[str, Format] = {}
@@ -69,7 +71,7 @@ class PackedTernary:
 
     Attributes
     ----------
-    format : the format's name ("i2", "hf", "tq2_0", "tq1_0", "i2_s", "base3").
+    format : the format's name ("i2", "i2x16", "hf", "tq2_0", "tq1_0", "i2_s", "base3").
     shape : ``(out_features, in_features)`` of the unpacked tensor, both >= 1 (padding is not part of it).
     data : the uint8 payload, laid out as the format says (read-only).
     scale : float32, as in :class:`bn.TernaryTensor` (``()``, ``(m, 1)`` or ``(m, k // g)``),

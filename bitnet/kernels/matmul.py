@@ -1,16 +1,16 @@
-"""Ternary matmul: int8 activations times ``i2``-packed ternary weights, exact in int32.
+"""Ternary matmul: int8 activations times packed ternary weights, exact in int32.
 
-One generic driver (``ternary_matmul``) runs every path; which inner loops it calls is
-decided at compile time by the ISA marker it gets (``simd.MARKERS``):
+The weights come in the layout of the path (``WEIGHT_FORMATS``): ``i2x16`` (16 rows in the
+vector lanes) on AVX-512 VNNI, ``i2`` on every other path. Which inner loops run is decided at
+compile time by the ISA marker (``simd.MARKERS``):
 
+* ``ternary_lanes``: on AVX-512 VNNI, every batch size, on ``i2x16`` weights;
 * ``ternary_simd``: the GEMV (two rows at a time) and GEMM (2 rows x 8 tokens) loops on
-  AVX-512 VNNI, AVX-VNNI or AVX2;
+  ``i2`` for AVX-VNNI, AVX2 and the AMX path's small batches, driven by ``ternary_matmul``;
 * ``ternary_portable``: the same loops in plain Numba, for any CPU;
-* ``ternary_outer``: on AVX-512 VNNI, all tokens of a batch of ``OUTER_MIN_TOKENS`` or more
-  (``_on_tiles``) as outer products of 16 decoded rows x 16 tokens;
 * ``ternary_amx``: all tokens of a batch of ``AMX_MIN_TOKENS`` or more on Intel AMX tiles.
 
-The block layout and the output step they share are in ``ternary_blocks``. The entry point of
+The ``i2`` block layout and the output step are in ``ternary_blocks``. The entry point of
 each path (``ENTRY_POINTS``) is made from one definition (``_entry_point``) with its marker fixed.
 
 Work is split over output rows with ``prange``; every output value is computed by one task
@@ -42,14 +42,13 @@ from .ternary_blocks import (
     AMX_TOKENS,
     BLOCK_BYTES,
     KERNEL,
-    OFFSET_WORD,
     TILE_ROWS,
     TILE_TOKENS,
     emit,
     emit_rows,
     vnni_activations,
 )
-from .ternary_outer import OUTER_MIN_TOKENS, OUTER_ROWS, OUTER_TOKENS, gemm_outer
+from .ternary_lanes import lanes_matmul
 from .ternary_portable import row_pair_portable, tile_portable
 from .ternary_simd import row_pair_simd, tile_simd
 
@@ -69,24 +68,25 @@ _NO_WIDE = np.zeros((0, 0), np.int16)
 _NO_CODES = np.zeros((PARALLEL_TASKS, 0, 0), np.uint8)
 _NO_TILE_SUMS = np.zeros((PARALLEL_TASKS, 0, 0), np.int32)
 _NO_TILES = np.zeros((0, 0, 0), np.int32)
-_TILE_PATHS = ("amx", "avx512vnni")  # the paths that multiply batches on decoded rows (``_gemm_tiles``)
+_NO_GEMM_SUMS = np.zeros((PARALLEL_TASKS, 0, 0), np.int64)
+_LANES_PATH = "avx512vnni"  # the path that reads ``i2x16`` (``ternary_lanes``)
+WEIGHT_FORMATS = {name: "i2x16" if name == _LANES_PATH else "i2" for name in MARKERS}
+"""The packing format each path's kernel reads."""
 
 
 def _fill_tiles(isa, q, tiles):
-    """``vnni_activations`` on the paths with a tile loop (signed for AMX, offset for the outer
-    products of avx512vnni); compiled to nothing elsewhere (``tiles`` is empty there)."""
+    """``vnni_activations`` on the amx path; compiled to nothing elsewhere (``tiles`` is empty there)."""
 
 
 @overload(_fill_tiles, jit_options=KERNEL)
 def _fill_tiles_for(isa, q, tiles):
-    if isa.isa in _TILE_PATHS:
-        offset = np.int32(0) if isa.isa == "amx" else OFFSET_WORD
-        return lambda isa, q, tiles: vnni_activations(q, tiles, offset)
+    if isa.isa == "amx":
+        return lambda isa, q, tiles: vnni_activations(q, tiles)
     return lambda isa, q, tiles: None
 
 
 def _gemm_tiles(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out, as_float):
-    """``gemm_amx`` on the amx path, ``gemm_outer`` on avx512vnni; compiled to nothing elsewhere."""
+    """``gemm_amx`` on the amx path; compiled to nothing elsewhere."""
 
 
 @overload(_gemm_tiles, jit_options=KERNEL)
@@ -96,10 +96,6 @@ def _gemm_tiles_for(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale
         return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
                 as_float: gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc,
                                     out, as_float))
-    if isa.isa == "avx512vnni":
-        return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
-                as_float: gemm_outer(isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step,
-                                      acc, out, as_float))
     return (lambda isa, w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, scale_step, acc, out,
             as_float: None)
 
@@ -153,16 +149,9 @@ def _activations_for_impl(isa, q, wide):
 
 
 def _on_tiles(path: str, n: int, k_padded: int) -> bool:
-    """Whether ``n`` tokens go through the tile loop of ``path`` (``_gemm_tiles``) rather than the GEMM
-    tiles and GEMV: on amx from ``AMX_MIN_TOKENS`` tokens; on avx512vnni from ``OUTER_MIN_TOKENS``
-    when the last 16-token tile is full, and for any count from 64 on, where the padded tokens are
-    under a fifth of the tiles (17 tokens padded to 32 cost as much as 32; NOTES.md); both while
-    the int32 tile sums are exact."""
-    if path == "amx":
-        enough = n >= AMX_MIN_TOKENS
-    else:
-        enough = n >= OUTER_MIN_TOKENS and (n % OUTER_TOKENS == 0 or n >= 4 * OUTER_TOKENS)
-    return path in _TILE_PATHS and enough and k_padded <= AMX_MAX_K
+    """Whether ``n`` tokens go through the AMX tiles (``_gemm_tiles``) rather than the GEMM tiles and
+    GEMV: on the amx path from ``AMX_MIN_TOKENS`` tokens, while the int32 tile sums are exact."""
+    return path == "amx" and n >= AMX_MIN_TOKENS and k_padded <= AMX_MAX_K
 
 
 def scratch_shapes(path: str, n: int, k_padded: int) -> tuple[tuple[tuple[int, ...], type], ...]:
@@ -176,27 +165,27 @@ def scratch_shapes(path: str, n: int, k_padded: int) -> tuple[tuple[tuple[int, .
 
     Returns
     -------
-    tuple of ``(shape, dtype)``: ``gemm_sums`` on every path, then ``lanes`` and ``wide`` on
-    the portable path, ``row_codes``, ``tile_sums`` and ``tiles`` on the amx and avx512vnni
-    paths (see ``ternary_matmul``); those this call does not use have no elements. The shapes
-    also say which loop each token takes: the tile loop (AMX tiles, or outer products on
-    avx512vnni; ``_on_tiles``) when ``tiles`` has elements, else GEMM tiles
-    for the first ``gemm_sums.shape[1]`` tokens, the GEMV loop for the rest. The per-task
-    arrays have ``SCRATCH_SLOTS`` in front, one for each thread slot.
+    tuple of ``(shape, dtype)``: none on avx512vnni (``ternary_lanes`` needs no scratch);
+    ``gemm_sums`` on every other path, then ``lanes`` and ``wide`` on the portable path,
+    ``row_codes``, ``tile_sums`` and ``tiles`` on the amx path (see ``ternary_matmul``); those
+    this call does not use have no elements. The shapes also say which loop each token takes:
+    the AMX tiles (``_on_tiles``) when ``tiles`` has elements, else GEMM tiles for the first
+    ``gemm_sums.shape[1]`` tokens, the GEMV loop for the rest. The per-task arrays have
+    ``SCRATCH_SLOTS`` in front, one for each thread slot.
     """
+    if path == _LANES_PATH:
+        return ()
     on_tiles = _on_tiles(path, n, k_padded)
     shapes = (((SCRATCH_SLOTS, 0 if on_tiles else n - n % TILE_TOKENS, GEMM_ROWS), np.int64),)
     if path == "portable":
         shapes += (((SCRATCH_SLOTS, BLOCK_BYTES), np.int16), ((n, k_padded), np.int16))
-    elif path in _TILE_PATHS:
-        rows, tokens, sums = (AMX_ROWS, AMX_TOKENS, (AMX_ROWS + 1, AMX_TOKENS)) if path == "amx" else (
-            OUTER_ROWS, OUTER_TOKENS, (OUTER_TOKENS + 1, OUTER_ROWS))
-        if not on_tiles:
-            rows, k_padded, sums = 0, 0, (0, 0)
+    elif path == "amx":
+        rows, k_padded, sums = (AMX_ROWS, k_padded, (AMX_ROWS, AMX_TOKENS)) if on_tiles else (0, 0, (0, 0))
         shapes += (
             ((SCRATCH_SLOTS, rows, k_padded), np.uint8),
             ((SCRATCH_SLOTS, *sums), np.int32),
-            ((k_padded // amx.TILE_BYTES, amx.TILE_ROWS, -(-n // tokens) * tokens if on_tiles else 0), np.int32),
+            ((k_padded // amx.TILE_BYTES, amx.TILE_ROWS, -(-n // AMX_TOKENS) * AMX_TOKENS if on_tiles else 0),
+             np.int32),
         )
     return shapes
 
@@ -232,8 +221,7 @@ def ternary_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_
     ``acc / act_scale[t] * scale[r * scale_step]`` (``scale_step`` 0 for one scale per tensor).
     The scratch arrays are those of ``scratch_shapes``, whose shapes pick the loops: when
     ``tiles`` (``q`` in VNNI layout, ``vnni_activations``) is not empty, every token goes through
-    the tile loop of the path (AMX tiles, or the outer products on avx512vnni); otherwise the
-    first ``gemm_sums.shape[1]`` tokens go through the GEMM tiles.
+    the AMX tiles; otherwise the first ``gemm_sums.shape[1]`` tokens go through the GEMM tiles.
 
     The rows are cut into ``PARALLEL_TASKS`` tasks (fewer for small ``m``) of an even number of
     rows, dealt out in even runs to ``SCRATCH_SLOTS`` slots (one per thread of Numba's pool, as
@@ -293,10 +281,34 @@ def _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, acc, out, as_floa
             quantize_row(x, 0, q, act_scale, q_sum)
         else:
             quantize_padded(x, q, act_scale, q_sum)
-    if tiles.shape[0]:
-        _fill_tiles(isa, q, tiles)
-    ternary_matmul(isa, w, _activations_for(isa, q, wide), q_sum, act_scale, scale, scale_step, acc, out, as_float,
-                   gemm_sums, lanes, row_codes, tile_sums, tiles)
+    _multiply(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide, row_codes,
+              tile_sums, tiles)
+
+
+def _multiply(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide, row_codes,
+              tile_sums, tiles):
+    """``lanes_matmul`` on avx512vnni (``i2x16`` weights, no scratch), ``ternary_matmul`` on the other paths."""
+
+
+@overload(_multiply, jit_options=KERNEL)
+def _multiply_for(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide,
+                  row_codes, tile_sums, tiles):
+    if isa.isa == _LANES_PATH:
+
+        def on_lanes(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide,
+                     row_codes, tile_sums, tiles):
+            lanes_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+
+        return on_lanes
+
+    def on_i2(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float, gemm_sums, lanes, wide, row_codes,
+              tile_sums, tiles):
+        if tiles.shape[0]:
+            _fill_tiles(isa, q, tiles)
+        ternary_matmul(isa, w, _activations_for(isa, q, wide), q_sum, act_scale, scale, scale_step, acc, out,
+                       as_float, gemm_sums, lanes, row_codes, tile_sums, tiles)
+
+    return on_i2
 
 
 def _full_scratch(isa, scratch):
@@ -308,8 +320,10 @@ def _full_scratch(isa, scratch):
 def _full_scratch_for(isa, scratch):
     if isa.isa == "portable":
         return lambda isa, scratch: (scratch[0], scratch[1], scratch[2], _NO_CODES, _NO_TILE_SUMS, _NO_TILES)
-    if isa.isa in _TILE_PATHS:
+    if isa.isa == "amx":
         return lambda isa, scratch: (scratch[0], _NO_LANES, _NO_WIDE, scratch[1], scratch[2], scratch[3])
+    if isa.isa == _LANES_PATH:
+        return lambda isa, scratch: (_NO_GEMM_SUMS, _NO_LANES, _NO_WIDE, _NO_CODES, _NO_TILE_SUMS, _NO_TILES)
     return lambda isa, scratch: (scratch[0], _NO_LANES, _NO_WIDE, _NO_CODES, _NO_TILE_SUMS, _NO_TILES)
 
 

@@ -1,7 +1,7 @@
 """Numba kernels that pack ternary codes into bytes and back.
 
-Every format in ``bitnet.formats`` is one of two byte layouts, so two kernel pairs serve
-all of them:
+Every format in ``bitnet.formats`` but one is one of two byte layouts, so two kernel pairs
+serve them:
 
 * **2-bit** (``i2``, ``hf``, ``tq2_0``, ``i2_s``): a row is cut into blocks of ``4 * chunk``
   codes; byte ``j`` of a block holds elements ``j, j + chunk, j + 2 chunk, j + 3 chunk``
@@ -13,7 +13,8 @@ all of them:
   ``v = sum(t_i * 3**(4 - i))`` stored as ``ceil(v * 256 / 243)``; trit ``i`` is read back
   without division as ``((byte * 3**i) mod 256) * 3 >> 8`` (ggml's TQ1_0 trick).
 
-Row lengths must be a whole number of blocks: callers pad with zero codes. The 2-bit kernels
+The third pair (``pack_row_groups`` / ``unpack_row_groups``) serves ``i2x16``, whose bytes mix 16
+rows. Row lengths must be a whole number of blocks: callers pad with zero codes. The 2-bit kernels
 work on uint32 words, four codes at a time, so their ``chunk`` must be a multiple of 4.
 """
 
@@ -133,6 +134,49 @@ def unpack_trits(data, block, segments):
                         codes[r, start + i * chunk + j] = ((byte * 3) >> 8) - 1
                     pow3 *= 3
                 src += chunk
+    return codes
+
+
+@njit(parallel=True, **_KERNEL)
+def pack_row_groups(codes, rows, columns):
+    """int8 codes ``(m, kp)`` -> uint8 ``(ceil(m / rows), kp * rows // 4)``: ``rows`` rows interleaved.
+
+    Byte ``4 i + b`` of the ``columns * rows // 4`` bytes of group ``g`` and column block
+    ``s`` holds, in bits ``2f..2f+1``, the code + 1 of row ``rows g + i`` and column
+    ``columns s + 4 f + b``; rows past ``m`` hold code 0 (field 1). ``columns == 16`` for 4
+    fields of 4 columns.
+    """
+    m, kp = codes.shape
+    groups = (m + rows - 1) // rows
+    step = rows * columns // 4
+    out = np.empty((groups, (kp // columns) * step), np.uint8)
+    for g in prange(groups):
+        for s in range(kp // columns):
+            for i in range(rows):
+                r = rows * g + i
+                for b in range(4):
+                    byte = 0
+                    for f in range(4):
+                        field = codes[r, columns * s + 4 * f + b] + 1 if r < m else 1
+                        byte |= field << (2 * f)
+                    out[g, step * s + 4 * i + b] = byte
+    return out
+
+
+@njit(parallel=True, **_KERNEL)
+def unpack_row_groups(data, m, rows, columns):
+    """``pack_row_groups`` backwards: int8 codes ``(m, kp)``."""
+    groups = data.shape[0]
+    step = rows * columns // 4
+    kp = data.shape[1] // step * columns
+    codes = np.empty((m, kp), np.int8)
+    for g in prange(groups):
+        for s in range(kp // columns):
+            for i in range(min(rows, m - rows * g)):
+                for b in range(4):
+                    byte = data[g, step * s + 4 * i + b]
+                    for f in range(4):
+                        codes[rows * g + i, columns * s + 4 * f + b] = ((byte >> (2 * f)) & 3) - 1
     return codes
 
 

@@ -14,8 +14,8 @@ instruction set. The markers must only be used on CPUs that have the features
 
 Vocabulary: ``byte_vector_size(isa)`` bytes per vector; ``load_bytes`` / ``splat_bytes`` /
 ``splat_four_bytes`` / ``and_bytes`` / ``shift_right_bytes`` on byte vectors; ``zero_acc`` /
-``splat_acc`` / ``load_ints`` / ``dot_acc`` / ``offset_sums`` / ``signed_dot`` / ``add_acc`` /
-``shift_right_acc`` / ``sum_acc`` / ``lane_totals`` / ``store_transposed`` / ``lane`` on int32
+``splat_acc`` / ``dot_acc`` / ``offset_sums`` / ``signed_dot`` / ``add_acc`` /
+``shift_right_acc`` / ``sum_acc`` / ``lane_totals`` / ``lane`` on int32
 accumulator vectors; ``zero_floats`` / ``splat_floats`` / ``load_floats`` / ``widen_words`` /
 ``block_scales`` / ``scaled_add_floats`` / ``dequantize`` / ``add_floats`` / ``mul_floats`` /
 ``add_products`` / ``sum_floats`` (and ``lane_totals`` / ``lane``) on float32 vectors of the same
@@ -389,49 +389,6 @@ def lane_totals(typingctx, accs):
         return vectors[0]
 
     return out(accs), codegen
-
-
-@intrinsic
-def store_transposed(typingctx, array, index, accs):
-    """Store 16 int32 vectors of 16 lanes transposed into a C-contiguous int32 ``array`` from flat
-    ``index`` on: lane ``j`` of vector ``i`` goes to ``index + 16 j + i``.
-
-    Four butterfly stages (swap the off-diagonal 8 x 8, 4 x 4, 2 x 2, then 1 x 1 blocks), each
-    16 two-vector shuffles: 64 shuffles, then 16 stores.
-    """
-    if not (isinstance(accs, types.UniTuple) and accs.count == 16 and isinstance(accs.dtype, VectorType)
-            and accs.dtype.lanes == 16 and accs.dtype.bits == 32
-            and _c_array(array, lambda dtype: dtype == types.int32)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        vectors = cgutils.unpack_tuple(builder, args[2])
-        size = 16
-        for width in (8, 4, 2, 1):
-            # Shuffle indices 0..15 pick from the first vector, 16..31 from the second.
-            low = ir.Constant(ir.VectorType(ir.IntType(32), size),
-                              [j if j & width == 0 else size + (j ^ width) for j in range(size)])
-            high = ir.Constant(ir.VectorType(ir.IntType(32), size),
-                               [(j ^ width) if j & width == 0 else size + j for j in range(size)])
-            swapped = list(vectors)
-            for i in range(size):
-                if i & width == 0:
-                    a, b = vectors[i], vectors[i | width]
-                    swapped[i] = builder.shuffle_vector(a, b, low)
-                    swapped[i | width] = builder.shuffle_vector(a, b, high)
-            vectors = swapped
-        vector_type = vectors[0].type
-        start = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1], vector_type)
-        for j, vector in enumerate(vectors):
-            builder.store(vector, builder.gep(start, [ir.Constant(ir.IntType(32), j)]), align=4)
-        return context.get_dummy_value()
-
-    return types.none(array, index, accs), codegen
-
-
-load_ints = _vector_load("load_ints", _acc_type, lambda dtype: dtype == types.int32,
-                         "An int32 accumulator vector of ``isa`` from a C-contiguous int32 ``array`` from flat "
-                         "``index`` on.")
 
 
 @intrinsic

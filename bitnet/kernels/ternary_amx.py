@@ -22,9 +22,8 @@ def gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, sca
     Tiles 4, 5: the stored codes of 16 rows each (decoded to bytes once per 32 rows into
     ``codes``, uint8 ``(AMX_ROWS, kp)``, by ``decode_rows``); tiles 6, 7: 16 tokens' activations
     each (``tiles`` from ``vnni_activations``); tiles 0-3: the four 16 x 16 int32 sums, stored
-    to ``sums`` (int32 ``(AMX_ROWS + 1, AMX_TOKENS)``: its last row takes the code sums
-    ``decode_rows`` also gives, which the tiles do not need). Rows past ``last`` and tokens
-    past ``n`` are computed on whatever the buffers hold and never stored.
+    to ``sums`` (int32 ``(AMX_ROWS, AMX_TOKENS)``). Rows past ``last`` and tokens past ``n`` are
+    computed on whatever the buffers hold and never stored.
     """
     chunks, _, tokens = tiles.shape
     kp = chunks * amx.TILE_BYTES
@@ -32,7 +31,7 @@ def gemm_amx(w, first, last, tiles, codes, sums, n, q_sum, act_scale, scale, sca
     load_config(TILE_CONFIG)
     for start in range(first, last, AMX_ROWS):
         rows = min(last - start, AMX_ROWS)
-        decode_rows(AMX, w, start, rows, codes, sums[AMX_ROWS])
+        decode_rows(AMX, w, start, rows, codes)
         for t0 in range(0, tokens, AMX_TOKENS):
             tile_zero(0)
             tile_zero(1)

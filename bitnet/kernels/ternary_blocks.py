@@ -1,6 +1,6 @@
 """The ``i2`` block layout the ternary matmul kernels read, their shared constants, the output
-step, and what the two tile loops (AMX tiles, outer products) share: rows decoded to bytes
-(:func:`decode_rows`) and activations in VNNI layout (:func:`vnni_activations`).
+step, and what the AMX tile loop reads: rows decoded to bytes (:func:`decode_rows`) and
+activations in VNNI layout (:func:`vnni_activations`).
 
 Layout (``bitnet.formats.i2``): row ``r`` of the weights is ``nb`` blocks of 64 bytes;
 byte ``j`` of block ``b`` holds ``W[r, 256 b + 64 i + j] + 1`` in bits ``2i..2i+1``. The
@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import amx
-from .simd import and_bytes, dot_acc, load_bytes, shift_right_bytes, splat_bytes, store_vector, sum_acc, zero_acc
+from .simd import and_bytes, load_bytes, shift_right_bytes, splat_bytes, store_vector
 
 BLOCK = 256  # weights per i2 block
 BLOCK_BYTES = 64  # bytes per i2 block
@@ -35,7 +35,6 @@ AMX_ROWS = 2 * amx.TILE_ROWS  # weight rows per tile pass (two code tiles)
 AMX_TOKENS = 2 * amx.TILE_ROWS  # tokens per tile pass (two activation tiles)
 
 KERNEL = dict(cache=True, nogil=True, boundscheck=False)
-OFFSET_WORD = np.int32(-0x7F7F7F80)  # 0x80808080: flips the sign bit of each of a word's 4 bytes
 
 
 @njit(inline="always", **KERNEL)
@@ -67,16 +66,14 @@ def emit_rows(t, first, sums, rows, q_sum, act_scale, scale, scale_step, acc, ou
 
 
 @njit(parallel=True, **KERNEL)
-def vnni_activations(q, tiles, offset):
+def vnni_activations(q, tiles):
     """Write ``q`` (n, kp) int8 into ``tiles``, int32 ``(kp // 64, 16, tokens)`` with ``tokens >= n``.
 
     Element ``[c, k4, t]`` holds the 4 activations ``64 c + 4 k4 .. + 3`` of token ``t`` (one
-    int32 word of ``q``), xor ``offset``: 0 for AMX tiles (signed operands: a tile load at
-    ``[c, 0, t0]`` with a row stride of ``4 tokens`` bytes is the activations tile of tokens
-    ``t0 .. t0 + 15`` for k chunk ``c``), ``OFFSET_WORD`` for ``tile_outer`` (each byte plus
-    128, unsigned). Columns ``t >= n`` keep whatever they
-    held: the sums of those tokens are never stored, and leaving them spares a pass over a
-    buffer that is reused from call to call.
+    int32 word of ``q``): a tile load at ``[c, 0, t0]`` with a row stride of ``4 tokens`` bytes
+    is the activations tile of tokens ``t0 .. t0 + 15`` for k chunk ``c``. Columns ``t >= n``
+    keep whatever they held: the sums of those tokens are never stored, and leaving them spares
+    a pass over a buffer that is reused from call to call.
     """
     n, kp = q.shape
     words = q.view(np.int32)
@@ -84,24 +81,17 @@ def vnni_activations(q, tiles, offset):
     for t in prange(n):  # each token writes its own column
         for c in range(chunks):
             for k4 in range(group):
-                tiles[c, k4, t] = words[t, group * c + k4] ^ offset
+                tiles[c, k4, t] = words[t, group * c + k4]
 
 
 @njit(**KERNEL)
-def decode_rows(isa, w, first, rows, codes, code_sums):
-    """Stored codes (0, 1, 2) of rows ``first .. first + rows - 1`` into ``codes[i, k]``, one byte
-    each, and ``-128`` times each row's sum of codes into ``code_sums[i]`` (what the outer
-    products' accumulators start from; the AMX tiles have no use for it)."""
+def decode_rows(isa, w, first, rows, codes):
+    """Stored codes (0, 1, 2) of rows ``first .. first + rows - 1`` into ``codes[i, k]``, one byte each."""
     nb = w.shape[1] // BLOCK_BYTES
     kp = codes.shape[1]
     three = splat_bytes(isa, 3)
-    ones = splat_bytes(isa, 1)
     for i in range(rows):
-        total = zero_acc(isa)
         for b in range(nb):
             x = load_bytes(isa, w, (first + i) * w.shape[1] + b * BLOCK_BYTES)
             for c in range(4):
-                v = and_bytes(shift_right_bytes(x, 2 * c), three)
-                store_vector(codes, i * kp + b * BLOCK + 64 * c, v)
-                total = dot_acc(isa, total, v, ones)
-        code_sums[i] = -128 * sum_acc(total)
+                store_vector(codes, i * kp + b * BLOCK + 64 * c, and_bytes(shift_right_bytes(x, 2 * c), three))

@@ -30,7 +30,9 @@ def random_linear(rng: np.random.Generator, out_features: int, in_features: int)
 
 
 def random_linears(rng: np.random.Generator, out_features: list[int], in_features: int) -> list[BitLinear]:
-    """BitLinears sharing an input, their packed rows drawn as one array (so they stack without a copy)."""
+    """BitLinears sharing an input, their packed rows drawn as one ``i2`` array (so they stack without a copy
+    where the kernels read ``i2``; elsewhere each is repacked once, and the same seed gives the same
+    network on every CPU)."""
     scale = np.asarray(1.0 / np.sqrt(in_features), np.float32)
     rows = sum(out_features)
     if in_features % BLOCK == 0:

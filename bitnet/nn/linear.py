@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backends, errors
-from ..formats import KERNEL_FORMAT, PackedTernary, convert, pack
-from ..ops import matmul, matmul_rows
-from ..quant import quantize_weights
+from ..formats import PackedTernary, convert, get_format, pack, unpack
+from ..ops import WEIGHT_FORMAT, matmul, matmul_rows
+from ..quant import TernaryTensor, quantize_weights
 from . import checks, scratch
 from .norm import RMSNorm
 
@@ -21,8 +21,9 @@ class BitLinear:
 
     Parameters
     ----------
-    weight : PackedTernary of shape ``(out_features, in_features)``; repacked into the
-        kernels' ``"i2"`` layout if it is in another format.
+    weight : PackedTernary of shape ``(out_features, in_features)``; repacked into the layout
+        the CPU kernels read (``bn.ops.WEIGHT_FORMAT``: ``"i2x16"`` on AVX-512 VNNI, else
+        ``"i2"``) if it is in another format.
     bias : optional float array ``(out_features,)``.
     input_norm : optional RMSNorm applied to the input first (HF's ``use_rms_norm=True``).
     """
@@ -32,7 +33,7 @@ class BitLinear:
     ) -> None:
         if not isinstance(weight, PackedTernary) or len(weight.shape) != 2:
             raise errors.DTypeError(f"BitLinear weights must be a 2-D bn.PackedTernary, got {weight!r:.80}")
-        self.weight = convert(weight, KERNEL_FORMAT)
+        self.weight = convert(weight, WEIGHT_FORMAT)
         self.bias = None if bias is None else checks.float_vector(bias, "bias")
         if self.bias is not None and self.bias.shape != (self.out_features,):
             raise errors.ShapeError(f"bias must have shape ({self.out_features},), got {self.bias.shape}")
@@ -57,7 +58,7 @@ class BitLinear:
         cls, w: np.ndarray, bias: np.ndarray | None = None, input_norm: RMSNorm | None = None
     ) -> BitLinear:
         """Quantize float weights ``(out_features, in_features)`` with absmean (one scale per tensor)."""
-        return cls(pack(quantize_weights(w), KERNEL_FORMAT), bias, input_norm)
+        return cls(pack(quantize_weights(w), WEIGHT_FORMAT), bias, input_norm)
 
     @classmethod
     def from_packed(
@@ -99,18 +100,22 @@ class BitLinear:
         if any(layer.bias is not None or layer.input_norm is not None for layer in layers):
             raise errors.InvalidValueError("only layers without bias or input norm can be stacked")
         weights = [layer.weight for layer in layers]
+        scale = np.concatenate([np.broadcast_to(w.scale, (w.shape[0], 1)) for w in weights]).astype(np.float32)
+        shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+        group = get_format(WEIGHT_FORMAT).row_group
+        if any(w.shape[0] % group for w in weights[:-1]):  # a layer's last row group would mix in the next layer
+            codes = np.concatenate([unpack(w).codes for w in weights])
+            return cls(pack(TernaryTensor(codes, scale, "channel", check=False), WEIGHT_FORMAT))
         data = _adjacent_rows([w.data for w in weights])
         if data is None:
             data = np.concatenate([w.data for w in weights])
-        scale = np.concatenate([np.broadcast_to(w.scale, (w.shape[0], 1)) for w in weights]).astype(np.float32)
-        shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
         # The layers keep their own weights as row views of the stacked bytes: no second copy.
         start = 0
         for layer, w in zip(layers, weights, strict=True):
-            rows = data[start : start + w.shape[0]]
-            layer.weight = PackedTernary(KERNEL_FORMAT, w.shape, rows, w.scale, w.granularity, w.group_size)
-            start += w.shape[0]
-        return cls(PackedTernary(KERNEL_FORMAT, shape, data, scale, "channel"))
+            rows = data[start : start - (-w.shape[0] // group)]
+            layer.weight = PackedTernary(WEIGHT_FORMAT, w.shape, rows, w.scale, w.granularity, w.group_size)
+            start += w.shape[0] // group
+        return cls(PackedTernary(WEIGHT_FORMAT, shape, data, scale, "channel"))
 
     device = backends.CPU
     """Where the matmul runs: ``"cpu"``, or a backend of ``bn.devices()`` chosen with :meth:`to`."""

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import errors
-from ..formats import KERNEL_FORMAT, pack
+from ..formats import pack
 from ..io.atomic import replacing
 from ..io.hf import save_pretrained
 from ..io.tokenizer import TOKENIZER_FILE
 from ..models import BitNetForCausalLM
 from ..nn import BitLinear as NumpyBitLinear
+from ..ops import WEIGHT_FORMAT
 from ..quant import TernaryTensor
 from .linear import BitLinear
 from .model import bitnet_config
@@ -46,7 +47,7 @@ def to_bitnet(model, head_dtype: str = "f32") -> BitNetForCausalLM:
             codes, scale = module.ternary()
             ternary = TernaryTensor(codes.numpy(), scale.numpy().astype(np.float32), module.granularity)
             bias = None if module.bias is None else _numpy(module.bias)
-            weights[name] = NumpyBitLinear(pack(ternary, KERNEL_FORMAT), bias)
+            weights[name] = NumpyBitLinear(pack(ternary, WEIGHT_FORMAT), bias)
     for name, tensor in model.state_dict().items():
         if not name.rpartition(".")[0].endswith("_proj"):
             weights[name] = _numpy(tensor)

@@ -1,0 +1,169 @@
+"""The ternary matmul on AVX-512 VNNI with the weights' rows in the vector lanes (``i2x16`` layout).
+
+The ``i2`` kernels take dot products along k: every accumulator holds 16 partial sums of one
+row, summed across lanes at the end, and a batch of tokens needs the codes decoded again or
+stored as bytes. Here the weights come 16 rows to a vector (``bitnet.formats.i2x16``): one
+64-byte load holds 16 rows x 16 columns, and a shift and a mask give the codes of 4 columns
+of each of the 16 rows, one row per int32 lane. The 4 activations of those columns, broadcast
+to every lane (``vpdpbusd``'s ``{1to16}`` memory operand), multiply all 16 rows at once:
+
+* each token has one accumulator, whose lanes are the 16 rows' sums: no lane sums, no
+  transposes, and a token's 16 outputs leave in one vector (``_emit_group``);
+* a tile decodes each weight vector once for 8 tokens (``_tile8``), 4 (``_tile4``) or 1
+  (``_tile1``, which keeps 4 accumulators so that the multiply-adds do not wait on each other);
+  the 16 rows' weights (4 ``kp`` bytes) stay in L1/L2 while the tiles pass over the tokens.
+
+Exact in int32 whatever ``k``: ``vpdpbusd`` and the adds wrap modulo ``2**32``, and the
+result, ``sum(c q) - sum(q)``, fits in int32 for the ``k`` that ``bitnet.ops`` accepts, so
+the wrapped lanes give it exactly. Each group of 16 rows is computed by one ``prange``
+iteration in a fixed order, so results are bit-identical for any thread count.
+"""
+
+from __future__ import annotations
+
+from numba import njit, prange
+
+from .simd import (
+    add_acc,
+    and_bytes,
+    dequantize,
+    dot_acc,
+    lane,
+    load_bytes,
+    load_floats,
+    prefetch,
+    shift_right_bytes,
+    splat_acc,
+    splat_bytes,
+    splat_floats,
+    splat_four_bytes,
+    store_vector,
+    zero_acc,
+)
+from .ternary_blocks import KERNEL, emit
+
+GROUP_ROWS = 16  # rows of a weight vector: one per int32 lane
+GROUP_COLUMNS = 16  # columns of a weight vector: 4 per 2-bit field of a byte
+# How far ahead of the loads a tile prefetches its weights (one contiguous stream per group).
+PREFETCH_BYTES = 4096
+
+
+@njit(inline="always", **KERNEL)
+def _codes(isa, x, field):
+    """Codes of columns ``4 field .. 4 field + 3`` of a weight vector's 16 rows, one byte each."""
+    return and_bytes(shift_right_bytes(x, 2 * field), splat_bytes(isa, 3))
+
+
+@njit(**KERNEL)
+def _tile8(isa, w, g, q, t):
+    """The int32 sums ``sum(c q[t + j])`` of group ``g``'s 16 rows for the 8 tokens ``j``."""
+    kp = q.shape[1]
+    a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+    a4, a5, a6, a7 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+    row = g * w.shape[1]
+    for s in range(kp // GROUP_COLUMNS):
+        prefetch(w, row + 64 * s + PREFETCH_BYTES)
+        x = load_bytes(isa, w, row + 64 * s)
+        for field in range(4):
+            c = _codes(isa, x, field)
+            at = t * kp + GROUP_COLUMNS * s + 4 * field
+            a0 = dot_acc(isa, a0, c, splat_four_bytes(isa, q, at))
+            a1 = dot_acc(isa, a1, c, splat_four_bytes(isa, q, at + kp))
+            a2 = dot_acc(isa, a2, c, splat_four_bytes(isa, q, at + 2 * kp))
+            a3 = dot_acc(isa, a3, c, splat_four_bytes(isa, q, at + 3 * kp))
+            a4 = dot_acc(isa, a4, c, splat_four_bytes(isa, q, at + 4 * kp))
+            a5 = dot_acc(isa, a5, c, splat_four_bytes(isa, q, at + 5 * kp))
+            a6 = dot_acc(isa, a6, c, splat_four_bytes(isa, q, at + 6 * kp))
+            a7 = dot_acc(isa, a7, c, splat_four_bytes(isa, q, at + 7 * kp))
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(**KERNEL)
+def _tile4(isa, w, g, q, t):
+    """``_tile8`` for the 4 tokens from ``t``."""
+    kp = q.shape[1]
+    a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+    row = g * w.shape[1]
+    for s in range(kp // GROUP_COLUMNS):
+        prefetch(w, row + 64 * s + PREFETCH_BYTES)
+        x = load_bytes(isa, w, row + 64 * s)
+        for field in range(4):
+            c = _codes(isa, x, field)
+            at = t * kp + GROUP_COLUMNS * s + 4 * field
+            a0 = dot_acc(isa, a0, c, splat_four_bytes(isa, q, at))
+            a1 = dot_acc(isa, a1, c, splat_four_bytes(isa, q, at + kp))
+            a2 = dot_acc(isa, a2, c, splat_four_bytes(isa, q, at + 2 * kp))
+            a3 = dot_acc(isa, a3, c, splat_four_bytes(isa, q, at + 3 * kp))
+    return a0, a1, a2, a3
+
+
+@njit(**KERNEL)
+def _tile1(isa, w, g, q, t):
+    """``_tile8`` for token ``t`` alone, one accumulator per 2-bit field (4 independent chains)."""
+    kp = q.shape[1]
+    a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+    row = g * w.shape[1]
+    for s in range(kp // GROUP_COLUMNS):
+        prefetch(w, row + 64 * s + PREFETCH_BYTES)
+        x = load_bytes(isa, w, row + 64 * s)
+        at = t * kp + GROUP_COLUMNS * s
+        a0 = dot_acc(isa, a0, _codes(isa, x, 0), splat_four_bytes(isa, q, at))
+        a1 = dot_acc(isa, a1, _codes(isa, x, 1), splat_four_bytes(isa, q, at + 4))
+        a2 = dot_acc(isa, a2, _codes(isa, x, 2), splat_four_bytes(isa, q, at + 8))
+        a3 = dot_acc(isa, a3, _codes(isa, x, 3), splat_four_bytes(isa, q, at + 12))
+    return add_acc(add_acc(a0, a1), add_acc(a2, a3))
+
+
+@njit(inline="always", **KERNEL)
+def _emit_group(isa, sums, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``emit`` for token ``t`` and the rows of group ``g`` (lane ``i``: row ``16 g + i``).
+
+    A whole group leaves in one vector (the same float32 operations as ``emit``, so the same
+    bits); the last group of a matrix whose rows are not a multiple of 16, lane by lane.
+    """
+    m = out.shape[1] if as_float else acc.shape[1]
+    first = GROUP_ROWS * g
+    if first + GROUP_ROWS > m:
+        for i in range(m - first):
+            emit(t, first + i, lane(sums, i), q_sum, act_scale, scale, scale_step, acc, out, as_float)
+        return
+    value = add_acc(sums, splat_acc(isa, -q_sum[t]))
+    if not as_float:
+        store_vector(acc, t * m + first, value)
+        return
+    factors = load_floats(isa, scale, first) if scale_step else splat_floats(isa, scale[0])
+    store_vector(out, t * m + first, dequantize(value, splat_floats(isa, act_scale[t]), factors))
+
+
+@njit(parallel=True, **KERNEL)
+def lanes_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``q @ (c - 1).T`` for ``i2x16`` data ``w`` (``ceil(m / 16)``, ``4 kp``) and padded int8 ``q`` (n, kp).
+
+    Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
+    ``acc / act_scale[t] * scale[r * scale_step]``, as ``ternary_matmul`` does for ``i2``.
+    Tokens go in tiles of 8, then one of 4, then one at a time.
+    """
+    n = q.shape[0]
+    for g in prange(w.shape[0]):
+        t = 0
+        while t + 8 <= n:
+            s0, s1, s2, s3, s4, s5, s6, s7 = _tile8(isa, w, g, q, t)
+            _emit_group(isa, s0, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s1, t + 1, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s2, t + 2, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s3, t + 3, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s4, t + 4, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s5, t + 5, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s6, t + 6, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s7, t + 7, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            t += 8
+        if t + 4 <= n:
+            s0, s1, s2, s3 = _tile4(isa, w, g, q, t)
+            _emit_group(isa, s0, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s1, t + 1, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s2, t + 2, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_group(isa, s3, t + 3, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            t += 4
+        while t < n:
+            _emit_group(isa, _tile1(isa, w, g, q, t), t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            t += 1
