@@ -200,3 +200,16 @@ def test_kernels_are_vectorized(kernel, word_format, expected):
     for instruction in expected:
         assert re.search(rf"\b{instruction}\s[^\n]*%zmm", asm), instruction
     assert not re.search(r"extendhfsf2|h2f_ieee|truncsfhf2", asm)
+
+
+@AVX512_ASM
+def test_the_int8_lanes_head_broadcasts_the_activations():
+    """The lanes head multiplies 16 rows per ``vpdpbusd``, the token's 4 activations broadcast from
+    memory (``{1to16}``), and scales whole blocks in zmm."""
+    vocab, width, n = 32, 64, 13
+    lanes = np.zeros(head_kernels.lanes_shape(vocab, width), np.int8)
+    asm = fresh_asm(head_kernels.logits_int8_lanes, simd.MARKERS["avx512vnni"], lanes, np.ones(vocab, np.float32),
+                    np.ones((n, width), np.float32), np.empty((n, width), np.int8), np.empty((n, 2), np.float32),
+                    np.empty((n, 2), np.int32), np.empty((n, vocab), np.float32))
+    assert len(re.findall(r"vpdpbusd\s+[^\n]*\{1to16\}, %zmm", asm)) >= 8 + 4 + 1
+    assert re.search(r"\bvcvtdq2ps\s[^\n]*%zmm", asm)

@@ -203,6 +203,75 @@ def test_a_tokens_int8_logits_do_not_depend_on_the_tokens_beside_it(rng, path, v
         assert np.array_equal(logits(h[t : t + 1].copy())[0], together[t])
 
 
+LANES_PATHS = [param for param in ALL_PATHS if param.values[0] in head_kernels.LANES_PATHS]
+
+
+def lanes_logits(path, table, row_scale, h):
+    """``logits_int8_lanes`` on ``table`` laid out by ``interleave_int8``, with fresh scratch."""
+    lanes = np.empty(head_kernels.lanes_shape(*table.shape), np.int8)
+    head_kernels.interleave_int8(table, lanes)
+    padded = lanes.shape[1] // head_kernels.INT8_GROUP
+    blocks = padded // head_kernels.INT8_BLOCK
+    out = np.empty((h.shape[0], table.shape[0]), np.float32)
+    head_kernels.logits_int8_lanes(MARKERS[path], lanes, row_scale, h, np.empty((h.shape[0], padded), np.int8),
+                                   np.empty((h.shape[0], blocks), np.float32),
+                                   np.empty((h.shape[0], blocks), np.int32), out)
+    return out
+
+
+@pytest.mark.parametrize("path", LANES_PATHS)
+@pytest.mark.parametrize("vocab, width, tokens", [(1, 1, 3), (2, 64, 2), (3, 130, 1), (5, 37, 3), (17, 64, 4),
+                                                  (9, 100, 5), (300, 72, 13), (33, 2560, 9), (48, 33, 8)])
+def test_int8_lanes_head_is_q8_0_dot_products(rng, path, vocab, width, tokens):
+    """The lanes layout (16 rows a vector) gives llama.cpp's Q8_0 x Q8_0 too: vocabularies not a
+    multiple of 16, widths not a multiple of 32, tiles of 8, 4 and 1 tokens, extreme bytes."""
+    table = rng.integers(-128, 128, (vocab, width)).astype(np.int8)
+    table[0, : min(width, 70)] = -128
+    table[vocab // 2] = 0
+    row_scale = rng.uniform(0.001, 0.1, vocab).astype(np.float32)
+    h = rng.standard_normal((tokens, width)).astype(np.float32)
+    h[tokens // 2, : min(width, 40)] = 0
+    h[-1, width // 2] = 3e30
+    out = lanes_logits(path, table, row_scale, h)
+    expected = int8_head_reference(table, row_scale, h)
+    for t in range(tokens):  # float32 sums of exact integer block dot products, one per block
+        np.testing.assert_allclose(out[t], expected[t], rtol=1e-5, atol=1e-5 * np.abs(expected[t]).max())
+        assert np.array_equal(lanes_logits(path, table, row_scale, h[t : t + 1].copy())[0], out[t])
+
+
+def test_int8_lanes_layout_and_its_inverse(rng):
+    """Byte ``4 i + b`` of vector ``s`` of group ``g`` is ``table[16 g + i, 4 s + b]``, zero past the
+    table; ``deinterleave_int8`` and ``rows_int8_lanes`` read it back."""
+    table = rng.integers(-128, 128, (19, 37)).astype(np.int8)
+    lanes = np.full(head_kernels.lanes_shape(19, 37), 99, np.int8)
+    assert lanes.shape == (2, 64 * 16)
+    head_kernels.interleave_int8(table, lanes)
+    padded = np.zeros((32, 64), np.int8)
+    padded[:19, :37] = table
+    expected = padded.reshape(2, 16, 16, 4).transpose(0, 2, 1, 3).reshape(2, -1)  # (g, s, i, b)
+    assert np.array_equal(lanes, expected)
+    back = np.empty_like(table)
+    head_kernels.deinterleave_int8(lanes, back)
+    assert np.array_equal(back, table)
+    row_scale = rng.uniform(0.1, 1, 19).astype(np.float32)
+    ids = np.array([18, 0, 16, 5])
+    rows = np.empty((4, 37), np.float32)
+    head_kernels.rows_int8_lanes(lanes, row_scale, ids, rows)
+    np.testing.assert_array_equal(rows, table[ids].astype(np.float32) * row_scale[ids, None])
+
+
+def test_an_int8_embedding_keeps_its_table_in_the_kernels_layout(rng):
+    """On AVX-512 VNNI an int8 table is stored interleaved (``table`` gives a row-major copy back),
+    elsewhere as it is; rows, logits and ``nbytes`` agree either way."""
+    table = rng.integers(-127, 128, (21, 40)).astype(np.int8)
+    row_scale = rng.uniform(0.1, 1, 21).astype(np.float32)
+    e = Embedding(table, "int8", row_scale)
+    assert (e._lanes is not None) == (bn.ops.KERNEL_PATH in head_kernels.LANES_PATHS)
+    assert np.array_equal(e.table, table) and (e.vocab_size, e.hidden_size) == (21, 40)
+    assert e.nbytes == (table.nbytes if e._lanes is None else e._lanes.nbytes) + row_scale.nbytes
+    np.testing.assert_array_equal(e.rows(np.array([20, 3])), table[[20, 3]] * row_scale[[20, 3], None])
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
 def test_head_kernels_nan_rows_and_thread_count(dtype):
     """Row pairs (r, r + half) with an odd vocabulary, 1 vs 2 threads, a NaN in one token only."""

@@ -35,12 +35,19 @@ from .simd import (
     add_products,
     block_scales,
     byte_vector_size,
+    lane,
     load_bytes,
+    load_floats,
     load_four_floats,
+    mul_floats,
     offset_sums,
     prefetch,
     scaled_add_floats,
     signed_dot,
+    splat_acc,
+    splat_floats,
+    splat_four_bytes,
+    store_vector,
     sum_floats,
     widen_four_words,
     widen_word,
@@ -51,6 +58,7 @@ from .simd import (
 # of a byte dot product, as ``simd.block_scales`` spreads each scale.
 INT8_BLOCK = 32
 HEAD_PREFETCH_ROWS = 2  # the head kernels prefetch the rows this far ahead of their own (NOTES.md)
+LANES_PREFETCH_BYTES = 4096  # the lanes kernels prefetch their one stream this far ahead
 # As in rows.py: vectorizable reductions, IEEE NaN/Inf kept, numpy's division semantics.
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True,
                nogil=True, boundscheck=False)
@@ -382,3 +390,198 @@ def rows_int8(table, row_scale, ids, out):
         scale = row_scale[row]
         for j in range(table.shape[1]):
             out[i, j] = np.float32(table[row, j]) * scale
+
+
+# --- the int8 table with 16 rows in the vector lanes (AVX-512 VNNI) --------------------------------------------
+#
+# Several tokens over a row-major table cost, per 64 bytes of a row and token, a multiply-add, an
+# int-to-float conversion and a scaled add: the block scales fall inside every vector. With 16 rows
+# interleaved (``interleave_int8``: one 64-byte vector holds 4 adjacent values of each of 16 rows, one
+# row per int32 lane), the 4 activations of a token are broadcast to every lane, each lane sums a
+# whole block of 32 exactly in int32 (8 multiply-adds), and the block's scale, the same for the 16
+# rows, is applied once: a 64-byte vector of the table then costs one multiply-add per token, and
+# is loaded once for a tile of 8 tokens (NOTES.md).
+
+INT8_GROUP = 16  # table rows per vector of the lanes layout
+LANES_PATHS = ("amx", "avx512vnni")  # the paths whose int8 head reads the lanes layout (512-bit vpdpbusd)
+
+
+def lanes_shape(vocab: int, width: int) -> tuple[int, int]:
+    """The shape of ``interleave_int8``'s result for a ``(vocab, width)`` table: rows padded to 16,
+    values to a whole block of ``INT8_BLOCK``."""
+    return -(-vocab // INT8_GROUP), -(-width // INT8_BLOCK) * INT8_BLOCK * INT8_GROUP
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def interleave_int8(table, lanes):
+    """Write the int8 ``table`` (vocab, width) into ``lanes`` (``lanes_shape``): byte ``4 i + b`` of
+    vector ``s`` of group ``g`` is ``table[16 g + i, 4 s + b]``; padding rows and values are 0."""
+    vocab, width = table.shape
+    steps = lanes.shape[1] // 64
+    for g in prange(lanes.shape[0]):
+        for s in range(steps):
+            for i in range(INT8_GROUP):
+                r = INT8_GROUP * g + i
+                for b in range(4):
+                    j = 4 * s + b
+                    lanes[g, 64 * s + 4 * i + b] = table[r, j] if r < vocab and j < width else 0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def deinterleave_int8(lanes, table):
+    """``interleave_int8`` backwards, into ``table`` (vocab, width)."""
+    vocab, width = table.shape
+    for r in prange(vocab):
+        g = r // INT8_GROUP
+        for j in range(width):
+            table[r, j] = lanes[g, 64 * (j // 4) + 4 * (r - INT8_GROUP * g) + j % 4]
+
+
+@njit(cache=True, nogil=True)
+def rows_int8_lanes(lanes, row_scale, ids, out):
+    """``rows_int8`` for a table in the lanes layout: ``out[i] = float32(row ids[i]) * row_scale[ids[i]]``."""
+    for i in range(ids.shape[0]):
+        g, lane_of_row = divmod(ids[i], INT8_GROUP)
+        scale = row_scale[ids[i]]
+        for j in range(out.shape[1]):
+            out[i, j] = np.float32(lanes[g, 64 * (j // 4) + 4 * lane_of_row + j % 4]) * scale
+
+
+@njit(**_ROW_KERNEL)
+def _block_step(isa, lanes, at, q, k, acc):
+    """``acc`` plus 4 values of each of the 16 rows (the table's vector at flat ``at``) times the 4
+    activations of ``q`` at flat ``k``, broadcast to every lane (exact: ``signed_dot``)."""
+    x = splat_four_bytes(isa, q, k)
+    return signed_dot(isa, load_bytes(isa, lanes, at), x, acc)
+
+
+@njit(**_ROW_KERNEL)
+def _scaled(isa, total, acc, block_scale, t, b):
+    """``total + float(acc) * block_scale[t, b]`` in every lane: a block's exact sums, scaled once."""
+    return scaled_add_floats(total, acc, splat_floats(isa, block_scale[t, b]))
+
+
+@njit(**_ROW_KERNEL)
+def _emit_lanes(isa, total, t, g, row_scale, out):
+    """Token ``t``'s logits of group ``g``: ``total`` (lane ``i``: row ``16 g + i``) times the row scales,
+    one vector store, or lane by lane for the last group of a vocabulary not a multiple of 16."""
+    vocab = out.shape[1]
+    first = INT8_GROUP * g
+    if first + INT8_GROUP <= vocab:
+        store_vector(out, t * vocab + first, mul_floats(total, load_floats(isa, row_scale, first)))
+    else:
+        for i in range(vocab - first):
+            out[t, first + i] = lane(total, i) * row_scale[first + i]
+
+
+@njit(**_ROW_KERNEL)
+def _lanes_tile8(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
+    """Group ``g``'s logits of the 8 tokens from ``t``: each table vector loaded once for the 8."""
+    width = q.shape[1]
+    f0, f1, f2, f3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
+    f4, f5, f6, f7 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
+    row = g * lanes.shape[1]
+    for b in range(width // INT8_BLOCK):
+        a0, a1 = splat_acc(isa, offsets[t, b]), splat_acc(isa, offsets[t + 1, b])
+        a2, a3 = splat_acc(isa, offsets[t + 2, b]), splat_acc(isa, offsets[t + 3, b])
+        a4, a5 = splat_acc(isa, offsets[t + 4, b]), splat_acc(isa, offsets[t + 5, b])
+        a6, a7 = splat_acc(isa, offsets[t + 6, b]), splat_acc(isa, offsets[t + 7, b])
+        for s in range(INT8_BLOCK // 4):
+            at = row + 64 * (INT8_BLOCK // 4 * b + s)
+            prefetch(lanes, at + LANES_PREFETCH_BYTES)
+            k = t * width + INT8_BLOCK * b + 4 * s
+            a0 = _block_step(isa, lanes, at, q, k, a0)
+            a1 = _block_step(isa, lanes, at, q, k + width, a1)
+            a2 = _block_step(isa, lanes, at, q, k + 2 * width, a2)
+            a3 = _block_step(isa, lanes, at, q, k + 3 * width, a3)
+            a4 = _block_step(isa, lanes, at, q, k + 4 * width, a4)
+            a5 = _block_step(isa, lanes, at, q, k + 5 * width, a5)
+            a6 = _block_step(isa, lanes, at, q, k + 6 * width, a6)
+            a7 = _block_step(isa, lanes, at, q, k + 7 * width, a7)
+        f0, f1 = _scaled(isa, f0, a0, block_scale, t, b), _scaled(isa, f1, a1, block_scale, t + 1, b)
+        f2, f3 = _scaled(isa, f2, a2, block_scale, t + 2, b), _scaled(isa, f3, a3, block_scale, t + 3, b)
+        f4, f5 = _scaled(isa, f4, a4, block_scale, t + 4, b), _scaled(isa, f5, a5, block_scale, t + 5, b)
+        f6, f7 = _scaled(isa, f6, a6, block_scale, t + 6, b), _scaled(isa, f7, a7, block_scale, t + 7, b)
+    _emit_lanes(isa, f0, t, g, row_scale, out)
+    _emit_lanes(isa, f1, t + 1, g, row_scale, out)
+    _emit_lanes(isa, f2, t + 2, g, row_scale, out)
+    _emit_lanes(isa, f3, t + 3, g, row_scale, out)
+    _emit_lanes(isa, f4, t + 4, g, row_scale, out)
+    _emit_lanes(isa, f5, t + 5, g, row_scale, out)
+    _emit_lanes(isa, f6, t + 6, g, row_scale, out)
+    _emit_lanes(isa, f7, t + 7, g, row_scale, out)
+
+
+@njit(**_ROW_KERNEL)
+def _lanes_tile4(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
+    """``_lanes_tile8`` for the 4 tokens from ``t``."""
+    width = q.shape[1]
+    f0, f1, f2, f3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
+    row = g * lanes.shape[1]
+    for b in range(width // INT8_BLOCK):
+        a0, a1 = splat_acc(isa, offsets[t, b]), splat_acc(isa, offsets[t + 1, b])
+        a2, a3 = splat_acc(isa, offsets[t + 2, b]), splat_acc(isa, offsets[t + 3, b])
+        for s in range(INT8_BLOCK // 4):
+            at = row + 64 * (INT8_BLOCK // 4 * b + s)
+            prefetch(lanes, at + LANES_PREFETCH_BYTES)
+            k = t * width + INT8_BLOCK * b + 4 * s
+            a0 = _block_step(isa, lanes, at, q, k, a0)
+            a1 = _block_step(isa, lanes, at, q, k + width, a1)
+            a2 = _block_step(isa, lanes, at, q, k + 2 * width, a2)
+            a3 = _block_step(isa, lanes, at, q, k + 3 * width, a3)
+        f0, f1 = _scaled(isa, f0, a0, block_scale, t, b), _scaled(isa, f1, a1, block_scale, t + 1, b)
+        f2, f3 = _scaled(isa, f2, a2, block_scale, t + 2, b), _scaled(isa, f3, a3, block_scale, t + 3, b)
+    _emit_lanes(isa, f0, t, g, row_scale, out)
+    _emit_lanes(isa, f1, t + 1, g, row_scale, out)
+    _emit_lanes(isa, f2, t + 2, g, row_scale, out)
+    _emit_lanes(isa, f3, t + 3, g, row_scale, out)
+
+
+@njit(**_ROW_KERNEL)
+def _lanes_tile1(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
+    """``_lanes_tile8`` for token ``t`` alone (one stream of the table, as decoding reads it); the same
+    block sums, scaled and added in the same order, so the same bits."""
+    width = q.shape[1]
+    f0 = zero_floats(isa)
+    row = g * lanes.shape[1]
+    for b in range(width // INT8_BLOCK):
+        a0 = splat_acc(isa, offsets[t, b])
+        for s in range(INT8_BLOCK // 4):
+            at = row + 64 * (INT8_BLOCK // 4 * b + s)
+            prefetch(lanes, at + LANES_PREFETCH_BYTES)
+            a0 = _block_step(isa, lanes, at, q, t * width + INT8_BLOCK * b + 4 * s, a0)
+        f0 = _scaled(isa, f0, a0, block_scale, t, b)
+    _emit_lanes(isa, f0, t, g, row_scale, out)
+
+
+@njit(**_KERNEL)
+def logits_int8_lanes(isa, lanes, row_scale, h, q, block_scale, offsets, out):
+    """``logits_int8`` for a table in the lanes layout (``interleave_int8``), on AVX-512 VNNI.
+
+    ``q``: int8 ``(n, padded width)`` (``lanes.shape[1] // 16``), ``block_scale`` and ``offsets``
+    (int32) ``(n, padded width // INT8_BLOCK)``: scratch. ``h`` is quantized as ``logits_int8``
+    does it; each lane of a block's accumulator starts from ``-128`` times the block's sum of
+    ``q`` (``offsets``), so the ``signed_dot`` steps leave the exact block sum. Tokens go in tiles
+    of 8, then one of 4, then one by one; a token's logits are the same bits in any (and for any
+    thread count: each group of 16 rows is one ``prange`` iteration).
+    """
+    n, width = h.shape
+    for t in range(n):
+        quantize_blocks(h, t, q, block_scale, INT8_BLOCK)
+        q[t, width:] = 0
+        for b in range(offsets.shape[1]):
+            total = 0
+            for j in range(INT8_BLOCK * b, INT8_BLOCK * (b + 1)):
+                total += q[t, j]
+            offsets[t, b] = -128 * total
+    for g in prange(lanes.shape[0]):
+        t = 0
+        while t + 8 <= n:
+            _lanes_tile8(isa, lanes, row_scale, q, offsets, block_scale, out, g, t)
+            t += 8
+        if t + 4 <= n:
+            _lanes_tile4(isa, lanes, row_scale, q, offsets, block_scale, out, g, t)
+            t += 4
+        while t < n:
+            _lanes_tile1(isa, lanes, row_scale, q, offsets, block_scale, out, g, t)
+            t += 1

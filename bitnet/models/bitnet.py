@@ -174,7 +174,7 @@ class BitNetForCausalLM:
             raise errors.ConfigError(f"config must be a BitNetConfig, got {type(config).__name__}")
         table_shape = (config.vocab_size, config.hidden_size)
         for name, table in (("embed_tokens", embed_tokens), ("lm_head", embed_tokens if lm_head is None else lm_head)):
-            if not isinstance(table, Embedding) or table.table.shape != table_shape:
+            if not isinstance(table, Embedding) or (table.vocab_size, table.hidden_size) != table_shape:
                 raise errors.ShapeError(f"{name} must be an Embedding of shape {table_shape} (vocab x hidden size)")
         if len(layers) != config.num_hidden_layers or not all(isinstance(layer, DecoderLayer) for layer in layers):
             raise errors.ShapeError(f"the config has {config.num_hidden_layers} layers, {len(layers)} were given")

@@ -69,9 +69,27 @@ class Embedding:
             if row_scale.shape != (table.shape[0],):
                 raise errors.ShapeError(f"row_scale must have shape ({table.shape[0]},), got {row_scale.shape}")
             row_scale = np.ascontiguousarray(row_scale)
-        self.table = np.ascontiguousarray(table)
         self.dtype = dtype
         self.row_scale = row_scale
+        self._shape = table.shape
+        self._lanes = None  # an int8 table in the lanes layout of the AVX-512 VNNI head kernel
+        if dtype == "int8" and KERNEL_PATH in head_kernels.LANES_PATHS:
+            self._lanes = np.empty(head_kernels.lanes_shape(*table.shape), np.int8)
+            head_kernels.interleave_int8(table, self._lanes)
+            self._table = None
+        else:
+            self._table = np.ascontiguousarray(table)
+
+    @property
+    def table(self) -> np.ndarray:
+        """The stored table, ``(vocab, hidden)``. An int8 table kept in the lanes layout (on AVX-512
+        VNNI, ``bitnet.kernels.head.interleave_int8``) comes back as a row-major copy made on each
+        access: for saving and tests, not for inference."""
+        if self._lanes is None:
+            return self._table
+        table = np.empty(self._shape, np.int8)
+        head_kernels.deinterleave_int8(self._lanes, table)
+        return table
 
     @classmethod
     def from_weights(cls, weights: np.ndarray, dtype: str = "auto") -> Embedding:
@@ -99,15 +117,16 @@ class Embedding:
 
     @property
     def vocab_size(self) -> int:
-        return self.table.shape[0]
+        return self._shape[0]
 
     @property
     def hidden_size(self) -> int:
-        return self.table.shape[1]
+        return self._shape[1]
 
     @property
     def nbytes(self) -> int:
-        return self.table.nbytes + (0 if self.row_scale is None else self.row_scale.nbytes)
+        stored = self._table if self._lanes is None else self._lanes
+        return stored.nbytes + (0 if self.row_scale is None else self.row_scale.nbytes)
 
     def float_weights(self) -> np.ndarray:
         """The table as float32 (a full-size copy: for saving and tests, not for inference)."""
@@ -123,8 +142,10 @@ class Embedding:
         out = errors.checked_out(out, (len(ids), self.hidden_size))
         if self.dtype in _WORD_FORMATS:
             head_kernels.rows_words(_WORD_FORMATS[self.dtype], self.table.view(np.uint16), ids, out)
+        elif self._lanes is not None:
+            head_kernels.rows_int8_lanes(self._lanes, self.row_scale, ids, out)
         elif self.dtype == "int8":
-            head_kernels.rows_int8(self.table, self.row_scale, ids, out)
+            head_kernels.rows_int8(self._table, self.row_scale, ids, out)
         else:
             np.take(self.table, ids, axis=0, out=out)
         return out
@@ -144,11 +165,18 @@ class Embedding:
         elif self.dtype in _WORD_FORMATS:
             head_kernels.logits_words(MARKERS[KERNEL_PATH], _WORD_FORMATS[self.dtype], self.table.view(np.uint16), h,
                                       out)
+        elif self._lanes is not None:
+            n, padded = h.shape[0], self._lanes.shape[1] // head_kernels.INT8_GROUP
+            q = scratch.empty((n, padded), np.int8)
+            block_scale = scratch.empty((n, padded // head_kernels.INT8_BLOCK), np.float32)
+            offsets = scratch.empty((n, padded // head_kernels.INT8_BLOCK), np.int32)
+            head_kernels.logits_int8_lanes(MARKERS[KERNEL_PATH], self._lanes, self.row_scale, h, q, block_scale,
+                                           offsets, out)
         else:
             n, width = h.shape
             q = scratch.empty((n, width), np.int8)
             block_scale = scratch.empty((n, -(-width // head_kernels.INT8_BLOCK)), np.float32)
-            head_kernels.logits_int8(MARKERS[KERNEL_PATH], self.table, self.row_scale, h, q, block_scale, out)
+            head_kernels.logits_int8(MARKERS[KERNEL_PATH], self._table, self.row_scale, h, q, block_scale, out)
         return out
 
 
