@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import bitnet as bn
+from bitnet.kernels.head import LANES_PATHS
 from bitnet.models import Sampler
 
 PROMPT = np.array([5, 77, 3, 120, 64, 9])
@@ -163,11 +164,13 @@ def test_decode_step_bytes_are_the_projections_the_head_and_the_attended_cache()
                              num_attention_heads=heads, num_key_value_heads=kv_heads)
     head_dim = hidden // heads
     # i2: 2 bits a weight; the stacked q/k/v and gate/up projections keep each part's float32 scale
-    # per row, o and down one scale. The int8 head: one byte a weight plus a float32 scale per row.
+    # per row, o and down one scale. The int8 head: one byte a weight plus a float32 scale per row,
+    # its rows padded to 16 where the kernels read them 16 to a vector.
     qkv_rows, gate_up_rows = hidden + 2 * kv_heads * head_dim, 2 * inter
     ternary = layers * (qkv_rows * hidden // 4 + 4 * qkv_rows + hidden * hidden // 4 + 4
                         + gate_up_rows * hidden // 4 + 4 * gate_up_rows + hidden * inter // 4 + 4)
-    for dtype, head in (("int8", vocab * hidden + 4 * vocab), ("f32", 4 * vocab * hidden)):
+    int8_rows = -(-vocab // 16) * 16 if bn.ops.KERNEL_PATH in LANES_PATHS else vocab
+    for dtype, head in (("int8", int8_rows * hidden + 4 * vocab), ("f32", 4 * vocab * hidden)):
         step = decode_step_bytes(bn.models.random_model(config, head_dtype=dtype), positions=10)
         assert step.ternary == ternary
         assert step.head == head
