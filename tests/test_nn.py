@@ -270,6 +270,14 @@ def test_an_int8_embedding_keeps_its_table_in_the_kernels_layout(rng):
     assert np.array_equal(e.table, table) and (e.vocab_size, e.hidden_size) == (21, 40)
     assert e.nbytes == (table.nbytes if e._lanes is None else e._lanes.nbytes) + row_scale.nbytes
     np.testing.assert_array_equal(e.rows(np.array([20, 3])), table[[20, 3]] * row_scale[[20, 3], None])
+    blocks = Embedding.int8_from_blocks([(table[:16], row_scale[:16]), (table[16:], row_scale[16:])], (21, 40))
+    assert np.array_equal(blocks.table, table) and np.array_equal(blocks.row_scale, row_scale)
+    h = rng.standard_normal((3, 40)).astype(np.float32)
+    assert np.array_equal(blocks.logits(h), e.logits(h))
+    for bad in ([(table[:5], row_scale[:5]), (table[5:], row_scale[5:])], [(table[:16], row_scale[:16])],
+                [(table[:, :39], row_scale)]):
+        with pytest.raises(bn.ShapeError):
+            Embedding.int8_from_blocks(bad, (21, 40))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
@@ -313,6 +321,20 @@ def test_layers_built_side_by_side_stack_without_a_copy(rng):
     assert stacked.weight.data.base is base and stacked.weight.shape == (768, 256)
     x = rng.standard_normal((2, 256)).astype(np.float32)
     np.testing.assert_array_equal(stacked(x)[:, 512:640], layers[1](x))
+
+
+def test_random_layers_stack_without_a_copy_and_are_one_network_on_every_cpu(rng):
+    from bitnet.models.random import random_linears
+
+    layers = random_linears(np.random.default_rng(5), [512, 128, 128], 256)
+    base = layers[0].weight.data.base
+    stacked = BitLinear.stacked(layers)
+    assert stacked.weight.data.base is base and stacked.weight.format == bn.ops.WEIGHT_FORMAT
+    again = random_linears(np.random.default_rng(5), [512, 128, 128], 256)  # drawn as i2 bytes, then repacked
+    i2 = np.random.default_rng(5)
+    drawn = bn.unpack(bn.PackedTernary("i2", (768, 256), np.take(
+        bn.models.random._VALID_I2_BYTES, i2.integers(0, 81, (768, 64), dtype=np.uint8)), np.float32(1 / 16)))
+    assert np.array_equal(np.concatenate([bn.unpack(layer.weight).codes for layer in again]), drawn.codes)
 
 
 def test_overflowing_activations_give_inf_or_nan_not_an_exception():

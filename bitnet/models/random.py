@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..formats import PackedTernary, pack
+from ..formats import PackedTernary, convert, get_format, pack
 from ..formats.i2 import BLOCK
 from ..nn import BitLinear, Embedding
-from ..nn.embedding import float_to_bf16_bits
+from ..nn.embedding import float_to_bf16_bits, int8_rows
+from ..ops import WEIGHT_FORMAT
 from ..quant import TernaryTensor
 from .bitnet import BitNetForCausalLM, build_layers
 from .config import BitNetConfig
@@ -21,7 +22,7 @@ from .config import BitNetConfig
 _VALID_I2_BYTES = np.array(
     [a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3) for d in range(3)], np.uint8
 )
-_EMBEDDING_ROWS_PER_BLOCK = 1024
+_EMBEDDING_ROWS_PER_BLOCK = 1024  # a multiple of 16, as Embedding.int8_from_blocks takes them
 
 
 def random_linear(rng: np.random.Generator, out_features: int, in_features: int) -> BitLinear:
@@ -30,9 +31,9 @@ def random_linear(rng: np.random.Generator, out_features: int, in_features: int)
 
 
 def random_linears(rng: np.random.Generator, out_features: list[int], in_features: int) -> list[BitLinear]:
-    """BitLinears sharing an input, their packed rows drawn as one ``i2`` array (so they stack without a copy
-    where the kernels read ``i2``; elsewhere each is repacked once, and the same seed gives the same
-    network on every CPU)."""
+    """BitLinears sharing an input, their packed rows drawn as one ``i2`` array and repacked at once into
+    the CPU kernels' format (``bn.ops.WEIGHT_FORMAT``), so that they stack without a copy; the same
+    seed gives the same network on every CPU."""
     scale = np.asarray(1.0 / np.sqrt(in_features), np.float32)
     rows = sum(out_features)
     if in_features % BLOCK == 0:
@@ -43,9 +44,16 @@ def random_linears(rng: np.random.Generator, out_features: list[int], in_feature
     else:
         codes = rng.integers(-1, 2, (rows, in_features), dtype=np.int8)
         data = pack(TernaryTensor(codes, scale), "i2").data
+    group = get_format(WEIGHT_FORMAT).row_group
+    if any(out % group for out in out_features[:-1]):  # each layer repacked alone (BitLinear does it)
+        parts = np.split(data, np.cumsum(out_features)[:-1])
+        return [BitLinear(PackedTernary("i2", (out, in_features), part, scale))
+                for out, part in zip(out_features, parts, strict=True)]
+    data = convert(PackedTernary("i2", (rows, in_features), data, scale), WEIGHT_FORMAT).data
     layers, start = [], 0
     for out in out_features:
-        layers.append(BitLinear(PackedTernary("i2", (out, in_features), data[start : start + out], scale)))
+        part = data[start // group : -(-(start + out) // group)]
+        layers.append(BitLinear(PackedTernary(WEIGHT_FORMAT, (out, in_features), part, scale)))
         start += out
     return layers
 
@@ -57,19 +65,14 @@ def random_table(rng: np.random.Generator, rows: int, cols: int, dtype: str) -> 
     int8 one (2.5 GiB instead of 1.3 for the 2B4T head in f16).
     """
     kind = "f32" if dtype == "auto" else dtype
-    stored = np.empty((rows, cols), {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "int8": np.int8}[kind])
-    row_scale = np.empty(rows, np.float32) if kind == "int8" else None
-    for start in range(0, rows, _EMBEDDING_ROWS_PER_BLOCK):
-        block = rng.standard_normal((min(_EMBEDDING_ROWS_PER_BLOCK, rows - start), cols), np.float32)
-        end = start + block.shape[0]
-        if kind == "bf16":
-            stored[start:end] = float_to_bf16_bits(block)
-        elif kind == "int8":
-            part = Embedding.from_weights(block, "int8")
-            stored[start:end], row_scale[start:end] = part.table, part.row_scale
-        else:
-            stored[start:end] = block
-    return Embedding(stored, kind, row_scale)
+    starts = range(0, rows, _EMBEDDING_ROWS_PER_BLOCK)
+    blocks = (rng.standard_normal((min(_EMBEDDING_ROWS_PER_BLOCK, rows - start), cols), np.float32) for start in starts)
+    if kind == "int8":
+        return Embedding.int8_from_blocks((int8_rows(block) for block in blocks), (rows, cols))
+    stored = np.empty((rows, cols), {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[kind])
+    for start, block in zip(starts, blocks, strict=True):
+        stored[start : start + block.shape[0]] = float_to_bf16_bits(block) if kind == "bf16" else block
+    return Embedding(stored, kind)
 
 
 def random_model(config: BitNetConfig, seed: int = 0, head_dtype: str = "bf16") -> BitNetForCausalLM:

@@ -69,16 +69,54 @@ class Embedding:
             if row_scale.shape != (table.shape[0],):
                 raise errors.ShapeError(f"row_scale must have shape ({table.shape[0]},), got {row_scale.shape}")
             row_scale = np.ascontiguousarray(row_scale)
+        self._allocate(dtype, table.shape, row_scale, copy=False)
+        if self._lanes is None:
+            self._table = np.ascontiguousarray(table)
+        else:
+            self._write_rows(0, table)
+
+    def _allocate(self, dtype: str, shape: tuple[int, int], row_scale: np.ndarray | None, copy: bool = True) -> None:
+        """Set the attributes and allocate the storage: an int8 table on the AVX-512 VNNI paths in the
+        lanes layout of their head kernel (``bitnet.kernels.head.interleave_int8``), any other table
+        as it is (allocated only with ``copy``)."""
         self.dtype = dtype
         self.row_scale = row_scale
-        self._shape = table.shape
-        self._lanes = None  # an int8 table in the lanes layout of the AVX-512 VNNI head kernel
-        if dtype == "int8" and KERNEL_PATH in head_kernels.LANES_PATHS:
-            self._lanes = np.empty(head_kernels.lanes_shape(*table.shape), np.int8)
-            head_kernels.interleave_int8(table, self._lanes)
-            self._table = None
+        self._shape = tuple(shape)
+        lanes = dtype == "int8" and KERNEL_PATH in head_kernels.LANES_PATHS
+        self._lanes = np.empty(head_kernels.lanes_shape(*shape), np.int8) if lanes else None
+        self._table = np.empty(shape, _TABLE_DTYPES[dtype]) if copy and not lanes else None
+
+    def _write_rows(self, start: int, rows: np.ndarray) -> None:
+        """Store ``rows`` (in the stored dtype) from row ``start`` on (a multiple of 16, or the end)."""
+        if self._lanes is None:
+            self._table[start : start + rows.shape[0]] = rows
         else:
-            self._table = np.ascontiguousarray(table)
+            group = head_kernels.INT8_GROUP
+            head_kernels.interleave_int8(np.ascontiguousarray(rows),
+                                         self._lanes[start // group : -(-(start + rows.shape[0]) // group)])
+
+    @classmethod
+    def int8_from_blocks(cls, blocks, shape: tuple[int, int]) -> Embedding:
+        """An ``"int8"`` table of ``shape`` from consecutive row blocks ``(codes, row_scale)``: int8
+        ``(rows, hidden)`` and float32 ``(rows,)``, each block but the last a multiple of 16 rows.
+        Each block goes straight into the storage, so the table never exists twice (random models).
+
+        Raises ShapeError when the blocks do not fill ``shape`` or a block has another width.
+        """
+        embedding = cls.__new__(cls)
+        row_scale = np.empty(shape[0], np.float32)
+        embedding._allocate("int8", shape, row_scale)
+        start = 0
+        for codes, scales in blocks:
+            if codes.shape[1:] != (shape[1],) or scales.shape != codes.shape[:1] or start % head_kernels.INT8_GROUP:
+                raise errors.ShapeError(f"blocks of int8 rows must be (rows, {shape[1]}) with one scale a row, every "
+                                        f"block but the last a multiple of {head_kernels.INT8_GROUP} rows")
+            embedding._write_rows(start, codes)
+            row_scale[start : start + codes.shape[0]] = scales
+            start += codes.shape[0]
+        if start != shape[0]:
+            raise errors.ShapeError(f"the blocks hold {start} rows, the table {shape[0]}")
+        return embedding
 
     @property
     def table(self) -> np.ndarray:
@@ -109,9 +147,7 @@ class Embedding:
         if dtype == "bf16":
             return cls(float_to_bf16_bits(as_float), dtype)
         if dtype == "int8":
-            absmax = np.maximum(np.abs(as_float).max(axis=1), np.float32(1e-12))
-            row_scale = (absmax / np.float32(127)).astype(np.float32)
-            codes = np.rint(as_float / row_scale[:, None]).astype(np.int8)
+            codes, row_scale = int8_rows(as_float)
             return cls(codes, dtype, row_scale)
         return cls(as_float.astype(_NUMPY_DTYPES[dtype]), dtype)
 
@@ -178,6 +214,13 @@ class Embedding:
             block_scale = scratch.empty((n, -(-width // head_kernels.INT8_BLOCK)), np.float32)
             head_kernels.logits_int8(MARKERS[KERNEL_PATH], self._table, self.row_scale, h, q, block_scale, out)
         return out
+
+
+def int8_rows(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 rows as an int8 table stores them: per-row absmax codes and their float32 scales."""
+    absmax = np.maximum(np.abs(weights).max(axis=1), np.float32(1e-12))
+    row_scale = (absmax / np.float32(127)).astype(np.float32)
+    return np.rint(weights / row_scale[:, None]).astype(np.int8), row_scale
 
 
 def _storage_kind(weights: np.ndarray) -> str:
