@@ -475,6 +475,36 @@ def _emit_lanes(isa, total, t, g, row_scale, out):
 
 
 @njit(**_ROW_KERNEL)
+def _four_block_steps(isa, lanes, at, q, k, width, a0, a1, a2, a3):
+    """``_block_step`` for 4 tokens, ``width`` apart from flat ``k`` in ``q``, on one table vector."""
+    return (_block_step(isa, lanes, at, q, k, a0), _block_step(isa, lanes, at, q, k + width, a1),
+            _block_step(isa, lanes, at, q, k + 2 * width, a2), _block_step(isa, lanes, at, q, k + 3 * width, a3))
+
+
+@njit(**_ROW_KERNEL)
+def _four_starts(isa, offsets, t, b):
+    """The accumulators of tokens ``t .. t + 3`` for block ``b``: each lane at the token's ``offsets``."""
+    return (splat_acc(isa, offsets[t, b]), splat_acc(isa, offsets[t + 1, b]), splat_acc(isa, offsets[t + 2, b]),
+            splat_acc(isa, offsets[t + 3, b]))
+
+
+@njit(**_ROW_KERNEL)
+def _four_scaled(isa, f0, f1, f2, f3, a0, a1, a2, a3, block_scale, t, b):
+    """``_scaled`` for tokens ``t .. t + 3``."""
+    return (_scaled(isa, f0, a0, block_scale, t, b), _scaled(isa, f1, a1, block_scale, t + 1, b),
+            _scaled(isa, f2, a2, block_scale, t + 2, b), _scaled(isa, f3, a3, block_scale, t + 3, b))
+
+
+@njit(**_ROW_KERNEL)
+def _emit_four(isa, f0, f1, f2, f3, t, g, row_scale, out):
+    """``_emit_lanes`` for tokens ``t .. t + 3``."""
+    _emit_lanes(isa, f0, t, g, row_scale, out)
+    _emit_lanes(isa, f1, t + 1, g, row_scale, out)
+    _emit_lanes(isa, f2, t + 2, g, row_scale, out)
+    _emit_lanes(isa, f3, t + 3, g, row_scale, out)
+
+
+@njit(**_ROW_KERNEL)
 def _lanes_tile8(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     """Group ``g``'s logits of the 8 tokens from ``t``: each table vector loaded once for the 8."""
     width = q.shape[1]
@@ -482,34 +512,18 @@ def _lanes_tile8(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     f4, f5, f6, f7 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
     row = g * lanes.shape[1]
     for b in range(width // INT8_BLOCK):
-        a0, a1 = splat_acc(isa, offsets[t, b]), splat_acc(isa, offsets[t + 1, b])
-        a2, a3 = splat_acc(isa, offsets[t + 2, b]), splat_acc(isa, offsets[t + 3, b])
-        a4, a5 = splat_acc(isa, offsets[t + 4, b]), splat_acc(isa, offsets[t + 5, b])
-        a6, a7 = splat_acc(isa, offsets[t + 6, b]), splat_acc(isa, offsets[t + 7, b])
+        a0, a1, a2, a3 = _four_starts(isa, offsets, t, b)
+        a4, a5, a6, a7 = _four_starts(isa, offsets, t + 4, b)
         for s in range(INT8_BLOCK // 4):
             at = row + 64 * (INT8_BLOCK // 4 * b + s)
             prefetch(lanes, at + LANES_PREFETCH_BYTES)
             k = t * width + INT8_BLOCK * b + 4 * s
-            a0 = _block_step(isa, lanes, at, q, k, a0)
-            a1 = _block_step(isa, lanes, at, q, k + width, a1)
-            a2 = _block_step(isa, lanes, at, q, k + 2 * width, a2)
-            a3 = _block_step(isa, lanes, at, q, k + 3 * width, a3)
-            a4 = _block_step(isa, lanes, at, q, k + 4 * width, a4)
-            a5 = _block_step(isa, lanes, at, q, k + 5 * width, a5)
-            a6 = _block_step(isa, lanes, at, q, k + 6 * width, a6)
-            a7 = _block_step(isa, lanes, at, q, k + 7 * width, a7)
-        f0, f1 = _scaled(isa, f0, a0, block_scale, t, b), _scaled(isa, f1, a1, block_scale, t + 1, b)
-        f2, f3 = _scaled(isa, f2, a2, block_scale, t + 2, b), _scaled(isa, f3, a3, block_scale, t + 3, b)
-        f4, f5 = _scaled(isa, f4, a4, block_scale, t + 4, b), _scaled(isa, f5, a5, block_scale, t + 5, b)
-        f6, f7 = _scaled(isa, f6, a6, block_scale, t + 6, b), _scaled(isa, f7, a7, block_scale, t + 7, b)
-    _emit_lanes(isa, f0, t, g, row_scale, out)
-    _emit_lanes(isa, f1, t + 1, g, row_scale, out)
-    _emit_lanes(isa, f2, t + 2, g, row_scale, out)
-    _emit_lanes(isa, f3, t + 3, g, row_scale, out)
-    _emit_lanes(isa, f4, t + 4, g, row_scale, out)
-    _emit_lanes(isa, f5, t + 5, g, row_scale, out)
-    _emit_lanes(isa, f6, t + 6, g, row_scale, out)
-    _emit_lanes(isa, f7, t + 7, g, row_scale, out)
+            a0, a1, a2, a3 = _four_block_steps(isa, lanes, at, q, k, width, a0, a1, a2, a3)
+            a4, a5, a6, a7 = _four_block_steps(isa, lanes, at, q, k + 4 * width, width, a4, a5, a6, a7)
+        f0, f1, f2, f3 = _four_scaled(isa, f0, f1, f2, f3, a0, a1, a2, a3, block_scale, t, b)
+        f4, f5, f6, f7 = _four_scaled(isa, f4, f5, f6, f7, a4, a5, a6, a7, block_scale, t + 4, b)
+    _emit_four(isa, f0, f1, f2, f3, t, g, row_scale, out)
+    _emit_four(isa, f4, f5, f6, f7, t + 4, g, row_scale, out)
 
 
 @njit(**_ROW_KERNEL)
@@ -519,22 +533,14 @@ def _lanes_tile4(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     f0, f1, f2, f3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
     row = g * lanes.shape[1]
     for b in range(width // INT8_BLOCK):
-        a0, a1 = splat_acc(isa, offsets[t, b]), splat_acc(isa, offsets[t + 1, b])
-        a2, a3 = splat_acc(isa, offsets[t + 2, b]), splat_acc(isa, offsets[t + 3, b])
+        a0, a1, a2, a3 = _four_starts(isa, offsets, t, b)
         for s in range(INT8_BLOCK // 4):
             at = row + 64 * (INT8_BLOCK // 4 * b + s)
             prefetch(lanes, at + LANES_PREFETCH_BYTES)
-            k = t * width + INT8_BLOCK * b + 4 * s
-            a0 = _block_step(isa, lanes, at, q, k, a0)
-            a1 = _block_step(isa, lanes, at, q, k + width, a1)
-            a2 = _block_step(isa, lanes, at, q, k + 2 * width, a2)
-            a3 = _block_step(isa, lanes, at, q, k + 3 * width, a3)
-        f0, f1 = _scaled(isa, f0, a0, block_scale, t, b), _scaled(isa, f1, a1, block_scale, t + 1, b)
-        f2, f3 = _scaled(isa, f2, a2, block_scale, t + 2, b), _scaled(isa, f3, a3, block_scale, t + 3, b)
-    _emit_lanes(isa, f0, t, g, row_scale, out)
-    _emit_lanes(isa, f1, t + 1, g, row_scale, out)
-    _emit_lanes(isa, f2, t + 2, g, row_scale, out)
-    _emit_lanes(isa, f3, t + 3, g, row_scale, out)
+            a0, a1, a2, a3 = _four_block_steps(isa, lanes, at, q, t * width + INT8_BLOCK * b + 4 * s, width,
+                                               a0, a1, a2, a3)
+        f0, f1, f2, f3 = _four_scaled(isa, f0, f1, f2, f3, a0, a1, a2, a3, block_scale, t, b)
+    _emit_four(isa, f0, f1, f2, f3, t, g, row_scale, out)
 
 
 @njit(**_ROW_KERNEL)

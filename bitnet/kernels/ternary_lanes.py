@@ -54,6 +54,15 @@ def _codes(isa, x, field):
     return and_bytes(shift_right_bytes(x, 2 * field), splat_bytes(isa, 3))
 
 
+@njit(inline="always", **KERNEL)
+def _four_tokens(isa, c, q, at, kp, a0, a1, a2, a3):
+    """The accumulators of 4 tokens (``kp`` apart from flat ``at`` in ``q``) plus the codes ``c`` times
+    each token's 4 activations there."""
+    return (dot_acc(isa, a0, c, splat_four_bytes(isa, q, at)), dot_acc(isa, a1, c, splat_four_bytes(isa, q, at + kp)),
+            dot_acc(isa, a2, c, splat_four_bytes(isa, q, at + 2 * kp)),
+            dot_acc(isa, a3, c, splat_four_bytes(isa, q, at + 3 * kp)))
+
+
 @njit(**KERNEL)
 def _tile8(isa, w, g, q, t):
     """The int32 sums ``sum(c q[t + j])`` of group ``g``'s 16 rows for the 8 tokens ``j``."""
@@ -67,14 +76,8 @@ def _tile8(isa, w, g, q, t):
         for field in range(4):
             c = _codes(isa, x, field)
             at = t * kp + GROUP_COLUMNS * s + 4 * field
-            a0 = dot_acc(isa, a0, c, splat_four_bytes(isa, q, at))
-            a1 = dot_acc(isa, a1, c, splat_four_bytes(isa, q, at + kp))
-            a2 = dot_acc(isa, a2, c, splat_four_bytes(isa, q, at + 2 * kp))
-            a3 = dot_acc(isa, a3, c, splat_four_bytes(isa, q, at + 3 * kp))
-            a4 = dot_acc(isa, a4, c, splat_four_bytes(isa, q, at + 4 * kp))
-            a5 = dot_acc(isa, a5, c, splat_four_bytes(isa, q, at + 5 * kp))
-            a6 = dot_acc(isa, a6, c, splat_four_bytes(isa, q, at + 6 * kp))
-            a7 = dot_acc(isa, a7, c, splat_four_bytes(isa, q, at + 7 * kp))
+            a0, a1, a2, a3 = _four_tokens(isa, c, q, at, kp, a0, a1, a2, a3)
+            a4, a5, a6, a7 = _four_tokens(isa, c, q, at + 4 * kp, kp, a4, a5, a6, a7)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -88,12 +91,8 @@ def _tile4(isa, w, g, q, t):
         prefetch(w, row + 64 * s + PREFETCH_BYTES)
         x = load_bytes(isa, w, row + 64 * s)
         for field in range(4):
-            c = _codes(isa, x, field)
             at = t * kp + GROUP_COLUMNS * s + 4 * field
-            a0 = dot_acc(isa, a0, c, splat_four_bytes(isa, q, at))
-            a1 = dot_acc(isa, a1, c, splat_four_bytes(isa, q, at + kp))
-            a2 = dot_acc(isa, a2, c, splat_four_bytes(isa, q, at + 2 * kp))
-            a3 = dot_acc(isa, a3, c, splat_four_bytes(isa, q, at + 3 * kp))
+            a0, a1, a2, a3 = _four_tokens(isa, _codes(isa, x, field), q, at, kp, a0, a1, a2, a3)
     return a0, a1, a2, a3
 
 
