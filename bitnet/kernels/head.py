@@ -63,6 +63,9 @@ LANES_PREFETCH_BYTES = 4096  # the lanes kernels prefetch their one stream this 
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True,
                nogil=True, boundscheck=False)
 _ROW_KERNEL = {**_KERNEL, "parallel": False, "inline": "always"}  # the body of one prange iteration
+# A called function, inlined by LLVM if at all: Numba's own inlining (above) retypes the body at each
+# call site, which for the lanes tiles cost seconds of first-call compile time (NOTES.md).
+_CALLED_KERNEL = {**_KERNEL, "parallel": False}
 
 
 @njit(**_ROW_KERNEL)
@@ -461,7 +464,7 @@ def _scaled(isa, total, acc, block_scale, t, b):
     return scaled_add_floats(total, acc, splat_floats(isa, block_scale[t, b]))
 
 
-@njit(**_ROW_KERNEL)
+@njit(**_CALLED_KERNEL)
 def _emit_lanes(isa, total, t, g, row_scale, out):
     """Token ``t``'s logits of group ``g``: ``total`` (lane ``i``: row ``16 g + i``) times the row scales,
     one vector store, or lane by lane for the last group of a vocabulary not a multiple of 16."""
@@ -481,21 +484,21 @@ def _four_block_steps(isa, lanes, at, q, k, width, a0, a1, a2, a3):
             _block_step(isa, lanes, at, q, k + 2 * width, a2), _block_step(isa, lanes, at, q, k + 3 * width, a3))
 
 
-@njit(**_ROW_KERNEL)
+@njit(**_CALLED_KERNEL)
 def _four_starts(isa, offsets, t, b):
     """The accumulators of tokens ``t .. t + 3`` for block ``b``: each lane at the token's ``offsets``."""
     return (splat_acc(isa, offsets[t, b]), splat_acc(isa, offsets[t + 1, b]), splat_acc(isa, offsets[t + 2, b]),
             splat_acc(isa, offsets[t + 3, b]))
 
 
-@njit(**_ROW_KERNEL)
+@njit(**_CALLED_KERNEL)
 def _four_scaled(isa, f0, f1, f2, f3, a0, a1, a2, a3, block_scale, t, b):
     """``_scaled`` for tokens ``t .. t + 3``."""
     return (_scaled(isa, f0, a0, block_scale, t, b), _scaled(isa, f1, a1, block_scale, t + 1, b),
             _scaled(isa, f2, a2, block_scale, t + 2, b), _scaled(isa, f3, a3, block_scale, t + 3, b))
 
 
-@njit(**_ROW_KERNEL)
+@njit(**_CALLED_KERNEL)
 def _emit_four(isa, f0, f1, f2, f3, t, g, row_scale, out):
     """``_emit_lanes`` for tokens ``t .. t + 3``."""
     _emit_lanes(isa, f0, t, g, row_scale, out)
@@ -504,7 +507,7 @@ def _emit_four(isa, f0, f1, f2, f3, t, g, row_scale, out):
     _emit_lanes(isa, f3, t + 3, g, row_scale, out)
 
 
-@njit(**_ROW_KERNEL)
+@njit(**_CALLED_KERNEL)
 def _lanes_tile8(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     """Group ``g``'s logits of the 8 tokens from ``t``: each table vector loaded once for the 8."""
     width = q.shape[1]
@@ -526,7 +529,7 @@ def _lanes_tile8(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     _emit_four(isa, f4, f5, f6, f7, t + 4, g, row_scale, out)
 
 
-@njit(**_ROW_KERNEL)
+@njit(**_CALLED_KERNEL)
 def _lanes_tile4(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     """``_lanes_tile8`` for the 4 tokens from ``t``."""
     width = q.shape[1]
@@ -543,7 +546,7 @@ def _lanes_tile4(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     _emit_four(isa, f0, f1, f2, f3, t, g, row_scale, out)
 
 
-@njit(**_ROW_KERNEL)
+@njit(**_CALLED_KERNEL)
 def _lanes_tile1(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     """``_lanes_tile8`` for token ``t`` alone (one stream of the table, as decoding reads it); the same
     block sums, scaled and added in the same order, so the same bits."""

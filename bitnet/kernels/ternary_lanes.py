@@ -113,7 +113,7 @@ def _tile1(isa, w, g, q, t):
     return add_acc(add_acc(a0, a1), add_acc(a2, a3))
 
 
-@njit(inline="always", **KERNEL)
+@njit(**KERNEL)
 def _emit_group(isa, sums, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """``emit`` for token ``t`` and the rows of group ``g`` (lane ``i``: row ``16 g + i``).
 
