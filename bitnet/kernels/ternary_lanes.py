@@ -55,6 +55,14 @@ def _codes(isa, x, field):
 
 
 @njit(inline="always", **KERNEL)
+def _weights(isa, w, g, s):
+    """Vector ``s`` of group ``g`` (16 rows x 16 columns), prefetching the group's stream ahead of it."""
+    at = g * w.shape[1] + 64 * s
+    prefetch(w, at + PREFETCH_BYTES)
+    return load_bytes(isa, w, at)
+
+
+@njit(inline="always", **KERNEL)
 def _four_tokens(isa, c, q, at, kp, a0, a1, a2, a3):
     """The accumulators of 4 tokens (``kp`` apart from flat ``at`` in ``q``) plus the codes ``c`` times
     each token's 4 activations there."""
@@ -69,10 +77,8 @@ def _tile8(isa, w, g, q, t):
     kp = q.shape[1]
     a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
     a4, a5, a6, a7 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-    row = g * w.shape[1]
     for s in range(kp // GROUP_COLUMNS):
-        prefetch(w, row + 64 * s + PREFETCH_BYTES)
-        x = load_bytes(isa, w, row + 64 * s)
+        x = _weights(isa, w, g, s)
         for field in range(4):
             c = _codes(isa, x, field)
             at = t * kp + GROUP_COLUMNS * s + 4 * field
@@ -86,10 +92,8 @@ def _tile4(isa, w, g, q, t):
     """``_tile8`` for the 4 tokens from ``t``."""
     kp = q.shape[1]
     a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-    row = g * w.shape[1]
     for s in range(kp // GROUP_COLUMNS):
-        prefetch(w, row + 64 * s + PREFETCH_BYTES)
-        x = load_bytes(isa, w, row + 64 * s)
+        x = _weights(isa, w, g, s)
         for field in range(4):
             at = t * kp + GROUP_COLUMNS * s + 4 * field
             a0, a1, a2, a3 = _four_tokens(isa, _codes(isa, x, field), q, at, kp, a0, a1, a2, a3)
@@ -101,10 +105,8 @@ def _tile1(isa, w, g, q, t):
     """``_tile8`` for token ``t`` alone, one accumulator per 2-bit field (4 independent chains)."""
     kp = q.shape[1]
     a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-    row = g * w.shape[1]
     for s in range(kp // GROUP_COLUMNS):
-        prefetch(w, row + 64 * s + PREFETCH_BYTES)
-        x = load_bytes(isa, w, row + 64 * s)
+        x = _weights(isa, w, g, s)
         at = t * kp + GROUP_COLUMNS * s
         a0 = dot_acc(isa, a0, _codes(isa, x, 0), splat_four_bytes(isa, q, at))
         a1 = dot_acc(isa, a1, _codes(isa, x, 1), splat_four_bytes(isa, q, at + 4))
