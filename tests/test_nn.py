@@ -278,6 +278,8 @@ def test_an_int8_embedding_keeps_its_table_in_the_kernels_layout(rng):
                 [(table[:, :39], row_scale)]):
         with pytest.raises(bn.ShapeError):
             Embedding.int8_from_blocks(bad, (21, 40))
+    with pytest.raises(bn.DTypeError):
+        Embedding.int8_from_blocks([(table.astype(np.float32), row_scale)], (21, 40))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])

@@ -101,13 +101,16 @@ class Embedding:
         ``(rows, hidden)`` and float32 ``(rows,)``, each block but the last a multiple of 16 rows.
         Each block goes straight into the storage, so the table never exists twice (random models).
 
-        Raises ShapeError when the blocks do not fill ``shape`` or a block has another width.
+        Raises ShapeError when the blocks do not fill ``shape`` or a block has another width,
+        DTypeError for codes that are not int8 or scales that are not float32.
         """
         embedding = cls.__new__(cls)
         row_scale = np.empty(shape[0], np.float32)
         embedding._allocate("int8", shape, row_scale)
         start = 0
         for codes, scales in blocks:
+            errors.check_dtype(codes, "int8 table rows", [np.int8])
+            errors.check_dtype(scales, "int8 row scales", [np.float32])
             if codes.shape[1:] != (shape[1],) or scales.shape != codes.shape[:1] or start % head_kernels.INT8_GROUP:
                 raise errors.ShapeError(f"blocks of int8 rows must be (rows, {shape[1]}) with one scale a row, every "
                                         f"block but the last a multiple of {head_kernels.INT8_GROUP} rows")
