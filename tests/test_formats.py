@@ -339,3 +339,11 @@ def test_copies_and_pickles_are_checked_packed_ternaries(rng):
     for other in (copy.copy(p), copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
         assert isinstance(other, bn.PackedTernary) and not other.data.flags.writeable
         assert np.array_equal(other.data, p.data) and other.scale == p.scale
+
+
+def test_row_slices_split_a_stack_on_row_groups():
+    """The payload rows of stacked tensors: one row each in i2, groups of 16 in i2x16, where a tensor
+    that ends inside a group (but the last) has no rows of its own."""
+    assert bn.FORMATS["i2"].row_slices([3, 5, 1]) == [slice(0, 3), slice(3, 8), slice(8, 9)]
+    assert bn.FORMATS["i2x16"].row_slices([32, 16, 5]) == [slice(0, 2), slice(2, 3), slice(3, 4)]
+    assert bn.FORMATS["i2x16"].row_slices([16, 8, 8]) is None

@@ -38,6 +38,15 @@ class Format:
     code_fields: Callable[[np.ndarray], np.ndarray] | None = None
     row_group: int = 1
 
+    def row_slices(self, rows: list[int]) -> list[slice] | None:
+        """The payload rows of each of several tensors of ``rows`` rows stacked in this format, in order;
+        None when one but the last ends inside a row group (its bytes would mix with the next one's)."""
+        if any(count % self.row_group for count in rows[:-1]):
+            return None
+        starts = [0, *np.cumsum(rows[:-1]).tolist()]
+        return [slice(start // self.row_group, ceil_div(start + count, self.row_group))
+                for start, count in zip(starts, rows, strict=True)]
+
 
 FORMATS: dict[str, Format] = {}
 

@@ -44,18 +44,11 @@ def random_linears(rng: np.random.Generator, out_features: list[int], in_feature
     else:
         codes = rng.integers(-1, 2, (rows, in_features), dtype=np.int8)
         data = pack(TernaryTensor(codes, scale), "i2").data
-    group = get_format(WEIGHT_FORMAT).row_group
-    if any(out % group for out in out_features[:-1]):  # each layer repacked alone (BitLinear does it)
-        parts = np.split(data, np.cumsum(out_features)[:-1])
-        return [BitLinear(PackedTernary("i2", (out, in_features), part, scale))
-                for out, part in zip(out_features, parts, strict=True)]
-    data = convert(PackedTernary("i2", (rows, in_features), data, scale), WEIGHT_FORMAT).data
-    layers, start = [], 0
-    for out in out_features:
-        part = data[start // group : -(-(start + out) // group)]
-        layers.append(BitLinear(PackedTernary(WEIGHT_FORMAT, (out, in_features), part, scale)))
-        start += out
-    return layers
+    # Repacked at once where the layers end on the format's row groups; otherwise BitLinear repacks each.
+    fmt = WEIGHT_FORMAT if get_format(WEIGHT_FORMAT).row_slices(out_features) is not None else "i2"
+    data = convert(PackedTernary("i2", (rows, in_features), data, scale), fmt).data
+    return [BitLinear(PackedTernary(fmt, (out, in_features), data[part], scale))
+            for out, part in zip(out_features, get_format(fmt).row_slices(out_features), strict=True)]
 
 
 def random_table(rng: np.random.Generator, rows: int, cols: int, dtype: str) -> Embedding:

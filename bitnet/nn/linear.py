@@ -102,19 +102,16 @@ class BitLinear:
         weights = [layer.weight for layer in layers]
         scale = np.concatenate([np.broadcast_to(w.scale, (w.shape[0], 1)) for w in weights]).astype(np.float32)
         shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
-        group = get_format(WEIGHT_FORMAT).row_group
-        if any(w.shape[0] % group for w in weights[:-1]):  # a layer's last row group would mix in the next layer
+        slices = get_format(WEIGHT_FORMAT).row_slices([w.shape[0] for w in weights])
+        if slices is None:  # a layer ends inside a row group: repack the stack from the codes
             codes = np.concatenate([unpack(w).codes for w in weights])
             return cls(pack(TernaryTensor(codes, scale, "channel", check=False), WEIGHT_FORMAT))
         data = _adjacent_rows([w.data for w in weights])
         if data is None:
             data = np.concatenate([w.data for w in weights])
         # The layers keep their own weights as row views of the stacked bytes: no second copy.
-        start = 0
-        for layer, w in zip(layers, weights, strict=True):
-            rows = data[start : start - (-w.shape[0] // group)]
-            layer.weight = PackedTernary(WEIGHT_FORMAT, w.shape, rows, w.scale, w.granularity, w.group_size)
-            start += w.shape[0] // group
+        for layer, w, rows in zip(layers, weights, slices, strict=True):
+            layer.weight = PackedTernary(WEIGHT_FORMAT, w.shape, data[rows], w.scale, w.granularity, w.group_size)
         return cls(PackedTernary(WEIGHT_FORMAT, shape, data, scale, "channel"))
 
     device = backends.CPU
