@@ -23,6 +23,7 @@ from . import backends, errors
 from .formats import PackedTernary, check_packed, kernel_layout
 from .kernels import cpu_features
 from .kernels import matmul as kernels
+from .kernels.ternary_blocks import BLOCK
 from .memory import Arena
 
 try:
@@ -33,7 +34,6 @@ _RUNNABLE = cpu_features.supported_paths()
 WEIGHT_FORMAT = kernels.WEIGHT_FORMATS[KERNEL_PATH]
 """The packing format the CPU kernels of ``KERNEL_PATH`` read; layers keep their weights in it."""
 _PREPARED = "matmul"  # key in PackedTernary.cache, with the format, for the arrays the kernels take
-_BLOCK = 256  # the kernels take activations padded to whole blocks of this many features
 # Placeholders for the kernel arguments one operation does not use (same types as the used ones,
 # so both operations share one compiled kernel).
 _NO_X = np.empty((0, 0), np.float32)
@@ -94,7 +94,7 @@ def _kernel_weights(w: PackedTernary, path: str = KERNEL_PATH) -> tuple[np.ndarr
     if w.shape[1] > _MAX_K:
         raise errors.ShapeError(f"matmul supports up to {_MAX_K} input features (exact int32 sums), got {w.shape[1]}")
     prepared = (kernel_layout(w, key[1]).data, w.scale.reshape(-1), 1 if w.granularity == "channel" else 0,
-                -(-w.shape[1] // _BLOCK) * _BLOCK)
+                -(-w.shape[1] // BLOCK) * BLOCK)
     w.cache[key] = prepared
     return prepared
 

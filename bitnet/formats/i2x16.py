@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from ..kernels import packing
 from .base import Format, ceil_div, pad_columns, register
+from .i2 import BLOCK  # columns are padded as in i2, so both layouts take the same padded activations
 
 ROWS = 16
-COLUMNS = 16
-BLOCK = 256  # columns are padded as in i2, so both layouts take the same padded activations
 
 
 def packed_shape(shape):
@@ -24,11 +23,11 @@ def packed_shape(shape):
 
 
 def encode(codes, scale, granularity):
-    return packing.pack_row_groups(pad_columns(codes, BLOCK), ROWS, COLUMNS)
+    return packing.pack_row_groups(pad_columns(codes, BLOCK), ROWS)
 
 
 def decode(data, shape):
-    return packing.unpack_row_groups(data, shape[0], ROWS, COLUMNS)[:, : shape[1]]
+    return packing.unpack_row_groups(data, shape[0], ROWS)[:, : shape[1]]
 
 
 def code_fields(data):

@@ -138,45 +138,42 @@ def unpack_trits(data, block, segments):
 
 
 @njit(parallel=True, **_KERNEL)
-def pack_row_groups(codes, rows, columns):
+def pack_row_groups(codes, rows):
     """int8 codes ``(m, kp)`` -> uint8 ``(ceil(m / rows), kp * rows // 4)``: ``rows`` rows interleaved.
 
-    Byte ``4 i + b`` of the ``columns * rows // 4`` bytes of group ``g`` and column block
-    ``s`` holds, in bits ``2f..2f+1``, the code + 1 of row ``rows g + i`` and column
-    ``columns s + 4 f + b``; rows past ``m`` hold code 0 (field 1). ``columns == 16`` for 4
-    fields of 4 columns.
+    A group is a run of vectors of ``4 rows`` bytes, one per 16 columns (4 bytes of a row, 4
+    2-bit fields each): byte ``4 i + b`` of vector ``s`` of group ``g`` holds, in bits
+    ``2f..2f+1``, the code + 1 of row ``rows g + i`` and column ``16 s + 4 f + b``; rows past
+    ``m`` hold code 0 (field 1). ``kp`` must be a multiple of 16.
     """
     m, kp = codes.shape
     groups = (m + rows - 1) // rows
-    step = rows * columns // 4
-    out = np.empty((groups, (kp // columns) * step), np.uint8)
+    out = np.empty((groups, kp * rows // 4), np.uint8)
     for g in prange(groups):
-        for s in range(kp // columns):
+        for s in range(kp // 16):
             for i in range(rows):
                 r = rows * g + i
                 for b in range(4):
                     byte = 0
                     for f in range(4):
-                        field = codes[r, columns * s + 4 * f + b] + 1 if r < m else 1
+                        field = codes[r, 16 * s + 4 * f + b] + 1 if r < m else 1
                         byte |= field << (2 * f)
-                    out[g, step * s + 4 * i + b] = byte
+                    out[g, 4 * rows * s + 4 * i + b] = byte
     return out
 
 
 @njit(parallel=True, **_KERNEL)
-def unpack_row_groups(data, m, rows, columns):
+def unpack_row_groups(data, m, rows):
     """``pack_row_groups`` backwards: int8 codes ``(m, kp)``."""
-    groups = data.shape[0]
-    step = rows * columns // 4
-    kp = data.shape[1] // step * columns
+    kp = data.shape[1] * 4 // rows
     codes = np.empty((m, kp), np.int8)
-    for g in prange(groups):
-        for s in range(kp // columns):
+    for g in prange(data.shape[0]):
+        for s in range(kp // 16):
             for i in range(min(rows, m - rows * g)):
                 for b in range(4):
-                    byte = data[g, step * s + 4 * i + b]
+                    byte = data[g, 4 * rows * s + 4 * i + b]
                     for f in range(4):
-                        codes[rows * g + i, columns * s + 4 * f + b] = ((byte >> (2 * f)) & 3) - 1
+                        codes[rows * g + i, 16 * s + 4 * f + b] = ((byte >> (2 * f)) & 3) - 1
     return codes
 
 
