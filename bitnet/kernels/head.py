@@ -451,6 +451,15 @@ def rows_int8_lanes(lanes, row_scale, ids, out):
 
 
 @njit(**_ROW_KERNEL)
+def _table_vector(lanes, g, b, s):
+    """Flat index of vector ``s`` of block ``b`` of group ``g`` (4 values of 16 rows), its stream
+    prefetched ahead."""
+    at = g * lanes.shape[1] + 64 * (INT8_BLOCK // 4 * b + s)
+    prefetch(lanes, at + LANES_PREFETCH_BYTES)
+    return at
+
+
+@njit(**_ROW_KERNEL)
 def _block_step(isa, lanes, at, q, k, acc):
     """``acc`` plus 4 values of each of the 16 rows (the table's vector at flat ``at``) times the 4
     activations of ``q`` at flat ``k``, broadcast to every lane (exact: ``signed_dot``)."""
@@ -513,13 +522,11 @@ def _lanes_tile8(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     width = q.shape[1]
     f0, f1, f2, f3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
     f4, f5, f6, f7 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
-    row = g * lanes.shape[1]
     for b in range(width // INT8_BLOCK):
         a0, a1, a2, a3 = _four_starts(isa, offsets, t, b)
         a4, a5, a6, a7 = _four_starts(isa, offsets, t + 4, b)
         for s in range(INT8_BLOCK // 4):
-            at = row + 64 * (INT8_BLOCK // 4 * b + s)
-            prefetch(lanes, at + LANES_PREFETCH_BYTES)
+            at = _table_vector(lanes, g, b, s)
             k = t * width + INT8_BLOCK * b + 4 * s
             a0, a1, a2, a3 = _four_block_steps(isa, lanes, at, q, k, width, a0, a1, a2, a3)
             a4, a5, a6, a7 = _four_block_steps(isa, lanes, at, q, k + 4 * width, width, a4, a5, a6, a7)
@@ -534,14 +541,11 @@ def _lanes_tile4(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     """``_lanes_tile8`` for the 4 tokens from ``t``."""
     width = q.shape[1]
     f0, f1, f2, f3 = zero_floats(isa), zero_floats(isa), zero_floats(isa), zero_floats(isa)
-    row = g * lanes.shape[1]
     for b in range(width // INT8_BLOCK):
         a0, a1, a2, a3 = _four_starts(isa, offsets, t, b)
         for s in range(INT8_BLOCK // 4):
-            at = row + 64 * (INT8_BLOCK // 4 * b + s)
-            prefetch(lanes, at + LANES_PREFETCH_BYTES)
-            a0, a1, a2, a3 = _four_block_steps(isa, lanes, at, q, t * width + INT8_BLOCK * b + 4 * s, width,
-                                               a0, a1, a2, a3)
+            a0, a1, a2, a3 = _four_block_steps(isa, lanes, _table_vector(lanes, g, b, s), q,
+                                               t * width + INT8_BLOCK * b + 4 * s, width, a0, a1, a2, a3)
         f0, f1, f2, f3 = _four_scaled(isa, f0, f1, f2, f3, a0, a1, a2, a3, block_scale, t, b)
     _emit_four(isa, f0, f1, f2, f3, t, g, row_scale, out)
 
@@ -552,13 +556,10 @@ def _lanes_tile1(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     block sums, scaled and added in the same order, so the same bits."""
     width = q.shape[1]
     f0 = zero_floats(isa)
-    row = g * lanes.shape[1]
     for b in range(width // INT8_BLOCK):
         a0 = splat_acc(isa, offsets[t, b])
         for s in range(INT8_BLOCK // 4):
-            at = row + 64 * (INT8_BLOCK // 4 * b + s)
-            prefetch(lanes, at + LANES_PREFETCH_BYTES)
-            a0 = _block_step(isa, lanes, at, q, t * width + INT8_BLOCK * b + 4 * s, a0)
+            a0 = _block_step(isa, lanes, _table_vector(lanes, g, b, s), q, t * width + INT8_BLOCK * b + 4 * s, a0)
         f0 = _scaled(isa, f0, a0, block_scale, t, b)
     _emit_lanes(isa, f0, t, g, row_scale, out)
 

@@ -136,6 +136,15 @@ def _emit_group(isa, sums, t, g, q_sum, act_scale, scale, scale_step, acc, out, 
     store_vector(out, t * m + first, dequantize(value, splat_floats(isa, act_scale[t]), factors))
 
 
+@njit(**KERNEL)
+def _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``_emit_group`` for tokens ``t .. t + 3``."""
+    _emit_group(isa, s0, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+    _emit_group(isa, s1, t + 1, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+    _emit_group(isa, s2, t + 2, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+    _emit_group(isa, s3, t + 3, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+
+
 @njit(parallel=True, **KERNEL)
 def lanes_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """``q @ (c - 1).T`` for ``i2x16`` data ``w`` (``ceil(m / 16)``, ``4 kp``) and padded int8 ``q`` (n, kp).
@@ -149,21 +158,12 @@ def lanes_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_fl
         t = 0
         while t + 8 <= n:
             s0, s1, s2, s3, s4, s5, s6, s7 = _tile8(isa, w, g, q, t)
-            _emit_group(isa, s0, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s1, t + 1, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s2, t + 2, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s3, t + 3, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s4, t + 4, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s5, t + 5, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s6, t + 6, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s7, t + 7, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_four(isa, s4, s5, s6, s7, t + 4, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
             t += 8
         if t + 4 <= n:
             s0, s1, s2, s3 = _tile4(isa, w, g, q, t)
-            _emit_group(isa, s0, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s1, t + 1, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s2, t + 2, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_group(isa, s3, t + 3, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+            _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
             t += 4
         while t < n:
             _emit_group(isa, _tile1(isa, w, g, q, t), t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
