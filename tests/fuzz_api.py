@@ -115,6 +115,17 @@ def fuzz_layers(rng) -> None:
     cache.reserve(maybe(rng, lambda: size(rng), 0.4))  # junk includes 2**40 positions: OutOfMemoryError
 
 
+def fuzz_int8_table(rng) -> None:
+    """An int8 table filled block by block (stored 16 rows per vector on AVX-512 VNNI), then used."""
+    vocab, hidden = max(1, size(rng)), max(1, size(rng))
+    cuts = sorted({0, vocab, *(16 * int(c) for c in rng.integers(0, vocab // 16 + 1, 2))} & set(range(vocab + 1)))
+    blocks = [maybe(rng, lambda a=a, b=b: (array(rng, (b - a, hidden), np.int8), array(rng, (b - a,), np.float32)), 0.1)
+              for a, b in zip(cuts, cuts[1:], strict=False)]
+    table = bn.nn.Embedding.int8_from_blocks(maybe(rng, lambda: blocks, 0.1), maybe(rng, lambda: (vocab, hidden), 0.2))
+    table.rows(maybe(rng, lambda: rng.integers(-3, vocab + 3, size(rng)), 0.3))
+    table.logits(maybe(rng, lambda: array(rng, (size(rng), hidden), np.float32), 0.2))
+
+
 CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
                "tie_word_embeddings", "bos_token_id", "eos_token_id", "hidden_act", "rope_scaling")
@@ -181,6 +192,7 @@ def fuzz_arena(rng) -> None:
 
 FUZZ_MODEL = OTHER_MODEL = None
 TARGETS = {"quantize": fuzz_quantize, "formats": fuzz_formats, "matmul": fuzz_matmul, "layers": fuzz_layers,
+           "int8_table": fuzz_int8_table,
            "config": fuzz_config, "model": fuzz_model, "arena": fuzz_arena}
 
 

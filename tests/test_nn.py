@@ -275,11 +275,15 @@ def test_an_int8_embedding_keeps_its_table_in_the_kernels_layout(rng):
     h = rng.standard_normal((3, 40)).astype(np.float32)
     assert np.array_equal(blocks.logits(h), e.logits(h))
     for bad in ([(table[:5], row_scale[:5]), (table[5:], row_scale[5:])], [(table[:16], row_scale[:16])],
-                [(table[:, :39], row_scale)]):
+                [(table[:, :39], row_scale)], [(table, row_scale), (table[:1], row_scale[:1])]):
         with pytest.raises(bn.ShapeError):
             Embedding.int8_from_blocks(bad, (21, 40))
-    with pytest.raises(bn.DTypeError):
-        Embedding.int8_from_blocks([(table.astype(np.float32), row_scale)], (21, 40))
+    for bad_shape in ((0, 40), (21,), "x", (21.5, 40)):
+        with pytest.raises(bn.ShapeError):
+            Embedding.int8_from_blocks([(table, row_scale)], bad_shape)
+    for bad in ([(table.astype(np.float32), row_scale)], [table], [(table, row_scale, row_scale)], [None], None, 3):
+        with pytest.raises(bn.DTypeError):
+            Embedding.int8_from_blocks(bad, (21, 40))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])

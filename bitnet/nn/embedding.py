@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
+
 import numpy as np
 
 from .. import errors
@@ -96,29 +99,51 @@ class Embedding:
                                          self._lanes[start // group : -(-(start + rows.shape[0]) // group)])
 
     @classmethod
-    def int8_from_blocks(cls, blocks, shape: tuple[int, int]) -> Embedding:
+    def int8_from_blocks(cls, blocks: Iterable[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> Embedding:
         """An ``"int8"`` table of ``shape`` from consecutive row blocks ``(codes, row_scale)``: int8
         ``(rows, hidden)`` and float32 ``(rows,)``, each block but the last a multiple of 16 rows.
         Each block goes straight into the storage, so the table never exists twice (random models).
 
-        Raises ShapeError when the blocks do not fill ``shape`` or a block has another width,
-        DTypeError for codes that are not int8 or scales that are not float32.
+        Raises ShapeError for a shape that is not two integers >= 1, blocks that do not fill it
+        exactly or a block of another width; DTypeError for blocks that are not an iterable of
+        pairs of arrays, codes that are not int8 or scales that are not float32; OutOfMemoryError
+        when the table does not fit in memory.
         """
+        try:
+            vocab, hidden = (operator.index(d) for d in shape)
+        except (TypeError, ValueError):
+            vocab = hidden = 0
+        if min(vocab, hidden) < 1:
+            raise errors.ShapeError(f"an embedding table's shape must be two integers >= 1, got {shape!r:.80}")
         embedding = cls.__new__(cls)
-        row_scale = np.empty(shape[0], np.float32)
-        embedding._allocate("int8", shape, row_scale)
+        try:
+            row_scale = np.empty(vocab, np.float32)
+            embedding._allocate("int8", (vocab, hidden), row_scale)
+        except MemoryError:
+            raise errors.OutOfMemoryError(f"an int8 table of {vocab} x {hidden} does not fit in memory") from None
+        try:
+            blocks = iter(blocks)
+        except TypeError:
+            raise errors.DTypeError(f"blocks must be an iterable of (codes, row_scale) pairs, "
+                                    f"got {blocks!r:.80}") from None
+        group = head_kernels.INT8_GROUP
         start = 0
-        for codes, scales in blocks:
+        for block in blocks:
+            if not (isinstance(block, tuple) and len(block) == 2 and all(isinstance(a, np.ndarray) for a in block)):
+                raise errors.DTypeError(f"each block must be a pair (codes, row_scale) of numpy arrays, "
+                                        f"got {block!r:.80}")
+            codes, scales = block
             errors.check_dtype(codes, "int8 table rows", [np.int8])
             errors.check_dtype(scales, "int8 row scales", [np.float32])
-            if codes.shape[1:] != (shape[1],) or scales.shape != codes.shape[:1] or start % head_kernels.INT8_GROUP:
-                raise errors.ShapeError(f"blocks of int8 rows must be (rows, {shape[1]}) with one scale a row, every "
-                                        f"block but the last a multiple of {head_kernels.INT8_GROUP} rows")
+            if (codes.shape[1:] != (hidden,) or scales.shape != codes.shape[:1] or start % group
+                    or start + codes.shape[0] > vocab):
+                raise errors.ShapeError(f"blocks of int8 rows must be (rows, {hidden}) with one scale a row, every "
+                                        f"block but the last a multiple of {group} rows, {vocab} rows in all")
             embedding._write_rows(start, codes)
             row_scale[start : start + codes.shape[0]] = scales
             start += codes.shape[0]
-        if start != shape[0]:
-            raise errors.ShapeError(f"the blocks hold {start} rows, the table {shape[0]}")
+        if start != vocab:
+            raise errors.ShapeError(f"the blocks hold {start} rows, the table {vocab}")
         return embedding
 
     @property
