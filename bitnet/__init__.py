@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the lazy names spelled out for type checkers, IDEs and the 
     from .io import load_gguf, load_gguf_tokenizer, load_pretrained, load_tokenizer, save_gguf, save_pretrained
     from .memory import Arena, default_arena
     from .models import BitNetConfig, BitNetForCausalLM
-    from .ops import get_num_threads, matmul, matmul_int, set_num_threads
+    from .ops import get_num_threads, matmul, matmul_int, release_worker_threads, set_num_threads
     from .quant import QuantizedTensor, TernaryTensor, quantize_activations, quantize_weights
 
 # The module (relative to this package) each lazily loaded name comes from, as imported
@@ -50,7 +50,8 @@ _HOMES = {
     "save_gguf": "io", "save_pretrained": "io",
     "Arena": "memory", "default_arena": "memory",
     "BitNetConfig": "models", "BitNetForCausalLM": "models",
-    "get_num_threads": "ops", "matmul": "ops", "matmul_int": "ops", "set_num_threads": "ops",
+    "get_num_threads": "ops", "matmul": "ops", "matmul_int": "ops", "release_worker_threads": "ops",
+    "set_num_threads": "ops",
     "QuantizedTensor": "quant", "TernaryTensor": "quant", "quantize_activations": "quant", "quantize_weights": "quant",
 }
 
@@ -105,6 +106,7 @@ __all__ = [
     "pack",
     "quantize_activations",
     "quantize_weights",
+    "release_worker_threads",
     "set_num_threads",
     "unpack",
 ]

@@ -12,6 +12,8 @@ Kernel path: chosen at import from the CPU's features (``avx512vnni``, ``avxvnni
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 import weakref
 from collections.abc import Iterable
@@ -41,6 +43,8 @@ _NO_SCALE = np.empty(0, np.float32)
 _NO_ACC = np.empty((0, 0), np.int32)
 _NO_OUT = np.empty((0, 0), np.float32)
 _MAX_K = 2**24 - 1  # at 2**24 features, 2**24 x (-128) x (-1) = 2**31 no longer fits in int32
+_OPENMP_RUNTIMES = ("libgomp.so.1", "libomp.so", "libiomp5.so", "libomp.dylib", "libiomp5.dylib")
+_OMP_PAUSE_SOFT = 1  # omp_pause_resource_t: end the workers, keep nothing else
 _WORKSPACE_SHAPES = 4  # workspaces kept per thread; a model needs one per (tokens, in_features) pair
 
 WORKSPACE_ARENA = Arena()
@@ -73,6 +77,43 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """The number of threads the matmul kernels use (``numba.get_num_threads``)."""
     return numba.get_num_threads()
+
+
+def release_worker_threads() -> bool:
+    """End the worker threads that this thread's parallel kernels started, until it runs another.
+
+    With Numba's ``omp`` threading layer, each thread that runs a parallel kernel keeps its own
+    pool of OpenMP workers. Once the runtime manages more threads than there are CPUs (a model
+    built on the main thread, then run on a server's engine thread), GNU OpenMP stops spinning
+    between parallel regions, and every region waits for its workers to wake: a decode step of
+    2B4T took 30-40% longer on a second thread than on the first. Call this on a thread that is
+    done with kernels before another takes over (``bitnet.serve.Engine`` does it on the thread
+    that creates it). Results never depend on it.
+
+    Returns
+    -------
+    bool : True where a pool was released; False with another threading layer, no parallel
+    kernel run yet, or an OpenMP runtime without ``omp_pause_resource_all`` (OpenMP 5.0).
+
+    Examples
+    --------
+    >>> model = bn.load_pretrained()  # parallel kernels on this thread  # doctest: +SKIP
+    >>> bn.release_worker_threads()  # before a worker thread runs the model  # doctest: +SKIP
+    True
+    """
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run: no pool to release
+        return False
+    if layer != "omp" or not hasattr(os, "RTLD_NOLOAD"):  # RTLD_NOLOAD: POSIX only
+        return False
+    for name in _OPENMP_RUNTIMES:
+        try:
+            runtime = ctypes.CDLL(name, mode=os.RTLD_NOLOAD)  # only the runtime already loaded
+            return runtime.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0
+        except (OSError, AttributeError):
+            continue
+    return False
 
 
 def _kernel_weights(w: PackedTernary, path: str = KERNEL_PATH) -> tuple[np.ndarray, np.ndarray, int, int]:

@@ -152,3 +152,10 @@ def test_closing_the_engine_ends_waiting_requests_with_an_error(model, prompts):
     engine.close()
     for c in outputs:
         assert c.done.is_set() and isinstance(c.outputs[-1].error, bn.errors.OverloadedError)
+
+
+def test_the_thread_creating_an_engine_hands_its_openmp_workers_back(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr("bitnet.serve.engine.release_worker_threads", lambda: calls.append(threading.get_ident()))
+    Engine(model)
+    assert calls == [threading.get_ident()]  # the creating thread's pool; the engine thread then runs the kernels

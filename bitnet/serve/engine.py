@@ -5,7 +5,9 @@ which checks them at once, so a bad request is refused to its caller, and puts t
 queue the engine thread takes from between steps. Outputs go back through each request's
 ``emit`` callback, called on the engine thread. The model runs on that thread only: Numba's
 kernels release the GIL, so the event loop keeps serving while a step runs, and no two
-threads ever launch kernels at once.
+threads ever launch kernels at once. The thread that creates the engine (the one that built
+the model, as a rule) hands its OpenMP workers back (:func:`bitnet.ops.release_worker_threads`):
+left alone, they make every parallel kernel of the engine thread wait for its workers to wake.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..memory import Arena
 from ..models import BitNetForCausalLM
 from ..models.sampling import Sampler
 from ..nn import checks
-from ..ops import set_num_threads
+from ..ops import release_worker_threads, set_num_threads
 from .scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, Output, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class Engine:
     prefill_chunk : the most prompt tokens read in one step, over all requests.
     threads : Numba threads of the engine thread; None: Numba's default.
     arena : where KV caches come from; the default arena if None.
+
+    The calling thread's OpenMP workers are released (:func:`bitnet.release_worker_threads`):
+    from now on the engine thread runs the kernels.
 
     Raises
     ------
@@ -85,6 +90,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._start_error: Exception | None = None
+        release_worker_threads()
 
     @property
     def context(self) -> int:
