@@ -3,7 +3,8 @@ heads, head_dim 128), float16 cache.
 
 Prefill: 64 and 256 queries from position 0 (the causal triangle, as a prompt's first chunk).
 Decode: one query over 2048 cached positions in each of 30 caches, one per layer, so every call
-reads its keys and values from DRAM as a decode step of the full model does (157 MB).
+reads its keys and values from DRAM as a decode step of the full model does (157 MB). Batched
+decode: 8 sequences of 64 cached positions each, one call per layer over all 8 (a server's step).
 """
 
 import numpy as np
@@ -24,7 +25,7 @@ def _cache(positions, rng):
 class Attention(_Threads):
     """``causal_attention`` of ``queries`` queries from ``start`` (prefill), or of one query per layer (decode)."""
 
-    params = [["prefill 64", "prefill 256", "decode 2048 x 30 layers"]]
+    params = [["prefill 64", "prefill 256", "decode 2048 x 30 layers", "decode 8 x 64 x 30 layers"]]
     param_names = ["case"]
 
     def setup(self, case):
@@ -33,19 +34,24 @@ class Attention(_Threads):
         words = case.split()
         if words[0] == "prefill":
             n = int(words[1])
-            start, capacity, layers = 0, n, 1
+            sequences, start, capacity, layers = 1, 0, n, 1
         else:
-            n, start, capacity, layers = 1, int(words[1]) - 1, int(words[1]), LAYERS
+            sequences = int(words[1]) if len(words) == 7 else 1
+            n, start, capacity, layers = sequences, int(words[-4]) - 1, int(words[-4]), LAYERS
         self.queries = rng.standard_normal((n, HEADS, HEAD_DIM)).astype(np.float32)
-        self.caches = [(_cache(capacity, rng), _cache(capacity, rng)) for _ in range(layers)]
-        shapes = attention.scratch_shapes(n, HEADS, KV_HEADS, HEAD_DIM, capacity)
+        self.caches = [[(_cache(capacity, rng), _cache(capacity, rng)) for _ in range(sequences)] for _ in range(layers)]
+        spans = [(0, start, n)] if sequences == 1 else [(s, start, 1) for s in range(sequences)]
+        self.rows = attention.query_rows(spans, capacity)
+        self.tables = [np.stack([attention.address_table([k], [v]) for k, v in layer]) for layer in self.caches]
+        self.template = attention.cache_template(KV_HEADS, HEAD_DIM, np.float16)
+        shapes = attention.scratch_shapes(n, int(self.rows[:, attention.CHUNK].min()), HEADS, KV_HEADS, HEAD_DIM,
+                                          capacity)
         self.work = [np.empty(shape, np.float32) for shape in shapes.values()]
         self.out = np.empty((n, HEADS * HEAD_DIM), np.float32)
-        self.start, self.chunk = start, attention.chunk_length(n, capacity)
         self.kernel = attention.for_attention(n, start + n, KERNEL_PATH)
         self.time_attention(case)  # compile outside the timing
 
     def time_attention(self, case):
-        for keys, values in self.caches:
-            self.kernel(self.queries, keys, values, self.start, np.float32(HEAD_DIM**-0.5), self.chunk, *self.work,
-                        self.out)
+        for tables in self.tables:
+            self.kernel(self.queries, self.rows, tables, 0, self.template, np.float32(HEAD_DIM**-0.5),
+                        *self.work, self.out)

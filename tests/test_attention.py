@@ -50,11 +50,12 @@ def run_kernel(q, k, v, start, dtype, threaded=None, path=bn.ops.KERNEL_PATH):
     keys[:, :positions], values[:, :positions] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
     if dtype == np.float16:
         keys, values = keys.view(np.uint16), values.view(np.uint16)
-    shapes = kernels.scratch_shapes(n, heads, kv_heads, d, capacity)
+    rows, tables, template = kernels.single_sequence(keys, values, start, n)
+    shapes = kernels.scratch_shapes(n, kernels.chunk_length(n, capacity), heads, kv_heads, d, capacity)
     work = [np.full(shape, np.nan, np.float32) for shape in shapes.values()]  # NaN: every read must be written
     out = np.full((n, heads * d), np.nan, np.float32)
     kernel = kernels.for_attention(n, start + n, path) if threaded is None else kernels.ENTRY_POINTS[path, threaded]
-    kernel(q, keys, values, start, np.float32(d**-0.5), kernels.chunk_length(n, capacity), *work, out)
+    kernel(q, rows, tables, 0, template, np.float32(d**-0.5), *work, out)
     return out
 
 
@@ -88,9 +89,11 @@ def test_avx512_attention_runs_in_register_blocks(dtype):
     cache = np.zeros((kv_heads, capacity, d), dtype)
     if dtype == np.float16:
         cache = cache.view(np.uint16)
-    shapes = kernels.scratch_shapes(1, heads, kv_heads, d, capacity)
+    values = cache.copy()
+    rows, tables, template = kernels.single_sequence(cache, values, 30, 1)
+    shapes = kernels.scratch_shapes(1, kernels.chunk_length(1, capacity), heads, kv_heads, d, capacity)
     asm = fresh_asm(kernels.serial.causal_attention, simd.MARKERS["avx512vnni"], np.zeros((1, heads, d), np.float32),
-                    cache, cache.copy(), 30, np.float32(0.125), kernels.chunk_length(1, capacity),
+                    rows, tables, 0, template, np.float32(0.125),
                     *(np.zeros(shape, np.float32) for shape in shapes.values()), np.empty((1, heads * d), np.float32))
     expected = (r"vfmadd\w+", r"vbroadcastss") + (("vcvtph2ps",) if dtype == np.float16 else ())
     for instruction in expected:
@@ -142,6 +145,12 @@ def test_inf_and_nan_reach_the_output_as_float32_attention_gives_them(rng):
     assert np.isnan(out[0, 3]) and np.isnan(out[0, 8 + 3]) and np.isfinite(np.delete(out[0], [3, 11])).all()
 
 
+def rope_rows(qkv, heads, kv_heads, rope, start, queries, keys, values):
+    """``kernels.rope_into_caches`` for the rows of ``qkv`` from position ``start`` of one cache layer."""
+    rows, tables, template = kernels.single_sequence(keys, values, start, qkv.shape[0])
+    kernels.rope_into_caches(qkv, heads, kv_heads, rope.cos, rope.sin, rows, tables, 0, template, queries)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_rope_into_cache_rounds_keys_and_values_like_numpy(rng, dtype):
     heads, kv_heads, d, n, start = 4, 2, 16, 3, 5
@@ -150,13 +159,12 @@ def test_rope_into_cache_rounds_keys_and_values_like_numpy(rng, dtype):
     qkv = (100 * rng.standard_normal((n, (heads + 2 * kv_heads) * d))).astype(np.float32)
     qkv[0, :5] = [7e4, -7e4, 1e-7, 65519.0, np.nan]  # past f16's range, a subnormal, a tie, NaN
     cache = KVCache(1, kv_heads, d, 16, dtype=dtype)
-    keys, values = cache.layer(0, kv_heads, d, n)
     queries = np.empty((n, heads, d), np.float32)
-    kernels.rope_into_cache(qkv, heads, kv_heads, rope.cos, rope.sin, start, queries, keys, values)
+    rope_rows(qkv, heads, kv_heads, rope, start, queries, *cache.layer(0, kv_heads, d, n))
     reference = KVCache(1, kv_heads, d, 16, dtype="float32")
     ref_keys, ref_values = reference.layer(0, kv_heads, d, n)
     expected_queries = np.empty_like(queries)
-    kernels.rope_into_cache(qkv, heads, kv_heads, rope.cos, rope.sin, start, expected_queries, ref_keys, ref_values)
+    rope_rows(qkv, heads, kv_heads, rope, start, expected_queries, ref_keys, ref_values)
     assert np.array_equal(queries, expected_queries, equal_nan=True)
     with np.errstate(over="ignore"):
         for got, expected in ((cache.keys[0], ref_keys), (cache.values[0], ref_values)):
@@ -202,15 +210,18 @@ def _attention(rng, hidden=48, heads=4, kv_heads=2, d=12):
     return Attention(*projections, RMSNorm(np.ones(heads * d)), heads, kv_heads, d, RotaryEmbedding(d, 1e4))
 
 
-def test_batched_attention_equals_each_sequence_alone(rng):
+@pytest.mark.parametrize("dtypes", [("float32",) * 5, ("float16", "float32", "float16", "float32", "float32")])
+def test_batched_attention_equals_each_sequence_alone(rng, dtypes):
+    """All rows go through one kernel call per cache dtype, yet each gets the bits it gets alone: decode rows
+    (chunked positions, past one chunk at 300), a prefill of 9 rows (one chunk), caches of either dtype."""
     attention = _attention(rng)
-    lengths, history = [1, 5, 1, 9], [3, 0, 70, 12]
+    lengths, history = [1, 5, 1, 9, 1], [3, 0, 70, 12, 300]
     x = rng.standard_normal((sum(lengths), 48)).astype(np.float32)
     caches, alone = [], []
-    for n, past in zip(lengths, history, strict=True):
+    for n, past, dtype in zip(lengths, history, dtypes, strict=True):
         pair = []
         for _ in range(2):
-            cache = KVCache(1, 2, 12, capacity=past + n)
+            cache = KVCache(1, 2, 12, capacity=past + n, dtype=dtype)
             if past:
                 attention(np.ones((past, 48), np.float32), cache, 0)
                 cache.length = past
@@ -221,7 +232,7 @@ def test_batched_attention_equals_each_sequence_alone(rng):
     sequences = [(cache, slice(int(end - n), int(end))) for cache, n, end in zip(caches, lengths, ends, strict=True)]
     batched = attention.batched(x, sequences, 0)
     for (cache, rows), single in zip(sequences, alone, strict=True):
-        np.testing.assert_allclose(batched[rows], attention(x[rows], single, 0), rtol=0, atol=1e-5)
+        assert np.array_equal(batched[rows], attention(x[rows], single, 0))
         assert np.array_equal(cache.keys[0], single.keys[0]) and np.array_equal(cache.values[0], single.values[0])
 
 

@@ -119,23 +119,27 @@ def test_attention_without_sub_norm_projects_the_context(rng):
     attention = Attention(*projections, None, heads, heads, d, RotaryEmbedding(d, 1e4))
     x = rng.standard_normal((3, hidden)).astype(np.float32)
     with bn.nn.scratch.step():
-        cache = KVCache(1, heads, d)
-        got = attention(x, cache, 0).copy()
-        context = np.empty((3, hidden), np.float32)
-        attention._attend(*_queries_keys_values(attention, x), 0, context)
-        expected = projections[3](context)
+        got = attention(x, KVCache(1, heads, d), 0).copy()
+        expected = projections[3](_context(attention, x))
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def _queries_keys_values(attention, x):
-    """Rotated queries and the cache's keys/values for ``x`` at position 0 (what __call__ attends)."""
-    cache = KVCache(1, attention.kv_heads, attention.head_dim)
-    queries = np.empty((x.shape[0], attention.heads, attention.head_dim), np.float32)
-    qkv = attention._project(x)
-    keys, values = cache.layer(0, attention.kv_heads, attention.head_dim, x.shape[0])
-    attention_kernels.rope_into_cache(qkv, attention.heads, attention.kv_heads, attention.rope.cos,
-                                      attention.rope.sin, 0, queries, keys, values)
-    return queries, keys, values
+def _context(attention, x):
+    """The attention kernels' context for ``x`` at position 0 of a new cache (what __call__ projects)."""
+    n, heads, kv_heads, d = x.shape[0], attention.heads, attention.kv_heads, attention.head_dim
+    cache = KVCache(1, kv_heads, d)
+    keys, values = cache.layer(0, kv_heads, d, n)
+    rows, tables, template = attention_kernels.single_sequence(keys, values, 0, n)
+    queries = np.empty((n, heads, d), np.float32)
+    attention_kernels.rope_into_caches(attention._project(x), heads, kv_heads, attention.rope.cos,
+                                       attention.rope.sin, rows, tables, 0, template, queries)
+    shapes = attention_kernels.scratch_shapes(n, attention_kernels.chunk_length(n, cache.capacity), heads, kv_heads,
+                                              d, cache.capacity)
+    context = np.empty((n, heads * d), np.float32)
+    attention_kernels.ENTRY_POINTS[bn.ops.KERNEL_PATH, False](
+        queries, rows, tables, 0, template, attention.scaling, *(np.empty(s, np.float32) for s in shapes.values()),
+        context)
+    return context
 
 
 @pytest.mark.parametrize("dtype, rtol", [("f32", 1e-6), ("f16", 2e-3), ("bf16", 1e-2), ("int8", 3e-2)])

@@ -6,13 +6,21 @@ exactly in registers when attention reads them (``vcvtph2ps``). The same source 
 either cache dtype; :func:`stored`, :func:`store` and :func:`cache_format` are the only places
 that differ.
 
+The kernels take the rows of a step from any number of sequences at once, each with its own
+cache: a table of query rows (``rows``: the row, its cache, its position, its chunk length)
+and a table of caches (``tables``: per cache and layer, the addresses of the keys and values
+and the capacity, from :func:`address_table`). One call per layer serves a whole batch, so a
+decode step of 8 sequences wakes the threads once per layer, not 8 times, and reads the 8
+caches in parallel. The callers (``bitnet.nn.attention``) check every cache before a step.
+
 Attention splits its work into items of one key/value head, one query and one chunk of
 positions. All query heads that share a key/value head (GQA) are served by the same item,
 so each cached row is read once per step, not once per query head. Within a chunk,
 positions go by tiles with a running max and sum (online softmax), so the scratch per item
 is one tile of scores whatever the context. The chunks of a query are then combined in a
-fixed order. The chunk length depends on the number of queries only (``chunk_length``),
-never on the thread count, so any thread count gives the same bits.
+fixed order. The chunk length depends on the number of queries of the row's own sequence
+only (``chunk_length``), never on the thread count or the other sequences, so any thread
+count and any batch give the same bits.
 
 With AVX-512 the 4 heads of a key/value head (GQA's usual group) go by register blocks built
 from ``simd``: scores 4 positions at a time, summed across lanes by one shuffle tree, and the
@@ -28,9 +36,9 @@ rope as ``x * cos + rotate_half(x) * sin``.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core.registry import CPUDispatcher
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from .simd import (
     F16_WORDS,
@@ -68,8 +76,9 @@ _KERNEL = dict(fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="num
 TILE = 128
 DECODE_CHUNK = 256  # positions per item when queries are few (decode): a long context splits over threads
 FEW_QUERIES = 8  # below this many queries the positions are chunked; above, queries give enough items
-# Attention over this many positions is worth threads even for one query: in a decode step the
-# cache comes back from DRAM (the weights evicted it), and two threads read it faster.
+# Attention over this many positions (query rows x context) is worth threads, even for one query:
+# in a decode step the caches come back from DRAM (the weights evicted them), and two threads
+# read them faster.
 PARALLEL_MIN_CONTEXT = 64
 # The register blocks prefetch (into L2) the cache this many bytes past the rows they read, spread
 # over their loops: the CPU drops prefetches issued in a burst (NOTES.md).
@@ -106,6 +115,69 @@ def _store(row, j, value):
     return write
 
 
+# Columns of the tables the kernels take: ``rows`` (one per query) and ``tables`` (per cache and layer).
+ROW, CACHE, POSITION, CHUNK = range(4)
+KEYS, VALUES, CAPACITY = range(3)
+
+
+def address_table(keys: list[np.ndarray], values: list[np.ndarray]) -> np.ndarray:
+    """One cache's row of ``tables``: per layer the addresses of its keys and values (C-contiguous
+    ``(kv_heads, capacity, d)`` arrays, kept alive by the cache) and its capacity; int64 ``(layers, 3)``."""
+    table = np.empty((len(keys), 3), np.int64)
+    for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+        table[layer] = k.ctypes.data, v.ctypes.data, k.shape[1]
+    return table
+
+
+def query_rows(sequences: list[tuple[int, int, int]], capacity: int) -> np.ndarray:
+    """``rows`` for sequences given as ``(first row, cached positions, new rows)`` each, the cache
+    index being the sequence's place in the list: int64 ``(rows, 4)``. ``capacity``: the largest
+    capacity among their caches."""
+    rows = np.empty((sum(n for _, _, n in sequences), 4), np.int64)
+    done = 0
+    for cache, (first, start, n) in enumerate(sequences):
+        part = rows[done : done + n]
+        part[:, ROW] = np.arange(first, first + n)
+        part[:, CACHE] = cache
+        part[:, POSITION] = np.arange(start, start + n)
+        part[:, CHUNK] = chunk_length(n, capacity)
+        done += n
+    return rows
+
+
+def cache_template(kv_heads: int, head_dim: int, dtype: np.dtype) -> np.ndarray:
+    """An empty array of the kernels' cache dtype (float32, or uint16 words for float16) and layout:
+    the kernels see the caches of ``tables`` as arrays of its type."""
+    return np.empty((kv_heads, 0, head_dim), np.uint16 if dtype == np.float16 else dtype)
+
+
+def single_sequence(keys: np.ndarray, values: np.ndarray, start: int, n: int) -> tuple[np.ndarray, ...]:
+    """``(rows, tables, template)`` for ``n`` query rows from position ``start`` over one cache layer
+    given as the kernels' arrays (``keys``/``values`` ``(kv_heads, capacity, d)``, read as layer 0;
+    the caller keeps them alive): the kernels on bare arrays, as tests and benchmarks call them."""
+    capacity = keys.shape[1]
+    template = cache_template(keys.shape[0], keys.shape[2], keys.dtype)
+    return query_rows([(0, start, n)], capacity), address_table([keys], [values])[None], template
+
+
+@intrinsic
+def _pointer(typingctx, address, template):
+    """``address`` (an int64 from ``tables``) as a pointer to ``template``'s dtype."""
+    signature = types.CPointer(template.dtype)(address, template)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@njit(**_KERNEL, inline="always")
+def _cache_layer(tables, cache, layer, which, template):
+    """Keys (``which`` = KEYS) or values of cache ``cache`` at ``layer``: ``(kv_heads, capacity, d)``."""
+    shape = (template.shape[0], tables[cache, layer, CAPACITY], template.shape[2])
+    return carray(_pointer(tables[cache, layer, which], template), shape)
+
+
 @njit(**_KERNEL)
 def _rotate(src, cos, sin, pos, dst):
     """Rotate one head vector: ``dst = src * cos + rotate_half(src) * sin`` at position ``pos``."""
@@ -117,18 +189,18 @@ def _rotate(src, cos, sin, pos, dst):
 
 
 @njit(**_KERNEL)
-def rope_into_cache(qkv, heads, kv_heads, cos, sin, start, queries, keys, values):
-    """Split fused q|k|v rows, rotate q and k, and append k and v to the cache at ``start``.
+def rope_into_caches(qkv, heads, kv_heads, cos, sin, rows, tables, layer, template, queries):
+    """Split fused q|k|v rows, rotate q and k, and append k and v to each row's cache at its position.
 
     ``qkv``: ``(n, (heads + 2 kv_heads) d)``; ``queries``: ``(n, heads, d)`` float32 output;
-    ``keys``/``values``: ``(kv_heads, capacity, d)`` caches (float32 or f16 words), rows
-    ``start .. start + n`` written.
+    ``rows``, ``tables``, ``template``: as :func:`causal_attention` takes them.
     """
-    n = qkv.shape[0]
     d = queries.shape[2]
     k_base, v_base = heads * d, (heads + kv_heads) * d
-    for i in range(n):
-        pos = start + i
+    for r in range(rows.shape[0]):
+        i, pos = rows[r, ROW], rows[r, POSITION]
+        keys = _cache_layer(tables, rows[r, CACHE], layer, KEYS, template)
+        values = _cache_layer(tables, rows[r, CACHE], layer, VALUES, template)
         for h in range(heads):
             _rotate(qkv[i, h * d : (h + 1) * d], cos, sin, pos, queries[i, h])
         for h in range(kv_heads):
@@ -143,9 +215,11 @@ def chunk_length(queries: int, capacity: int) -> int:
     return DECODE_CHUNK if queries < FEW_QUERIES else max(capacity, 1)
 
 
-def scratch_shapes(queries: int, heads: int, kv_heads: int, head_dim: int, capacity: int) -> dict[str, tuple]:
-    """Shapes of the float32 scratch :func:`causal_attention` takes, by argument name."""
-    chunks = -(-capacity // chunk_length(queries, capacity))
+def scratch_shapes(queries: int, chunk: int, heads: int, kv_heads: int, head_dim: int,
+                   capacity: int) -> dict[str, tuple]:
+    """Shapes of the float32 scratch :func:`causal_attention` takes, by argument name, for ``queries``
+    rows whose shortest chunk length is ``chunk``, over caches of at most ``capacity`` positions."""
+    chunks = -(-capacity // chunk)
     group = heads // kv_heads
     return {"scores": (queries * kv_heads * chunks, group, TILE), "chunk_max": (queries, heads, chunks),
             "chunk_sum": (queries, heads, chunks), "chunk_context": (queries, heads, chunks, head_dim)}
@@ -408,9 +482,9 @@ def _context_for(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, 
 
 @njit(**_KERNEL)
 def _paired_from_both_ends(index, n):
-    """The query that work item row ``index`` serves: 0, n - 1, 1, n - 2, ...
+    """The query row that work item row ``index`` serves: 0, n - 1, 1, n - 2, ...
 
-    Query ``i`` reads ``start + i + 1`` positions, so in order the last items would hold most
+    In a prefill, query ``i`` reads ``start + i + 1`` positions, so in order the last items would hold most
     of a prefill's work, and ``prange``, which hands each thread one contiguous run of items,
     would leave the first thread idle for most of it. Paired from both ends, any run of whole
     pairs holds the same number of positions. Which thread computes an item never changes
@@ -419,33 +493,39 @@ def _paired_from_both_ends(index, n):
     return index // 2 if index % 2 == 0 else n - 1 - index // 2
 
 
-def causal_attention(isa, queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum,
+def causal_attention(isa, queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum,
                      chunk_context, out):
-    """Softmax attention of each query over cache positions ``0 .. start + i`` (causal).
+    """Softmax attention of each query row over its cache's positions ``0 .. position`` (causal).
 
-    ``queries``: ``(n, heads, d)``, query ``i`` at position ``start + i``; ``keys``/``values``:
-    ``(kv_heads, capacity, d)``, query head ``h`` reading kv head ``h // (heads / kv_heads)``;
-    ``chunk``: positions per item (:func:`chunk_length`); the scratch as :func:`scratch_shapes`
-    gives it; ``out``: ``(n, heads * d)``.
+    ``queries``: ``(n, heads, d)``; ``rows``: int64 ``(m, 4)``, per query row (:func:`query_rows`)
+    its row of ``queries``/``out``, its cache, its position and its chunk length; ``tables``: int64
+    ``(caches, layers, 3)`` of :func:`address_table` rows, read at ``layer``; ``template``: an
+    array of the caches' type (:func:`cache_template`); query head ``h`` reads kv head
+    ``h // (heads / kv_heads)``; the scratch as :func:`scratch_shapes` gives it; ``out``:
+    ``(n, heads * d)``, written at the rows ``rows`` names.
     """
-    n, heads, d = queries.shape
-    kv_heads = keys.shape[0]
+    m = rows.shape[0]
+    heads, d = queries.shape[1], queries.shape[2]
+    kv_heads = template.shape[0]
     group = heads // kv_heads
     chunks = chunk_max.shape[2]
     scaling = np.float32(scaling)  # a Python float would turn the dot products into float64 (3x slower)
-    for item in prange(n * kv_heads * chunks):
-        i = _paired_from_both_ends(item // (kv_heads * chunks), n)
+    for item in prange(m * kv_heads * chunks):
+        r = _paired_from_both_ends(item // (kv_heads * chunks), m)
+        i, cache, chunk = rows[r, ROW], rows[r, CACHE], rows[r, CHUNK]
+        keys = _cache_layer(tables, cache, layer, KEYS, template)
+        values = _cache_layer(tables, cache, layer, VALUES, template)
         kv = item // chunks % kv_heads
         c = item % chunks
         first_head = kv * group
         lo = c * chunk
-        hi = min(lo + chunk, start + i + 1)
+        hi = min(lo + chunk, rows[r, POSITION] + 1)
         tile_scores = scores[item]
         for g in range(group):
-            chunk_max[i, first_head + g, c] = -np.inf
-            chunk_sum[i, first_head + g, c] = 0.0
+            chunk_max[r, first_head + g, c] = -np.inf
+            chunk_sum[r, first_head + g, c] = 0.0
             for j in range(d):
-                chunk_context[i, first_head + g, c, j] = 0.0
+                chunk_context[r, first_head + g, c, j] = 0.0
         for t0 in range(lo, hi, TILE):
             t1 = min(t0 + TILE, hi)
             g = 0
@@ -455,35 +535,35 @@ def causal_attention(isa, queries, keys, values, start, scaling, chunk, scores, 
                 g += count
             for g in range(group):
                 h = first_head + g
-                top = _row_max(tile_scores[g], t1 - t0, chunk_max[i, h, c])
-                rescale = exp32(chunk_max[i, h, c] - top)
-                total = chunk_sum[i, h, c] * rescale
+                top = _row_max(tile_scores[g], t1 - t0, chunk_max[r, h, c])
+                rescale = exp32(chunk_max[r, h, c] - top)
+                total = chunk_sum[r, h, c] * rescale
                 for t in range(t1 - t0):
                     p = exp32(tile_scores[g, t] - top)
                     tile_scores[g, t] = p
                     total += p
-                chunk_max[i, h, c] = top
-                chunk_sum[i, h, c] = total
+                chunk_max[r, h, c] = top
+                chunk_sum[r, h, c] = total
                 for j in range(d):
-                    chunk_context[i, h, c, j] *= rescale
+                    chunk_context[r, h, c, j] *= rescale
             g = 0
             while g < group:
                 count = 4 if g + 4 <= group else 1
-                _context(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, i, first_head + g, c)
+                _context(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, r, first_head + g, c)
                 g += count
-    for row in prange(n * heads):
-        i, h = row // heads, row % heads
+    for item in prange(m * heads):
+        r, h = item // heads, item % heads
         top = np.float32(-np.inf)
         for c in range(chunks):
-            top = max(top, chunk_max[i, h, c])
-        result = out[i, h * d : (h + 1) * d]
+            top = max(top, chunk_max[r, h, c])
+        result = out[rows[r, ROW], h * d : (h + 1) * d]
         result[:] = 0.0
         total = np.float32(0.0)
         for c in range(chunks):
-            weight = exp32(chunk_max[i, h, c] - top)
-            total += weight * chunk_sum[i, h, c]
+            weight = exp32(chunk_max[r, h, c] - top)
+            total += weight * chunk_sum[r, h, c]
             for j in range(d):
-                result[j] += weight * chunk_context[i, h, c, j]
+                result[j] += weight * chunk_context[r, h, c, j]
         inv = np.float32(1.0) / total
         for j in range(d):
             result[j] *= inv
@@ -497,8 +577,9 @@ def _entry_point(marker: IsaMarker, threaded: bool) -> CPUDispatcher:
     argument it would cost a type dispatch (~3 us) per call, for each layer of a decode step."""
     kernel = (parallel if threaded else serial).causal_attention
 
-    def entry(queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum, chunk_context, out):
-        kernel(marker, queries, keys, values, start, scaling, chunk, scores, chunk_max, chunk_sum, chunk_context, out)
+    def entry(queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum, chunk_context, out):
+        kernel(marker, queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum, chunk_context,
+               out)
 
     entry.__name__ = entry.__qualname__ = f"causal_attention_{marker.name}_{'parallel' if threaded else 'serial'}"
     return njit(**_KERNEL)(entry)
@@ -510,6 +591,6 @@ ENTRY_POINTS = {(name, threaded): _entry_point(marker, threaded) for name, marke
 
 
 def for_attention(n: int, context: int, path: str) -> CPUDispatcher:
-    """``causal_attention`` of kernel ``path`` for ``n`` queries over ``context`` positions: on
-    every thread, or on one where that is too little work to wake the others."""
-    return ENTRY_POINTS[path, n >= FEW_QUERIES or context >= PARALLEL_MIN_CONTEXT]
+    """``causal_attention`` of kernel ``path`` for ``n`` query rows over up to ``context`` positions
+    each: on every thread, or on one where that is too little work to wake the others."""
+    return ENTRY_POINTS[path, n * context >= PARALLEL_MIN_CONTEXT]

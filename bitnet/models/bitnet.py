@@ -21,7 +21,7 @@ import numpy as np
 from .. import errors
 from ..memory import Arena
 from ..nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, checks, scratch
-from ..nn.attention import CACHE_DTYPES, INITIAL_CACHE_LENGTH
+from ..nn.attention import CACHE_DTYPES, INITIAL_CACHE_LENGTH, CacheRows
 from .config import BitNetConfig
 from .sampling import Sampler
 
@@ -41,12 +41,13 @@ class DecoderLayer:
         self.attention.check_batch(x, sequences, index)
         if not x.flags.writeable:
             raise errors.ShapeError("the residual stream x is updated in place: pass a writeable array")
-        self._forward(x, sequences, index)
+        self._forward(x, CacheRows(sequences), index)
 
-    def _forward(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], index: int) -> None:
+    def _forward(self, x: np.ndarray, rows: CacheRows, index: int) -> None:
         """``self(x, sequences, index)`` for arguments the model has checked: it checks the ids and
-        every cache once per step, and the layers then run without checks of their own."""
-        attended = self.attention._batched(self.input_norm._forward(x), sequences, index)
+        every cache once per step, and the layers then run without checks of their own (``rows``:
+        the step's sequences, tabled once for all layers)."""
+        attended = self.attention._batched(self.input_norm._forward(x), rows, index)
         x += self.mlp._forward(self.post_attention_norm._add_and_normalize(x, attended))
 
 
@@ -248,8 +249,8 @@ class BitNetForCausalLM:
         """Continue several sequences at once: the logits of each one's last new position.
 
         The projections run once over all the new tokens (``n`` = their total, so a decode
-        step of 8 sequences streams the weights once); rope and attention run per sequence
-        over its own cache. Each row equals what :meth:`forward` gives that sequence alone
+        step of 8 sequences streams the weights once); each sequence attends over its own
+        cache, all of them in one kernel call per layer. Each row equals what :meth:`forward` gives that sequence alone
         with ``last_only=True``: quantization, norms and attention are per row.
 
         Parameters
@@ -302,8 +303,9 @@ class BitNetForCausalLM:
         with scratch.step():
             tokens = ids[0] if len(ids) == 1 else np.concatenate(ids)
             x = self.embed_tokens.rows(tokens, out=scratch.empty((len(tokens), self.config.hidden_size)))
+            rows = CacheRows(sequences)
             for index, layer in enumerate(self.layers):
-                layer._forward(x, sequences, index)
+                layer._forward(x, rows, index)
             for cache, i in zip(caches, ids, strict=True):
                 cache.length += len(i)
             if last_only and len(ids) == 1:

@@ -24,8 +24,8 @@ default: half the bytes a long context reads per token)."""
 class KVCache:
     """Keys and values of every layer for one sequence, preallocated up to ``capacity`` positions.
 
-    ``keys[layer]`` and ``values[layer]`` have shape ``(kv_heads, capacity, head_dim)``;
-    positions ``0 .. length - 1`` are filled. Appending past the capacity doubles it (one
+    ``keys[layer]`` and ``values[layer]`` (tuples of arrays, one per layer) have shape
+    ``(kv_heads, capacity, head_dim)``; positions ``0 .. length - 1`` are filled. Appending past the capacity doubles it (one
     copy), so a decode step normally writes into memory that already exists. With
     ``max_length`` (the model's context) the capacity never grows past it, and reserving
     more positions raises InvalidValueError.
@@ -55,10 +55,22 @@ class KVCache:
         self.arena = arena
         capacity = sizes[3] if self.max_length is None else min(sizes[3], self.max_length)
         shape = (sizes[1], capacity, sizes[2])
-        self.keys = [self._new(shape) for _ in range(sizes[0])]
-        self.values = [self._new(shape) for _ in range(sizes[0])]
+        self._store(tuple(self._new(shape) for _ in range(sizes[0])), tuple(self._new(shape) for _ in range(sizes[0])))
         self.length = 0
         self.released = False
+
+    @property
+    def keys(self) -> tuple[np.ndarray, ...]:
+        return self._keys
+
+    @property
+    def values(self) -> tuple[np.ndarray, ...]:
+        return self._values
+
+    def _store(self, keys: tuple[np.ndarray, ...], values: tuple[np.ndarray, ...]) -> None:
+        """Hold these arrays, and the table of their addresses the attention kernels read them by."""
+        self._keys, self._values = keys, values
+        self._table = kernels.address_table(keys, values)
 
     def _new(self, shape: tuple[int, int, int]) -> np.ndarray:
         dtype = CACHE_DTYPES[self.dtype]
@@ -101,11 +113,13 @@ class KVCache:
             capacity *= 2
         if self.max_length is not None:
             capacity = min(capacity, self.max_length)
-        for store in (self.keys, self.values):
+        keys, values = list(self.keys), list(self.values)
+        for store in (keys, values):
             for i, old in enumerate(store):
                 grown = self._new((old.shape[0], capacity, old.shape[2]))
                 grown[:, : self.length] = old[:, : self.length]
                 store[i] = grown
+                self._store(tuple(keys), tuple(values))  # first: the kernels' table never names a released array
                 if self.arena is not None:
                     self.arena.release(old)
 
@@ -114,7 +128,8 @@ class KVCache:
         if self.arena is not None and not self.released:
             for array in (*self.keys, *self.values):
                 self.arena.release(array)
-        self.keys, self.values, self.length, self.released = [], [], 0, True
+        self._store((), ())
+        self.length, self.released = 0, True
 
     def _check_live(self) -> None:
         if self.released:
@@ -161,11 +176,6 @@ class KVCache:
                 f"the cache length {length!r} plus {new} new positions must fit its capacity {self.capacity}: "
                 f"call cache.reserve(length + new) first"
             )
-        return self._kernel_arrays(index)
-
-    def _kernel_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """What :meth:`layer` returns, without its checks: for a caller that has made them this step."""
-        keys, values = self.keys[index], self.values[index]
         if keys.dtype == np.float16:
             return keys.view(np.uint16), values.view(np.uint16)
         return keys, values
@@ -257,9 +267,9 @@ class Attention:
     def batched(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], layer: int) -> np.ndarray:
         """Attention for rows of several sequences at once: ``sequences`` pairs each one's cache with
         its rows of ``x`` (consecutive, covering ``x``). The projections run once over all rows;
-        rope and attention run per sequence, over its own cache."""
+        each row attends over its own sequence's cache, all rows in one kernel call."""
         self.check_batch(x, sequences, layer)
-        return self._batched(x, sequences, layer)
+        return self._batched(x, CacheRows(sequences), layer)
 
     def check_batch(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], layer: int) -> None:
         """Raise unless :meth:`batched` can run on these arguments: ``x`` float32 ``(n, hidden)``, the
@@ -270,33 +280,58 @@ class Attention:
         for cache, rows in sequences:
             cache.layer(layer, self.kv_heads, self.head_dim, rows.stop - rows.start)
 
-    def _batched(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], layer: int) -> np.ndarray:
-        """:meth:`batched` for arguments :meth:`check_batch` passes."""
+    def _batched(self, x: np.ndarray, rows: CacheRows, layer: int) -> np.ndarray:
+        """:meth:`batched` for arguments :meth:`check_batch` passes, its sequences as ``rows``."""
         qkv = self._project(x)
         queries = scratch.reused("self_attn.queries", (x.shape[0], self.heads, self.head_dim))
         context = scratch.reused("self_attn.context", (x.shape[0], self.heads * self.head_dim))
-        for cache, rows in sequences:
-            n, start = rows.stop - rows.start, cache.length
-            keys, values = cache._kernel_arrays(layer)
-            self.rope.reserve(start + n)
-            kernels.rope_into_cache(qkv[rows], self.heads, self.kv_heads, self.rope.cos, self.rope.sin, start,
-                                    queries[rows], keys, values)
-            self._attend(queries[rows], keys, values, start, context[rows])
+        self.rope.reserve(rows.end)
+        for group in rows.groups:
+            kernels.rope_into_caches(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, group.rows,
+                                     group.tables, layer, group.template, queries)
+            shapes = kernels.scratch_shapes(len(group.rows), group.chunk, self.heads, self.kv_heads, self.head_dim,
+                                            group.capacity)
+            work = [scratch.reused(f"self_attn.{name}", shape) for name, shape in shapes.items()]
+            kernels.for_attention(len(group.rows), group.end, KERNEL_PATH)(
+                queries, group.rows, group.tables, layer, group.template, self.scaling, *work, context)
         return self.o_proj._forward(context if self.sub_norm is None else self.sub_norm._forward(context))
 
-    def _attend(self, queries: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
-                out: np.ndarray) -> None:
-        """Causal attention of ``queries`` (``(n, heads, d)``, from position ``start``) over the cache,
-        into ``out`` (``(n, heads * d)``).
 
-        ``keys``/``values`` are ``(kv_heads, capacity, d)`` with positions ``0 .. start + n - 1`` filled.
-        """
-        n, capacity = queries.shape[0], keys.shape[1]
-        # Sized by the cache capacity, not the current length, so decode steps reuse one set of buffers.
-        shapes = kernels.scratch_shapes(n, self.heads, self.kv_heads, self.head_dim, capacity)
-        work = [scratch.reused(f"self_attn.{name}", shape) for name, shape in shapes.items()]
-        kernels.for_attention(n, start + n, KERNEL_PATH)(
-            queries, keys, values, start, self.scaling, kernels.chunk_length(n, capacity), *work, out)
+class CacheRows:
+    """The sequences of a batch as the attention kernels take them, worked out once for every layer.
+
+    ``sequences`` pairs each sequence's :class:`KVCache` (checked by the caller) with its rows of
+    the input. ``groups`` holds one :class:`CacheGroup` per cache dtype (one, as a rule);
+    ``end`` is the most positions any cache holds after these rows (rope's reach).
+    """
+
+    def __init__(self, sequences: list[tuple[KVCache, slice]]) -> None:
+        by_dtype: dict[str, list[tuple[KVCache, slice]]] = {}
+        for cache, rows in sequences:
+            by_dtype.setdefault(cache.dtype, []).append((cache, rows))
+        self.groups = [CacheGroup(members) for members in by_dtype.values()]
+        self.end = max(group.end for group in self.groups)
+
+
+class CacheGroup:
+    """Sequences whose caches share a dtype, as :func:`bitnet.kernels.attention.causal_attention` takes them.
+
+    ``rows`` and ``tables`` are the kernels' tables of query rows and of cache addresses;
+    ``template`` the kernels' view of the dtype; ``chunk`` the shortest chunk length among
+    the rows; ``capacity`` the largest cache; ``end`` the most positions a cache holds after
+    these rows.
+    """
+
+    def __init__(self, members: list[tuple[KVCache, slice]]) -> None:
+        caches = [cache for cache, _ in members]
+        self.capacity = max(cache.capacity for cache in caches)
+        spans = [(rows.start, cache.length, rows.stop - rows.start) for cache, rows in members]
+        self.rows = kernels.query_rows(spans, self.capacity)
+        self.tables = np.stack([cache._table for cache in caches])
+        kv_heads, _, head_dim = caches[0].keys[0].shape
+        self.template = kernels.cache_template(kv_heads, head_dim, caches[0].keys[0].dtype)
+        self.chunk = min(kernels.chunk_length(n, self.capacity) for _, _, n in spans)
+        self.end = max(start + n for _, start, n in spans)
 
 
 def _check_sequences(sequences: object, rows: int) -> None:
