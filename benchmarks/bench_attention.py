@@ -39,7 +39,8 @@ class Attention(_Threads):
             sequences = int(words[1]) if len(words) == 7 else 1
             n, start, capacity, layers = sequences, int(words[-4]) - 1, int(words[-4]), LAYERS
         self.queries = rng.standard_normal((n, HEADS, HEAD_DIM)).astype(np.float32)
-        self.caches = [[(_cache(capacity, rng), _cache(capacity, rng)) for _ in range(sequences)] for _ in range(layers)]
+        self.caches = [[(_cache(capacity, rng), _cache(capacity, rng)) for _ in range(sequences)]
+                       for _ in range(layers)]
         spans = [(0, start, n)] if sequences == 1 else [(s, start, 1) for s in range(sequences)]
         self.rows = attention.query_rows(spans, capacity)
         self.tables = [np.stack([attention.address_table([k], [v]) for k, v in layer]) for layer in self.caches]

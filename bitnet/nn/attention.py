@@ -25,8 +25,9 @@ class KVCache:
     """Keys and values of every layer for one sequence, preallocated up to ``capacity`` positions.
 
     ``keys[layer]`` and ``values[layer]`` (tuples of arrays, one per layer) have shape
-    ``(kv_heads, capacity, head_dim)``; positions ``0 .. length - 1`` are filled. Appending past the capacity doubles it (one
-    copy), so a decode step normally writes into memory that already exists. With
+    ``(kv_heads, capacity, head_dim)``; positions ``0 .. length - 1`` are filled. Appending
+    past the capacity doubles it (one copy), so a decode step normally writes into memory
+    that already exists. With
     ``max_length`` (the model's context) the capacity never grows past it, and reserving
     more positions raises InvalidValueError.
 
