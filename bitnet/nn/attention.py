@@ -27,9 +27,8 @@ class KVCache:
     ``keys[layer]`` and ``values[layer]`` (tuples of arrays, one per layer) have shape
     ``(kv_heads, capacity, head_dim)``; positions ``0 .. length - 1`` are filled. Appending
     past the capacity doubles it (one copy), so a decode step normally writes into memory
-    that already exists. With
-    ``max_length`` (the model's context) the capacity never grows past it, and reserving
-    more positions raises InvalidValueError.
+    that already exists. With ``max_length`` (the model's context) the capacity never grows
+    past it, and reserving more positions raises InvalidValueError.
 
     Parameters
     ----------
