@@ -115,18 +115,19 @@ def _tile1(isa, w, g, q, t):
     return add_acc(add_acc(a0, a1), add_acc(a2, a3))
 
 
-@njit(**KERNEL)
+@njit(inline="always", **KERNEL)
 def _emit_group(isa, sums, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """``emit`` for token ``t`` and the rows of group ``g`` (lane ``i``: row ``16 g + i``).
 
     A whole group leaves in one vector (the same float32 operations as ``emit``, so the same
     bits); the last group of a matrix whose rows are not a multiple of 16, lane by lane.
+    Inlined: as a call its six array arguments (~45 scalars) cost more than its work, and with
+    the 10 calls per group of 8 tokens a 2560 x 2560 matmul ran 1.18x slower (NOTES.md).
     """
     m = out.shape[1] if as_float else acc.shape[1]
     first = GROUP_ROWS * g
     if first + GROUP_ROWS > m:
-        for i in range(m - first):
-            emit(t, first + i, lane(sums, i), q_sum, act_scale, scale, scale_step, acc, out, as_float)
+        _emit_lanes(sums, t, first, m - first, q_sum, act_scale, scale, scale_step, acc, out, as_float)
         return
     value = add_acc(sums, splat_acc(isa, -q_sum[t]))
     if not as_float:
@@ -137,6 +138,13 @@ def _emit_group(isa, sums, t, g, q_sum, act_scale, scale, scale_step, acc, out, 
 
 
 @njit(**KERNEL)
+def _emit_lanes(sums, t, first, rows, q_sum, act_scale, scale, scale_step, acc, out, as_float):
+    """``emit`` for token ``t`` and rows ``first .. first + rows - 1`` from the first lanes of ``sums``."""
+    for i in range(rows):
+        emit(t, first + i, lane(sums, i), q_sum, act_scale, scale, scale_step, acc, out, as_float)
+
+
+@njit(inline="always", **KERNEL)
 def _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """``_emit_group`` for tokens ``t .. t + 3``."""
     _emit_group(isa, s0, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
@@ -151,20 +159,24 @@ def lanes_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_fl
 
     Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
     ``acc / act_scale[t] * scale[r * scale_step]``, as ``ternary_matmul`` does for ``i2``.
-    Tokens go in tiles of 8, then one of 4, then one at a time.
+    Tokens go in tiles of 8, then one of 4, then one at a time. The outputs of 4 tokens leave
+    through one call site of the inlined ``_emit_four`` (each inlined copy costs compile time).
     """
     n = q.shape[0]
     for g in prange(w.shape[0]):
         t = 0
-        while t + 8 <= n:
-            s0, s1, s2, s3, s4, s5, s6, s7 = _tile8(isa, w, g, q, t)
-            _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            _emit_four(isa, s4, s5, s6, s7, t + 4, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            t += 8
-        if t + 4 <= n:
-            s0, s1, s2, s3 = _tile4(isa, w, g, q, t)
-            _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
-            t += 4
+        while t + 4 <= n:
+            if t + 8 <= n:
+                s0, s1, s2, s3, s4, s5, s6, s7 = _tile8(isa, w, g, q, t)
+                fours = 2
+            else:
+                s0, s1, s2, s3 = _tile4(isa, w, g, q, t)
+                s4, s5, s6, s7 = s0, s1, s2, s3
+                fours = 1
+            for _ in range(fours):
+                _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
+                s0, s1, s2, s3 = s4, s5, s6, s7
+                t += 4
         while t < n:
             _emit_group(isa, _tile1(isa, w, g, q, t), t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
             t += 1
