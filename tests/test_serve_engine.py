@@ -3,6 +3,8 @@ tokens ``model.generate`` gives it alone, whoever else shares its steps, and eve
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -159,3 +161,35 @@ def test_the_thread_creating_an_engine_hands_its_openmp_workers_back(model, monk
     monkeypatch.setattr("bitnet.serve.engine.release_worker_threads", lambda: calls.append(threading.get_ident()))
     Engine(model)
     assert calls == [threading.get_ident()]  # the creating thread's pool; the engine thread then runs the kernels
+
+
+WARM_UP_SCRIPT = """
+import pkgutil, threading, types
+from numba.core.registry import CPUDispatcher
+import bitnet as bn, bitnet.kernels
+from bitnet.serve import Engine
+
+def compiled():
+    found = set()
+    for info in pkgutil.iter_modules(bitnet.kernels.__path__):
+        module = __import__(f"bitnet.kernels.{info.name}", fromlist=["_"])
+        for name, value in vars(module).items():
+            values = value.values() if isinstance(value, dict) else vars(value).values() if isinstance(
+                value, types.SimpleNamespace) else [value]
+            found |= {(info.name, name, str(s)) for v in values if isinstance(v, CPUDispatcher) for s in v.signatures}
+    return found
+
+model = bn.load_pretrained()
+with Engine(model) as engine:
+    before = compiled()
+    done = threading.Event()
+    engine.submit([1, 2, 3], 4, lambda output: output.last and done.set())
+    done.wait()
+    print(sorted(compiled() - before))
+"""
+
+
+def test_the_warm_up_compiles_every_kernel_a_short_request_runs():
+    """A fresh process: after ``start`` a request compiles nothing more (its first tokens would wait seconds)."""
+    done = subprocess.run([sys.executable, "-c", WARM_UP_SCRIPT], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

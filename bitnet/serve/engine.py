@@ -227,11 +227,13 @@ class Engine:
             block = False
 
     def _warm_up(self) -> None:
-        """Run each kernel a step calls once (Numba compiles on first call): a decode of one and of two
-        sequences, and a prefill chunk, on throwaway caches."""
-        chunk = min(self.scheduler.prefill_chunk, self.context - 1)
+        """Run each kernel a step calls once (Numba compiles on first call): a decode of one sequence
+        over a short context (attention on one thread) and over a long one (on all), a decode of
+        two sequences, and a prefill chunk, on throwaway caches."""
+        chunk = max(1, min(self.scheduler.prefill_chunk, self.context - 2))
         caches = [self.model.new_cache(chunk + 2, arena=self.scheduler.arena) for _ in range(2)]
         try:
+            self.model.forward_batch([np.zeros(1, np.int64)], caches[1:])
             self.model.forward_batch([np.zeros(chunk, np.int64)], caches[:1])
             self.model.forward_batch([np.zeros(1, np.int64)], caches[:1])
             self.model.forward_batch([np.zeros(1, np.int64)] * 2, caches)
