@@ -37,6 +37,9 @@ _STOP = None  # the inbox item that ends the engine thread
 class Engine:
     """Continuous batching on a background thread: submit requests from anywhere, get outputs by callback.
 
+    Creating it releases the calling thread's OpenMP workers (:func:`bitnet.release_worker_threads`):
+    from then on the engine thread runs the kernels.
+
     Parameters
     ----------
     model : the model to serve.
@@ -48,9 +51,6 @@ class Engine:
     prefill_chunk : the most prompt tokens read in one step, over all requests.
     threads : Numba threads of the engine thread; None: Numba's default.
     arena : where KV caches come from; the default arena if None.
-
-    The calling thread's OpenMP workers are released (:func:`bitnet.release_worker_threads`):
-    from now on the engine thread runs the kernels.
 
     Raises
     ------
