@@ -156,14 +156,17 @@ def fuzz_model(rng, model=None) -> None:
     elif kind == 2:
         other = OTHER_MODEL if rng.random() < 0.5 else model
         model(ids, cache=maybe(rng, lambda: other.new_cache(int(rng.integers(1, 8))), 0.2))
-    elif kind == 3:  # several sequences: float16 or float32 caches, some released, shared or of the other model
-        model.kv_dtype = maybe(rng, lambda: str(rng.choice(["float16", "float32"])), 0.1)
-        caches = [(OTHER_MODEL if rng.random() < 0.1 else model).new_cache(int(rng.integers(1, 8)))
-                  for _ in range(int(rng.integers(0, 4)))]
+    elif kind == 3:  # several sequences: float16 and float32 caches mixed, some released, shared, of the other
+        caches = []  # model or with a length the caller set
+        for _ in range(int(rng.integers(0, 4))):
+            model.kv_dtype = maybe(rng, lambda: str(rng.choice(["float16", "float32"])), 0.1)
+            caches.append((OTHER_MODEL if rng.random() < 0.1 else model).new_cache(int(rng.integers(1, 8))))
         if caches and rng.random() < 0.2:
             caches[0].release()
         if caches and rng.random() < 0.1:
             caches.append(caches[-1])
+        if caches and rng.random() < 0.2:
+            caches[-1].length = maybe(rng, lambda: int(rng.integers(-2, 12)), 0.2)
         sequences = [maybe(rng, lambda: rng.integers(-2, 44, size(rng) or 1), 0.2) for _ in range(len(caches))]
         model.forward_batch(maybe(rng, lambda: sequences, 0.1), caches)
     else:  # one decoder layer on its own: the model runs it unchecked, a caller gets its checks

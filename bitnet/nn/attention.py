@@ -289,6 +289,7 @@ class Attention:
         for group in rows.groups:
             kernels.rope_into_caches(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, group.rows,
                                      group.tables, layer, group.template, queries)
+            # Sized by the caches' capacity, not their length, so decode steps reuse one set of buffers.
             shapes = kernels.scratch_shapes(len(group.rows), group.chunk, self.heads, self.kv_heads, self.head_dim,
                                             group.capacity)
             work = [scratch.reused(f"self_attn.{name}", shape) for name, shape in shapes.items()]
