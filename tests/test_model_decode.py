@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,3 +365,42 @@ def test_caches_from_an_arena_go_back_to_it(model):
     assert arena.used_bytes() == 0
     with pytest.raises(bn.InvalidValueError, match="released"):
         model.forward(PROMPT, caches[0])
+
+
+CACHED_BUILD_SCRIPT = f"""
+import hashlib, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import numba, numpy as np
+import bitnet as bn
+from bitnet.models.random import random_model
+from kernel_builds import built_not_loaded
+
+bn.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+config = bn.BitNetConfig(vocab_size=300, hidden_size=256, intermediate_size=320, num_hidden_layers=2,
+                         num_attention_heads=20, num_key_value_heads=5, head_dim=128, bos_token_id=None,
+                         eos_token_id=None)
+model = random_model(config, 0, head_dtype="int8")
+rng = np.random.default_rng(0)
+digest = hashlib.sha256()
+for kv_dtype in ("float16", "float32"):
+    model.kv_dtype = kv_dtype
+    caches = [model.new_cache(300) for _ in range(3)]  # 2 chunks of positions a decode row
+    digest.update(model.forward_batch([rng.integers(0, 300, n) for n in (70, 5, 1)], caches).tobytes())
+    for _ in range(2):  # one row alone under 64 positions: the one-thread kernels
+        digest.update(model.forward_batch([rng.integers(0, 300, 1) for _ in caches], caches).tobytes())
+        digest.update(model.forward(rng.integers(0, 300, 1), caches[2]).tobytes())
+print(digest.hexdigest())
+print(sorted(built_not_loaded()))
+"""
+
+
+def test_a_build_loaded_from_numbas_cache_computes_the_bits_of_a_fresh_one(tmp_path):
+    """Two fresh processes on one empty on-disk cache: the first compiles every kernel, the second loads
+    them all (compiles nothing) and gets the same logits, bit for bit. A threaded attention kernel
+    loaded from the cache once summed its softmax in another order than its fresh build did."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", CACHED_BUILD_SCRIPT], capture_output=True, text=True, check=True,
+                           env=env).stdout.splitlines() for _ in range(2)]
+    assert runs[0][1] != "[]"  # the first process did compile
+    assert runs[1][0] == runs[0][0]
+    assert runs[1][1] == "[]"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,21 +164,12 @@ def test_the_thread_creating_an_engine_hands_its_openmp_workers_back(model, monk
     assert calls == [threading.get_ident()]  # the creating thread's pool; the engine thread then runs the kernels
 
 
-WARM_UP_SCRIPT = """
-import pkgutil, threading, types
-from numba.core.registry import CPUDispatcher
-import bitnet as bn, bitnet.kernels
+WARM_UP_SCRIPT = f"""
+import sys, threading
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import bitnet as bn
 from bitnet.serve import Engine
-
-def compiled():
-    found = set()
-    for info in pkgutil.iter_modules(bitnet.kernels.__path__):
-        module = __import__(f"bitnet.kernels.{info.name}", fromlist=["_"])
-        for name, value in vars(module).items():
-            values = value.values() if isinstance(value, dict) else vars(value).values() if isinstance(
-                value, types.SimpleNamespace) else [value]
-            found |= {(info.name, name, str(s)) for v in values if isinstance(v, CPUDispatcher) for s in v.signatures}
-    return found
+from kernel_builds import compiled
 
 model = bn.load_pretrained()
 with Engine(model) as engine:

@@ -18,9 +18,11 @@ positions. All query heads that share a key/value head (GQA) are served by the s
 so each cached row is read once per step, not once per query head. Within a chunk,
 positions go by tiles with a running max and sum (online softmax), so the scratch per item
 is one tile of scores whatever the context. The chunks of a query are then combined in a
-fixed order. The chunk length depends on the number of queries of the row's own sequence
+fixed order (by the item itself when a call has one chunk per query, saving a second parallel
+region). The chunk length depends on the number of queries of the row's own sequence
 only (``chunk_length``), never on the thread count or the other sequences, so any thread
-count and any batch give the same bits.
+count and any batch give the same bits; the sums that set those bits are compiled with strict
+float math (``_STRICT``), so a kernel loaded from Numba's cache gives them too.
 
 With AVX-512 the 4 heads of a key/value head (GQA's usual group) go by register blocks built
 from ``simd``: scores 4 positions at a time, summed across lanes by one shuffle tree, and the
@@ -45,6 +47,7 @@ from .simd import (
     F32_VALUES,
     MARKERS,
     IsaMarker,
+    add_floats,
     add_products,
     byte_vector_size,
     lane_totals,
@@ -56,6 +59,7 @@ from .simd import (
     splat_floats,
     store_four_floats,
     store_fours,
+    sum_floats,
     widen_four_words,
     widen_word,
     widen_words,
@@ -68,6 +72,11 @@ from .vector_math import exp32, max32
 # numpy's error model so a division by zero gives inf/NaN instead of raising.
 _KERNEL = dict(fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True, nogil=True,
                boundscheck=False)
+# The sums whose order sets the bits of a result (a softmax's, the chunks' combination) are compiled
+# on their own with strict float math, as ``exp32`` is: under "reassoc" and "contract" the softmax
+# sum of the threaded kernel came out 1 ulp apart (in ~10% of heads) between a fresh build and the
+# same kernel loaded from Numba's cache (NOTES.md). Strict functions keep their flags when inlined.
+_STRICT = dict(error_model="numpy", cache=True, nogil=True, boundscheck=False)
 
 # Positions scored at once within an item: a tile's scores (4 heads x 128 floats, 2 KB) stay in L1,
 # and each tile costs a softmax pass per head and a load and store of the context's accumulators,
@@ -334,6 +343,46 @@ def _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h
                 chunk_context[i, h, c, j] += p0 * stored(values[kv, t, j])
 
 
+def _exponentials(isa, row, count, top):
+    """``row[t] = e**(row[t] - top)`` for ``t < count``, returning their sum: by vector lanes
+    (lane ``l`` adds positions ``l``, ``l + lanes``, ...), the lanes by ``sum_floats``' fixed tree, then
+    the positions past the last whole vector in order. One position at a time on the portable path."""
+
+
+@njit(**_STRICT)
+def _weights(row, count, top):
+    """``row[t] = e**(row[t] - top)`` for ``t < count``."""
+    for t in range(count):
+        row[t] = exp32(row[t] - top)
+
+
+@overload(_exponentials, jit_options=_STRICT)
+def _exponentials_for(isa, row, count, top):
+    if isa.vector_bytes == 0 or row.layout != "C":
+        def in_order(isa, row, count, top):
+            _weights(row, count, top)
+            total = np.float32(0.0)
+            for t in range(count):
+                total += row[t]
+            return total
+        return in_order
+
+    def by_lanes(isa, row, count, top):
+        _weights(row, count, top)
+        step = byte_vector_size(isa) // 4
+        lanes = zero_floats(isa)
+        t = 0
+        while t + step <= count:
+            lanes = add_floats(lanes, load_floats(isa, row, t))
+            t += step
+        total = sum_floats(lanes)
+        while t < count:
+            total += row[t]
+            t += 1
+        return total
+    return by_lanes
+
+
 def cache_format(cache):
     """The ``simd.WordFormat`` a cache array holds: f16 words (uint16) or float32 values."""
 
@@ -493,6 +542,27 @@ def _paired_from_both_ends(index, n):
     return index // 2 if index % 2 == 0 else n - 1 - index // 2
 
 
+@njit(**_STRICT)  # called from an item (one chunk) or a region of its own: both callers get the same bits
+def _combine(rows, r, h, chunk_max, chunk_sum, chunk_context, out):
+    """Query row ``r``'s head ``h`` into ``out``: its chunks' contexts weighted by ``e**(max - top)``,
+    in chunk order, over the weighted sums."""
+    chunks, d = chunk_max.shape[2], chunk_context.shape[3]
+    top = np.float32(-np.inf)
+    for c in range(chunks):
+        top = max(top, chunk_max[r, h, c])
+    result = out[rows[r, ROW], h * d : (h + 1) * d]
+    result[:] = 0.0
+    total = np.float32(0.0)
+    for c in range(chunks):
+        weight = exp32(chunk_max[r, h, c] - top)
+        total += weight * chunk_sum[r, h, c]
+        for j in range(d):
+            result[j] += weight * chunk_context[r, h, c, j]
+    inv = np.float32(1.0) / total
+    for j in range(d):
+        result[j] *= inv
+
+
 def causal_attention(isa, queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum,
                      chunk_context, out):
     """Softmax attention of each query row over its cache's positions ``0 .. position`` (causal).
@@ -537,13 +607,8 @@ def causal_attention(isa, queries, rows, tables, layer, template, scaling, score
                 h = first_head + g
                 top = _row_max(tile_scores[g], t1 - t0, chunk_max[r, h, c])
                 rescale = exp32(chunk_max[r, h, c] - top)
-                total = chunk_sum[r, h, c] * rescale
-                for t in range(t1 - t0):
-                    p = exp32(tile_scores[g, t] - top)
-                    tile_scores[g, t] = p
-                    total += p
                 chunk_max[r, h, c] = top
-                chunk_sum[r, h, c] = total
+                chunk_sum[r, h, c] = chunk_sum[r, h, c] * rescale + _exponentials(isa, tile_scores[g], t1 - t0, top)
                 for j in range(d):
                     chunk_context[r, h, c, j] *= rescale
             g = 0
@@ -551,35 +616,37 @@ def causal_attention(isa, queries, rows, tables, layer, template, scaling, score
                 count = 4 if g + 4 <= group else 1
                 _context(isa, tile_scores, g, count, values, kv, t0, t1, chunk_context, r, first_head + g, c)
                 g += count
-    for item in prange(m * heads):
-        r, h = item // heads, item % heads
-        top = np.float32(-np.inf)
-        for c in range(chunks):
-            top = max(top, chunk_max[r, h, c])
-        result = out[rows[r, ROW], h * d : (h + 1) * d]
-        result[:] = 0.0
-        total = np.float32(0.0)
-        for c in range(chunks):
-            weight = exp32(chunk_max[r, h, c] - top)
-            total += weight * chunk_sum[r, h, c]
-            for j in range(d):
-                result[j] += weight * chunk_context[r, h, c, j]
-        inv = np.float32(1.0) / total
-        for j in range(d):
-            result[j] *= inv
+        if chunks == 1:
+            for g in range(group):
+                _combine(rows, r, first_head + g, chunk_max, chunk_sum, chunk_context, out)
+    if chunks > 1:  # with one chunk each item has finished its heads already
+        for item in prange(m * heads):
+            _combine(rows, item // heads, item % heads, chunk_max, chunk_sum, chunk_context, out)
 
 
 serial, parallel = serial_and_parallel((causal_attention,), **_KERNEL)
 
 
+_serial_attention, _parallel_attention = serial.causal_attention, parallel.causal_attention
+
+
 def _entry_point(marker: IsaMarker, threaded: bool) -> CPUDispatcher:
     """``causal_attention`` (threaded or not) with the ISA marker fixed at compile time: as an
-    argument it would cost a type dispatch (~3 us) per call, for each layer of a decode step."""
-    kernel = (parallel if threaded else serial).causal_attention
+    argument it would cost a type dispatch (~3 us) per call, for each layer of a decode step.
+
+    The entry closes over the marker and a bool only, not over a kernel: Numba keys its on-disk
+    cache by the closure's pickled values, and a dispatcher pickles with a per-process id, so
+    an entry closing over one was compiled again in every process (linking the cached kernel as
+    object code, which gave other bits than the first process's build, which inlined it).
+    """
 
     def entry(queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum, chunk_context, out):
-        kernel(marker, queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum, chunk_context,
-               out)
+        if threaded:  # a compile-time constant: Numba drops the other branch
+            _parallel_attention(marker, queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum,
+                                chunk_context, out)
+        else:
+            _serial_attention(marker, queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum,
+                              chunk_context, out)
 
     entry.__name__ = entry.__qualname__ = f"causal_attention_{marker.name}_{'parallel' if threaded else 'serial'}"
     return njit(**_KERNEL)(entry)
