@@ -236,6 +236,26 @@ def test_a_cache_of_another_model_is_refused_before_anything_runs(model):
         model.forward(PROMPT, cache={})
 
 
+def test_a_cache_checked_once_is_still_checked_where_it_can_change(model):
+    """The model checks a cache's arrays once per layout (not every step), and its length every step."""
+    cache = model.new_cache(len(PROMPT) + 1)
+    model.forward(PROMPT, cache)
+    model.forward(PROMPT[:1], cache)  # fills the capacity: no room left
+    cache.length = cache.capacity + 1
+    with pytest.raises(bn.ShapeError, match="capacity"):
+        model.forward(PROMPT[:1], cache)
+    cache.length = len(PROMPT) + 1
+    cache.dtype = "float16"  # the arrays stay float32: a new layout, checked in full
+    with pytest.raises(bn.ShapeError, match="new_cache"):
+        model.forward(PROMPT[:1], cache)
+    cache.dtype = "float32"
+    half = model.forward(PROMPT[:1], cache)  # grows: the new arrays are checked
+    assert cache.capacity > len(PROMPT) + 1 and np.isfinite(half).all()
+    cache.release()
+    with pytest.raises(bn.InvalidValueError, match="released"):
+        model.forward(PROMPT[:1], cache)
+
+
 def test_forward_checks_out_before_running(model):
     cache = model.new_cache()
     for out in (np.empty((1, model.config.vocab_size + 1), np.float32), np.empty((1, model.config.vocab_size)),

@@ -71,6 +71,7 @@ class KVCache:
         """Hold these arrays, and the table of their addresses the attention kernels read them by."""
         self._keys, self._values = keys, values
         self._table = kernels.address_table(keys, values)
+        self._checked_layout: tuple | None = None  # the layout these arrays last passed check() with
 
     def _new(self, shape: tuple[int, int, int]) -> np.ndarray:
         dtype = CACHE_DTYPES[self.dtype]
@@ -139,12 +140,17 @@ class KVCache:
         """Raise unless this cache has ``layers`` layers of ``(kv_heads, capacity, head_dim)`` keys and
         values of its dtype and a length within its capacity: the layout a model's kernels write into."""
         self._check_live()
+        layout = (layers, kv_heads, head_dim, self.dtype)
+        if layout == self._checked_layout:  # the same arrays passed already: a decode step checks the length only
+            self._check_length(0)
+            return
         if len(self.keys) != layers or len(self.values) != layers:
             raise errors.ShapeError(
                 f"this KV cache has {len(self.keys)} layers, the model {layers}: make it with the model's new_cache()"
             )
         for index in range(layers):
             self.layer(index, kv_heads, head_dim, 0)
+        self._checked_layout = layout
 
     def layer(self, index: int, kv_heads: int, head_dim: int, new: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and values of layer ``index`` as the kernels take them, checked to have room for ``new``
@@ -170,15 +176,18 @@ class KVCache:
                     f"KV cache {name} of layer {index} are {got}, the model needs {self.dtype} (kv_heads={kv_heads}, "
                     f"{self.capacity}, head_dim={head_dim}): make the cache with the model's new_cache()"
                 )
+        self._check_length(new)
+        if keys.dtype == np.float16:
+            return keys.view(np.uint16), values.view(np.uint16)
+        return keys, values
+
+    def _check_length(self, new: int) -> None:
         length = self.length
         if not isinstance(length, (int, np.integer)) or not 0 <= length <= self.capacity - new:
             raise errors.ShapeError(
                 f"the cache length {length!r} plus {new} new positions must fit its capacity {self.capacity}: "
                 f"call cache.reserve(length + new) first"
             )
-        if keys.dtype == np.float16:
-            return keys.view(np.uint16), values.view(np.uint16)
-        return keys, values
 
 
 class Attention:
