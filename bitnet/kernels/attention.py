@@ -89,9 +89,13 @@ FEW_QUERIES = 8  # below this many queries the positions are chunked; above, que
 # in a decode step the caches come back from DRAM (the weights evicted them), and two threads
 # read them faster.
 PARALLEL_MIN_CONTEXT = 64
-# The register blocks prefetch (into L2) the cache this many bytes past the rows they read, spread
-# over their loops: the CPU drops prefetches issued in a burst (NOTES.md).
+# The register blocks prefetch (into L2) the keys this many bytes past the rows they score, and the values
+# of those rows (the tile's context reads them next), and the context blocks the values this far past
+# theirs, spread over their loops: the CPU drops prefetches issued in a burst (NOTES.md).
 CACHE_PREFETCH_BYTES = 16384
+# The key rows an item prefetches before its first block: the blocks prefetch only past themselves, so
+# without it a short context (a decode step's ~100 positions) starts on misses all the way to DRAM.
+START_ROWS = 16
 
 
 def stored(value):
@@ -401,7 +405,7 @@ def _vector_blocks(isa, *arrays) -> bool:
 
 
 @njit(**_KERNEL)
-def _scores_4x4(isa, queries, i, h, keys, kv, t, scaling, tile_scores, g, s):
+def _scores_4x4(isa, queries, i, h, keys, values, kv, t, scaling, tile_scores, g, s):
     """``tile_scores[g + x, s + p] = scaling * queries[i, h + x] . keys[kv, t + p]`` for 4 heads and
     4 positions (``d`` a multiple of the vector lanes).
 
@@ -419,8 +423,9 @@ def _scores_4x4(isa, queries, i, h, keys, kv, t, scaling, tile_scores, g, s):
     ahead = k0 + CACHE_PREFETCH_BYTES // keys.itemsize
     line = 64 // keys.itemsize
     for j in range(0, d, step):
-        for e in range(0, 4 * step, line):  # the next blocks' rows, as many lines as this step reads
+        for e in range(0, 4 * step, line):  # the next blocks' keys, as many lines as this step reads,
             prefetch(keys, ahead + 4 * j + e)
+            prefetch(values, k0 + 4 * j + e)  # and these positions' values, which the tile reads next
         k_0 = widen_words(isa, word_format, keys, k0 + j)
         k_1 = widen_words(isa, word_format, keys, k0 + d + j)
         k_2 = widen_words(isa, word_format, keys, k0 + 2 * d + j)
@@ -487,23 +492,23 @@ def _add_times(x, v0, v1, v2, v3, a0, a1, a2, a3):
     return add_products(a0, x, v0), add_products(a1, x, v1), add_products(a2, x, v2), add_products(a3, x, v3)
 
 
-def _scores(isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):
+def _scores(isa, queries, i, h, count, keys, values, kv, t0, t1, scaling, tile_scores, g):
     """``tile_scores[g + x, t - t0] = scaling * queries[i, h + x] . keys[kv, t]`` for ``x < count``
     (4 or 1) and positions ``t0 .. t1``: 4 heads by register blocks of 4 positions where
     ``_vector_blocks`` allows, the rest by plain loops."""
 
 
 @overload(_scores, jit_options=_KERNEL)
-def _scores_for(isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):
+def _scores_for(isa, queries, i, h, count, keys, values, kv, t0, t1, scaling, tile_scores, g):
     if not _vector_blocks(isa, queries, keys):
-        return lambda isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g: _tile_scores(
+        return lambda isa, queries, i, h, count, keys, values, kv, t0, t1, scaling, tile_scores, g: _tile_scores(
             queries, i, h, count, keys, kv, t0, t0, t1, scaling, tile_scores, g)
 
-    def blocks(isa, queries, i, h, count, keys, kv, t0, t1, scaling, tile_scores, g):
+    def blocks(isa, queries, i, h, count, keys, values, kv, t0, t1, scaling, tile_scores, g):
         t = t0
         if count == 4 and queries.shape[2] % (byte_vector_size(isa) // 4) == 0:
             while t + 4 <= t1:
-                _scores_4x4(isa, queries, i, h, keys, kv, t, scaling, tile_scores, g, t - t0)
+                _scores_4x4(isa, queries, i, h, keys, values, kv, t, scaling, tile_scores, g, t - t0)
                 t += 4
         _tile_scores(queries, i, h, count, keys, kv, t0, t, t1, scaling, tile_scores, g)
     return blocks
@@ -591,6 +596,9 @@ def causal_attention(isa, queries, rows, tables, layer, template, scaling, score
         lo = c * chunk
         hi = min(lo + chunk, rows[r, POSITION] + 1)
         tile_scores = scores[item]
+        first_key = (kv * keys.shape[1] + lo) * d
+        for e in range(0, min(hi - lo, START_ROWS) * d, 64 // keys.itemsize):
+            prefetch(keys, first_key + e)
         for g in range(group):
             chunk_max[r, first_head + g, c] = -np.inf
             chunk_sum[r, first_head + g, c] = 0.0
@@ -601,7 +609,7 @@ def causal_attention(isa, queries, rows, tables, layer, template, scaling, score
             g = 0
             while g < group:  # four heads at a time read each cached row once; the rest one by one
                 count = 4 if g + 4 <= group else 1
-                _scores(isa, queries, i, first_head + g, count, keys, kv, t0, t1, scaling, tile_scores, g)
+                _scores(isa, queries, i, first_head + g, count, keys, values, kv, t0, t1, scaling, tile_scores, g)
                 g += count
             for g in range(group):
                 h = first_head + g
