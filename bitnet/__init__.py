@@ -55,12 +55,11 @@ _HOMES = {
     "QuantizedTensor": "quant", "TernaryTensor": "quant", "quantize_activations": "quant", "quantize_weights": "quant",
 }
 
-# Subpackages and modules reachable as ``bn.<name>`` without importing them first, as they
-# were when this package imported them all eagerly (metal and torch too: both load nothing
-# heavy until used).
+# Subpackages and modules reachable as ``bn.<name>`` without importing them first (metal, torch,
+# serve and distributed too: none loads its optional dependencies until one of its names is used).
 _SUBMODULES = frozenset({
-    "backends", "cuda", "formats", "io", "kernels", "memory", "metal", "metrics", "models", "nn", "ops", "quant",
-    "torch",
+    "backends", "cuda", "distributed", "formats", "io", "kernels", "memory", "metal", "metrics", "models", "nn",
+    "ops", "quant", "serve", "torch",
 })
 
 __all__ = [

@@ -45,6 +45,11 @@ def test_public_names_load_no_optional_dependency():
     assert among(loaded_after("import bitnet as bn\nfor name in bn.__all__: getattr(bn, name)"), OPTIONAL) == []
 
 
+def test_serving_and_batch_generation_are_attributes_that_load_no_web_stack_or_ray():
+    code = "import bitnet as bn\nbn.serve.Engine, bn.serve.Scheduler, bn.distributed.generate_dataset"
+    assert among(loaded_after(code), ["starlette", "uvicorn", "fastapi", "jinja2", "ray"]) == []
+
+
 def test_config_and_bundled_path_need_no_kernels():
     code = "import bitnet as bn\nbn.BitNetConfig, bn.models.bundled_path, bn.cuda.StepGraph"
     assert among(loaded_after(code), HEAVY + OPTIONAL) == []
