@@ -146,9 +146,9 @@ def test_inf_and_nan_reach_the_output_as_float32_attention_gives_them(rng):
 
 
 def rope_rows(qkv, heads, kv_heads, rope, start, queries, keys, values):
-    """``kernels.rope_into_caches`` for the rows of ``qkv`` from position ``start`` of one cache layer."""
+    """``kernels.for_rope`` for the rows of ``qkv`` from position ``start`` of one cache layer."""
     rows, tables, template = kernels.single_sequence(keys, values, start, qkv.shape[0])
-    kernels.rope_into_caches(qkv, heads, kv_heads, rope.cos, rope.sin, rows, tables, 0, template, queries)
+    kernels.for_rope(len(rows))(qkv, heads, kv_heads, rope.cos, rope.sin, rows, tables, 0, template, queries)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -171,6 +171,24 @@ def test_rope_into_cache_rounds_keys_and_values_like_numpy(rng, dtype):
             assert got.dtype == np.dtype(dtype)
             np.testing.assert_array_equal(got, expected.astype(dtype))
     assert not cache.keys[0][:, start + n :].any()  # nothing written past the new positions
+
+
+def test_rope_on_every_thread_writes_what_it_writes_on_one(rng):
+    heads, kv_heads, d, start = 4, 2, 16, 3
+    n = kernels.PARALLEL_MIN_ROWS + 1
+    rope = RotaryEmbedding(d, 1e4)
+    rope.reserve(start + n)
+    qkv = rng.standard_normal((n, (heads + 2 * kv_heads) * d)).astype(np.float32)
+    results = []
+    for kernel in (kernels.for_rope(n), kernels.serial.rope_into_caches):
+        cache = KVCache(1, kv_heads, d, 16, dtype="float16")
+        queries = np.empty((n, heads, d), np.float32)
+        rows, tables, template = kernels.single_sequence(*cache.layer(0, kv_heads, d, n), start, n)
+        kernel(qkv, heads, kv_heads, rope.cos, rope.sin, rows, tables, 0, template, queries)
+        results.append((queries, cache.keys[0].copy(), cache.values[0].copy()))
+    assert kernels.for_rope(n) is kernels.parallel.rope_into_caches
+    for threaded, alone in zip(*results, strict=True):
+        assert threaded.tobytes() == alone.tobytes()
 
 
 def test_kv_cache_from_an_arena_grows_and_goes_back_to_it():

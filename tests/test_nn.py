@@ -131,8 +131,8 @@ def _context(attention, x):
     keys, values = cache.layer(0, kv_heads, d, n)
     rows, tables, template = attention_kernels.single_sequence(keys, values, 0, n)
     queries = np.empty((n, heads, d), np.float32)
-    attention_kernels.rope_into_caches(attention._project(x), heads, kv_heads, attention.rope.cos,
-                                       attention.rope.sin, rows, tables, 0, template, queries)
+    attention_kernels.serial.rope_into_caches(attention._project(x), heads, kv_heads, attention.rope.cos,
+                                              attention.rope.sin, rows, tables, 0, template, queries)
     shapes = attention_kernels.scratch_shapes(n, attention_kernels.chunk_length(n, cache.capacity), heads, kv_heads,
                                               d, cache.capacity)
     context = np.empty((n, heads * d), np.float32)

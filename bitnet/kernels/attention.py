@@ -89,6 +89,9 @@ FEW_QUERIES = 8  # below this many queries the positions are chunked; above, que
 # in a decode step the caches come back from DRAM (the weights evicted them), and two threads
 # read them faster.
 PARALLEL_MIN_CONTEXT = 64
+# Rows from which rope runs on every thread: in a step of 8 sequences the cache lines it writes are
+# cold, and two threads wait on their misses side by side (NOTES.md).
+PARALLEL_MIN_ROWS = 8
 # The register blocks prefetch (into L2) the keys this many bytes past the rows they score, and the values
 # of those rows (the tile's context reads them next), and the context blocks the values this far past
 # theirs, spread over their loops: the CPU drops prefetches issued in a burst (NOTES.md).
@@ -201,16 +204,16 @@ def _rotate(src, cos, sin, pos, dst):
         store(dst, half + j, second * cos[pos, half + j] + first * sin[pos, half + j])
 
 
-@njit(**_KERNEL)
 def rope_into_caches(qkv, heads, kv_heads, cos, sin, rows, tables, layer, template, queries):
     """Split fused q|k|v rows, rotate q and k, and append k and v to each row's cache at its position.
 
     ``qkv``: ``(n, (heads + 2 kv_heads) d)``; ``queries``: ``(n, heads, d)`` float32 output;
-    ``rows``, ``tables``, ``template``: as :func:`causal_attention` takes them.
+    ``rows``, ``tables``, ``template``: as :func:`causal_attention` takes them. Compiled serial
+    and threaded (``for_rope``); each row is written by one thread.
     """
     d = queries.shape[2]
     k_base, v_base = heads * d, (heads + kv_heads) * d
-    for r in range(rows.shape[0]):
+    for r in prange(rows.shape[0]):
         i, pos = rows[r, ROW], rows[r, POSITION]
         keys = _cache_layer(tables, rows[r, CACHE], layer, KEYS, template)
         values = _cache_layer(tables, rows[r, CACHE], layer, VALUES, template)
@@ -632,7 +635,7 @@ def causal_attention(isa, queries, rows, tables, layer, template, scaling, score
             _combine(rows, item // heads, item % heads, chunk_max, chunk_sum, chunk_context, out)
 
 
-serial, parallel = serial_and_parallel((causal_attention,), **_KERNEL)
+serial, parallel = serial_and_parallel((rope_into_caches, causal_attention), **_KERNEL)
 
 
 _serial_attention, _parallel_attention = serial.causal_attention, parallel.causal_attention
@@ -663,6 +666,11 @@ def _entry_point(marker: IsaMarker, threaded: bool) -> CPUDispatcher:
 ENTRY_POINTS = {(name, threaded): _entry_point(marker, threaded) for name, marker in MARKERS.items()
                 for threaded in (False, True)}
 """``causal_attention`` per kernel path and threading, taking its arguments after ``isa``."""
+
+
+def for_rope(n: int) -> CPUDispatcher:
+    """``rope_into_caches`` for ``n`` query rows: threaded from ``PARALLEL_MIN_ROWS`` rows on."""
+    return (parallel if n >= PARALLEL_MIN_ROWS else serial).rope_into_caches
 
 
 def for_attention(n: int, context: int, path: str) -> CPUDispatcher:

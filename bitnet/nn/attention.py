@@ -296,8 +296,8 @@ class Attention:
         context = scratch.reused("self_attn.context", (x.shape[0], self.heads * self.head_dim))
         self.rope.reserve(rows.end)
         for group in rows.groups:
-            kernels.rope_into_caches(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, group.rows,
-                                     group.tables, layer, group.template, queries)
+            kernels.for_rope(len(group.rows))(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin,
+                                              group.rows, group.tables, layer, group.template, queries)
             # Sized by the caches' capacity, not their length, so decode steps reuse one set of buffers.
             shapes = kernels.scratch_shapes(len(group.rows), group.chunk, self.heads, self.kv_heads, self.head_dim,
                                             group.capacity)
