@@ -350,10 +350,11 @@ def _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h
                 chunk_context[i, h, c, j] += p0 * stored(values[kv, t, j])
 
 
-def _exponentials(isa, row, count, top):
-    """``row[t] = e**(row[t] - top)`` for ``t < count``, returning their sum: by vector lanes
-    (lane ``l`` adds positions ``l``, ``l + lanes``, ...), the lanes by ``sum_floats``' fixed tree, then
-    the positions past the last whole vector in order. One position at a time on the portable path."""
+def _exponentials(isa, row, count, top, carried, rescale):
+    """``row[t] = e**(row[t] - top)`` for ``t < count``, returning ``carried * rescale`` plus their sum:
+    by vector lanes (lane ``l`` adds positions ``l``, ``l + lanes``, ...), the lanes by ``sum_floats``'
+    fixed tree, then the positions past the last whole vector in order. One position at a time on
+    the portable path."""
 
 
 @njit(**_STRICT)
@@ -364,17 +365,17 @@ def _weights(row, count, top):
 
 
 @overload(_exponentials, jit_options=_STRICT)
-def _exponentials_for(isa, row, count, top):
+def _exponentials_for(isa, row, count, top, carried, rescale):
     if isa.vector_bytes == 0 or row.layout != "C":
-        def in_order(isa, row, count, top):
+        def in_order(isa, row, count, top, carried, rescale):
             _weights(row, count, top)
             total = np.float32(0.0)
             for t in range(count):
                 total += row[t]
-            return total
+            return carried * rescale + total
         return in_order
 
-    def by_lanes(isa, row, count, top):
+    def by_lanes(isa, row, count, top, carried, rescale):
         _weights(row, count, top)
         step = byte_vector_size(isa) // 4
         lanes = zero_floats(isa)
@@ -386,7 +387,7 @@ def _exponentials_for(isa, row, count, top):
         while t < count:
             total += row[t]
             t += 1
-        return total
+        return carried * rescale + total
     return by_lanes
 
 
@@ -619,7 +620,7 @@ def causal_attention(isa, queries, rows, tables, layer, template, scaling, score
                 top = _row_max(tile_scores[g], t1 - t0, chunk_max[r, h, c])
                 rescale = exp32(chunk_max[r, h, c] - top)
                 chunk_max[r, h, c] = top
-                chunk_sum[r, h, c] = chunk_sum[r, h, c] * rescale + _exponentials(isa, tile_scores[g], t1 - t0, top)
+                chunk_sum[r, h, c] = _exponentials(isa, tile_scores[g], t1 - t0, top, chunk_sum[r, h, c], rescale)
                 for j in range(d):
                     chunk_context[r, h, c, j] *= rescale
             g = 0
