@@ -5,6 +5,8 @@ everything. How long the import takes is measured by benchmarks/bench_import.py,
 """
 
 import ast
+import configparser
+import fnmatch
 import importlib.util
 import json
 import subprocess
@@ -122,3 +124,23 @@ def test_from_import_of_a_lazy_name():
     from bitnet.ops import matmul as ops_matmul
 
     assert matmul is ops_matmul and load_pretrained is io_load_pretrained
+
+
+def test_every_data_file_of_the_package_is_declared_package_data():
+    """A wheel carries only the non-Python files setup.cfg lists (the bundled model, the Metal sources)."""
+    root = Path(bn.__file__).parent
+    config = configparser.ConfigParser()
+    config.read(root.parent / "setup.cfg")
+    patterns = {package: value.replace(",", " ").split() for package, value in config["options.package_data"].items()}
+    undeclared = []
+    for path in root.rglob("*"):
+        if path.is_dir() or path.suffix in (".py", ".pyc", ".nbi", ".nbc") or "__pycache__" in path.parts:
+            continue
+        relative = path.relative_to(root.parent)
+        declared = any(fnmatch.fnmatch(str(relative.relative_to(folder)), pattern)
+                       for package, folder in ((p, Path(*p.split("."))) for p in patterns)
+                       if relative.is_relative_to(folder) for pattern in patterns[package])
+        if not declared:
+            undeclared.append(str(relative))
+    assert undeclared == []
+    assert config["options"].get("include_package_data") == "False"  # package_data alone decides
