@@ -296,14 +296,10 @@ class Attention:
         context = scratch.reused("self_attn.context", (x.shape[0], self.heads * self.head_dim))
         self.rope.reserve(rows.end)
         for group in rows.groups:
-            kernels.for_rope(len(group.rows))(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin,
-                                              group.rows, group.tables, layer, group.template, queries)
-            # Sized by the caches' capacity, not their length, so decode steps reuse one set of buffers.
-            shapes = kernels.scratch_shapes(len(group.rows), group.chunk, self.heads, self.kv_heads, self.head_dim,
-                                            group.capacity)
-            work = [scratch.reused(f"self_attn.{name}", shape) for name, shape in shapes.items()]
-            kernels.for_attention(len(group.rows), group.end, KERNEL_PATH)(
-                queries, group.rows, group.tables, layer, group.template, self.scaling, *work, context)
+            group.rope(qkv, self.heads, self.kv_heads, self.rope.cos, self.rope.sin, group.rows, group.tables, layer,
+                       group.template, queries)
+            group.attend(queries, group.rows, group.tables, layer, group.template, self.scaling,
+                         *group.scratch(self.heads), context)
         return self.o_proj._forward(context if self.sub_norm is None else self.sub_norm._forward(context))
 
 
@@ -329,7 +325,8 @@ class CacheGroup:
     ``rows`` and ``tables`` are the kernels' tables of query rows and of cache addresses;
     ``template`` the kernels' view of the dtype; ``chunk`` the shortest chunk length among
     the rows; ``capacity`` the largest cache; ``end`` the most positions a cache holds after
-    these rows.
+    these rows; ``rope`` and ``attend`` the kernels (serial or threaded) for these rows. All
+    of it holds for every layer of a step, so the layers only look it up.
     """
 
     def __init__(self, members: list[tuple[KVCache, slice]]) -> None:
@@ -342,6 +339,19 @@ class CacheGroup:
         self.template = kernels.cache_template(kv_heads, head_dim, caches[0].keys[0].dtype)
         self.chunk = min(kernels.chunk_length(n, self.capacity) for _, _, n in spans)
         self.end = max(start + n for _, start, n in spans)
+        self.rope = kernels.for_rope(len(self.rows))
+        self.attend = kernels.for_attention(len(self.rows), self.end, KERNEL_PATH)
+        self._scratch: tuple[int, list[np.ndarray]] | None = None
+
+    def scratch(self, heads: int) -> list[np.ndarray]:
+        """The attention kernels' scratch for these rows and ``heads`` query heads: step temporaries
+        (``bitnet.nn.scratch``) taken by the first layer and handed to the next ones. Sized by the
+        caches' capacity, not their length, so decode steps reuse one set of buffers."""
+        if self._scratch is None or self._scratch[0] != heads:
+            kv_heads, _, head_dim = self.template.shape
+            shapes = kernels.scratch_shapes(len(self.rows), self.chunk, heads, kv_heads, head_dim, self.capacity)
+            self._scratch = (heads, [scratch.reused(f"self_attn.{name}", shape) for name, shape in shapes.items()])
+        return self._scratch[1]
 
 
 def _check_sequences(sequences: object, rows: int) -> None:
