@@ -42,6 +42,7 @@ from numba import carray, njit, prange, types
 from numba.core.registry import CPUDispatcher
 from numba.extending import intrinsic, overload
 
+from .rows import PARALLEL_MIN_ROWS  # rope, like the row kernels, threads from this many rows
 from .simd import (
     F16_WORDS,
     F32_VALUES,
@@ -89,9 +90,6 @@ FEW_QUERIES = 8  # below this many queries the positions are chunked; above, que
 # in a decode step the caches come back from DRAM (the weights evicted them), and two threads
 # read them faster.
 PARALLEL_MIN_CONTEXT = 64
-# Rows from which rope runs on every thread: in a step of 8 sequences the cache lines it writes are
-# cold, and two threads wait on their misses side by side (NOTES.md).
-PARALLEL_MIN_ROWS = 8
 # The register blocks prefetch (into L2) the keys this many bytes past the rows they score, and the values
 # of those rows (the tile's context reads them next), and the context blocks the values this far past
 # theirs, spread over their loops: the CPU drops prefetches issued in a burst (NOTES.md).
@@ -350,45 +348,39 @@ def _tile_context(tile_scores, g, count, values, kv, t0, t1, chunk_context, i, h
                 chunk_context[i, h, c, j] += p0 * stored(values[kv, t, j])
 
 
-def _exponentials(isa, row, count, top, carried, rescale):
-    """``row[t] = e**(row[t] - top)`` for ``t < count``, returning ``carried * rescale`` plus their sum:
-    by vector lanes (lane ``l`` adds positions ``l``, ``l + lanes``, ...), the lanes by ``sum_floats``'
-    fixed tree, then the positions past the last whole vector in order. One position at a time on
-    the portable path."""
+def _whole_vectors_sum(isa, row, count):
+    """``(sum, covered)``: the sum of ``row``'s first ``covered`` values, the most whole vectors of
+    ``count``, by lanes (lane ``l`` adds positions ``l``, ``l + lanes``, ...) and then ``sum_floats``'
+    fixed tree; ``(0, 0)`` on the portable path."""
 
 
-@njit(**_STRICT)
-def _weights(row, count, top):
-    """``row[t] = e**(row[t] - top)`` for ``t < count``."""
-    for t in range(count):
-        row[t] = exp32(row[t] - top)
-
-
-@overload(_exponentials, jit_options=_STRICT)
-def _exponentials_for(isa, row, count, top, carried, rescale):
+@overload(_whole_vectors_sum, jit_options=_STRICT)
+def _whole_vectors_sum_for(isa, row, count):
     if isa.vector_bytes == 0 or row.layout != "C":
-        def in_order(isa, row, count, top, carried, rescale):
-            _weights(row, count, top)
-            total = np.float32(0.0)
-            for t in range(count):
-                total += row[t]
-            return carried * rescale + total
-        return in_order
+        return lambda isa, row, count: (np.float32(0.0), 0)
 
-    def by_lanes(isa, row, count, top, carried, rescale):
-        _weights(row, count, top)
+    def by_lanes(isa, row, count):
         step = byte_vector_size(isa) // 4
         lanes = zero_floats(isa)
         t = 0
         while t + step <= count:
             lanes = add_floats(lanes, load_floats(isa, row, t))
             t += step
-        total = sum_floats(lanes)
-        while t < count:
-            total += row[t]
-            t += 1
-        return carried * rescale + total
+        return sum_floats(lanes), t
     return by_lanes
+
+
+@njit(**_STRICT)
+def _exponentials(isa, row, count, top, carried, rescale):
+    """``row[t] = e**(row[t] - top)`` for ``t < count``, returning ``carried * rescale`` plus their sum:
+    the whole vectors' by ``_whole_vectors_sum``, then the positions past them in order."""
+    for t in range(count):
+        row[t] = exp32(row[t] - top)
+    total, t = _whole_vectors_sum(isa, row, count)
+    while t < count:
+        total += row[t]
+        t += 1
+    return carried * rescale + total
 
 
 def cache_format(cache):
@@ -429,7 +421,7 @@ def _scores_4x4(isa, queries, i, h, keys, values, kv, t, scaling, tile_scores, g
     for j in range(0, d, step):
         for e in range(0, 4 * step, line):  # the next blocks' keys, as many lines as this step reads,
             prefetch(keys, ahead + 4 * j + e)
-            prefetch(values, k0 + 4 * j + e)  # and these positions' values, which the tile reads next
+            prefetch(values, k0 + 4 * j + e)  # and these positions' values (same layout), read next
         k_0 = widen_words(isa, word_format, keys, k0 + j)
         k_1 = widen_words(isa, word_format, keys, k0 + d + j)
         k_2 = widen_words(isa, word_format, keys, k0 + 2 * d + j)
@@ -648,8 +640,7 @@ def _entry_point(marker: IsaMarker, threaded: bool) -> CPUDispatcher:
 
     The entry closes over the marker and a bool only, not over a kernel: Numba keys its on-disk
     cache by the closure's pickled values, and a dispatcher pickles with a per-process id, so
-    an entry closing over one was compiled again in every process (linking the cached kernel as
-    object code, which gave other bits than the first process's build, which inlined it).
+    an entry closing over one was compiled again in every process.
     """
 
     def entry(queries, rows, tables, layer, template, scaling, scores, chunk_max, chunk_sum, chunk_context, out):

@@ -25,7 +25,9 @@ from .variants import serial_and_parallel
 # division by zero gives inf/NaN instead of raising ZeroDivisionError.
 _KERNEL = dict(fastmath={"reassoc", "contract", "arcp", "nsz"}, error_model="numpy", cache=True, nogil=True,
                boundscheck=False)
-PARALLEL_MIN_ROWS = 8  # below this many tokens a call runs on the calling thread
+# Below this many tokens a call runs on the calling thread (rope too, ``attention.for_rope``: its cache
+# lines are cold in a decode step, and from 8 rows two threads wait on their misses side by side).
+PARALLEL_MIN_ROWS = 8
 
 
 def rms_norm(x, weight, eps, out):
