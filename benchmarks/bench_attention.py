@@ -49,7 +49,7 @@ class Attention(_Threads):
                                           capacity)
         self.work = [np.empty(shape, np.float32) for shape in shapes.values()]
         self.out = np.empty((n, HEADS * HEAD_DIM), np.float32)
-        self.kernel = attention.for_attention(n, start + n, KERNEL_PATH)
+        self.kernel = attention.ENTRY_POINTS[KERNEL_PATH, attention.threaded_attention(n, start + n)]
         self.time_attention(case)  # compile outside the timing
 
     def time_attention(self, case):

@@ -40,7 +40,6 @@ _PREPARED = "matmul"  # key in PackedTernary.cache, with the format, for the arr
 # so both operations share one compiled kernel).
 _NO_X = np.empty((0, 0), np.float32)
 _NO_SCALE = np.empty(0, np.float32)
-_NO_ACC = np.empty((0, 0), np.int32)
 _NO_OUT = np.empty((0, 0), np.float32)
 _MAX_K = 2**24 - 1  # at 2**24 features, 2**24 x (-128) x (-1) = 2**31 no longer fits in int32
 _OPENMP_RUNTIMES = ("libgomp.so.1", "libomp.so", "libiomp5.so", "libomp.dylib", "libiomp5.dylib")
@@ -315,4 +314,5 @@ def matmul_rows(rows: np.ndarray, w: PackedTernary, out: np.ndarray, path: str =
     n = rows.shape[0]
     if n:
         q, act_scale, q_sum, scratch = _workspace(n, k_padded, path)
-        kernels.ENTRY_POINTS[path](rows, data, q, act_scale, q_sum, scale, scale_step, _NO_ACC, out, True, *scratch)
+        kernels.ENTRY_POINTS[path](rows, data, q, act_scale, q_sum, scale, scale_step, kernels.NO_ACC, out, True,
+                                   *scratch)

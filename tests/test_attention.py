@@ -54,7 +54,8 @@ def run_kernel(q, k, v, start, dtype, threaded=None, path=bn.ops.KERNEL_PATH):
     shapes = kernels.scratch_shapes(n, kernels.chunk_length(n, capacity), heads, kv_heads, d, capacity)
     work = [np.full(shape, np.nan, np.float32) for shape in shapes.values()]  # NaN: every read must be written
     out = np.full((n, heads * d), np.nan, np.float32)
-    kernel = kernels.for_attention(n, start + n, path) if threaded is None else kernels.ENTRY_POINTS[path, threaded]
+    threaded = kernels.threaded_attention(n, start + n) if threaded is None else threaded
+    kernel = kernels.ENTRY_POINTS[path, threaded]
     kernel(q, rows, tables, 0, template, np.float32(d**-0.5), *work, out)
     return out
 

@@ -38,10 +38,11 @@ rope as ``x * cos + rotate_half(x) * sin``.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange, types
+from numba import njit, prange, types
 from numba.core.registry import CPUDispatcher
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
+from .addresses import array_at
 from .rows import PARALLEL_MIN_ROWS  # rope, like the row kernels, threads from this many rows
 from .simd import (
     F16_WORDS,
@@ -174,22 +175,11 @@ def single_sequence(keys: np.ndarray, values: np.ndarray, start: int, n: int) ->
     return query_rows([(0, start, n)], capacity), address_table([keys], [values])[None], template
 
 
-@intrinsic
-def _pointer(typingctx, address, template):
-    """``address`` (an int64 from ``tables``) as a pointer to ``template``'s dtype."""
-    signature = types.CPointer(template.dtype)(address, template)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-    return signature, codegen
-
-
 @njit(**_KERNEL, inline="always")
 def _cache_layer(tables, cache, layer, which, template):
     """Keys (``which`` = KEYS) or values of cache ``cache`` at ``layer``: ``(kv_heads, capacity, d)``."""
     shape = (template.shape[0], tables[cache, layer, CAPACITY], template.shape[2])
-    return carray(_pointer(tables[cache, layer, which], template), shape)
+    return array_at(tables[cache, layer, which], shape, template)
 
 
 @njit(**_KERNEL)
@@ -665,7 +655,7 @@ def for_rope(n: int) -> CPUDispatcher:
     return (parallel if n >= PARALLEL_MIN_ROWS else serial).rope_into_caches
 
 
-def for_attention(n: int, context: int, path: str) -> CPUDispatcher:
-    """``causal_attention`` of kernel ``path`` for ``n`` query rows over up to ``context`` positions
-    each: on every thread, or on one where that is too little work to wake the others."""
-    return ENTRY_POINTS[path, n * context >= PARALLEL_MIN_CONTEXT]
+def threaded_attention(n: int, context: int) -> bool:
+    """Whether ``causal_attention`` for ``n`` query rows over up to ``context`` positions each runs on
+    every thread, or on one, where that is too little work to wake the others."""
+    return n * context >= PARALLEL_MIN_CONTEXT

@@ -344,3 +344,18 @@ def _entry_point(isa) -> numba.core.registry.CPUDispatcher:
 
 
 ENTRY_POINTS = {name: _entry_point(marker) for name, marker in MARKERS.items()}
+
+
+
+NO_ACC = np.zeros((0, 0), np.int32)
+"""The int32 result a float matmul does not write, for ``matmul_float``'s workspace (passed as an
+argument: Numba makes a global array read-only, which the kernel's other branch could not type)."""
+
+
+@njit(**KERNEL)
+def matmul_float(isa, x, w, scale, scale_step, workspace, out):
+    """The float entry as a compiled caller (``decoder``) takes it: ``out = x @ W.T`` with the weights
+    ``w``, ``scale`` and ``scale_step`` of one path, and ``workspace`` = ``(q, act_scale, q_sum,
+    NO_ACC, scratch)``: the int8 activations, their scales and sums, and the path's ``scratch_shapes``."""
+    q, act_scale, q_sum, no_acc, scratch = workspace
+    _matmul(isa, x, w, q, act_scale, q_sum, scale, scale_step, no_acc, out, True, *_full_scratch(isa, scratch))

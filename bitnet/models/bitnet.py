@@ -22,11 +22,13 @@ from .. import errors
 from ..memory import Arena
 from ..nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, checks, scratch
 from ..nn.attention import CACHE_DTYPES, INITIAL_CACHE_LENGTH, CacheRows
+from ..nn.changes import Tracked
+from .compiled import CompiledLayers
 from .config import BitNetConfig
 from .sampling import Sampler
 
 
-class DecoderLayer:
+class DecoderLayer(Tracked):
     """Pre-norm attention and MLP blocks, each added to the residual stream."""
 
     def __init__(self, attention: Attention, mlp: MLP, input_norm: RMSNorm, post_attention_norm: RMSNorm) -> None:
@@ -187,6 +189,7 @@ class BitNetForCausalLM:
         self.norm = norm
         self.lm_head = embed_tokens if lm_head is None else lm_head
         self.kv_dtype = "float32"
+        self._compiled: CompiledLayers | None = None
 
     @property
     def tied(self) -> bool:
@@ -303,9 +306,7 @@ class BitNetForCausalLM:
         with scratch.step():
             tokens = ids[0] if len(ids) == 1 else np.concatenate(ids)
             x = self.embed_tokens.rows(tokens, out=scratch.empty((len(tokens), self.config.hidden_size)))
-            rows = CacheRows(sequences)
-            for index, layer in enumerate(self.layers):
-                layer._forward(x, rows, index)
+            self._layers_forward(x, CacheRows(sequences))
             for cache, i in zip(caches, ids, strict=True):
                 cache.length += len(i)
             if last_only and len(ids) == 1:
@@ -313,6 +314,18 @@ class BitNetForCausalLM:
             elif last_only and ends[-1] > len(ids):  # some sequence brought several tokens: keep each one's last
                 x = np.take(x, [end - 1 for end in ends], axis=0, out=scratch.empty((len(ends), x.shape[1])))
             return self.lm_head.logits(self.norm(x), out=out)
+
+    def _layers_forward(self, x: np.ndarray, rows: CacheRows) -> None:
+        """Every layer over the residual stream ``x`` of checked sequences: in one compiled call
+        (``bitnet.models.compiled``) where it can take the layers as they are now, else layer by layer."""
+        compiled = self._compiled
+        if compiled is None or not compiled.current(self.layers):
+            compiled = self._compiled = CompiledLayers(self.layers, self.config.hidden_size)
+        if compiled.reason is None and len(rows.groups) == 1:
+            compiled.run(x, rows.groups[0], rows.end)
+            return
+        for index, layer in enumerate(self.layers):
+            layer._forward(x, rows, index)
 
     def stream(
         self,

@@ -9,6 +9,7 @@ from ..kernels import attention as kernels
 from ..memory import Arena
 from ..ops import KERNEL_PATH
 from . import checks, scratch
+from .changes import Tracked
 from .linear import BitLinear
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -190,7 +191,7 @@ class KVCache:
             )
 
 
-class Attention:
+class Attention(Tracked):
     """Self-attention: q/k/v projections, rope, causal GQA, BitNet's ``attn_sub_norm`` (if any), o projection.
 
     Query head ``h`` attends with key/value head ``h // (heads // kv_heads)``, as HF's
@@ -325,7 +326,7 @@ class CacheGroup:
     ``rows`` and ``tables`` are the kernels' tables of query rows and of cache addresses;
     ``template`` the kernels' view of the dtype; ``chunk`` the shortest chunk length among
     the rows; ``capacity`` the largest cache; ``end`` the most positions a cache holds after
-    these rows; ``rope`` and ``attend`` the kernels (serial or threaded) for these rows. All
+    these rows; ``rope`` and ``attend`` the kernels (serial or threaded: ``threaded`` for attention) for these rows. All
     of it holds for every layer of a step, so the layers only look it up.
     """
 
@@ -340,7 +341,8 @@ class CacheGroup:
         self.chunk = min(kernels.chunk_length(n, self.capacity) for _, _, n in spans)
         self.end = max(start + n for _, start, n in spans)
         self.rope = kernels.for_rope(len(self.rows))
-        self.attend = kernels.for_attention(len(self.rows), self.end, KERNEL_PATH)
+        self.threaded = kernels.threaded_attention(len(self.rows), self.end)
+        self.attend = kernels.ENTRY_POINTS[KERNEL_PATH, self.threaded]
         self._scratch: tuple[int, list[np.ndarray]] | None = None
 
     def scratch(self, heads: int) -> list[np.ndarray]:

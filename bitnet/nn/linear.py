@@ -9,10 +9,11 @@ from ..formats import PackedTernary, convert, get_format, pack, unpack
 from ..ops import WEIGHT_FORMAT, matmul, matmul_rows
 from ..quant import TernaryTensor, quantize_weights
 from . import checks, scratch
+from .changes import Tracked
 from .norm import RMSNorm
 
 
-class BitLinear:
+class BitLinear(Tracked):
     """``y = matmul(norm(x), W) + bias`` with ``W`` ternary and ``x`` quantized per row to int8.
 
     ``bn.matmul`` does the work: per-row absmax int8 quantization of the input, the integer

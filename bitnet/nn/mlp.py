@@ -7,6 +7,7 @@ import numpy as np
 from .. import errors
 from ..kernels import rows
 from . import checks, scratch
+from .changes import Tracked
 from .linear import BitLinear
 from .norm import RMSNorm
 
@@ -14,7 +15,7 @@ ACTIVATIONS = ("relu2", "silu")
 _NO_NORM = np.ones(1, np.float32)  # the kernel's weight argument when there is no sub-norm
 
 
-class MLP:
+class MLP(Tracked):
     """Gated MLP, with BitNet's ``ffn_sub_norm`` before the down projection where the family has one.
 
     Parameters

@@ -7,9 +7,10 @@ import numpy as np
 from .. import errors
 from ..kernels import rows
 from . import checks, scratch
+from .changes import Tracked
 
 
-class RMSNorm:
+class RMSNorm(Tracked):
     """Root-mean-square normalization over the last axis, with a learned per-feature gain.
 
     Parameters

@@ -1,0 +1,89 @@
+"""The layers in one compiled call (``bitnet.models.compiled``) against the layers' own Python, bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import bitnet as bn
+from bitnet.models import compiled
+
+
+def python_layers(monkeypatch, model):
+    """Make ``model`` run its layers' Python from now on (in this test)."""
+    monkeypatch.setattr(compiled, "unsupported", lambda layers, hidden: "the test runs the layers' Python")
+    model._compiled = None
+
+
+def workload(model, kv_dtype):
+    """Logits of a prefill with threaded row kernels, decode steps each side of threaded attention's
+    threshold, and a batch of a decode row, a prompt chunk and a 2-token chunk; with what ran them."""
+    model.kv_dtype = kv_dtype
+    rng = np.random.default_rng(1)
+    vocab = model.config.vocab_size
+    caches = [model.new_cache(4) for _ in range(3)]  # grows on the way
+    logits = [model.forward(rng.integers(0, vocab, 11), caches[0])]
+    logits += [model.forward(rng.integers(0, vocab, 1), caches[0]) for _ in range(60)]  # 11 .. 71 positions
+    model.forward(rng.integers(0, vocab, 5), caches[1])
+    logits.append(model.forward_batch([rng.integers(0, vocab, n) for n in (1, 9, 2)], caches))
+    return np.concatenate(logits), model._compiled.reason
+
+
+@pytest.mark.parametrize("family", ["bitnet", "llama"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+def test_compiled_layers_compute_the_bits_of_the_layers_python(monkeypatch, family, kv_dtype):
+    config = bn.BitNetConfig(vocab_size=97, hidden_size=80, intermediate_size=112, num_hidden_layers=3,
+                             num_attention_heads=10, num_key_value_heads=2, head_dim=8, bos_token_id=None,
+                             eos_token_id=None)
+    if family == "llama":
+        config = dataclasses.replace(config, hidden_act="silu", sub_norms=False)
+    model = bn.models.random_model(config, seed=3, head_dtype="f32")
+    ours, reason = workload(model, kv_dtype)
+    assert reason is None  # the compiled call ran
+    python_layers(monkeypatch, model)
+    expected, reason = workload(model, kv_dtype)
+    assert reason is not None
+    assert np.array_equal(ours, expected)
+
+
+def test_the_compiled_call_follows_changes_to_the_layers(monkeypatch):
+    config = bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=None,
+                             eos_token_id=None)
+    model = bn.models.random_model(config, seed=5, head_dtype="f32")
+    ids = np.random.default_rng(2).integers(0, 97, 12)
+    before = model.forward(ids)
+    norm = model.layers[1].post_attention_norm
+    model.layers[1].post_attention_norm = bn.nn.RMSNorm(np.linspace(0.5, 1.5, 64), norm.eps, norm.tag)
+    model.layers[0], model.layers[2] = model.layers[2], model.layers[0]
+    changed = model.forward(ids)
+    assert model._compiled.reason is None and not np.array_equal(changed, before)
+
+    o_proj = model.layers[2].attention.o_proj
+    o_proj.bias = np.ones(64, np.float32)
+    with_bias = model.forward(ids)
+    assert "bias" in model._compiled.reason  # the layers' Python ran
+    o_proj.bias = None
+    assert np.array_equal(model.forward(ids), changed) and model._compiled.reason is None
+
+    python_layers(monkeypatch, model)
+    assert np.array_equal(model.forward(ids), changed)
+    o_proj.bias = np.ones(64, np.float32)
+    assert np.array_equal(model.forward(ids), with_bias)
+
+
+def test_layers_of_other_shapes_are_left_to_their_python():
+    config = bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=None,
+                             eos_token_id=None)
+    model = bn.models.random_model(config, seed=5, head_dtype="f32")
+    wider = bn.models.random_model(dataclasses.replace(config, intermediate_size=128), seed=5, head_dtype="f32")
+    assert compiled.unsupported(model.layers, 64) is None
+    assert "rotary" in compiled.unsupported([model.layers[0], wider.layers[1]], 64)
+    wider.layers[1].attention.rope = model.layers[0].attention.rope
+    assert "shaped" in compiled.unsupported([model.layers[0], wider.layers[1]], 64)
+    assert "shaped" in compiled.unsupported(model.layers, 80)
+    model.layers[1].mlp.gate_up_proj = None
+    assert "separate" in compiled.unsupported(model.layers, 64)
