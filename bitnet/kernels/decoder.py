@@ -10,7 +10,8 @@ Python (``bitnet.models.bitnet.DecoderLayer``) with none of that cost.
 It takes every layer's weights in two tables of addresses (:mod:`addresses`): ``weights``,
 int64 ``(layers, 4, WEIGHT_FIELDS)`` for the q|k|v, o, gate|up and down projections in one
 path's layout, and ``norms``, int64 ``(layers, 4)`` for the input, post-attention, attention
-sub- and FFN sub-norm gains (the sub-norms' 0 where the family has none), with their
+sub- and FFN sub-norm gains (where the family has no sub-norms, a one-element array the
+kernels do not read), with their
 ``eps`` as float32 ``(layers, 4)``. The caller (``bitnet.models.compiled``) keeps the arrays
 alive and checks every shape once, when it builds the tables.
 """
@@ -18,14 +19,17 @@ alive and checks every shape once, when it builds the tables.
 from __future__ import annotations
 
 from numba import njit
-from numba.core.registry import CPUDispatcher
 
 from . import attention, rows
 from .addresses import array_at
 from .matmul import matmul_float
-from .simd import MARKERS, IsaMarker
 
 _KERNEL = dict(error_model="numpy", cache=True, nogil=True, boundscheck=False)
+# The helpers are inlined into ``decoder_layers`` (Numba IR), which then links each kernel it calls
+# once: a compiled caller links its callees' code and optimizes all of it again, so every level of
+# calls in between would optimize the matmul and attention kernels once more. For the same reason the
+# ISA marker is an argument, not closed over by per-path entry points: one type dispatch a step.
+_INLINED = dict(_KERNEL, inline="always")
 
 # The projections of a layer, as ``weights`` holds them, and the fields of each.
 QKV, O, GATE_UP, DOWN = range(4)
@@ -42,7 +46,7 @@ _rope_serial, _rope_parallel = attention.serial.rope_into_caches, attention.para
 _attention_serial, _attention_parallel = attention.serial.causal_attention, attention.parallel.causal_attention
 
 
-@njit(**_KERNEL)
+@njit(**_INLINED)
 def _rms_norm(threaded, x, weight, eps, out):
     if threaded:
         _rms_norm_parallel(x, weight, eps, out)
@@ -50,7 +54,7 @@ def _rms_norm(threaded, x, weight, eps, out):
         _rms_norm_serial(x, weight, eps, out)
 
 
-@njit(**_KERNEL)
+@njit(**_INLINED)
 def _add_rms_norm(threaded, x, delta, weight, eps, out):
     if threaded:
         _add_rms_norm_parallel(x, delta, weight, eps, out)
@@ -58,7 +62,7 @@ def _add_rms_norm(threaded, x, delta, weight, eps, out):
         _add_rms_norm_serial(x, delta, weight, eps, out)
 
 
-@njit(**_KERNEL)
+@njit(**_INLINED)
 def _gated_activation(threaded, gate_up, silu, weight, eps, normalize, out):
     if threaded:
         _gated_parallel(gate_up, silu, weight, eps, normalize, out)
@@ -66,7 +70,7 @@ def _gated_activation(threaded, gate_up, silu, weight, eps, normalize, out):
         _gated_serial(gate_up, silu, weight, eps, normalize, out)
 
 
-@njit(**_KERNEL)
+@njit(**_INLINED)
 def _rope(threaded, qkv, heads, kv_heads, cos, sin, query_rows, tables, layer, template, queries):
     if threaded:
         _rope_parallel(qkv, heads, kv_heads, cos, sin, query_rows, tables, layer, template, queries)
@@ -74,7 +78,7 @@ def _rope(threaded, qkv, heads, kv_heads, cos, sin, query_rows, tables, layer, t
         _rope_serial(qkv, heads, kv_heads, cos, sin, query_rows, tables, layer, template, queries)
 
 
-@njit(**_KERNEL)
+@njit(**_INLINED)
 def _attention(isa, threaded, queries, query_rows, tables, layer, template, scaling, scratch, out):
     scores, chunk_max, chunk_sum, chunk_context = scratch
     if threaded:
@@ -85,12 +89,12 @@ def _attention(isa, threaded, queries, query_rows, tables, layer, template, scal
                           chunk_context, out)
 
 
-@njit(**_KERNEL, inline="always")
+@njit(**_INLINED)
 def _norm(norms, layer, which, size, template):
     return array_at(norms[layer, which], (size,), template)
 
 
-@njit(**_KERNEL, inline="always")
+@njit(**_INLINED)
 def _project(isa, weights, layer, which, x, data_template, scale_template, workspace, out):
     """``out = x @ W.T`` for projection ``which`` of ``layer``."""
     fields = weights[layer, which]
@@ -143,16 +147,4 @@ def decoder_layers(isa, x, weights, norms, eps, data_template, silu, sub_norms, 
                 x[i, j] += down[i, j]
 
 
-def _entry_point(marker: IsaMarker) -> CPUDispatcher:
-    """``decoder_layers`` with the ISA marker fixed (it closes over the marker only; see ``attention._entry_point``)."""
-
-    def entry(*args):
-        decoder_layers(marker, *args)
-
-    entry.__name__ = entry.__qualname__ = f"decoder_layers_{marker.name}"
-    return njit(**_KERNEL)(entry)
-
-
 decoder_layers = njit(**_KERNEL)(decoder_layers)
-ENTRY_POINTS = {name: _entry_point(marker) for name, marker in MARKERS.items()}
-"""``decoder_layers`` per kernel path, taking its arguments after ``isa``."""

@@ -352,7 +352,7 @@ NO_ACC = np.zeros((0, 0), np.int32)
 argument: Numba makes a global array read-only, which the kernel's other branch could not type)."""
 
 
-@njit(**KERNEL)
+@njit(**KERNEL, inline="always")
 def matmul_float(isa, x, w, scale, scale_step, workspace, out):
     """The float entry as a compiled caller (``decoder``) takes it: ``out = x @ W.T`` with the weights
     ``w``, ``scale`` and ``scale_step`` of one path, and ``workspace`` = ``(q, act_scale, q_sum,

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import backends
 from ..kernels import decoder, matmul, rows
+from ..kernels.simd import MARKERS
 from ..nn import BitLinear, RMSNorm, changes, scratch
 from ..nn.attention import CacheGroup
 from ..nn.mlp import _NO_NORM
@@ -115,8 +116,8 @@ class CompiledLayers:
         attention.rope.reserve(end)
         buffer = lambda name, shape, dtype=np.float32: scratch.reused(f"decoder.{name}", shape, dtype)  # noqa: E731
         workspaces = [self._workspace(n, self.k_padded[which]) for which in (decoder.QKV, decoder.O, decoder.DOWN)]
-        decoder.ENTRY_POINTS[self.path](
-            x, self.weights, self.norms, self.eps, self.data_template, mlp.activation == "silu",
+        decoder.decoder_layers(
+            MARKERS[self.path], x, self.weights, self.norms, self.eps, self.data_template, mlp.activation == "silu",
             attention.sub_norm is not None, n >= rows.PARALLEL_MIN_ROWS, heads, attention.kv_heads, attention.rope.cos,
             attention.rope.sin, group.rows, group.tables, group.template, attention.scaling, group.threaded,
             tuple(group.scratch(heads)), buffer("normed", (n, width)),
