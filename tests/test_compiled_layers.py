@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import numpy as np
 import pytest
@@ -87,3 +89,17 @@ def test_layers_of_other_shapes_are_left_to_their_python():
     assert "shaped" in compiled.unsupported(model.layers, 80)
     model.layers[1].mlp.gate_up_proj = None
     assert "separate" in compiled.unsupported(model.layers, 64)
+
+
+def test_a_copy_or_a_pickle_computes_with_its_own_arrays():
+    config = bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=None,
+                             eos_token_id=None)
+    model = bn.models.random_model(config, seed=5, head_dtype="f32")
+    ids = np.arange(10)
+    before = model.forward(ids)  # the tables are built
+    assert np.array_equal(pickle.loads(pickle.dumps(model)).forward(ids), before)
+    twin = copy.deepcopy(model)
+    twin.layers[0].mlp.sub_norm.weight[:] *= 2  # in place: no assignment, so only the twin's own tables see it
+    assert not np.array_equal(twin.forward(ids), before)
+    assert np.array_equal(model.forward(ids), before)

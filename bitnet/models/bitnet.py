@@ -191,6 +191,11 @@ class BitNetForCausalLM:
         self.kv_dtype = "float32"
         self._compiled: CompiledLayers | None = None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the compiled layers' tables behind (they hold the addresses of
+        this model's arrays); a copy builds its own at its first step."""
+        return {**self.__dict__, "_compiled": None}
+
     @property
     def tied(self) -> bool:
         return self.lm_head is self.embed_tokens
