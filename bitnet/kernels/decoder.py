@@ -11,9 +11,9 @@ It takes every layer's weights in two tables of addresses (:mod:`addresses`): ``
 int64 ``(layers, 4, WEIGHT_FIELDS)`` for the q|k|v, o, gate|up and down projections in one
 path's layout, and ``norms``, int64 ``(layers, 4)`` for the input, post-attention, attention
 sub- and FFN sub-norm gains (where the family has no sub-norms, a one-element array the
-kernels do not read), with their
-``eps`` as float32 ``(layers, 4)``. The caller (``bitnet.models.compiled``) keeps the arrays
-alive and checks every shape once, when it builds the tables.
+kernels do not read), with their ``eps`` as float32 ``(layers, 4)``. The caller
+(``bitnet.models.compiled``) keeps the arrays alive and checks every shape once, when it
+builds the tables.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def _project(isa, weights, layer, which, x, data_template, scale_template, works
     matmul_float(isa, x, data, scale, fields[SCALE_STEP], workspace, out)
 
 
+@njit(**_KERNEL)
 def decoder_layers(isa, x, weights, norms, eps, data_template, silu, sub_norms, threaded_rows, heads, kv_heads, cos,
                    sin, query_rows, tables, cache_template, scaling, threaded_attention, attention_scratch, normed, qkv,
                    queries, context, context_normed, attended, gate_up, hidden, down, hidden_workspace,
@@ -117,10 +118,11 @@ def decoder_layers(isa, x, weights, norms, eps, data_template, silu, sub_norms, 
     ``gate_up`` projected; the gated activation (``silu`` or relu2, then the FFN sub-norm) into
     ``hidden``; the down projection into ``down``; ``x += down``. The row kernels and rope run
     threaded when ``threaded_rows``, attention when ``threaded_attention``. The workspaces are
-    ``matmul_float``'s for ``hidden``, ``context`` and ``hidden`` (the MLP's) inputs.
+    ``matmul_float``'s for the inputs of q|k|v and gate|up (``hidden`` features), of o (the
+    attention's) and of down (the MLP's).
     """
     n, width = x.shape
-    scale_template = eps[0]
+    scale_template = eps[0]  # any float32 array: ``array_at`` takes only its dtype
     for layer in range(weights.shape[0]):
         _rms_norm(threaded_rows, x, _norm(norms, layer, INPUT_NORM, width, scale_template), eps[layer, INPUT_NORM],
                   normed)
@@ -145,6 +147,3 @@ def decoder_layers(isa, x, weights, norms, eps, data_template, silu, sub_norms, 
         for i in range(n):
             for j in range(width):
                 x[i, j] += down[i, j]
-
-
-decoder_layers = njit(**_KERNEL)(decoder_layers)
