@@ -18,6 +18,7 @@ from numba.extending import intrinsic
 import bitnet as bn
 from bitnet.kernels import attention as kernels
 from bitnet.kernels import cpu_features, simd, vector_math
+from bitnet.kernels import rows as row_kernels
 from bitnet.nn import BitLinear, KVCache, RMSNorm, RotaryEmbedding
 from bitnet.nn.attention import Attention
 
@@ -176,7 +177,7 @@ def test_rope_into_cache_rounds_keys_and_values_like_numpy(rng, dtype):
 
 def test_rope_on_every_thread_writes_what_it_writes_on_one(rng):
     heads, kv_heads, d, start = 4, 2, 16, 3
-    n = kernels.PARALLEL_MIN_ROWS + 1
+    n = row_kernels.PARALLEL_MIN_ROWS + 1
     rope = RotaryEmbedding(d, 1e4)
     rope.reserve(start + n)
     qkv = rng.standard_normal((n, (heads + 2 * kv_heads) * d)).astype(np.float32)

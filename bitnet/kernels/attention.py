@@ -43,7 +43,7 @@ from numba.core.registry import CPUDispatcher
 from numba.extending import overload
 
 from .addresses import array_at
-from .rows import PARALLEL_MIN_ROWS  # rope, like the row kernels, threads from this many rows
+from .rows import threaded as rows_threaded
 from .simd import (
     F16_WORDS,
     F32_VALUES,
@@ -651,8 +651,8 @@ ENTRY_POINTS = {(name, threaded): _entry_point(marker, threaded) for name, marke
 
 
 def for_rope(n: int) -> CPUDispatcher:
-    """``rope_into_caches`` for ``n`` query rows: threaded from ``PARALLEL_MIN_ROWS`` rows on."""
-    return (parallel if n >= PARALLEL_MIN_ROWS else serial).rope_into_caches
+    """``rope_into_caches`` for ``n`` query rows: threaded where the row kernels are (``rows.threaded``)."""
+    return (parallel if rows_threaded(n) else serial).rope_into_caches
 
 
 def threaded_attention(n: int, context: int) -> bool:

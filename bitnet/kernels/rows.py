@@ -85,7 +85,12 @@ _ROW_KERNELS = (rms_norm, add_rms_norm, gated_activation)
 serial, parallel = serial_and_parallel(_ROW_KERNELS, **_KERNEL)
 
 
+def threaded(n: int) -> bool:
+    """Whether a call on ``n`` tokens runs on every thread (rope's too, ``attention.for_rope``)."""
+    return n >= PARALLEL_MIN_ROWS
+
+
 def for_rows(n: int) -> SimpleNamespace:
     """The kernel set to use for a call on ``n`` tokens."""
-    return parallel if n >= PARALLEL_MIN_ROWS else serial
+    return parallel if threaded(n) else serial
 

@@ -118,7 +118,7 @@ class CompiledLayers:
         workspaces = [self._workspace(n, self.k_padded[which]) for which in (decoder.QKV, decoder.O, decoder.DOWN)]
         decoder.decoder_layers(
             MARKERS[self.path], x, self.weights, self.norms, self.eps, self.data_template, mlp.activation == "silu",
-            attention.sub_norm is not None, n >= rows.PARALLEL_MIN_ROWS, heads, attention.kv_heads, attention.rope.cos,
+            attention.sub_norm is not None, rows.threaded(n), heads, attention.kv_heads, attention.rope.cos,
             attention.rope.sin, group.rows, group.tables, group.template, attention.scaling, group.threaded,
             tuple(group.scratch(heads)), buffer("normed", (n, width)),
             buffer("qkv", (n, attention.qkv_proj.out_features)), buffer("queries", (n, heads, d)),

@@ -326,8 +326,9 @@ class CacheGroup:
     ``rows`` and ``tables`` are the kernels' tables of query rows and of cache addresses;
     ``template`` the kernels' view of the dtype; ``chunk`` the shortest chunk length among
     the rows; ``capacity`` the largest cache; ``end`` the most positions a cache holds after
-    these rows; ``rope`` and ``attend`` the kernels (serial or threaded: ``threaded`` for attention) for these rows. All
-    of it holds for every layer of a step, so the layers only look it up.
+    these rows; ``rope`` and ``attend`` the kernels (serial or threaded; ``threaded`` says which
+    for attention) for these rows. All of it holds for every layer of a step, so the layers only
+    look it up.
     """
 
     def __init__(self, members: list[tuple[KVCache, slice]]) -> None:
