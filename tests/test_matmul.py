@@ -118,7 +118,8 @@ def test_extreme_activations_do_not_overflow(rng, path, value, n):
 
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_k_past_the_accumulator_fold_is_exact(rng, path):
-    # Past FOLD_BLOCKS blocks the int32 lanes are flushed to int64; check the seam.
+    # Past FOLD_BLOCKS blocks (the i2 GEMV) and FOLD_VECTORS weight vectors (the lanes GEMV) the
+    # int32 lanes are flushed; check the seam.
     k = ternary_simd.FOLD_BLOCKS * ternary_blocks.BLOCK + 300
     codes = np.where(rng.random((3, k)) < 0.5, 1, -1).astype(np.int8)
     codes[0] = 1

@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import amx
-from .simd import and_bytes, load_bytes, shift_right_bytes, splat_bytes, store_vector
+from .simd import add_acc, and_bytes, load_bytes, shift_right_acc, shift_right_bytes, splat_bytes, store_vector
 
 BLOCK = 256  # weights per i2 block
 BLOCK_BYTES = 64  # bytes per i2 block
@@ -35,6 +35,25 @@ AMX_ROWS = 2 * amx.TILE_ROWS  # weight rows per tile pass (two code tiles)
 AMX_TOKENS = 2 * amx.TILE_ROWS  # tokens per tile pass (two activation tiles)
 
 KERNEL = dict(cache=True, nogil=True, boundscheck=False)
+
+
+@njit(inline="always", **KERNEL)
+def field_masks(isa):
+    """The byte masks of the four 2-bit fields: ``byte & mask_i`` is field ``i``'s code times ``4**i``.
+
+    Masking a field in place spares the shift that would bring it down: a kernel sums each
+    field's products into its own accumulator and divides by ``4**i`` once (:func:`unmask`).
+    """
+    return splat_bytes(isa, 0x03), splat_bytes(isa, 0x0C), splat_bytes(isa, 0x30), splat_bytes(isa, 0xC0)
+
+
+@njit(inline="always", **KERNEL)
+def unmask(a0, a1, a2, a3):
+    """The lane-wise sum of four accumulators of :func:`field_masks` products: ``a_i`` holds ``4**i`` times its sum.
+
+    Exact while no lane of ``a3`` has left int32 (each lane is then a multiple of ``4**i``).
+    """
+    return add_acc(add_acc(a0, shift_right_acc(a1, 2)), add_acc(shift_right_acc(a2, 4), shift_right_acc(a3, 6)))
 
 
 @njit(inline="always", **KERNEL)

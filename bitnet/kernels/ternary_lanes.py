@@ -40,12 +40,15 @@ from .simd import (
     store_vector,
     zero_acc,
 )
-from .ternary_blocks import KERNEL, emit
+from .ternary_blocks import KERNEL, emit, field_masks, unmask
 
 GROUP_ROWS = 16  # rows of a weight vector: one per int32 lane
 GROUP_COLUMNS = 16  # columns of a weight vector: 4 per 2-bit field of a byte
 # How far ahead of the loads a tile prefetches its weights (one contiguous stream per group).
 PREFETCH_BYTES = 4096
+# Weight vectors ``_tile1`` sums before unmasking: a lane of its last field gains at most
+# 4 x 128 x 128 = 2**16 a vector, so 2**14 vectors keep it within int32 (exact before the shift).
+FOLD_VECTORS = 2**14
 
 
 @njit(inline="always", **KERNEL)
@@ -102,17 +105,26 @@ def _tile4(isa, w, g, q, t):
 
 @njit(**KERNEL)
 def _tile1(isa, w, g, q, t):
-    """``_tile8`` for token ``t`` alone, one accumulator per 2-bit field (4 independent chains)."""
+    """``_tile8`` for token ``t`` alone, one accumulator per 2-bit field (4 independent chains).
+
+    Each field is masked in place (``field_masks``) rather than shifted down: one operation per
+    field instead of two, which lets the loop keep up with DRAM (the GEMV is this loop).
+    """
     kp = q.shape[1]
-    a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-    for s in range(kp // GROUP_COLUMNS):
-        x = _weights(isa, w, g, s)
-        at = t * kp + GROUP_COLUMNS * s
-        a0 = dot_acc(isa, a0, _codes(isa, x, 0), splat_four_bytes(isa, q, at))
-        a1 = dot_acc(isa, a1, _codes(isa, x, 1), splat_four_bytes(isa, q, at + 4))
-        a2 = dot_acc(isa, a2, _codes(isa, x, 2), splat_four_bytes(isa, q, at + 8))
-        a3 = dot_acc(isa, a3, _codes(isa, x, 3), splat_four_bytes(isa, q, at + 12))
-    return add_acc(add_acc(a0, a1), add_acc(a2, a3))
+    mask0, mask1, mask2, mask3 = field_masks(isa)
+    vectors = kp // GROUP_COLUMNS
+    total = zero_acc(isa)
+    for start in range(0, vectors, FOLD_VECTORS):
+        a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
+        for s in range(start, min(vectors, start + FOLD_VECTORS)):
+            x = _weights(isa, w, g, s)
+            at = t * kp + GROUP_COLUMNS * s
+            a0 = dot_acc(isa, a0, and_bytes(x, mask0), splat_four_bytes(isa, q, at))
+            a1 = dot_acc(isa, a1, and_bytes(x, mask1), splat_four_bytes(isa, q, at + 4))
+            a2 = dot_acc(isa, a2, and_bytes(x, mask2), splat_four_bytes(isa, q, at + 8))
+            a3 = dot_acc(isa, a3, and_bytes(x, mask3), splat_four_bytes(isa, q, at + 12))
+        total = add_acc(total, unmask(a0, a1, a2, a3))
+    return total
 
 
 @njit(inline="always", **KERNEL)

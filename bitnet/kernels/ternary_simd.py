@@ -20,7 +20,6 @@ from __future__ import annotations
 from numba import njit
 
 from .simd import (
-    add_acc,
     and_bytes,
     byte_vector_size,
     dot_acc,
@@ -28,13 +27,12 @@ from .simd import (
     lane_totals,
     load_bytes,
     prefetch,
-    shift_right_acc,
     shift_right_bytes,
     splat_bytes,
     sum_acc,
     zero_acc,
 )
-from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, TILE_TOKENS
+from .ternary_blocks import BLOCK, BLOCK_BYTES, KERNEL, TILE_TOKENS, field_masks, unmask
 
 FOLD_BLOCKS = 8192  # blocks summed in int32 lanes before flushing to int64 (lanes stay < 2**31)
 # How far ahead of the loads the GEMV loop prefetches each of its two rows: DRAM latency needs
@@ -46,20 +44,12 @@ GEMM_PREFETCH_ROWS = 4
 
 
 @njit(**KERNEL)
-def _unmask(a0, a1, a2, a3):
-    """Sum of the four masked accumulators: accumulator ``i`` holds ``4**i`` times its true value."""
-    folded = add_acc(add_acc(a0, shift_right_acc(a1, 2)), add_acc(shift_right_acc(a2, 4), shift_right_acc(a3, 6)))
-    return sum_acc(folded)
-
-
-@njit(**KERNEL)
 def row_pair_simd(isa, w, r0, r1, q, t):
     """``sum(c q[t])`` for stored codes ``c`` of rows ``r0`` and ``r1`` (GEMV inner loop)."""
     nb = w.shape[1] // BLOCK_BYTES
     wb, kp = w.shape[1], q.shape[1]
     step = byte_vector_size(isa)
-    mask0, mask1 = splat_bytes(isa, 0x03), splat_bytes(isa, 0x0C)
-    mask2, mask3 = splat_bytes(isa, 0x30), splat_bytes(isa, 0xC0)
+    mask0, mask1, mask2, mask3 = field_masks(isa)
     total0 = 0
     total1 = 0
     for start in range(0, nb, FOLD_BLOCKS):
@@ -84,8 +74,8 @@ def row_pair_simd(isa, w, r0, r1, q, t):
                 v = load_bytes(isa, q, at + 192)
                 a03 = dot_acc(isa, a03, and_bytes(x0, mask3), v)
                 a13 = dot_acc(isa, a13, and_bytes(x1, mask3), v)
-        total0 += _unmask(a00, a01, a02, a03)
-        total1 += _unmask(a10, a11, a12, a13)
+        total0 += sum_acc(unmask(a00, a01, a02, a03))
+        total1 += sum_acc(unmask(a10, a11, a12, a13))
     return total0, total1
 
 
