@@ -103,3 +103,35 @@ def test_a_copy_or_a_pickle_computes_with_its_own_arrays():
     twin.layers[0].mlp.sub_norm.weight[:] *= 2  # in place: no assignment, so only the twin's own tables see it
     assert not np.array_equal(twin.forward(ids), before)
     assert np.array_equal(model.forward(ids), before)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda m: setattr(m.layers[1].mlp, "down_proj", bn.nn.BitLinear.from_float(np.ones((64, 48), np.float32))),
+     bn.ShapeError, r"model.layers\[1\]: down_proj is 64x48; 64x96 is needed"),
+    (lambda m: setattr(m.layers[0].attention.sub_norm, "weight", np.ones(32, np.float32)),
+     bn.ShapeError, r"model.layers\[0\]: the weight of the attention sub-norm must have 64 entries"),
+    (lambda m: setattr(m.layers[1].input_norm, "weight", np.ones(64)), bn.DTypeError, "float32"),
+    (lambda m: setattr(m.layers[0].attention, "qkv_proj", bn.nn.BitLinear.from_float(np.ones((96, 64), np.float32))),
+     bn.ShapeError, "qkv_proj is 96x64; 128x64 is needed"),
+    (lambda m: setattr(m.layers[1].attention.o_proj, "bias", np.ones(3, np.float32)), bn.ShapeError, "bias of o_proj"),
+    (lambda m: m.layers.append(m.layers[0]), bn.ShapeError, "config has 2 layers"),
+    (lambda m: setattr(m.layers[0], "mlp", None), bn.DTypeError, r"model.layers\[0\]"),
+])
+def test_layers_changed_so_that_they_cannot_run_are_refused_before_anything_runs(monkeypatch, change, error, match):
+    # The kernels check nothing: a projection of another width once read and wrote past its buffers
+    # on the layers' Python path, where the compiled call left such layers.
+    config = bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=None,
+                             eos_token_id=None)
+    model = bn.models.random_model(config, seed=5, head_dtype="f32")
+    cache = model.new_cache(16)
+    model.forward(np.arange(5), cache)
+    change(model)
+    for runs_python in (False, True):
+        if runs_python:
+            python_layers(monkeypatch, model)
+        with pytest.raises(error, match=match):
+            model.forward(np.arange(3), cache)
+        with pytest.raises(error, match=match):
+            model.forward_batch([np.arange(2)], [cache])
+        assert cache.length == 5

@@ -531,3 +531,35 @@ def test_attention_and_mlp_constructors_check_the_projection_shapes(rng):
     for theta in (0.0, float("inf"), "1e4"):
         with pytest.raises(bn.InvalidValueError):
             RotaryEmbedding(16, theta)
+
+
+def test_layers_check_what_was_assigned_to_them_since_construction(rng):
+    # Layers are plain objects: each public call checks its own parts again, since the kernels check none.
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    layer = BitLinear.from_float(rng.standard_normal((8, 64)).astype(np.float32))
+    layer.bias = np.ones(3, np.float32)
+    with pytest.raises(bn.ShapeError, match="bias"):
+        layer(x)
+    layer.bias, layer.input_norm = None, RMSNorm(np.ones(32, np.float32))
+    with pytest.raises(bn.ShapeError, match="input_norm"):
+        layer(x)
+    norm = RMSNorm(np.ones(64, np.float32))
+    norm.weight = np.ones(64)
+    with pytest.raises(bn.DTypeError, match="float32"):
+        norm(x)
+    with pytest.raises(bn.DTypeError, match="float32"):
+        norm.add_and_normalize(x, x)
+    shapes = ((96, 64), (96, 64), (64, 96))
+    mlp = MLP(*(BitLinear.from_float(rng.standard_normal(s).astype(np.float32)) for s in shapes), None)
+    mlp.down_proj = BitLinear.from_float(rng.standard_normal((64, 32)).astype(np.float32))
+    with pytest.raises(bn.ShapeError, match="down_proj is 64x32"):
+        mlp(x)
+    model = bn.models.random_model(bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                   head_dim=16), seed=5, head_dtype="f32")
+    decoder = model.layers[0]
+    decoder.attention.o_proj = BitLinear.from_float(rng.standard_normal((64, 48)).astype(np.float32))
+    with pytest.raises(bn.ShapeError, match="o_proj is 64x48"):
+        decoder(x.copy(), [(KVCache(1, 2, 16, 8), slice(0, 3))], 0)
+    with pytest.raises(bn.ShapeError, match="o_proj is 64x48"):
+        decoder.attention(decoder.input_norm(x), KVCache(1, 2, 16, 8), 0)

@@ -40,10 +40,26 @@ class DecoderLayer(Tracked):
     def __call__(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], index: int) -> None:
         """Update the residual stream ``x`` (``(n, hidden)``, writeable) in place; ``sequences`` pairs
         each sequence's cache with its rows of ``x`` (see :meth:`Attention.batched`)."""
+        self.check()
         self.attention.check_batch(x, sequences, index)
         if not x.flags.writeable:
             raise errors.ShapeError("the residual stream x is updated in place: pass a writeable array")
         self._forward(x, CacheRows(sequences), index)
+
+    def check(self, hidden: int | None = None) -> None:
+        """Raise unless this layer can run over ``hidden`` features (its attention's, when None): its
+        norms, attention and MLP each checked (``check``) over that width. The kernels check none
+        of it, and a user may have assigned any of it since construction."""
+        if not isinstance(self.attention, Attention) or not isinstance(self.mlp, MLP):
+            raise errors.DTypeError("a decoder layer's attention and mlp must be bn.nn.Attention and bn.nn.MLP")
+        hidden = self.attention.hidden_size if hidden is None else hidden
+        self.attention.check(hidden)
+        self.mlp.check(hidden)
+        norms = (("input_layernorm", self.input_norm), ("post_attention_layernorm", self.post_attention_norm))
+        for name, norm in norms:
+            if not isinstance(norm, RMSNorm):
+                raise errors.DTypeError(f"a decoder layer's {name} must be an RMSNorm")
+            norm.check(hidden, name)
 
     def _forward(self, x: np.ndarray, rows: CacheRows, index: int) -> None:
         """``self(x, sequences, index)`` for arguments the model has checked: it checks the ids and
@@ -179,8 +195,6 @@ class BitNetForCausalLM:
         for name, table in (("embed_tokens", embed_tokens), ("lm_head", embed_tokens if lm_head is None else lm_head)):
             if not isinstance(table, Embedding) or (table.vocab_size, table.hidden_size) != table_shape:
                 raise errors.ShapeError(f"{name} must be an Embedding of shape {table_shape} (vocab x hidden size)")
-        if len(layers) != config.num_hidden_layers or not all(isinstance(layer, DecoderLayer) for layer in layers):
-            raise errors.ShapeError(f"the config has {config.num_hidden_layers} layers, {len(layers)} were given")
         if not isinstance(norm, RMSNorm) or norm.weight.shape != (config.hidden_size,):
             raise errors.ShapeError(f"norm must be an RMSNorm over the {config.hidden_size} hidden features")
         self.config = config
@@ -190,6 +204,7 @@ class BitNetForCausalLM:
         self.lm_head = embed_tokens if lm_head is None else lm_head
         self.kv_dtype = "float32"
         self._compiled: CompiledLayers | None = None
+        self._check_layers()
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the compiled layers' tables behind (they hold the addresses of
@@ -308,10 +323,11 @@ class BitNetForCausalLM:
         """The forward pass over checked sequences: the logits of every token, or of each sequence's last."""
         ends = np.cumsum([len(i) for i in ids]).tolist()
         sequences = [(cache, slice(end - len(i), end)) for cache, i, end in zip(caches, ids, ends, strict=True)]
+        layers = self._current_layers()  # checks the layers if any changed, before anything runs
         with scratch.step():
             tokens = ids[0] if len(ids) == 1 else np.concatenate(ids)
             x = self.embed_tokens.rows(tokens, out=scratch.empty((len(tokens), self.config.hidden_size)))
-            self._layers_forward(x, CacheRows(sequences))
+            self._layers_forward(x, CacheRows(sequences), layers)
             for cache, i in zip(caches, ids, strict=True):
                 cache.length += len(i)
             if last_only and len(ids) == 1:
@@ -320,17 +336,44 @@ class BitNetForCausalLM:
                 x = np.take(x, [end - 1 for end in ends], axis=0, out=scratch.empty((len(ends), x.shape[1])))
             return self.lm_head.logits(self.norm(x), out=out)
 
-    def _layers_forward(self, x: np.ndarray, rows: CacheRows) -> None:
+    def _layers_forward(self, x: np.ndarray, rows: CacheRows, compiled: CompiledLayers) -> None:
         """Every layer over the residual stream ``x`` of checked sequences: in one compiled call
-        (``bitnet.models.compiled``) where it can take the layers as they are now, else layer by layer."""
-        compiled = self._compiled
-        if compiled is None or not compiled.current(self.layers):
-            compiled = self._compiled = CompiledLayers(self.layers, self.config.hidden_size)
+        (``compiled``, the layers' current tables) where it can take the layers, else layer by layer."""
         if compiled.reason is None and len(rows.groups) == 1:
             compiled.run(x, rows.groups[0], rows.end)
             return
         for index, layer in enumerate(self.layers):
             layer._forward(x, rows, index)
+
+    def _current_layers(self) -> CompiledLayers:
+        """The layers' compiled tables, built again, after a check of every layer, once a layer changed."""
+        compiled = self._compiled
+        if compiled is None or not compiled.current(self.layers):
+            self._check_layers()
+            compiled = self._compiled = CompiledLayers(self.layers, self.config.hidden_size)
+        return compiled
+
+    def _check_layers(self) -> None:
+        """Raise unless the layers can run in this model: as many as the config says, each one
+        checked over the hidden size (``DecoderLayer.check``) with the head layout its caches
+        have. Layers are plain objects a user may change, and neither path's kernels check."""
+        c = self.config
+        if not isinstance(self.layers, list) or len(self.layers) != c.num_hidden_layers:
+            count = len(self.layers) if isinstance(self.layers, (list, tuple)) else type(self.layers).__name__
+            raise errors.ShapeError(f"the config has {c.num_hidden_layers} layers: model.layers must be a list of as "
+                                    f"many DecoderLayer, got {count}")
+        for index, layer in enumerate(self.layers):
+            try:
+                if not isinstance(layer, DecoderLayer):
+                    raise errors.DTypeError(f"it is a {type(layer).__name__}, not a DecoderLayer")
+                layer.check(c.hidden_size)
+                attention = layer.attention
+                if (attention.kv_heads, attention.head_dim) != (c.num_key_value_heads, c.head_dim):
+                    raise errors.ShapeError(
+                        f"its attention has {attention.kv_heads} key/value heads of {attention.head_dim} features; "
+                        f"the model's caches hold {c.num_key_value_heads} of {c.head_dim}")
+            except errors.BitNetError as exc:
+                raise type(exc)(f"model.layers[{index}]: {exc}") from None
 
     def stream(
         self,

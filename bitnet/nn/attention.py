@@ -10,7 +10,7 @@ from ..memory import Arena
 from ..ops import KERNEL_PATH
 from . import checks, scratch
 from .changes import Tracked
-from .linear import BitLinear
+from .linear import BitLinear, check_projection
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -217,30 +217,15 @@ class Attention(Tracked):
         head_dim: int,
         rope: RotaryEmbedding,
     ) -> None:
-        heads, kv_heads, head_dim = (checks.positive_int(v, name) for v, name in
-                                     ((heads, "heads"), (kv_heads, "kv_heads"), (head_dim, "head_dim")))
-        if heads % kv_heads:
-            raise errors.ShapeError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-        if not all(isinstance(p, BitLinear) for p in (q_proj, k_proj, v_proj, o_proj)):
-            raise errors.DTypeError("the q, k, v and o projections must be BitLinear layers")
-        hidden, q, kv = q_proj.in_features, heads * head_dim, kv_heads * head_dim
-        expected = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
-        for (name, shape), proj in zip(expected.items(), (q_proj, k_proj, v_proj, o_proj), strict=True):
-            if (proj.out_features, proj.in_features) != shape:
-                raise errors.ShapeError(
-                    f"{name} is {proj.out_features}x{proj.in_features}, {heads} heads ({kv_heads} key/value) of "
-                    f"{head_dim} over {hidden} features need {shape[0]}x{shape[1]}"
-                )
-        if sub_norm is not None and (not isinstance(sub_norm, RMSNorm) or sub_norm.weight.shape != (q,)):
-            raise errors.ShapeError(f"the attention sub-norm must be an RMSNorm over {q} features")
-        if not isinstance(rope, RotaryEmbedding) or rope.head_dim != head_dim:
-            raise errors.ShapeError(f"the rotary embedding must be one of head_dim {head_dim}")
-        self.hidden_size = hidden
         self.projections = (q_proj, k_proj, v_proj)
         self.o_proj = o_proj
         self.sub_norm = sub_norm
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.rope = rope
+        self.qkv_proj = None
+        self.hidden_size = q_proj.in_features if isinstance(q_proj, BitLinear) else 0
+        self.check()
+        self.heads, self.kv_heads, self.head_dim = int(heads), int(kv_heads), int(head_dim)
         self.scaling = np.float32(head_dim**-0.5)
         try:
             self.qkv_proj = BitLinear.stacked(list(self.projections))
@@ -249,6 +234,35 @@ class Attention(Tracked):
             self.qkv_proj = None
         for name, proj in zip(("q_proj", "k_proj", "v_proj", "o_proj"), (*self.projections, o_proj), strict=True):
             proj.tag = f"self_attn.{name}"
+
+    def check(self, hidden: int | None = None) -> None:
+        """Raise unless this attention can run over ``hidden`` features (its own, when None): a head
+        layout of positive integers, ``heads`` a multiple of ``kv_heads``, projections of the
+        layout's shapes (the stacked q/k/v one too), a sub-norm over ``heads * head_dim`` or None,
+        and a rotary embedding of ``head_dim``. The kernels check none of it, and a user may have
+        assigned any of it since construction.
+        """
+        heads, kv_heads, head_dim = (checks.positive_int(v, name) for v, name in
+                                     ((self.heads, "heads"), (self.kv_heads, "kv_heads"), (self.head_dim, "head_dim")))
+        if heads % kv_heads:
+            raise errors.ShapeError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        if hidden is not None and hidden != self.hidden_size:
+            raise errors.ShapeError(f"the attention runs over {self.hidden_size} features, not the {hidden} given")
+        hidden, q, kv = self.hidden_size, heads * head_dim, kv_heads * head_dim
+        layout = f"{heads} heads ({kv_heads} key/value) of {head_dim} over {hidden} features"
+        if not (isinstance(self.projections, tuple) and len(self.projections) == 3):
+            raise errors.DTypeError("the attention's projections must be a tuple (q_proj, k_proj, v_proj)")
+        shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
+        for (name, shape), proj in zip(shapes.items(), (*self.projections, self.o_proj), strict=True):
+            check_projection(proj, shape, name, layout)
+        if self.qkv_proj is not None:
+            check_projection(self.qkv_proj, (q + 2 * kv, hidden), "qkv_proj", layout)
+        if self.sub_norm is not None:
+            if not isinstance(self.sub_norm, RMSNorm):
+                raise errors.DTypeError("the attention sub-norm must be an RMSNorm or None")
+            self.sub_norm.check(q, "the attention sub-norm")
+        if not isinstance(self.rope, RotaryEmbedding) or self.rope.head_dim != head_dim:
+            raise errors.ShapeError(f"the rotary embedding must be one of head_dim {head_dim}")
 
     @property
     def running_linears(self) -> tuple[BitLinear, ...]:
@@ -284,7 +298,8 @@ class Attention(Tracked):
     def check_batch(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], layer: int) -> None:
         """Raise unless :meth:`batched` can run on these arguments: ``x`` float32 ``(n, hidden)``, the
         sequences' rows consecutive and covering ``x``, each cache with layer ``layer`` of this
-        attention's layout and room for its rows."""
+        attention's layout and room for its rows; and the attention itself (:meth:`check`)."""
+        self.check()
         checks.check_rows(x, "attention input", self.hidden_size)
         _check_sequences(sequences, x.shape[0])
         for cache, rows in sequences:

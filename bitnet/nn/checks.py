@@ -64,6 +64,19 @@ def positive_number(value: object, name: str, error: type[errors.BitNetError] = 
     return float(value)
 
 
+def float32_vector(value: object, name: str, size: int | None = None) -> None:
+    """Raise unless ``value`` is a vector as the kernels take it: float32, 1-D, C-contiguous, not empty,
+    and of ``size`` entries when given. For arrays a layer holds (a gain, a bias): a user may have
+    assigned one since the layer converted it (:func:`float_vector`)."""
+    if not (isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 1
+            and value.flags.c_contiguous):
+        got = f"a {value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise errors.DTypeError(f"{name} must be a 1-D C-contiguous float32 array, got {got}: assign "
+                                "np.ascontiguousarray(values, dtype=np.float32)")
+    if value.size == 0 or (size is not None and value.shape[0] != size):
+        raise errors.ShapeError(f"{name} must have {size or 'at least one'} entries, got {value.shape[0]}")
+
+
 def float_vector(values: object, name: str) -> np.ndarray:
     """A non-empty 1-D float array as float32 (C-contiguous); raises for anything else."""
     if not isinstance(values, np.ndarray) or values.dtype.kind != "f":

@@ -36,15 +36,29 @@ class BitLinear(Tracked):
             raise errors.DTypeError(f"BitLinear weights must be a 2-D bn.PackedTernary, got {weight!r:.80}")
         self.weight = convert(weight, WEIGHT_FORMAT)
         self.bias = None if bias is None else checks.float_vector(bias, "bias")
-        if self.bias is not None and self.bias.shape != (self.out_features,):
-            raise errors.ShapeError(f"bias must have shape ({self.out_features},), got {self.bias.shape}")
-        if input_norm is not None and (
-            not isinstance(input_norm, RMSNorm) or input_norm.weight.shape != (self.in_features,)
-        ):
-            raise errors.ShapeError(f"input_norm must be an RMSNorm over the {self.in_features} input features")
         self.input_norm = input_norm
+        self.check()
         self.checkpoint_scale: tuple[np.ndarray, bool] | None = None
         self.tag: str | None = None  # role of the output buffer shared across layers (scratch.reused)
+
+    def check(self, shape: tuple[int, int] | None = None, name: str = "BitLinear", why: str = "") -> None:
+        """Raise unless this layer can run (as ``shape`` = ``(out_features, in_features)``, when given):
+        2-D ternary weights, a float32 bias of ``out_features`` or None, an RMSNorm over
+        ``in_features`` or None. The kernels check none of it, and a user may have assigned any
+        of it since construction. ``name`` says which projection this is in messages, ``why``
+        what sets its shape.
+        """
+        if not isinstance(self.weight, PackedTernary) or len(self.weight.shape) != 2:
+            raise errors.DTypeError(f"{name} weights must be a 2-D bn.PackedTernary, got {self.weight!r:.80}")
+        if shape is not None and self.weight.shape != tuple(shape):
+            raise errors.ShapeError(f"{name} is {self.out_features}x{self.in_features}; {shape[0]}x{shape[1]} is "
+                                    f"needed{f' ({why})' if why else ''}")
+        if self.bias is not None:
+            checks.float32_vector(self.bias, f"the bias of {name}", self.out_features)
+        if self.input_norm is not None:
+            if not isinstance(self.input_norm, RMSNorm):
+                raise errors.DTypeError(f"the input_norm of {name} must be an RMSNorm or None")
+            self.input_norm.check(self.in_features, f"the input_norm of {name}")
 
     @property
     def out_features(self) -> int:
@@ -133,6 +147,7 @@ class BitLinear(Tracked):
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``x`` of shape ``(n, in_features)`` float32 -> ``(n, out_features)`` float32 step temporary."""
+        self.check()
         checks.check_rows(x, "BitLinear input", self.in_features)
         return self._forward(x)
 
@@ -149,6 +164,14 @@ class BitLinear(Tracked):
         if self.bias is not None:
             out += self.bias
         return out
+
+
+def check_projection(layer: object, shape: tuple[int, int], name: str, why: str) -> None:
+    """Raise unless ``layer`` is a :class:`BitLinear` that can run as ``shape`` (``(out, in)``); ``why`` says
+    what sets that shape, for the message."""
+    if not isinstance(layer, BitLinear):
+        raise errors.DTypeError(f"{name} must be a BitLinear layer, got {type(layer).__name__}")
+    layer.check(shape, name, why)
 
 
 def _adjacent_rows(arrays: list[np.ndarray]) -> np.ndarray | None:

@@ -8,7 +8,7 @@ from .. import errors
 from ..kernels import rows
 from . import checks, scratch
 from .changes import Tracked
-from .linear import BitLinear
+from .linear import BitLinear, check_projection
 from .norm import RMSNorm
 
 ACTIVATIONS = ("relu2", "silu")
@@ -30,21 +30,12 @@ class MLP(Tracked):
         self, gate_proj: BitLinear, up_proj: BitLinear, down_proj: BitLinear, sub_norm: RMSNorm | None,
         activation: str = "relu2",
     ) -> None:
-        if activation not in ACTIVATIONS:
-            raise errors.unknown_name("MLP activation", activation, ACTIVATIONS, errors.ConfigError)
-        if not all(isinstance(p, BitLinear) for p in (gate_proj, up_proj, down_proj)):
-            raise errors.DTypeError("the gate, up and down projections must be BitLinear layers")
-        hidden, inner = gate_proj.in_features, gate_proj.out_features
-        for name, proj, shape in (("up_proj", up_proj, (inner, hidden)), ("down_proj", down_proj, (hidden, inner))):
-            if (proj.out_features, proj.in_features) != shape:
-                raise errors.ShapeError(f"{name} is {proj.out_features}x{proj.in_features}; with a {inner}x{hidden} "
-                                        f"gate_proj it must be {shape[0]}x{shape[1]}")
-        if sub_norm is not None and (not isinstance(sub_norm, RMSNorm) or sub_norm.weight.shape != (inner,)):
-            raise errors.ShapeError(f"the FFN sub-norm must be an RMSNorm over the MLP's {inner} features")
         self.projections = (gate_proj, up_proj)
         self.down_proj = down_proj
         self.sub_norm = sub_norm
         self.activation = activation
+        self.gate_up_proj = None
+        self.check()
         try:
             self.gate_up_proj = BitLinear.stacked([gate_proj, up_proj])
             self.gate_up_proj.tag = "mlp.gate_up_proj"
@@ -52,6 +43,32 @@ class MLP(Tracked):
             self.gate_up_proj = None
         for name, proj in zip(("gate_proj", "up_proj", "down_proj"), (gate_proj, up_proj, down_proj), strict=True):
             proj.tag = f"mlp.{name}"
+
+    def check(self, hidden: int | None = None) -> None:
+        """Raise unless this MLP can run over ``hidden`` features (its gate's input, when None): a known
+        activation, projections whose shapes agree (the stacked gate/up one too) and a sub-norm over
+        the intermediate features or None. The kernels check none of it, and a user may have
+        assigned any of it since construction.
+        """
+        if self.activation not in ACTIVATIONS:
+            raise errors.unknown_name("MLP activation", self.activation, ACTIVATIONS, errors.ConfigError)
+        if not (isinstance(self.projections, tuple) and len(self.projections) == 2):
+            raise errors.DTypeError("the MLP's projections must be a tuple (gate_proj, up_proj)")
+        gate = self.projections[0]
+        if not isinstance(gate, BitLinear):
+            raise errors.DTypeError(f"gate_proj must be a BitLinear layer, got {type(gate).__name__}")
+        inner, hidden = gate.out_features, gate.in_features if hidden is None else hidden
+        why = f"a {inner}-feature MLP over {hidden} features"
+        for name, proj, shape in (("gate_proj", gate, (inner, hidden)),
+                                  ("up_proj", self.projections[1], (inner, hidden)),
+                                  ("down_proj", self.down_proj, (hidden, inner))):
+            check_projection(proj, shape, name, why)
+        if self.gate_up_proj is not None:
+            check_projection(self.gate_up_proj, (2 * inner, hidden), "gate_up_proj", why)
+        if self.sub_norm is not None:
+            if not isinstance(self.sub_norm, RMSNorm):
+                raise errors.DTypeError("the FFN sub-norm must be an RMSNorm or None")
+            self.sub_norm.check(inner, "the FFN sub-norm")
 
     @property
     def running_linears(self) -> tuple[BitLinear, ...]:
@@ -70,6 +87,7 @@ class MLP(Tracked):
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``x`` of shape ``(n, hidden)`` float32 -> ``(n, hidden)`` float32 step temporary."""
+        self.check()
         checks.check_rows(x, "MLP input", self.down_proj.out_features)
         return self._forward(x)
 

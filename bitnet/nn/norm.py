@@ -25,8 +25,16 @@ class RMSNorm(Tracked):
         self.eps = np.float32(checks.positive_number(eps, "RMSNorm eps"))
         self.tag = tag
 
+    def check(self, features: int | None = None, name: str = "RMSNorm") -> None:
+        """Raise unless this norm can run (over ``features`` features, when given): its gain a float32
+        vector, its eps a positive number. The kernels check neither, and either may have been
+        assigned since construction; ``name`` says which norm this is in messages."""
+        checks.float32_vector(self.weight, f"the weight of {name}", features)
+        checks.positive_number(self.eps, f"the eps of {name}")
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Normalize the rows of ``x`` (``(n, features)`` float32) into a new step temporary."""
+        self.check()
         checks.check_rows(x, "RMSNorm input", self.weight.shape[0])
         return self._forward(x)
 
@@ -38,6 +46,7 @@ class RMSNorm(Tracked):
 
     def add_and_normalize(self, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """``x += delta`` in place (a residual update), then return ``self(x)``, in one pass."""
+        self.check()
         checks.check_rows(x, "RMSNorm input", self.weight.shape[0])
         checks.check_rows(delta, "residual update", self.weight.shape[0])
         if delta.shape != x.shape or not x.flags.writeable:
