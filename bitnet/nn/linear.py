@@ -32,12 +32,11 @@ class BitLinear(Tracked):
     def __init__(
         self, weight: PackedTernary, bias: np.ndarray | None = None, input_norm: RMSNorm | None = None
     ) -> None:
-        if not isinstance(weight, PackedTernary) or len(weight.shape) != 2:
-            raise errors.DTypeError(f"BitLinear weights must be a 2-D bn.PackedTernary, got {weight!r:.80}")
-        self.weight = convert(weight, WEIGHT_FORMAT)
+        self.weight = weight
         self.bias = None if bias is None else checks.float_vector(bias, "bias")
         self.input_norm = input_norm
         self.check()
+        self.weight = convert(weight, WEIGHT_FORMAT)  # the same shape in the kernels' layout
         self.checkpoint_scale: tuple[np.ndarray, bool] | None = None
         self.tag: str | None = None  # role of the output buffer shared across layers (scratch.reused)
 
