@@ -41,12 +41,12 @@ def reference_attention(q, k, v, start):
     return out.reshape(n, heads * d)
 
 
-def run_kernel(q, k, v, start, dtype, threaded=None, path=bn.ops.KERNEL_PATH):
+def run_kernel(q, k, v, start, dtype, threaded=None, path=bn.ops.KERNEL_PATH, room=5):
     """The library kernel (of kernel ``path``; threaded or not, by default as the model chooses) on ``q``
-    and a cache of ``dtype`` holding ``k``/``v`` (``(positions, kv_heads, d)``)."""
+    and a cache of ``dtype`` holding ``k``/``v`` (``(positions, kv_heads, d)``) with ``room`` more positions."""
     n, heads, d = q.shape
     positions, kv_heads, _ = k.shape
-    capacity = positions + 5  # room past the filled positions, as a real cache has
+    capacity = positions + room  # room past the filled positions, as a real cache has
     keys, values = (np.zeros((kv_heads, capacity, d), dtype) for _ in range(2))
     keys[:, :positions], values[:, :positions] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
     if dtype == np.float16:
@@ -137,6 +137,19 @@ def test_serial_and_parallel_builds_and_thread_counts_give_the_same_bits(rng, n,
         assert np.array_equal(result, results[0])
     rounded = [a.astype(np.float16) for a in (k, v)]  # what the float16 cache holds
     np.testing.assert_allclose(results[0], reference_attention(q, *rounded, start), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("n, start", [(1, 1100), (1, 255), (37, 5)])
+def test_a_cache_with_room_to_spare_gives_the_same_bits(rng, n, start):
+    # A doubled cache holds up to twice the positions in use: the work items cover only the chunks
+    # the rows fill, and the empty ones are neither computed nor read (the scratch starts as NaN).
+    heads, kv_heads, d = 8, 2, 64
+    q = rng.standard_normal((n, heads, d)).astype(np.float32)
+    k, v = (rng.standard_normal((start + n, kv_heads, d)).astype(np.float32) for _ in range(2))
+    for threaded in (False, True):
+        exact = run_kernel(q, k, v, start, np.float16, threaded, room=0)
+        assert np.array_equal(run_kernel(q, k, v, start, np.float16, threaded, room=3 * (start + n)), exact)
+        assert np.array_equal(run_kernel(q, k, v, start, np.float16, threaded, room=300), exact)
 
 
 def test_inf_and_nan_reach_the_output_as_float32_attention_gives_them(rng):

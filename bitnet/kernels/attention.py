@@ -533,11 +533,17 @@ def _paired_from_both_ends(index, n):
     return index // 2 if index % 2 == 0 else n - 1 - index // 2
 
 
+@njit(**_KERNEL, inline="always")
+def _row_chunks(rows, r):
+    """How many chunks query row ``r``'s positions ``0 .. position`` fill."""
+    return (rows[r, POSITION] + rows[r, CHUNK]) // rows[r, CHUNK]
+
+
 @njit(**_STRICT)  # called from an item (one chunk) or a region of its own: both callers get the same bits
 def _combine(rows, r, h, chunk_max, chunk_sum, chunk_context, out):
     """Query row ``r``'s head ``h`` into ``out``: its chunks' contexts weighted by ``e**(max - top)``,
     in chunk order, over the weighted sums."""
-    chunks, d = chunk_max.shape[2], chunk_context.shape[3]
+    chunks, d = _row_chunks(rows, r), chunk_context.shape[3]
     top = np.float32(-np.inf)
     for c in range(chunks):
         top = max(top, chunk_max[r, h, c])
@@ -569,7 +575,12 @@ def causal_attention(isa, queries, rows, tables, layer, template, scaling, score
     heads, d = queries.shape[1], queries.shape[2]
     kv_heads = template.shape[0]
     group = heads // kv_heads
-    chunks = chunk_max.shape[2]
+    # Items only for the chunks some row fills, not for the whole capacity: a cache that doubled holds
+    # up to twice the positions in use, and ``prange``'s even runs of items would then give one
+    # thread the filled chunks and the other the empty ones.
+    chunks = 0
+    for r in range(m):
+        chunks = max(chunks, _row_chunks(rows, r))
     scaling = np.float32(scaling)  # a Python float would turn the dot products into float64 (3x slower)
     for item in prange(m * kv_heads * chunks):
         r = _paired_from_both_ends(item // (kv_heads * chunks), m)
