@@ -141,8 +141,34 @@ def fuzz_config(rng) -> None:
     bn.BitNetConfig.from_dict(raw)
 
 
+def changed_part(rng, model) -> tuple[object, str]:
+    """A part of the model's layer and one of its attributes, for a case to assign something else to."""
+    layer = model.layers[0]
+    attention, mlp = layer.attention, layer.mlp
+    parts = [(layer, "input_norm"), (layer, "mlp"), (layer.input_norm, "weight"), (layer.input_norm, "eps"),
+             (attention, "o_proj"), (attention, "qkv_proj"), (attention, "heads"), (attention, "head_dim"),
+             (attention, "projections"), (attention.sub_norm, "weight"), (attention.o_proj, "bias"),
+             (attention.o_proj, "input_norm"), (attention.o_proj, "weight"), (mlp, "down_proj"),
+             (mlp, "gate_up_proj"), (mlp, "activation"), (mlp.sub_norm, "weight"), (mlp.down_proj, "bias")]
+    return parts[int(rng.integers(len(parts)))]
+
+
 def fuzz_model(rng, model=None) -> None:
     model = model or FUZZ_MODEL
+    if rng.random() < 0.2:  # a layer changed after construction: the model checks it again before it runs
+        owner, name = changed_part(rng, model)
+        kept = getattr(owner, name)
+        value = [junk(rng), array(rng), bn.nn.BitLinear(packed(rng))][int(rng.integers(3))]
+        setattr(owner, name, value)
+        try:
+            _fuzz_model(rng, model)
+        finally:
+            setattr(owner, name, kept)
+    else:
+        _fuzz_model(rng, model)
+
+
+def _fuzz_model(rng, model) -> None:
     ids = maybe(rng, lambda: rng.integers(-2, 44, size(rng) or 1), 0.2)
     kind = rng.integers(5)
     if kind == 0:

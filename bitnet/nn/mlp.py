@@ -50,7 +50,7 @@ class MLP(Tracked):
         the intermediate features or None. The kernels check none of it, and a user may have
         assigned any of it since construction.
         """
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise errors.unknown_name("MLP activation", self.activation, ACTIVATIONS, errors.ConfigError)
         if not (isinstance(self.projections, tuple) and len(self.projections) == 2):
             raise errors.DTypeError("the MLP's projections must be a tuple (gate_proj, up_proj)")
