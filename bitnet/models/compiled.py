@@ -21,7 +21,7 @@ from ..kernels import decoder, matmul, rows
 from ..kernels.simd import MARKERS
 from ..nn import BitLinear, RMSNorm, changes, scratch
 from ..nn.attention import CacheGroup
-from ..nn.mlp import _NO_NORM
+from ..nn.mlp import NO_NORM
 from ..ops import KERNEL_PATH, _kernel_weights
 
 
@@ -97,7 +97,7 @@ class CompiledLayers:
         self.weights[index, which] = (data.ctypes.data, *data.shape, scale.ctypes.data, scale.shape[0], scale_step)
 
     def _add_norm(self, index: int, which: int, norm: RMSNorm | None) -> None:
-        weight, eps = (_NO_NORM, 0.0) if norm is None else (norm.weight, norm.eps)
+        weight, eps = (NO_NORM, 0.0) if norm is None else (norm.weight, norm.eps)
         self._alive.append(weight)
         self.norms[index, which] = weight.ctypes.data
         self.eps[index, which] = eps

@@ -12,7 +12,7 @@ from .linear import BitLinear, check_projection
 from .norm import RMSNorm
 
 ACTIVATIONS = ("relu2", "silu")
-_NO_NORM = np.ones(1, np.float32)  # the kernel's weight argument when there is no sub-norm
+NO_NORM = np.ones(1, np.float32)  # the kernels' gain argument where a layer has no sub-norm (the compiled layers too)
 
 
 class MLP(Tracked):
@@ -96,7 +96,7 @@ class MLP(Tracked):
         gate_up = self._gate_up(x)
         hidden = scratch.reused("mlp.hidden", (x.shape[0], gate_up.shape[1] // 2))
         norm = self.sub_norm
-        weight, eps = (norm.weight, norm.eps) if norm is not None else (_NO_NORM, np.float32(0.0))
+        weight, eps = (norm.weight, norm.eps) if norm is not None else (NO_NORM, np.float32(0.0))
         rows.for_rows(x.shape[0]).gated_activation(
             gate_up, self.activation == "silu", weight, eps, norm is not None, hidden
         )
