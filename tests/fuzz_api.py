@@ -147,9 +147,10 @@ def changed_part(rng, model) -> tuple[object, str]:
     attention, mlp = layer.attention, layer.mlp
     parts = [(layer, "input_norm"), (layer, "mlp"), (layer.input_norm, "weight"), (layer.input_norm, "eps"),
              (attention, "o_proj"), (attention, "qkv_proj"), (attention, "heads"), (attention, "head_dim"),
-             (attention, "projections"), (attention.sub_norm, "weight"), (attention.o_proj, "bias"),
-             (attention.o_proj, "input_norm"), (attention.o_proj, "weight"), (mlp, "down_proj"),
-             (mlp, "gate_up_proj"), (mlp, "activation"), (mlp.sub_norm, "weight"), (mlp.down_proj, "bias")]
+             (attention, "projections"), (attention, "scaling"), (attention.sub_norm, "weight"),
+             (attention.o_proj, "bias"), (attention.o_proj, "input_norm"), (attention.o_proj, "weight"),
+             (mlp, "down_proj"), (mlp, "gate_up_proj"), (mlp, "activation"), (mlp.sub_norm, "weight"),
+             (mlp.down_proj, "bias")]
     return parts[int(rng.integers(len(parts)))]
 
 

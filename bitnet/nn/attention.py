@@ -224,9 +224,10 @@ class Attention(Tracked):
         self.rope = rope
         self.qkv_proj = None
         self.hidden_size = q_proj.in_features if isinstance(q_proj, BitLinear) else 0
+        self.scaling = np.float32(1.0)  # until check() has seen a valid head_dim
         self.check()
         self.heads, self.kv_heads, self.head_dim = int(heads), int(kv_heads), int(head_dim)
-        self.scaling = np.float32(head_dim**-0.5)
+        self.scaling = np.float32(self.head_dim**-0.5)
         try:
             self.qkv_proj = BitLinear.stacked(list(self.projections))
             self.qkv_proj.tag = "self_attn.qkv_proj"
@@ -263,6 +264,7 @@ class Attention(Tracked):
             self.sub_norm.check(q, "the attention sub-norm")
         if not isinstance(self.rope, RotaryEmbedding) or self.rope.head_dim != head_dim:
             raise errors.ShapeError(f"the rotary embedding must be one of head_dim {head_dim}")
+        checks.positive_number(self.scaling, "the attention's scaling")
 
     @property
     def running_linears(self) -> tuple[BitLinear, ...]:
