@@ -563,3 +563,23 @@ def test_layers_check_what_was_assigned_to_them_since_construction(rng):
         decoder(x.copy(), [(KVCache(1, 2, 16, 8), slice(0, 3))], 0)
     with pytest.raises(bn.ShapeError, match="o_proj is 64x48"):
         decoder.attention(decoder.input_norm(x), KVCache(1, 2, 16, 8), 0)
+
+
+def test_eps_and_scaling_are_kept_as_float32_and_checked_when_assigned():
+    # The kernels take float32: a Python float kept as it is would make Numba compile them for float64.
+    norm = RMSNorm(np.ones(4, np.float32))
+    norm.eps = 1e-6
+    assert type(norm.eps) is np.float32 and norm.eps == np.float32(1e-6)
+    model = bn.models.random_model(bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96,
+                                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                   head_dim=16), seed=5, head_dtype="f32")
+    attention = model.layers[0].attention
+    assert type(attention.scaling) is np.float32 and attention.scaling == np.float32(0.25)
+    attention.scaling = 0.125
+    assert type(attention.scaling) is np.float32
+    for bad in (0.0, -1.0, float("nan"), "0.1", None):
+        with pytest.raises(bn.InvalidValueError, match="eps"):
+            norm.eps = bad
+        with pytest.raises(bn.InvalidValueError, match="scaling"):
+            attention.scaling = bad
+    assert norm.eps == np.float32(1e-6) and attention.scaling == np.float32(0.125)

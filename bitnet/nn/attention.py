@@ -224,10 +224,9 @@ class Attention(Tracked):
         self.rope = rope
         self.qkv_proj = None
         self.hidden_size = q_proj.in_features if isinstance(q_proj, BitLinear) else 0
-        self.scaling = np.float32(1.0)  # until check() has seen a valid head_dim
         self.check()
         self.heads, self.kv_heads, self.head_dim = int(heads), int(kv_heads), int(head_dim)
-        self.scaling = np.float32(self.head_dim**-0.5)
+        self.scaling = self.head_dim**-0.5
         try:
             self.qkv_proj = BitLinear.stacked(list(self.projections))
             self.qkv_proj.tag = "self_attn.qkv_proj"
@@ -240,8 +239,8 @@ class Attention(Tracked):
         """Raise unless this attention can run over ``hidden`` features (its own, when None): a head
         layout of positive integers, ``heads`` a multiple of ``kv_heads``, projections of the
         layout's shapes (the stacked q/k/v one too), a sub-norm over ``heads * head_dim`` or None,
-        and a rotary embedding of ``head_dim``. The kernels check none of it, and a user may have
-        assigned any of it since construction.
+        and a rotary embedding of ``head_dim`` (``scaling`` is checked when it is assigned). The
+        kernels check none of it, and a user may have assigned any of it since construction.
         """
         heads, kv_heads, head_dim = (checks.positive_int(v, name) for v, name in
                                      ((self.heads, "heads"), (self.kv_heads, "kv_heads"), (self.head_dim, "head_dim")))
@@ -264,7 +263,16 @@ class Attention(Tracked):
             self.sub_norm.check(q, "the attention sub-norm")
         if not isinstance(self.rope, RotaryEmbedding) or self.rope.head_dim != head_dim:
             raise errors.ShapeError(f"the rotary embedding must be one of head_dim {head_dim}")
-        checks.positive_number(self.scaling, "the attention's scaling")
+
+    @property
+    def scaling(self) -> np.float32:
+        """The factor of the scores (``head_dim ** -0.5`` by default): any positive number assigned is
+        kept as float32, the type the kernels take."""
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        self._scaling = np.float32(checks.positive_number(value, "the attention's scaling"))
 
     @property
     def running_linears(self) -> tuple[BitLinear, ...]:

@@ -22,15 +22,24 @@ class RMSNorm(Tracked):
 
     def __init__(self, weight: np.ndarray, eps: float = 1e-5, tag: str | None = None) -> None:
         self.weight = checks.float_vector(weight, "RMSNorm weight")
-        self.eps = np.float32(checks.positive_number(eps, "RMSNorm eps"))
+        self.eps = eps
         self.tag = tag
+
+    @property
+    def eps(self) -> np.float32:
+        """The epsilon added to the mean square: any positive number assigned is kept as float32, the
+        type the kernels take (a Python float would make Numba compile them again for float64)."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self._eps = np.float32(checks.positive_number(value, "RMSNorm eps"))
 
     def check(self, features: int | None = None, name: str = "RMSNorm") -> None:
         """Raise unless this norm can run (over ``features`` features, when given): its gain a float32
-        vector, its eps a positive number. The kernels check neither, and either may have been
-        assigned since construction; ``name`` says which norm this is in messages."""
+        vector. The kernels do not check it, and it may have been assigned since construction;
+        ``name`` says which norm this is in messages."""
         checks.float32_vector(self.weight, f"the weight of {name}", features)
-        checks.positive_number(self.eps, f"the eps of {name}")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Normalize the rows of ``x`` (``(n, features)`` float32) into a new step temporary."""
