@@ -23,6 +23,7 @@ from ..memory import Arena
 from ..nn import MLP, Attention, BitLinear, Embedding, KVCache, RMSNorm, RotaryEmbedding, checks, scratch
 from ..nn.attention import CACHE_DTYPES, INITIAL_CACHE_LENGTH, CacheRows
 from ..nn.changes import Tracked
+from ..nn.norm import check_norm
 from .compiled import CompiledLayers
 from .config import BitNetConfig
 from .sampling import Sampler
@@ -55,11 +56,8 @@ class DecoderLayer(Tracked):
         hidden = self.attention.hidden_size if hidden is None else hidden
         self.attention.check(hidden)
         self.mlp.check(hidden)
-        norms = (("input_layernorm", self.input_norm), ("post_attention_layernorm", self.post_attention_norm))
-        for name, norm in norms:
-            if not isinstance(norm, RMSNorm):
-                raise errors.DTypeError(f"a decoder layer's {name} must be an RMSNorm")
-            norm.check(hidden, name)
+        check_norm(self.input_norm, hidden, "input_layernorm")
+        check_norm(self.post_attention_norm, hidden, "post_attention_layernorm")
 
     def _forward(self, x: np.ndarray, rows: CacheRows, index: int) -> None:
         """``self(x, sequences, index)`` for arguments the model has checked: it checks the ids and

@@ -11,7 +11,7 @@ from ..ops import KERNEL_PATH
 from . import checks, scratch
 from .changes import Tracked
 from .linear import BitLinear, check_projection
-from .norm import RMSNorm
+from .norm import RMSNorm, check_norm
 from .rope import RotaryEmbedding
 
 INITIAL_CACHE_LENGTH = 256
@@ -257,10 +257,7 @@ class Attention(Tracked):
             check_projection(proj, shape, name, layout)
         if self.qkv_proj is not None:
             check_projection(self.qkv_proj, (q + 2 * kv, hidden), "qkv_proj", layout)
-        if self.sub_norm is not None:
-            if not isinstance(self.sub_norm, RMSNorm):
-                raise errors.DTypeError("the attention sub-norm must be an RMSNorm or None")
-            self.sub_norm.check(q, "the attention sub-norm")
+        check_norm(self.sub_norm, q, "the attention sub-norm", optional=True)
         if not isinstance(self.rope, RotaryEmbedding) or self.rope.head_dim != head_dim:
             raise errors.ShapeError(f"the rotary embedding must be one of head_dim {head_dim}")
 
@@ -302,14 +299,14 @@ class Attention(Tracked):
         """Attention for rows of several sequences at once: ``sequences`` pairs each one's cache with
         its rows of ``x`` (consecutive, covering ``x``). The projections run once over all rows;
         each row attends over its own sequence's cache, all rows in one kernel call."""
+        self.check()
         self.check_batch(x, sequences, layer)
         return self._batched(x, CacheRows(sequences), layer)
 
     def check_batch(self, x: np.ndarray, sequences: list[tuple[KVCache, slice]], layer: int) -> None:
         """Raise unless :meth:`batched` can run on these arguments: ``x`` float32 ``(n, hidden)``, the
         sequences' rows consecutive and covering ``x``, each cache with layer ``layer`` of this
-        attention's layout and room for its rows; and the attention itself (:meth:`check`)."""
-        self.check()
+        attention's layout and room for its rows (the attention itself is :meth:`check`'s)."""
         checks.check_rows(x, "attention input", self.hidden_size)
         _check_sequences(sequences, x.shape[0])
         for cache, rows in sequences:

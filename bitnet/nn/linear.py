@@ -10,7 +10,7 @@ from ..ops import WEIGHT_FORMAT, matmul, matmul_rows
 from ..quant import TernaryTensor, quantize_weights
 from . import checks, scratch
 from .changes import Tracked
-from .norm import RMSNorm
+from .norm import RMSNorm, check_norm
 
 
 class BitLinear(Tracked):
@@ -54,10 +54,7 @@ class BitLinear(Tracked):
                                     f"needed{f' ({why})' if why else ''}")
         if self.bias is not None:
             checks.float32_vector(self.bias, f"the bias of {name}", self.out_features)
-        if self.input_norm is not None:
-            if not isinstance(self.input_norm, RMSNorm):
-                raise errors.DTypeError(f"the input_norm of {name} must be an RMSNorm or None")
-            self.input_norm.check(self.in_features, f"the input_norm of {name}")
+        check_norm(self.input_norm, self.in_features, f"the input_norm of {name}", optional=True)
 
     @property
     def out_features(self) -> int:

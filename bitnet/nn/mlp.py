@@ -9,7 +9,7 @@ from ..kernels import rows
 from . import checks, scratch
 from .changes import Tracked
 from .linear import BitLinear, check_projection
-from .norm import RMSNorm
+from .norm import RMSNorm, check_norm
 
 ACTIVATIONS = ("relu2", "silu")
 NO_NORM = np.ones(1, np.float32)  # the kernels' gain argument where a layer has no sub-norm (the compiled layers too)
@@ -65,10 +65,7 @@ class MLP(Tracked):
             check_projection(proj, shape, name, why)
         if self.gate_up_proj is not None:
             check_projection(self.gate_up_proj, (2 * inner, hidden), "gate_up_proj", why)
-        if self.sub_norm is not None:
-            if not isinstance(self.sub_norm, RMSNorm):
-                raise errors.DTypeError("the FFN sub-norm must be an RMSNorm or None")
-            self.sub_norm.check(inner, "the FFN sub-norm")
+        check_norm(self.sub_norm, inner, "the FFN sub-norm", optional=True)
 
     @property
     def running_linears(self) -> tuple[BitLinear, ...]:

@@ -67,3 +67,13 @@ class RMSNorm(Tracked):
         out = scratch.reused(self.tag, x.shape)
         rows.for_rows(x.shape[0]).add_rms_norm(x, delta, self.weight, self.eps, out)
         return out
+
+
+def check_norm(norm: object, features: int, name: str, optional: bool = False) -> None:
+    """Raise unless ``norm`` is an :class:`RMSNorm` that can run over ``features`` features (or None,
+    where ``optional``); ``name`` says which norm this is, for the messages."""
+    if norm is None and optional:
+        return
+    if not isinstance(norm, RMSNorm):
+        raise errors.DTypeError(f"{name} must be an RMSNorm{' or None' if optional else ''}, got {type(norm).__name__}")
+    norm.check(features, name)
