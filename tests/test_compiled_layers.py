@@ -135,3 +135,28 @@ def test_layers_changed_so_that_they_cannot_run_are_refused_before_anything_runs
         with pytest.raises(error, match=match):
             model.forward_batch([np.arange(2)], [cache])
         assert cache.length == 5
+
+
+def test_run_projections_makes_the_last_layers_projections_of_its_inputs():
+    """bench-model's matmul time replays the projections as the compiled call makes them: layer after
+    layer into the same buffers, so afterwards they hold the last layer's outputs of the inputs given."""
+    from bitnet.nn import scratch
+
+    config = bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=None,
+                             eos_token_id=None)
+    model = bn.models.random_model(config, seed=6, head_dtype="f32")
+    layers = model._current_layers()
+    assert layers.reason is None
+    rng = np.random.default_rng(4)
+    last = model.layers[-1]
+    projections = (last.attention.qkv_proj, last.attention.o_proj, last.mlp.gate_up_proj, last.mlp.down_proj)
+    with scratch.step():
+        normed, context, hidden = layers.projection_inputs(3)
+        for values in (normed, context, hidden):
+            values[:] = rng.standard_normal(values.shape, np.float32) * 4
+        layers.run_projections(3)
+        buffers = layers._buffers(3)
+        for name, x, linear in zip(("qkv", "attended", "gate_up", "down"), (normed, context, normed, hidden),
+                                   projections, strict=True):
+            assert np.array_equal(buffers[name], bn.matmul(x, linear.weight)), name

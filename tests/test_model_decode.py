@@ -151,13 +151,24 @@ def test_bench_model_reports_rates_bandwidth_and_overhead():
     result = bench_model(bn.models.random_model(config, head_dtype="int8"), prompt_tokens=8, decode_tokens=4,
                          context=5, repeats=2, read_bytes=2**20)
     assert len(result.prefill_seconds) == len(result.decode_seconds) == len(result.read_bytes_per_second) == 2
-    assert len(result.step_seconds) == 8
+    assert len(result.step_seconds) == 8 and len(result.kernel_seconds) == 2
     for spread in (result.prefill_tokens_per_second, result.decode_tokens_per_second, result.read_bandwidth,
                    result.bound_tokens_per_second, result.bound_fraction):
         assert 0 < spread.low <= spread.median <= spread.high
     assert result.step_bytes.kv_cache == 2 * 2 * 2 * 16 * 4 * (5 + 2.5)  # 7.5 positions attended on average
     assert 0 <= result.overhead_share <= 1 and 0 < result.python_share <= 1
     assert result.peak_rss_bytes > 0
+
+
+def test_overhead_share_sets_each_runs_kernels_against_that_runs_steps():
+    from bitnet.models.bench import BenchResult, StepBytes
+
+    # Run 1: steps of 1 s, kernels 0.5 s (half outside them); run 2: steps of 2-4 s (median 2), kernels
+    # 1.5 s (a quarter outside). Pooled, the kernels' median (1.0) over the steps' (1.5) would say a third.
+    result = BenchResult(8, 4, 0, [1.0, 1.0], [4.0, 10.0], [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 4.0], [1e9, 1e9],
+                         StepBytes(1, 1, 0.0), [0.5, 1.5], 0.01, 1)
+    assert result.overhead_share == (0.5 + 0.25) / 2
+    assert result.kernel_seconds_per_step == 1.0
 
 
 def test_decode_step_bytes_are_the_projections_the_head_and_the_attended_cache():

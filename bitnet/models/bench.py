@@ -16,13 +16,14 @@ Beside the weight streaming it reports two views of what a decode step spends:
   Python code, kernel dispatch and the arena. It runs on one thread: with nothing to share,
   threads would only add the pool's wake-up latency, which a busy machine inflates.
 
-Runs are interleaved (prefill, decode, bandwidth in each), so a machine whose bandwidth
-drifts with other tenants' load moves all three together, and the medians keep one busy
-run's outliers out.
+Runs are interleaved (prefill, decode, the kernels alone and bandwidth in each), so a machine
+whose bandwidth drifts with other tenants' load moves them together, each ratio is taken within
+a run, and the medians keep one busy run's outliers out.
 """
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -35,7 +36,7 @@ from numba import njit, prange
 
 from .. import errors
 from ..bench import timings
-from ..nn import KVCache
+from ..nn import KVCache, scratch
 from ..ops import get_num_threads, matmul, set_num_threads
 from .bitnet import BitNetForCausalLM
 from .config import BitNetConfig
@@ -85,7 +86,7 @@ class BenchResult:
     step_seconds: list[float]  # every decode step of every run
     read_bytes_per_second: list[float]  # per run
     step_bytes: StepBytes  # at the mean position of the timed steps
-    kernel_seconds_per_step: float
+    kernel_seconds: list[float]  # per run: the matmul kernels of one step alone, timed right after its steps
     python_seconds_per_step: float
     peak_rss_bytes: int
 
@@ -123,9 +124,19 @@ class BenchResult:
         return float(np.min(self.step_seconds))
 
     @property
+    def kernel_seconds_per_step(self) -> float:
+        """Median over the runs of the matmul kernels of one step alone."""
+        return float(np.median(self.kernel_seconds))
+
+    @property
     def overhead_share(self) -> float:
-        """Fraction of a decode step outside the matmul kernels (Python, norms, rope, attention)."""
-        return max(0.0, 1.0 - self.kernel_seconds_per_step / self.decode_seconds_per_token)
+        """Fraction of a decode step outside the matmul kernels (Python, norms, rope, attention): the
+        median over the runs of each run's kernels against its own median step, so that both sides
+        of a ratio see the same minute of a machine whose DRAM speed drifts."""
+        runs = len(self.kernel_seconds)
+        per_run = np.reshape(self.step_seconds, (runs, -1))
+        return float(np.median([max(0.0, 1.0 - kernels / np.median(steps))
+                                for kernels, steps in zip(self.kernel_seconds, per_run, strict=True)]))
 
     @property
     def python_share(self) -> float:
@@ -187,21 +198,34 @@ def check_lengths(config: BitNetConfig, prompt_tokens: int, decode_tokens: int, 
 
 
 def kernel_seconds_per_step(model: BitNetForCausalLM, repeats: int = 5) -> float:
-    """Time of the matmul kernels of one decode step alone: every BitLinear of every layer, and the head."""
+    """Time of the matmul kernels of one decode step alone: every BitLinear of every layer, and the head.
+
+    Where the model runs its layers in one compiled call, the projections run the same way
+    (``CompiledLayers.run_projections``): called one by one from Python they took ~1 ms more a
+    step than in the model, as much as everything else outside them.
+    """
     rng = np.random.default_rng(0)
-    calls = []
-    for linear in model.running_linears():
-        x = rng.standard_normal((1, linear.in_features), np.float32)
-        calls.append((linear.weight, x, np.empty((1, linear.out_features), np.float32)))
     h = rng.standard_normal((1, model.config.hidden_size), np.float32)
     logits = np.empty((1, model.config.vocab_size), np.float32)
+    compiled = model._current_layers()
+    with scratch.step():
+        if compiled.reason is None:
+            for values in compiled.projection_inputs(1):
+                values[:] = rng.standard_normal(values.shape, np.float32)
+            projections = functools.partial(compiled.run_projections, 1)
+        else:
+            calls = [(linear.weight, rng.standard_normal((1, linear.in_features), np.float32),
+                      np.empty((1, linear.out_features), np.float32)) for linear in model.running_linears()]
 
-    def step() -> None:
-        for weight, x, out in calls:
-            matmul(x, weight, out=out)
-        model.lm_head.logits(h, out=logits)
+            def projections() -> None:
+                for weight, x, out in calls:
+                    matmul(x, weight, out=out)
 
-    return timings(step, min_time=0.0, min_repeats=repeats, max_repeats=repeats)[0]
+        def step() -> None:
+            projections()
+            model.lm_head.logits(h, out=logits)
+
+        return timings(step, min_time=0.0, min_repeats=repeats, max_repeats=repeats)[0]
 
 
 def filled_cache(
@@ -312,7 +336,7 @@ def bench_model(
     BenchResult
         Per-run prefill and decode times and bandwidths, the bytes of a step at the mean
         position of the timed steps (``context + (decode_tokens + 1) / 2`` attended), the
-        kernel and Python-overhead times of a step, and the peak RSS.
+        kernel times of a step (per run) and its Python-overhead time, and the peak RSS.
     """
     check_lengths(model.config, prompt_tokens, decode_tokens, context)
     stage = progress or (lambda name: None)
@@ -324,7 +348,7 @@ def bench_model(
         stage(f"filling {context} cached positions")
     cache, first_logits = filled_cache(model, context, decode_tokens, rng)
     logits = first_logits.copy()
-    prefill, decode, steps, bandwidth = [], [], [], []
+    prefill, decode, steps, bandwidth, kernels = [], [], [], [], []
     buffer, peak = None, 0
     for run in range(repeats):
         label = f"run {run + 1} of {repeats}: " if repeats > 1 else ""
@@ -338,14 +362,14 @@ def bench_model(
         times = _greedy_steps(model, cache, logits, decode_tokens)
         decode.append(sum(times))
         steps += times
+        stage(f"{label}matmul kernels alone")
+        kernels.append(kernel_seconds_per_step(model))
         if buffer is None:
             peak = peak_rss_bytes()
             buffer = np.ones((read_bytes or read_pass_bytes()) // 8, np.uint64)  # every page touched
         stage(f"{label}DRAM read bandwidth ({buffer.nbytes / 2**20:.0f} MiB read pass)")
         bandwidth.append(read_bandwidth(buffer))
     del buffer  # hundreds of MiB, not needed by the phases left
-    stage("matmul kernels alone")
-    kernels = kernel_seconds_per_step(model)
     stage("Python overhead (a model of tiny widths)")
     python = python_seconds_per_step(model.config)
     return BenchResult(prompt_tokens, decode_tokens, context, prefill, decode, steps, bandwidth,

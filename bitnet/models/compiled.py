@@ -110,22 +110,42 @@ class CompiledLayers:
         """Run every layer over ``x`` (``(n, hidden)`` float32, C-contiguous, updated in place) for the
         sequences of ``group`` (all of the step's), whose caches hold at most ``end`` positions after it."""
         attention, mlp = self.attention, self.mlp
-        n, width = x.shape
-        heads, d = attention.heads, attention.head_dim
-        inner = mlp.down_proj.in_features
+        n, heads = x.shape[0], attention.heads
         attention.rope.reserve(end)
-        buffer = lambda name, shape, dtype=np.float32: scratch.reused(f"decoder.{name}", shape, dtype)  # noqa: E731
-        workspaces = [self._workspace(n, self.k_padded[which]) for which in (decoder.QKV, decoder.O, decoder.DOWN)]
+        b = self._buffers(n)
         decoder.decoder_layers(
             MARKERS[self.path], x, self.weights, self.norms, self.eps, self.data_template, mlp.activation == "silu",
             attention.sub_norm is not None, rows.threaded(n), heads, attention.kv_heads, attention.rope.cos,
             attention.rope.sin, group.rows, group.tables, group.template, attention.scaling, group.threaded,
-            tuple(group.scratch(heads)), buffer("normed", (n, width)),
-            buffer("qkv", (n, attention.qkv_proj.out_features)), buffer("queries", (n, heads, d)),
-            buffer("context", (n, heads * d)), buffer("context_normed", (n, heads * d)),
-            buffer("attended", (n, width)), buffer("gate_up", (n, 2 * inner)), buffer("hidden", (n, inner)),
-            buffer("down", (n, width)), *workspaces,
+            tuple(group.scratch(heads)), b["normed"], b["qkv"], b["queries"], b["context"], b["context_normed"],
+            b["attended"], b["gate_up"], b["hidden"], b["down"], *self._workspaces(n),
         )
+
+    def projection_inputs(self, n: int) -> list[np.ndarray]:
+        """The buffers :meth:`run_projections` reads for ``n`` rows: the inputs of q|k|v and gate|up, of o, of down."""
+        b = self._buffers(n)
+        return [b["normed"], b["context"], b["hidden"]]
+
+    def run_projections(self, n: int) -> None:
+        """Only the projections of a step of ``n`` rows, as :meth:`run` makes them (``decoder_projections``):
+        the matmul time of a step. Call it inside a ``scratch.step()``, after filling :meth:`projection_inputs`."""
+        b = self._buffers(n)
+        decoder.decoder_projections(MARKERS[self.path], self.weights, self.data_template, self.eps[0], b["normed"],
+                                    b["qkv"], b["context"], b["attended"], b["gate_up"], b["hidden"], b["down"],
+                                    *self._workspaces(n))
+
+    def _buffers(self, n: int) -> dict[str, np.ndarray]:
+        """The float32 step temporaries of ``decoder_layers`` for ``n`` rows, by argument name."""
+        attention, inner = self.attention, self.mlp.down_proj.in_features
+        width, heads, d = attention.o_proj.out_features, attention.heads, attention.head_dim
+        shapes = {"normed": (n, width), "qkv": (n, attention.qkv_proj.out_features), "queries": (n, heads, d),
+                  "context": (n, heads * d), "context_normed": (n, heads * d), "attended": (n, width),
+                  "gate_up": (n, 2 * inner), "hidden": (n, inner), "down": (n, width)}
+        return {name: scratch.reused(f"decoder.{name}", shape, np.float32) for name, shape in shapes.items()}
+
+    def _workspaces(self, n: int) -> list[tuple]:
+        """The matmul workspaces of the inputs of q|k|v and gate|up, of o and of down, for ``n`` rows."""
+        return [self._workspace(n, self.k_padded[which]) for which in (decoder.QKV, decoder.O, decoder.DOWN)]
 
     def _workspace(self, n: int, k_padded: int) -> tuple:
         """``matmul_float``'s workspace for ``n`` rows of ``k_padded`` features: step temporaries."""
