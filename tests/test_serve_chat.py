@@ -114,3 +114,13 @@ def test_a_template_s_refusal_and_bad_jinja_are_checkpoint_errors(tmp_path, toke
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
     with pytest.raises(bn.CheckpointError, match="not valid Jinja"):
         chat_format(tmp_path, tokenizer, config)
+
+
+@pytest.mark.parametrize("ids", [dict(bos_token_id=10**6), dict(eos_token_id=10**6), dict(eos_token_id=[10**6, 0])])
+def test_a_bos_or_eos_id_the_tokenizer_lacks_is_a_checkpoint_error(tmp_path, tokenizer, ids):
+    """Not "None" rendered into every prompt by the template."""
+    config = bn.BitNetConfig(**{"vocab_size": 10**6 + 1, "bos_token_id": 1, "eos_token_id": 0, **ids})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos_token }}{{ eos_token }}"}))
+    name = "bos_token" if "bos_token_id" in ids else "eos_token"
+    with pytest.raises(bn.CheckpointError, match=f"{name} is token 1000000, which the tokenizer does not have"):
+        chat_format(tmp_path, tokenizer, config)

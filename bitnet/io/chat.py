@@ -56,8 +56,9 @@ def chat_format(model_dir, tokenizer, config) -> ChatFormat:
 
     Raises
     ------
-    CheckpointError when the template is not valid Jinja; ``render`` raises it when the
-    template fails or refuses a conversation (its ``raise_exception``).
+    CheckpointError when the template is not valid Jinja or the config's BOS or EOS id is not
+    a token of ``tokenizer``; ``render`` raises it when the template fails or refuses a
+    conversation (its ``raise_exception``).
     """
     template = read_chat_template(model_dir)
     note = None
@@ -76,9 +77,25 @@ def chat_format(model_dir, tokenizer, config) -> ChatFormat:
     return ChatFormat(plain, f"\n{PLAIN_ROLES[USER]}:", note)
 
 
+def _special_token(tokenizer, name: str, token_id: int | None) -> str:
+    """The text of the template variable ``name`` (``bos_token``/``eos_token``): token ``token_id``, "" for None.
+
+    An id the tokenizer lacks would render as "None" in every prompt: CheckpointError instead.
+    """
+    if token_id is None:
+        return ""
+    token = tokenizer.id_to_token(token_id)
+    if token is None:
+        raise errors.CheckpointError(
+            f"the chat template's {name} is token {token_id}, which the tokenizer does not have "
+            f"({tokenizer.get_vocab_size()} tokens): fix {name}_id in config.json (or the GGUF's tokenizer.ggml keys)"
+        )
+    return token
+
+
 def _template_renderer(sandbox, template: str, tokenizer, config) -> Callable[[list[dict]], list[int]]:
     compiled = _compiled_template(sandbox, template)
-    specials = {name: tokenizer.id_to_token(i) if i is not None else "" for name, i in
+    specials = {name: _special_token(tokenizer, name, i) for name, i in
                 (("bos_token", config.bos_token_id), ("eos_token", (config.stop_token_ids or [None])[0]))}
 
     def render(messages: list[dict]) -> list[int]:
