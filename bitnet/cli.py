@@ -23,16 +23,21 @@ from typing import NoReturn
 import numpy as np
 
 import bitnet as bn
-from bitnet import bench
-from bitnet.io.chat import ASSISTANT, USER, chat_format, fitted
-from bitnet.io.detokenize import TextStream
-from bitnet.kernels.cpu_features import supported_paths
-from bitnet.serve.engine import DEFAULT_MAX_QUEUE
-from bitnet.serve.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
+from bitnet.choices import (
+    CACHE_DTYPES,
+    CONVERT_FORMATS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFILL_CHUNK,
+    HEAD_DTYPES,
+    HEADS,
+)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Quantize a built-in random layer, pack it in every format, multiply, and report."""
+    from bitnet import bench
+
     rng = np.random.default_rng(args.seed)
     m, k = args.out_features, args.in_features
     w = (rng.standard_normal((m, k)) * 0.02).astype(np.float32)
@@ -110,6 +115,8 @@ def _timed(tokens: Iterable[int], stamps: list[float], skip: int = 0) -> Iterato
 
 def _decoded(tokenizer, tokens: Iterable[int], shown: str = "") -> Iterator[str]:
     """The text of ``tokens`` piece by piece, as it grows, less the ``shown`` start already printed."""
+    from bitnet.io.detokenize import TextStream
+
     text = TextStream(tokenizer, skip=shown)
     for token in tokens:
         piece = text.push(token)
@@ -158,6 +165,8 @@ def _chat(args: argparse.Namespace, model, tokenizer, source: str) -> int:
     fit the model's context with room for the reply. Ctrl-C stops a reply; at the prompt, a
     second Ctrl-C in a row, or end of input (Ctrl-D), ends the program.
     """
+    from bitnet.io.chat import ASSISTANT, USER, chat_format, fitted
+
     try:
         import readline  # noqa: F401  (gives input() line editing and history)
     except ImportError:  # not on every platform; input() still works without it
@@ -203,6 +212,8 @@ def _stream_reply(tokenizer, tokens: Iterable[int], stop: str | None) -> str:
 
     Ctrl-C ends it early: the part already printed is the reply the conversation keeps.
     """
+    from bitnet.io.detokenize import TextStream
+
     # The transcript's space after "Assistant:" is not the reply's.
     text = TextStream(tokenizer, [stop] if stop else [], strip_start=True)
     try:
@@ -304,6 +315,8 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time bn.matmul (activation quantization included) against numpy float32 on the same shapes."""
+    from bitnet import bench
+
     if args.plot:
         bench.check_plot_path(args.plot)  # before minutes of timing, not after
     shapes = bench.SHAPES if args.quick else (*bench.SHAPES, bench.STREAM_SHAPE)
@@ -505,6 +518,8 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def _kernel_paths(text: str) -> list[str]:
+    from bitnet.kernels.cpu_features import supported_paths
+
     paths = text.split(",")
     supported = supported_paths()
     for path in paths:
@@ -522,6 +537,18 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
     return value
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: looks the version up when asked (reading the installed distributions' metadata
+    took ~0.17 s, half of every command's start)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        print(f"{parser.prog} {_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 def _version() -> str:
@@ -544,7 +571,7 @@ def _doc(command: Callable) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m bitnet", description=_doc(sys.modules[__name__]),
                      formatter_class=_HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run: Callable) -> argparse.ArgumentParser:
@@ -573,15 +600,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=None,
                           help="nucleus sampling threshold (default: generation_config.json, else 1)")
     generate.add_argument("--seed", type=_at_least(0), default=None, help="sampling seed (default: random)")
-    generate.add_argument("--head", choices=bn.io.convert.HEADS, default="auto",
+    generate.add_argument("--head", choices=HEADS, default="auto",
                           help="embedding/head storage (auto: as in the checkpoint)")
     convert = command("convert", cmd_convert)
     convert.add_argument("source", help="HF model directory (packed, or float: quantized with absmean) or .gguf file")
     convert.add_argument("destination", help="HF directory (--format hf) or .gguf file to write")
-    convert.add_argument("--format", required=True, choices=bn.io.convert.TARGET_FORMATS,
+    convert.add_argument("--format", required=True, choices=CONVERT_FORMATS,
                          help="hf: HF packed directory (2 bits/weight); tq2_0 (2.06), tq1_0 (1.69): llama.cpp GGUF; "
                               "i2_s (2 + a float32 scale): bitnet.cpp GGUF")
-    convert.add_argument("--head", choices=bn.io.convert.HEADS, default="auto",
+    convert.add_argument("--head", choices=HEADS, default="auto",
                          help="embedding/head storage (auto: as in the source; int8 values are stored as float32)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     info = command("info", cmd_info)
@@ -597,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="also draw the table as a bar chart into this image file (needs matplotlib)")
     bench_model = command("bench-model", cmd_bench_model)
     bench_model.add_argument("--layers", type=_at_least(1), default=30, help="decoder layers (2B4T has 30)")
-    bench_model.add_argument("--head", choices=bn.nn.embedding.DTYPES, default="int8",
+    bench_model.add_argument("--head", choices=HEAD_DTYPES, default="int8",
                              help="embedding/head storage; the README's figures are for the int8 head")
     bench_model.add_argument("--prompt-tokens", type=_at_least(1), default=64, help="tokens of the timed prefill")
     bench_model.add_argument("--decode-tokens", type=_at_least(1), default=32, help="timed decode steps")
@@ -607,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_model.add_argument("--context", type=_at_least(0), nargs="+", default=[0],
                              help="cached positions (random tokens, filled untimed) before the timed decode steps; "
                                   "several (e.g. 0 512 2048 4096) add decode tok/s at each, measured side by side")
-    bench_model.add_argument("--kv-dtype", choices=list(bn.nn.attention.CACHE_DTYPES), default="float16",
+    bench_model.add_argument("--kv-dtype", choices=CACHE_DTYPES, default="float16",
                              help="KV cache storage (float16 as llama.cpp; float32 gives transformers' numbers)")
     bench_model.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random weights and prompt")
     serve = command("serve", cmd_serve)
@@ -628,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-chunk", type=_at_least(1), default=DEFAULT_PREFILL_CHUNK,
                        help="most prompt tokens read in one step, over all requests")
     serve.add_argument("--threads", type=_at_least(1), default=None, help="numba threads (default: numba's setting)")
-    serve.add_argument("--head", choices=bn.io.convert.HEADS, default="auto",
+    serve.add_argument("--head", choices=HEADS, default="auto",
                        help="embedding/head storage (auto: as in the checkpoint)")
     train = command("train", cmd_train)
     _add_train_arguments(train)

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from . import errors
+from .choices import DEFAULT_MAX_BATCH
 from .io import load_pretrained, load_tokenizer
 from .io.detokenize import TextStream
 from .models import BitNetForCausalLM
 from .models.sampling import Sampler
 from .ops import set_num_threads
-from .serve.scheduler import DEFAULT_MAX_BATCH, Output, Scheduler, Sequence
+from .serve.scheduler import Output, Scheduler, Sequence
 
 
 def generate_batch(

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import errors
-from ..nn.embedding import DTYPES as HEAD_DTYPES
+from ..choices import CONVERT_FORMATS, HEADS
 from . import atomic, gguf, hf, info, tokenizer
 
-TARGET_FORMATS = ("hf", *gguf.WEIGHT_FORMATS)
-HEADS = ("auto", *HEAD_DTYPES)
+TARGET_FORMATS = CONVERT_FORMATS
 STAGES = ("read", "write", "tokenizer")
 
 

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import errors
+from ..choices import GGUF_WEIGHT_FORMATS, HEADS
 from ..formats import PackedTernary, pack, unpack
 from ..formats import i2_s as i2_s_format
 from ..models import BitNetConfig, BitNetForCausalLM
 from ..nn import BitLinear
-from ..nn.embedding import DTYPES as EMBEDDING_DTYPES
 from ..nn.embedding import as_float32, bf16_bits_to_float
 from ..nn.rope import checked_freq_factors, llama3_freq_factors
 from ..quant import TernaryTensor, quantize_weights
@@ -53,7 +53,7 @@ I2_S_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml fork
 TERNARY_TYPES = {34: "tq1_0", 35: "tq2_0", I2_S_TYPE: "i2_s"}
 FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16
 MOSTLY_I2_S = 40  # its LLAMA_FTYPE_MOSTLY_I2_S
-WEIGHT_FORMATS = ("tq2_0", "tq1_0", "i2_s")
+WEIGHT_FORMATS = GGUF_WEIGHT_FORMATS
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's value when rope.freq_base is absent
 DEFAULT_CONTEXT = 4096
 TQ_BLOCK = 256
@@ -608,8 +608,8 @@ def load_gguf(path: str | Path, head_dtype: str = "auto", progress: Progress | N
     >>> model = bn.load_gguf("ggml-model-i2_s.gguf")            # doctest: +SKIP
     >>> tokenizer = bn.load_gguf_tokenizer("ggml-model-i2_s.gguf")  # doctest: +SKIP
     """
-    if head_dtype not in ("auto", *EMBEDDING_DTYPES):
-        raise errors.unknown_name("head_dtype", head_dtype, ("auto", *EMBEDDING_DTYPES))
+    if head_dtype not in HEADS:
+        raise errors.unknown_name("head_dtype", head_dtype, HEADS)
     file = GGUFFile(path)
     config = read_config(file)
     return BitNetForCausalLM.from_weights(config, _read_weights(file, config, progress), head_dtype)

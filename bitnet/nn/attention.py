@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import errors
+from .. import choices, errors
 from ..kernels import attention as kernels
 from ..memory import Arena
 from ..ops import KERNEL_PATH
@@ -17,7 +17,7 @@ from .rope import RotaryEmbedding
 INITIAL_CACHE_LENGTH = 256
 
 
-CACHE_DTYPES = {"float32": np.float32, "float16": np.float16}
+CACHE_DTYPES = {name: np.dtype(name).type for name in choices.CACHE_DTYPES}
 """Storage a KV cache may use: float32 (HF transformers' numbers) or float16 (llama.cpp's
 default: half the bytes a long context reads per token)."""
 

@@ -8,12 +8,13 @@ from collections.abc import Iterable
 import numpy as np
 
 from .. import errors
+from ..choices import HEAD_DTYPES, HEADS
 from ..kernels import head as head_kernels
 from ..kernels.simd import BF16_WORDS, F16_WORDS, F32_VALUES, MARKERS
 from ..ops import KERNEL_PATH
 from . import checks, scratch
 
-DTYPES = ("f32", "f16", "bf16", "int8")
+DTYPES = HEAD_DTYPES
 _NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
 _TABLE_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "int8": np.int8}  # as stored
 _WORD_FORMATS = {"f16": F16_WORDS, "bf16": BF16_WORDS}  # tables the kernels read as raw uint16 words
@@ -167,7 +168,7 @@ class Embedding:
         errors.check_ndim(weights, "embedding weights", (2,))
         dtype = source if dtype == "auto" else dtype
         if dtype not in DTYPES:
-            raise errors.unknown_name("embedding dtype", dtype, ("auto", *DTYPES))
+            raise errors.unknown_name("embedding dtype", dtype, HEADS)
         if dtype == source:
             raw = weights.view(np.uint16) if source == "bf16" else weights
             return cls(raw, dtype)

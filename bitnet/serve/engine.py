@@ -20,17 +20,17 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from .. import errors
+from ..choices import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 from ..io.detokenize import TextStream
 from ..memory import Arena
 from ..models import BitNetForCausalLM
 from ..models.sampling import Sampler
 from ..nn import checks
 from ..ops import release_worker_threads, set_num_threads
-from .scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, Output, Scheduler, Sequence
+from .scheduler import Output, Scheduler, Sequence
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_QUEUE = 64
 _STOP = None  # the inbox item that ends the engine thread
 
 

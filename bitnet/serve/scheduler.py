@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import errors
+from ..choices import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
 from ..io.detokenize import TextStream
 from ..memory import Arena, default_arena
 from ..models import BitNetForCausalLM
@@ -33,8 +34,6 @@ from ..nn import checks
 log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"  # OpenAI's finish_reason values
-DEFAULT_MAX_BATCH = 8
-DEFAULT_PREFILL_CHUNK = 64
 CACHE_HEADROOM = 256  # decode positions a new cache has room for before it first doubles
 
 

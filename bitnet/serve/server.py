@@ -14,11 +14,11 @@ from pathlib import Path
 import uvicorn
 
 from .. import errors
+from ..choices import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 from ..io import load_pretrained, load_tokenizer
 from ..io.chat import chat_format
 from .app import create_app
-from .engine import DEFAULT_MAX_QUEUE, Engine
-from .scheduler import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
+from .engine import Engine
 
 API_KEY_ENV = "BITNET_API_KEY"
 STARTUP_SECONDS = 300  # the engine's warm-up compiles kernels on a cold Numba cache
