@@ -152,8 +152,8 @@ def decoder_layers(isa, x, weights, norms, eps, data_template, silu, sub_norms, 
 @njit(**_KERNEL)
 def decoder_projections(isa, weights, data_template, scale_template, normed, qkv, context, attended, gate_up, hidden,
                         down, hidden_workspace, context_workspace, inner_workspace):
-    """The projections of ``decoder_layers`` alone, in its order, with its arguments: what a step spends
-    in the matmuls, for bench-model to set apart from the rest (inputs as the last step left them)."""
+    """The projections of ``decoder_layers`` alone, in its order, with its arguments, on whatever their
+    input buffers hold: what a step spends in the matmuls, for bench-model to set apart from the rest."""
     for layer in range(weights.shape[0]):
         _project(isa, weights, layer, QKV, normed, data_template, scale_template, hidden_workspace, qkv)
         _project(isa, weights, layer, O, context, data_template, scale_template, context_workspace, attended)
