@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 import bitnet as bn
-from bitnet.io.gguf import WEIGHT_FORMATS, save_gguf
+from bitnet.choices import GGUF_WEIGHT_FORMATS
+from bitnet.io.gguf import save_gguf
 from bitnet.io.gguf_arch import architecture_for
 from bitnet.nn import BitLinear
 from bitnet.quant import TernaryTensor
@@ -138,12 +139,12 @@ def main() -> None:
     cases = []  # (family, format, table dtype, model, ids)
     for family in FAMILIES:
         model = random_model(family, vocab)
-        cases += [(family, fmt, "f32", model, random_ids) for fmt in WEIGHT_FORMATS]
+        cases += [(family, fmt, "f32", model, random_ids) for fmt in GGUF_WEIGHT_FORMATS]
     for dtype in ("f16", "bf16"):
         cases.append(("1bitLLM", "tq2_0", dtype, random_model("1bitLLM", vocab, dtype), random_ids))
         cases.append(("Llama ternary", "tq2_0", dtype, random_model("Llama ternary", vocab, dtype), random_ids))
     bundled = bn.load_pretrained()
-    cases += [("bundled (2B4T)", fmt, bundled.embed_tokens.dtype, bundled, bundled_ids) for fmt in WEIGHT_FORMATS]
+    cases += [("bundled (2B4T)", fmt, bundled.embed_tokens.dtype, bundled, bundled_ids) for fmt in GGUF_WEIGHT_FORMATS]
 
     header = f"{'family':<15} {'format':<6} {'table':<5} {'architecture':<13} {'loads':<5} " \
              f"{'vs bitnet: diff, argmax':<24} {'vs Q8_K: diff, argmax':<22}"

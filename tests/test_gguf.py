@@ -14,7 +14,8 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import bitnet as bn
-from bitnet.io.gguf import WEIGHT_FORMATS, GGUFFile, GGUFTensor, read_ternary, save_gguf
+from bitnet.choices import GGUF_WEIGHT_FORMATS
+from bitnet.io.gguf import GGUFFile, GGUFTensor, read_ternary, save_gguf
 from bitnet.io.gguf_tokenizer import LLAMA3_PATTERN, build_tokenizer
 from bitnet.nn import BitLinear
 from bitnet.quant import TernaryTensor
@@ -158,7 +159,7 @@ def saved(model, tmp_path_factory):
     """The tiny model written once in each weight format: ``{format: path}``."""
     folder = tmp_path_factory.mktemp("gguf")
     paths = {}
-    for weight_format in WEIGHT_FORMATS:
+    for weight_format in GGUF_WEIGHT_FORMATS:
         paths[weight_format] = folder / f"tiny-{weight_format}.gguf"
         save_gguf(model, paths[weight_format], weight_format)
     return paths
@@ -172,7 +173,7 @@ def linear_of(model, layer: int, hf_name: str):
 # Round trips
 
 
-@pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)
+@pytest.mark.parametrize("weight_format", GGUF_WEIGHT_FORMATS)
 def test_round_trip_gives_identical_logits(model, saved, weight_format):
     loaded = bn.load_gguf(saved[weight_format])
     assert type(loaded) is type(model)
@@ -203,7 +204,7 @@ def test_config_survives_the_round_trip(model, saved):
 
 def test_scales_fp16_cannot_hold_are_rounded_by_tq_and_kept_by_i2_s(tmp_path):
     model = tiny_model(fp16_scales=False, seed=5)
-    for weight_format in WEIGHT_FORMATS:
+    for weight_format in GGUF_WEIGHT_FORMATS:
         save_gguf(model, tmp_path / f"{weight_format}.gguf", weight_format)
         loaded = bn.load_gguf(tmp_path / f"{weight_format}.gguf")
         for (_, ours), (_, theirs) in zip(model.named_linears(), loaded.named_linears(), strict=True):
@@ -451,7 +452,7 @@ def test_other_architecture_is_refused(tmp_path, arch, match):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)
+@pytest.mark.parametrize("weight_format", GGUF_WEIGHT_FORMATS)
 def test_each_family_round_trips_under_its_architecture_name(tmp_path, family, weight_format):
     model = tiny_model(family=family, seed=3, tied=family != "llama")
     save_gguf(model, tmp_path / "m.gguf", weight_format)
@@ -578,7 +579,7 @@ def test_tokenizer_arrays_are_written_even_when_empty(tmp_path):
     assert bn.load_gguf_tokenizer(tmp_path / "m.gguf").get_vocab_size() == 48
 
 
-@pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)
+@pytest.mark.parametrize("weight_format", GGUF_WEIGHT_FORMATS)
 def test_every_truncation_of_the_header_and_some_of_the_data_raise(saved, tmp_path, weight_format):
     data = saved[weight_format].read_bytes()
     target = tmp_path / "cut.gguf"

@@ -19,7 +19,8 @@ import pytest
 from test_gguf import _codes_with_scale_tensor, tiny_model, train_tokenizer, write_foreign_gguf
 
 import bitnet as bn
-from bitnet.io.gguf import WEIGHT_FORMATS, GGUFFile, save_gguf
+from bitnet.choices import GGUF_WEIGHT_FORMATS
+from bitnet.io.gguf import GGUFFile, save_gguf
 
 SEED = 20261126
 CASE_SECONDS = 20  # a case that takes longer counts as a hang
@@ -34,7 +35,7 @@ def originals(tmp_path_factory):
                        head_dtype="f16")
     folder = tmp_path_factory.mktemp("fuzz")
     files = {}
-    for weight_format in WEIGHT_FORMATS:
+    for weight_format in GGUF_WEIGHT_FORMATS:
         path = folder / f"{weight_format}.gguf"
         save_gguf(model, path, weight_format, tokenizer=tokenizer)
         files[weight_format] = (path.read_bytes(), GGUFFile(path).data_offset)
@@ -110,7 +111,7 @@ def run_cases(originals, tmp_path, cases: int, seed: int) -> int:
     previous = signal.signal(signal.SIGALRM, _timeout)
     try:
         for weight_format, (data, header) in originals.items():
-            rng = np.random.default_rng([seed, WEIGHT_FORMATS.index(weight_format)])
+            rng = np.random.default_rng([seed, GGUF_WEIGHT_FORMATS.index(weight_format)])
             for case in range(cases):
                 what, corrupt = mutate(data, header, rng)
                 target.write_bytes(corrupt)

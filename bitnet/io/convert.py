@@ -19,7 +19,6 @@ from .. import errors
 from ..choices import CONVERT_FORMATS, HEADS
 from . import atomic, gguf, hf, info, tokenizer
 
-TARGET_FORMATS = CONVERT_FORMATS
 STAGES = ("read", "write", "tokenizer")
 
 
@@ -81,7 +80,7 @@ def convert_checkpoint(
     holds or the format cannot hold, e.g. TQ types need ``in_features`` to be a multiple of 256.
     """
     start = time.perf_counter()
-    format = errors.check_choice("target format", format, TARGET_FORMATS)
+    format = errors.check_choice("target format", format, CONVERT_FORMATS)
     head = errors.check_choice("head dtype", head, HEADS)
     source, destination = Path(source), Path(destination)
     _check_destination(destination, format, overwrite)

@@ -53,7 +53,6 @@ I2_S_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml fork
 TERNARY_TYPES = {34: "tq1_0", 35: "tq2_0", I2_S_TYPE: "i2_s"}
 FLOAT_TYPES = (0, 1, 30)  # F32, F16, BF16
 MOSTLY_I2_S = 40  # its LLAMA_FTYPE_MOSTLY_I2_S
-WEIGHT_FORMATS = GGUF_WEIGHT_FORMATS
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's value when rope.freq_base is absent
 DEFAULT_CONTEXT = 4096
 TQ_BLOCK = 256
@@ -712,8 +711,8 @@ def save_gguf(
     granularity), or has what GGUF files do not hold: BitLinear input norms; a Llama 3 rope
     outside the ``llama`` architecture (only llama.cpp's Llama graph reads ``rope_freqs``).
     """
-    if weight_format not in WEIGHT_FORMATS:
-        raise errors.unknown_name("GGUF weight format", weight_format, WEIGHT_FORMATS, errors.GGUFError)
+    if weight_format not in GGUF_WEIGHT_FORMATS:
+        raise errors.unknown_name("GGUF weight format", weight_format, GGUF_WEIGHT_FORMATS, errors.GGUFError)
     _check_token_ids(model.config)
     architecture = gguf_arch.architecture_for(model.config)
     with atomic.replacing(path) as (temporary,):

@@ -14,7 +14,6 @@ from ..kernels.simd import BF16_WORDS, F16_WORDS, F32_VALUES, MARKERS
 from ..ops import KERNEL_PATH
 from . import checks, scratch
 
-DTYPES = HEAD_DTYPES
 _NUMPY_DTYPES = {"f32": np.float32, "f16": np.float16}
 _TABLE_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16, "int8": np.int8}  # as stored
 _WORD_FORMATS = {"f16": F16_WORDS, "bf16": BF16_WORDS}  # tables the kernels read as raw uint16 words
@@ -56,8 +55,8 @@ class Embedding:
     """
 
     def __init__(self, table: np.ndarray, dtype: str, row_scale: np.ndarray | None = None) -> None:
-        if dtype not in DTYPES:
-            raise errors.unknown_name("embedding dtype", dtype, DTYPES)
+        if dtype not in HEAD_DTYPES:
+            raise errors.unknown_name("embedding dtype", dtype, HEAD_DTYPES)
         if not isinstance(table, np.ndarray) or table.dtype != _TABLE_DTYPES[dtype]:
             got = table.dtype if isinstance(table, np.ndarray) else type(table).__name__
             raise errors.DTypeError(f"a {dtype!r} embedding table must be a numpy array of "
@@ -167,7 +166,7 @@ class Embedding:
         source = _storage_kind(weights)
         errors.check_ndim(weights, "embedding weights", (2,))
         dtype = source if dtype == "auto" else dtype
-        if dtype not in DTYPES:
+        if dtype not in HEAD_DTYPES:
             raise errors.unknown_name("embedding dtype", dtype, HEADS)
         if dtype == source:
             raw = weights.view(np.uint16) if source == "bf16" else weights
