@@ -93,11 +93,12 @@ FEW_QUERIES = 8  # below this many queries the positions are chunked; above, que
 PARALLEL_MIN_CONTEXT = 64
 # The register blocks prefetch (into L2) the keys this many bytes past the rows they score, and the values
 # of those rows (the tile's context reads them next), and the context blocks the values this far past
-# theirs, spread over their loops: the CPU drops prefetches issued in a burst (NOTES.md).
-CACHE_PREFETCH_BYTES = 16384
-# The key rows an item prefetches before its first block: the blocks prefetch only past themselves, so
-# without it a short context (a decode step's ~100 positions) starts on misses all the way to DRAM.
-START_ROWS = 16
+# theirs, spread over their loops: the CPU drops prefetches issued in a burst (NOTES.md). Each item first
+# prefetches its first this many bytes of keys, so the stream runs unbroken from its first row: with
+# 16 KB ahead and a 4 KB start, the rows between were missed, and a decode step's short chunks
+# (64-256 positions) waited on DRAM for most of their keys (4 KB against 16 KB: attention 0.64-0.67
+# against 0.90-0.96 ms at 64 positions, the same at 2048).
+CACHE_PREFETCH_BYTES = 4096
 
 
 def stored(value):
@@ -594,7 +595,7 @@ def causal_attention(isa, queries, rows, tables, layer, template, scaling, score
         hi = min(lo + chunk, rows[r, POSITION] + 1)
         tile_scores = scores[item]
         first_key = (kv * keys.shape[1] + lo) * d
-        for e in range(0, min(hi - lo, START_ROWS) * d, 64 // keys.itemsize):
+        for e in range(0, min((hi - lo) * d, CACHE_PREFETCH_BYTES // keys.itemsize), 64 // keys.itemsize):
             prefetch(keys, first_key + e)
         for g in range(group):
             chunk_max[r, first_head + g, c] = -np.inf
