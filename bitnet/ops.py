@@ -27,6 +27,7 @@ from .kernels import cpu_features
 from .kernels import matmul as kernels
 from .kernels.ternary_blocks import BLOCK
 from .memory import Arena
+from .memory.huge_pages import empty_arrays, on_huge_pages, return_free_memory
 
 try:
     KERNEL_PATH = cpu_features.selected_path()
@@ -137,6 +138,44 @@ def _kernel_weights(w: PackedTernary, path: str = KERNEL_PATH) -> tuple[np.ndarr
                 -(-w.shape[1] // BLOCK) * BLOCK)
     w.cache[key] = prepared
     return prepared
+
+
+def gather_kernel_weights(weights: Iterable[PackedTernary], parts: Iterable[PackedTernary] = (),
+                          path: str = KERNEL_PATH) -> None:
+    """Move the payloads the kernels of ``path`` read for ``weights`` (their layout, as
+    ``_kernel_weights`` prepares it) into one buffer on huge pages, those not there already.
+
+    The same bytes in other memory: a decode step streams them 3.5-7% faster
+    (``bitnet.memory.huge_pages``). Each payload moves once, whichever object holds it (the
+    weight itself, or the layout cached in its ``cache``), and so do the ``parts`` that view it
+    (the row views ``BitLinear.stacked`` leaves its layers), so that its old memory goes back
+    before the next one is copied, unless something else still holds it.
+    """
+    key = (_PREPARED, kernels.WEIGHT_FORMATS[path])
+    moving: dict[int, tuple[PackedTernary, list[PackedTernary]]] = {}
+    for w in weights:
+        _kernel_weights(w, path)
+        holder = kernel_layout(w, key[1])
+        if not on_huge_pages(holder.data):
+            moving.setdefault(id(holder), (holder, []))[1].append(w)
+    parts = list(parts)
+    slots = empty_arrays([(h.data.shape, h.data.dtype) for h, _ in moving.values()]) if moving else []
+    for (holder, users), slot in zip(moving.values(), slots, strict=True):
+        old = holder.data
+        slot[...] = old
+        slot.flags.writeable = False
+        for part in parts:
+            view = part.data
+            if part is not holder and np.may_share_memory(view, old):
+                start = view.ctypes.data - old.ctypes.data
+                part._hold_in(slot.reshape(-1)[start : start + view.nbytes].reshape(view.shape))
+        holder._hold_in(slot)
+        for w in (*users, *parts):
+            prepared = w.cache.get(key)
+            if prepared is not None and np.may_share_memory(prepared[0], old):
+                w.cache[key] = (kernel_layout(w, key[1]).data, *prepared[1:])
+        del old
+        return_free_memory()
 
 
 _Workspace = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]

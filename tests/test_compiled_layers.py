@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import mmap
 import pickle
+import weakref
 
 import numpy as np
 import pytest
 
 import bitnet as bn
+from bitnet import ops
+from bitnet.memory import huge_pages
 from bitnet.models import compiled
 
 
@@ -160,3 +165,33 @@ def test_run_projections_makes_the_last_layers_projections_of_its_inputs():
         for name, x, linear in zip(("qkv", "attended", "gate_up", "down"), (normed, context, normed, hidden),
                                    projections, strict=True):
             assert np.array_equal(buffers[name], bn.matmul(x, linear.weight)), name
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"),
+                    reason="this OS has no huge-page advice (madvise MADV_HUGEPAGE): the weights stay where they are")
+def test_the_compiled_call_moves_the_projections_onto_huge_pages_once():
+    config = bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=None,
+                             eos_token_id=None)
+    model = bn.models.random_model(config, seed=5, head_dtype="f32")
+    weights = [linear.weight for linear in model.running_linears()]
+    parts = [linear.weight for _, linear in model.named_linears()]  # q, k, v, gate, up view the stacked ones
+    part_values = [p.data.copy() for p in parts]
+    before = [ops._kernel_weights(w)[0].copy() for w in weights]
+    assert not any(huge_pages.on_huge_pages(ops._kernel_weights(w)[0]) for w in weights)
+    old_memory = [weakref.ref(ops._kernel_weights(w)[0].base) for w in weights]
+    ids = np.random.default_rng(2).integers(0, 97, 12)
+    model.forward(ids)
+    gc.collect()
+    assert all(ref() is None for ref in old_memory)  # nothing else held the old payloads: their memory went back
+    moved = [ops._kernel_weights(w)[0] for w in weights]
+    assert all(huge_pages.on_huge_pages(m) and not m.flags.writeable for m in moved)
+    assert all(np.array_equal(m, b) for m, b in zip(moved, before, strict=True))
+    for w, m in zip(weights, moved, strict=True):  # where the weight is in the kernels' layout, it holds the copy
+        assert np.shares_memory(w.data, m) == (w.format == ops.WEIGHT_FORMAT)
+    assert all(np.array_equal(p.data, v) for p, v in zip(parts, part_values, strict=True))
+    addresses = [m.ctypes.data for m in moved]
+    norm = model.layers[0].input_norm
+    model.layers[0].input_norm = bn.nn.RMSNorm(np.linspace(0.5, 1.5, 64), norm.eps, norm.tag)
+    model.forward(ids)  # the tables are built again, over the same memory
+    assert [ops._kernel_weights(w)[0].ctypes.data for w in weights] == addresses

@@ -347,3 +347,17 @@ def test_row_slices_split_a_stack_on_row_groups():
     assert bn.FORMATS["i2"].row_slices([3, 5, 1]) == [slice(0, 3), slice(3, 8), slice(8, 9)]
     assert bn.FORMATS["i2x16"].row_slices([32, 16, 5]) == [slice(0, 2), slice(2, 3), slice(3, 4)]
     assert bn.FORMATS["i2x16"].row_slices([16, 8, 8]) is None
+
+
+def test_a_payload_moves_only_into_a_read_only_copy_of_its_shape(rng):
+    packed = bn.pack(bn.quantize_weights(rng.standard_normal((16, 256)).astype(np.float32)), "i2")
+    writable = packed.data.copy()
+    with pytest.raises(bn.FormatError, match="read-only copy"):
+        packed._hold_in(writable)
+    wrong = np.zeros((packed.data.shape[0] + 1, packed.data.shape[1]), np.uint8)
+    wrong.flags.writeable = False
+    with pytest.raises(bn.FormatError, match="read-only copy"):
+        packed._hold_in(wrong)
+    writable.flags.writeable = False
+    packed._hold_in(writable)
+    assert np.shares_memory(packed.data, writable) and not packed.data.flags.writeable

@@ -15,7 +15,7 @@ import pytest
 import bitnet as bn
 import bitnet.memory.arena
 import bitnet.memory.backend
-from bitnet.memory import ALIGNMENT, DEBUG_ENV, POISON_BYTE, CPUBlocks
+from bitnet.memory import ALIGNMENT, DEBUG_ENV, POISON_BYTE, CPUBlocks, huge_pages
 from bitnet.memory.pools import LARGE_BLOCK, LARGE_GRAIN, SMALL_LIMIT, size_class
 
 KiB, MiB = 1024, 1024 * 1024
@@ -654,3 +654,38 @@ def test_more_memory_than_the_system_gives_is_an_arena_error():
     with pytest.raises(bn.ArenaLimitError, match="out of memory"):
         arena.empty((2**50,), np.uint8)  # 1 PiB: numpy's MemoryError, as the library's error
     assert arena.used_bytes() == 0
+
+
+# --- huge pages (bitnet.memory.huge_pages) -----------------------------------------------------------------------
+
+needs_huge_page_advice = pytest.mark.skipif(
+    not hasattr(__import__("mmap"), "MADV_HUGEPAGE"),
+    reason="this OS has no huge-page advice (madvise MADV_HUGEPAGE): buffers are ordinary arrays")
+
+
+@needs_huge_page_advice
+@pytest.mark.parametrize("nbytes", [1, 64, 3 * MiB + 5])
+def test_a_huge_page_buffer_starts_on_a_huge_page_and_is_ordinary_memory(nbytes):
+    buffer = huge_pages.huge_page_buffer(nbytes)
+    assert buffer.dtype == np.uint8 and buffer.shape == (nbytes,) and buffer.flags.writeable
+    assert address(buffer) % huge_pages.HUGE_PAGE == 0
+    buffer[:] = 7
+    assert int(buffer.astype(np.int64).sum()) == 7 * nbytes
+    assert huge_pages.on_huge_pages(buffer) and huge_pages.on_huge_pages(buffer[nbytes // 2 :].view())
+    assert not huge_pages.on_huge_pages(np.empty(nbytes, np.uint8))
+
+
+@needs_huge_page_advice
+def test_empty_arrays_are_packed_in_order_into_one_huge_page_buffer():
+    layouts = [((3, 37), np.dtype(np.uint8)), ((5, 1), np.dtype(np.float32)), ((1,), np.dtype(np.int64)),
+               ((2 * MiB + 3,), np.dtype(np.uint8)), ((0, 4), np.dtype(np.float32))]
+    arrays = huge_pages.empty_arrays(layouts)
+    for (shape, dtype), array in zip(layouts, arrays, strict=True):
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+        assert address(array) % ALIGNMENT == 0 and huge_pages.on_huge_pages(array)
+    assert address(arrays[0]) % huge_pages.HUGE_PAGE == 0
+    starts = [address(a) for a in arrays]
+    assert starts[:4] == [starts[0], starts[0] + 128, starts[0] + 192, starts[0] + 256]  # 111, 20, 8 bytes rounded
+    for i, array in enumerate(arrays):
+        array[...] = i
+    assert [int(np.unique(a)[0]) for a in arrays[:4]] == [0, 1, 2, 3]  # no overlaps

@@ -144,6 +144,13 @@ class PackedTernary:
         return (f"PackedTernary(format={self.format!r}, shape={self.shape}, data=<uint8 {self._data.shape}>, "
                 f"granularity={self.granularity!r}, group_size={self.group_size})")
 
+    def _hold_in(self, copy: np.ndarray) -> None:
+        """Keep the payload in ``copy`` from now on: the same bytes in other memory (on huge pages,
+        ``bitnet.ops.gather_kernel_weights``). Storage only: the object stays what it was."""
+        if copy.shape != self._data.shape or copy.dtype != self._data.dtype or copy.flags.writeable:
+            raise errors.FormatError(f"a payload moves only into a read-only copy of shape {self._data.shape}")
+        object.__setattr__(self, "_data", copy.view())
+
     @property
     def data(self) -> np.ndarray:
         """The uint8 payload, as a new read-only view."""

@@ -22,7 +22,7 @@ from ..kernels.simd import MARKERS
 from ..nn import BitLinear, RMSNorm, changes, scratch
 from ..nn.attention import CacheGroup
 from ..nn.mlp import NO_NORM
-from ..ops import KERNEL_PATH, _kernel_weights
+from ..ops import KERNEL_PATH, _kernel_weights, gather_kernel_weights
 
 
 def unsupported(layers: list, hidden: int) -> str | None:
@@ -39,7 +39,7 @@ def unsupported(layers: list, hidden: int) -> str | None:
     norm_sizes = (hidden, hidden) + ((heads * d, inner) if sub_norms else (None, None))
     for index, layer in enumerate(layers):
         attention, mlp = layer.attention, layer.mlp
-        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        linears = tuple(linear for _, linear in _projections(layer))
         if any(linear is None for linear in linears):
             return f"layer {index} keeps q/k/v or gate/up as separate projections"
         if any(linear.device != backends.CPU or linear.bias is not None or linear.input_norm is not None
@@ -54,6 +54,13 @@ def unsupported(layers: list, hidden: int) -> str | None:
         if tuple(None if norm is None else norm.weight.shape[0] for norm in norms) != norm_sizes:
             return f"the norms of layer {index} are not shaped as layer 0's"
     return None
+
+
+def _projections(layer) -> tuple[tuple[int, BitLinear], ...]:
+    """``(which, linear)`` for the projections of ``layer``, as ``decoder`` numbers them."""
+    attention, mlp = layer.attention, layer.mlp
+    return ((decoder.QKV, attention.qkv_proj), (decoder.O, attention.o_proj), (decoder.GATE_UP, mlp.gate_up_proj),
+            (decoder.DOWN, mlp.down_proj))
 
 
 class CompiledLayers:
@@ -76,10 +83,11 @@ class CompiledLayers:
         self.norms = np.zeros((len(layers), 4), np.int64)
         self.eps = np.zeros((len(layers), 4), np.float32)
         self._alive: list[np.ndarray] = []  # every array the tables point into
+        parts = [linear.weight for layer in layers for linear in (*layer.attention.projections, *layer.mlp.projections)]
+        gather_kernel_weights([linear.weight for layer in layers for _, linear in _projections(layer)], parts, path)
         for index, layer in enumerate(layers):
             attention, mlp = layer.attention, layer.mlp
-            for which, linear in ((decoder.QKV, attention.qkv_proj), (decoder.O, attention.o_proj),
-                                  (decoder.GATE_UP, mlp.gate_up_proj), (decoder.DOWN, mlp.down_proj)):
+            for which, linear in _projections(layer):
                 self._add_projection(index, which, linear)
             for which, norm in ((decoder.INPUT_NORM, layer.input_norm),
                                 (decoder.POST_ATTENTION_NORM, layer.post_attention_norm),
