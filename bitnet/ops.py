@@ -26,8 +26,7 @@ from .formats import PackedTernary, check_packed, kernel_layout
 from .kernels import cpu_features
 from .kernels import matmul as kernels
 from .kernels.ternary_blocks import BLOCK
-from .memory import Arena
-from .memory.huge_pages import empty_arrays, on_huge_pages, return_free_memory
+from .memory import Arena, huge_pages
 
 try:
     KERNEL_PATH = cpu_features.selected_path()
@@ -143,7 +142,8 @@ def _kernel_weights(w: PackedTernary, path: str = KERNEL_PATH) -> tuple[np.ndarr
 def gather_kernel_weights(weights: Iterable[PackedTernary], parts: Iterable[PackedTernary] = (),
                           path: str = KERNEL_PATH) -> None:
     """Move the payloads the kernels of ``path`` read for ``weights`` (their layout, as
-    ``_kernel_weights`` prepares it) into one buffer on huge pages, those not there already.
+    ``_kernel_weights`` prepares it) into one buffer on huge pages, those not there already;
+    nothing where the OS has no huge pages (``huge_pages.AVAILABLE``).
 
     The same bytes in other memory: a decode step streams them 3.5-7% faster
     (``bitnet.memory.huge_pages``). Each payload moves once, whichever object holds it (the
@@ -151,31 +151,38 @@ def gather_kernel_weights(weights: Iterable[PackedTernary], parts: Iterable[Pack
     (the row views ``BitLinear.stacked`` leaves its layers), so that its old memory goes back
     before the next one is copied, unless something else still holds it.
     """
+    if not huge_pages.AVAILABLE:
+        return
     key = (_PREPARED, kernels.WEIGHT_FORMATS[path])
     moving: dict[int, tuple[PackedTernary, list[PackedTernary]]] = {}
     for w in weights:
         _kernel_weights(w, path)
         holder = kernel_layout(w, key[1])
-        if not on_huge_pages(holder.data):
+        if not huge_pages.on_huge_pages(holder.data):
             moving.setdefault(id(holder), (holder, []))[1].append(w)
     parts = list(parts)
-    slots = empty_arrays([(h.data.shape, h.data.dtype) for h, _ in moving.values()]) if moving else []
+    slots = huge_pages.empty_arrays([(h.data.shape, h.data.dtype) for h, _ in moving.values()]) if moving else []
     for (holder, users), slot in zip(moving.values(), slots, strict=True):
-        old = holder.data
-        slot[...] = old
-        slot.flags.writeable = False
-        for part in parts:
-            view = part.data
-            if part is not holder and np.may_share_memory(view, old):
-                start = view.ctypes.data - old.ctypes.data
-                part._hold_in(slot.reshape(-1)[start : start + view.nbytes].reshape(view.shape))
-        holder._hold_in(slot)
-        for w in (*users, *parts):
-            prepared = w.cache.get(key)
-            if prepared is not None and np.may_share_memory(prepared[0], old):
-                w.cache[key] = (kernel_layout(w, key[1]).data, *prepared[1:])
-        del old
-        return_free_memory()
+        _move_payload(holder, [*users, *parts], slot, key)
+        huge_pages.return_free_memory()
+
+
+def _move_payload(holder: PackedTernary, users: list[PackedTernary], slot: np.ndarray, key: tuple) -> None:
+    """Copy ``holder``'s payload into ``slot`` and hold it there, with the ``users`` that view it or
+    cache a layout in it (``key``)."""
+    old = holder.data
+    slot[...] = old
+    slot.flags.writeable = False
+    for user in users:
+        view = user.data
+        if user is not holder and np.may_share_memory(view, old):
+            start = view.ctypes.data - old.ctypes.data
+            user._hold_in(slot.reshape(-1)[start : start + view.nbytes].reshape(view.shape))
+    holder._hold_in(slot)
+    for user in users:
+        prepared = user.cache.get(key)
+        if prepared is not None and np.may_share_memory(prepared[0], old):
+            user.cache[key] = (kernel_layout(user, key[1]).data, *prepared[1:])
 
 
 _Workspace = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import mmap
 import pickle
 import weakref
 
@@ -167,7 +166,7 @@ def test_run_projections_makes_the_last_layers_projections_of_its_inputs():
             assert np.array_equal(buffers[name], bn.matmul(x, linear.weight)), name
 
 
-@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"),
+@pytest.mark.skipif(not huge_pages.AVAILABLE,
                     reason="this OS has no huge-page advice (madvise MADV_HUGEPAGE): the weights stay where they are")
 def test_the_compiled_call_moves_the_projections_onto_huge_pages_once():
     config = bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -194,4 +193,17 @@ def test_the_compiled_call_moves_the_projections_onto_huge_pages_once():
     norm = model.layers[0].input_norm
     model.layers[0].input_norm = bn.nn.RMSNorm(np.linspace(0.5, 1.5, 64), norm.eps, norm.tag)
     model.forward(ids)  # the tables are built again, over the same memory
+    assert [ops._kernel_weights(w)[0].ctypes.data for w in weights] == addresses
+
+
+def test_where_the_os_has_no_huge_pages_the_weights_stay_where_they_are(monkeypatch):
+    monkeypatch.setattr(huge_pages, "AVAILABLE", False)
+    config = bn.BitNetConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=None,
+                             eos_token_id=None)
+    model = bn.models.random_model(config, seed=5, head_dtype="f32")
+    weights = [linear.weight for linear in model.running_linears()]
+    addresses = [ops._kernel_weights(w)[0].ctypes.data for w in weights]
+    model.forward(np.arange(5))
+    assert model._compiled.reason is None
     assert [ops._kernel_weights(w)[0].ctypes.data for w in weights] == addresses

@@ -659,8 +659,7 @@ def test_more_memory_than_the_system_gives_is_an_arena_error():
 # --- huge pages (bitnet.memory.huge_pages) -----------------------------------------------------------------------
 
 needs_huge_page_advice = pytest.mark.skipif(
-    not hasattr(__import__("mmap"), "MADV_HUGEPAGE"),
-    reason="this OS has no huge-page advice (madvise MADV_HUGEPAGE): buffers are ordinary arrays")
+    not huge_pages.AVAILABLE, reason="this OS has no huge-page advice (MADV_HUGEPAGE): buffers are ordinary arrays")
 
 
 @needs_huge_page_advice

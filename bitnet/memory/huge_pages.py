@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,8 +22,8 @@ from .backend import ALIGNMENT, CPUBlocks
 HUGE_PAGE = 2 << 20
 """Bytes of a huge page on x86-64 and most aarch64 kernels: a buffer's alignment."""
 
-
-_C_LIBRARY = ctypes.CDLL(None)
+AVAILABLE = hasattr(mmap, "MADV_HUGEPAGE")
+"""Whether this OS takes the huge-page advice (Linux); elsewhere :func:`huge_page_buffer` is ordinary memory."""
 
 
 class _Mapping(mmap.mmap):
@@ -37,7 +38,7 @@ def huge_page_buffer(nbytes: int) -> np.ndarray:
     transparent huge pages are off, the buffer is on ordinary pages and works the same.
     The memory goes back when the last array viewing it is collected.
     """
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not AVAILABLE:
         return CPUBlocks().allocate(nbytes)
     # Private: shared anonymous memory gets huge pages only under a separate setting (shmem_enabled).
     mapping = _Mapping(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -82,6 +83,7 @@ def return_free_memory() -> None:
     resident: moving a model's weights onto huge pages left 0.3 GiB of 2B4T's old ones
     resident without it, and held 0.4 GiB more at the peak.
     """
-    trim = getattr(_C_LIBRARY, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    if sys.platform.startswith("linux"):
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
+        if trim is not None:
+            trim(0)
