@@ -76,7 +76,9 @@ class PackedTernary:
     and ``p.data`` returns a read-only view (a new one each time, so reshaping it in place
     changes nothing here). A non-contiguous ``data`` is copied. Changing the bytes through
     another writeable view of the same memory (the base array of a slice you passed) is not
-    supported: derived layouts in ``cache`` would not follow.
+    supported: derived layouts in ``cache`` would not follow. A model's first CPU step moves
+    the payloads of its projections once, into memory on huge pages (the same bytes; see
+    ``bitnet.ops.gather_kernel_weights``): an array you passed no longer backs them then.
 
     Attributes
     ----------
