@@ -211,24 +211,30 @@ LANES_PATHS = [param for param in ALL_PATHS if param.values[0] in head_kernels.L
 
 
 def lanes_logits(path, table, row_scale, h):
-    """``logits_int8_lanes`` on ``table`` laid out by ``interleave_int8``, with fresh scratch."""
+    """``logits_int8_lanes`` on ``table`` laid out by ``interleave_int8``, with fresh scratch of
+    ``padded_tokens`` rows, filled with garbage (the padding rows must not matter)."""
     lanes = np.empty(head_kernels.lanes_shape(*table.shape), np.int8)
     head_kernels.interleave_int8(table, lanes)
     padded = lanes.shape[1] // head_kernels.INT8_GROUP
     blocks = padded // head_kernels.INT8_BLOCK
-    out = np.empty((h.shape[0], table.shape[0]), np.float32)
-    head_kernels.logits_int8_lanes(MARKERS[path], lanes, row_scale, h, np.empty((h.shape[0], padded), np.int8),
-                                   np.empty((h.shape[0], blocks), np.float32),
-                                   np.empty((h.shape[0], blocks), np.int32), out)
+    tokens = head_kernels.padded_tokens(h.shape[0])
+    whole = np.full((tokens + 1, table.shape[0]), -7.0, np.float32)
+    out = whole[: h.shape[0]]  # the rows after it catch a padding token written out
+    head_kernels.logits_int8_lanes(MARKERS[path], lanes, row_scale, h, np.full((tokens, padded), 77, np.int8),
+                                   np.full((tokens, blocks), 1e30, np.float32),
+                                   np.full((tokens, blocks), 12345, np.int32), out)
+    assert (whole[h.shape[0] :] == -7.0).all()
     return out
 
 
 @pytest.mark.parametrize("path", LANES_PATHS)
 @pytest.mark.parametrize("vocab, width, tokens", [(1, 1, 3), (2, 64, 2), (3, 130, 1), (5, 37, 3), (17, 64, 4),
-                                                  (9, 100, 5), (300, 72, 13), (33, 2560, 9), (48, 33, 8)])
+                                                  (9, 100, 5), (300, 72, 13), (33, 2560, 9), (48, 33, 8),
+                                                  (20, 96, 6), (40, 64, 7)])
 def test_int8_lanes_head_is_q8_0_dot_products(rng, path, vocab, width, tokens):
     """The lanes layout (16 rows a vector) gives llama.cpp's Q8_0 x Q8_0 too: vocabularies not a
-    multiple of 16, widths not a multiple of 32, tiles of 8, 4 and 1 tokens, extreme bytes."""
+    multiple of 16, widths not a multiple of 32, tiles of 8, 4 and 1 tokens, 2-3 and 5-7 tokens
+    padded to a tile, extreme bytes."""
     table = rng.integers(-128, 128, (vocab, width)).astype(np.int8)
     table[0, : min(width, 70)] = -128
     table[vocab // 2] = 0

@@ -476,7 +476,10 @@ def _scaled(isa, total, acc, block_scale, t, b):
 @njit(**_CALLED_KERNEL)
 def _emit_lanes(isa, total, t, g, row_scale, out):
     """Token ``t``'s logits of group ``g``: ``total`` (lane ``i``: row ``16 g + i``) times the row scales,
-    one vector store, or lane by lane for the last group of a vocabulary not a multiple of 16."""
+    one vector store, or lane by lane for the last group of a vocabulary not a multiple of 16;
+    nothing for a padding token (``padded_tokens``)."""
+    if t >= out.shape[0]:
+        return
     vocab = out.shape[1]
     first = INT8_GROUP * g
     if first + INT8_GROUP <= vocab:
@@ -564,18 +567,31 @@ def _lanes_tile1(isa, lanes, row_scale, q, offsets, block_scale, out, g, t):
     _emit_lanes(isa, f0, t, g, row_scale, out)
 
 
+def padded_tokens(n: int) -> int:
+    """Rows of ``logits_int8_lanes``'s scratch for ``n`` tokens: 2-3 tokens go as one tile of 4 and 5-7 as
+    one of 8, the rest as they are (tiles of 8, then 4, then one by one).
+
+    A group's later tiles read its rows from L2 while DRAM waits, so the tokens left over after
+    the tiles cost whole passes: the head took 19.2 ms for 7 tokens against 12.7 for 8 (NOTES.md).
+    Padding tokens are zeros, computed in the tile and never written out.
+    """
+    return (4 if n < 4 else 8) if 1 < n < 8 and n % 4 else n
+
+
 @njit(**_KERNEL)
 def logits_int8_lanes(isa, lanes, row_scale, h, q, block_scale, offsets, out):
     """``logits_int8`` for a table in the lanes layout (``interleave_int8``), on AVX-512 VNNI.
 
-    ``q``: int8 ``(n, padded width)`` (``lanes.shape[1] // 16``), ``block_scale`` and ``offsets``
-    (int32) ``(n, padded width // INT8_BLOCK)``: scratch. ``h`` is quantized as ``logits_int8``
-    does it; each lane of a block's accumulator starts from ``-128`` times the block's sum of
-    ``q`` (``offsets``), so the ``signed_dot`` steps leave the exact block sum. Tokens go in tiles
-    of 8, then one of 4, then one by one; a token's logits are the same bits in any (and for any
+    ``q``: int8 ``(padded_tokens(n), padded width)`` (``lanes.shape[1] // 16``), ``block_scale``
+    and ``offsets`` (int32) ``(padded_tokens(n), padded width // INT8_BLOCK)``: scratch (any
+    rows from ``n`` on are zeroed here: padding). ``h`` is quantized as ``logits_int8`` does it;
+    each lane of a block's accumulator starts from ``-128`` times the block's sum of ``q``
+    (``offsets``), so the ``signed_dot`` steps leave the exact block sum. Tokens go in tiles of
+    8, then one of 4, then one by one; a token's logits are the same bits in any (and for any
     thread count: each group of 16 rows is one ``prange`` iteration).
     """
     n, width = h.shape
+    tokens = q.shape[0]
     for t in range(n):
         quantize_blocks(h, t, q, block_scale, INT8_BLOCK)
         q[t, width:] = 0
@@ -584,14 +600,17 @@ def logits_int8_lanes(isa, lanes, row_scale, h, q, block_scale, offsets, out):
             for j in range(INT8_BLOCK * b, INT8_BLOCK * (b + 1)):
                 total += q[t, j]
             offsets[t, b] = -128 * total
+    q[n:] = 0
+    block_scale[n:] = 0
+    offsets[n:] = 0
     for g in prange(lanes.shape[0]):
         t = 0
-        while t + 8 <= n:
+        while t + 8 <= tokens:
             _lanes_tile8(isa, lanes, row_scale, q, offsets, block_scale, out, g, t)
             t += 8
-        if t + 4 <= n:
+        if t + 4 <= tokens:
             _lanes_tile4(isa, lanes, row_scale, q, offsets, block_scale, out, g, t)
             t += 4
-        while t < n:
+        while t < tokens:
             _lanes_tile1(isa, lanes, row_scale, q, offsets, block_scale, out, g, t)
             t += 1

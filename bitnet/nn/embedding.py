@@ -230,10 +230,10 @@ class Embedding:
             head_kernels.logits_words(MARKERS[KERNEL_PATH], _WORD_FORMATS[self.dtype], self.table.view(np.uint16), h,
                                       out)
         elif self._lanes is not None:
-            n, padded = h.shape[0], self._lanes.shape[1] // head_kernels.INT8_GROUP
-            q = scratch.empty((n, padded), np.int8)
-            block_scale = scratch.empty((n, padded // head_kernels.INT8_BLOCK), np.float32)
-            offsets = scratch.empty((n, padded // head_kernels.INT8_BLOCK), np.int32)
+            tokens, padded = head_kernels.padded_tokens(h.shape[0]), self._lanes.shape[1] // head_kernels.INT8_GROUP
+            q = scratch.empty((tokens, padded), np.int8)
+            block_scale = scratch.empty((tokens, padded // head_kernels.INT8_BLOCK), np.float32)
+            offsets = scratch.empty((tokens, padded // head_kernels.INT8_BLOCK), np.int32)
             head_kernels.logits_int8_lanes(MARKERS[KERNEL_PATH], self._lanes, self.row_scale, h, q, block_scale,
                                            offsets, out)
         else:
