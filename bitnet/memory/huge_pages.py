@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .backend import ALIGNMENT, CPUBlocks
+from .backend import ALIGNMENT
 
 HUGE_PAGE = 2 << 20
 """Bytes of a huge page on x86-64 and most aarch64 kernels: a buffer's alignment."""
 
 AVAILABLE = hasattr(mmap, "MADV_HUGEPAGE")
-"""Whether this OS takes the huge-page advice (Linux); elsewhere :func:`huge_page_buffer` is ordinary memory."""
+"""Whether this OS takes the huge-page advice (Linux): the buffers below exist only where it does."""
 
 
 class _Mapping(mmap.mmap):
@@ -34,12 +34,10 @@ def huge_page_buffer(nbytes: int) -> np.ndarray:
     """A writable uint8 array of ``nbytes`` starting on a 2 MiB boundary, in memory the OS is asked to
     back with huge pages (``MADV_HUGEPAGE``).
 
-    Where the OS has no such advice (macOS, Windows), an ordinary 64-byte aligned array. Where
-    transparent huge pages are off, the buffer is on ordinary pages and works the same.
-    The memory goes back when the last array viewing it is collected.
+    Only where :data:`AVAILABLE` (the callers check it). Where transparent huge pages are off,
+    the buffer is on ordinary pages and works the same. The memory goes back when the last
+    array viewing it is collected.
     """
-    if not AVAILABLE:
-        return CPUBlocks().allocate(nbytes)
     # Private: shared anonymous memory gets huge pages only under a separate setting (shmem_enabled).
     mapping = _Mapping(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
@@ -52,7 +50,7 @@ def huge_page_buffer(nbytes: int) -> np.ndarray:
 
 
 def on_huge_pages(array: np.ndarray) -> bool:
-    """Whether ``array`` views memory of :func:`huge_page_buffer` (only where the OS takes the advice)."""
+    """Whether ``array`` views memory of :func:`huge_page_buffer`."""
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
