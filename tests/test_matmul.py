@@ -84,6 +84,22 @@ def test_matmul_int_is_exact_for_every_format(rng, path, fmt):
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("n", [3, 7, 11])
+def test_tokens_padded_to_a_tile_give_their_own_bits_and_write_only_their_rows(rng, path, n):
+    """The lanes kernel computes 3 tokens left over as a tile of 4 (``padded_tokens``): each token's
+    outputs are the bits it gets alone, and nothing is written past the last token's row."""
+    t = ternary(rng, 37, 517, "channel")
+    p = bn.pack(t, "i2")
+    x = rng.standard_normal((n, 517)).astype(np.float32)
+    x[-1] *= 1e4
+    sentinel = np.full((n + 1, 37), 7.0, np.float32)
+    out = bn.matmul(x, p, out=sentinel[:n], path=path)
+    assert np.all(sentinel[n] == 7.0)
+    alone = np.concatenate([bn.matmul(x[i:i + 1], p, path=path) for i in range(n)])
+    assert np.array_equal(out.view(np.uint32), alone.view(np.uint32))
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     m=st.integers(1, 70),

@@ -66,40 +66,49 @@ def _weights(isa, w, g, s):
 
 
 @njit(inline="always", **KERNEL)
-def _four_tokens(isa, c, q, at, kp, a0, a1, a2, a3):
-    """The accumulators of 4 tokens (``kp`` apart from flat ``at`` in ``q``) plus the codes ``c`` times
-    each token's 4 activations there."""
-    return (dot_acc(isa, a0, c, splat_four_bytes(isa, q, at)), dot_acc(isa, a1, c, splat_four_bytes(isa, q, at + kp)),
-            dot_acc(isa, a2, c, splat_four_bytes(isa, q, at + 2 * kp)),
-            dot_acc(isa, a3, c, splat_four_bytes(isa, q, at + 3 * kp)))
+def _four_rows(q, t):
+    """Where tokens ``t .. t + 3`` start in flat ``q``; past its last row, the last row again (a padding
+    token of a tile, whose outputs ``_emit_group`` does not write)."""
+    kp, last = q.shape[1], q.shape[0] - 1
+    return min(t, last) * kp, min(t + 1, last) * kp, min(t + 2, last) * kp, min(t + 3, last) * kp
+
+
+@njit(inline="always", **KERNEL)
+def _four_tokens(isa, c, q, at, rows, a0, a1, a2, a3):
+    """The accumulators of 4 tokens (starting at ``rows`` in flat ``q``) plus the codes ``c`` times each
+    token's 4 activations ``at`` columns into its row."""
+    return (dot_acc(isa, a0, c, splat_four_bytes(isa, q, rows[0] + at)),
+            dot_acc(isa, a1, c, splat_four_bytes(isa, q, rows[1] + at)),
+            dot_acc(isa, a2, c, splat_four_bytes(isa, q, rows[2] + at)),
+            dot_acc(isa, a3, c, splat_four_bytes(isa, q, rows[3] + at)))
 
 
 @njit(**KERNEL)
 def _tile8(isa, w, g, q, t):
     """The int32 sums ``sum(c q[t + j])`` of group ``g``'s 16 rows for the 8 tokens ``j``."""
-    kp = q.shape[1]
+    first, second = _four_rows(q, t), _four_rows(q, t + 4)
     a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
     a4, a5, a6, a7 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-    for s in range(kp // GROUP_COLUMNS):
+    for s in range(q.shape[1] // GROUP_COLUMNS):
         x = _weights(isa, w, g, s)
         for field in range(4):
             c = _codes(isa, x, field)
-            at = t * kp + GROUP_COLUMNS * s + 4 * field
-            a0, a1, a2, a3 = _four_tokens(isa, c, q, at, kp, a0, a1, a2, a3)
-            a4, a5, a6, a7 = _four_tokens(isa, c, q, at + 4 * kp, kp, a4, a5, a6, a7)
+            at = GROUP_COLUMNS * s + 4 * field
+            a0, a1, a2, a3 = _four_tokens(isa, c, q, at, first, a0, a1, a2, a3)
+            a4, a5, a6, a7 = _four_tokens(isa, c, q, at, second, a4, a5, a6, a7)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @njit(**KERNEL)
 def _tile4(isa, w, g, q, t):
     """``_tile8`` for the 4 tokens from ``t``."""
-    kp = q.shape[1]
+    rows = _four_rows(q, t)
     a0, a1, a2, a3 = zero_acc(isa), zero_acc(isa), zero_acc(isa), zero_acc(isa)
-    for s in range(kp // GROUP_COLUMNS):
+    for s in range(q.shape[1] // GROUP_COLUMNS):
         x = _weights(isa, w, g, s)
         for field in range(4):
-            at = t * kp + GROUP_COLUMNS * s + 4 * field
-            a0, a1, a2, a3 = _four_tokens(isa, _codes(isa, x, field), q, at, kp, a0, a1, a2, a3)
+            a0, a1, a2, a3 = _four_tokens(isa, _codes(isa, x, field), q, GROUP_COLUMNS * s + 4 * field, rows,
+                                          a0, a1, a2, a3)
     return a0, a1, a2, a3
 
 
@@ -136,6 +145,8 @@ def _emit_group(isa, sums, t, g, q_sum, act_scale, scale, scale_step, acc, out, 
     Inlined: as a call its six array arguments (~45 scalars) cost more than its work, and with
     the 10 calls per group of 8 tokens a 2560 x 2560 matmul ran 1.18x slower (NOTES.md).
     """
+    if t >= q_sum.shape[0]:
+        return  # a padding token
     m = out.shape[1] if as_float else acc.shape[1]
     first = GROUP_ROWS * g
     if first + GROUP_ROWS > m:
@@ -165,20 +176,33 @@ def _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, a
     _emit_group(isa, s3, t + 3, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
 
 
+@njit(inline="always", **KERNEL)
+def padded_tokens(n):
+    """Tokens ``lanes_matmul`` computes for ``n``: three left over after the tiles of 8 go as a tile of 4, and
+    so 7 as a tile of 8; the padding repeats the last token and its outputs are not written.
+
+    A group's later tiles read its rows from L2 while DRAM waits, so a token left over costs a
+    whole pass: 3 tokens took 28.4 ms a decode step against 23.1 for 4 (NOTES.md). One or two
+    left over stay passes of one token: a tile of 4 costs more arithmetic than they do.
+    """
+    return n + 1 if n % 4 == 3 else n
+
+
 @njit(parallel=True, **KERNEL)
 def lanes_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_float):
     """``q @ (c - 1).T`` for ``i2x16`` data ``w`` (``ceil(m / 16)``, ``4 kp``) and padded int8 ``q`` (n, kp).
 
     Writes ``acc`` (int32, (n, m)) or, with ``as_float``, ``out`` (float32, (n, m)) =
     ``acc / act_scale[t] * scale[r * scale_step]``, as ``ternary_matmul`` does for ``i2``.
-    Tokens go in tiles of 8, then one of 4, then one at a time. The outputs of 4 tokens leave
-    through one call site of the inlined ``_emit_four`` (each inlined copy costs compile time).
+    Tokens go in tiles of 8, then one of 4, then one at a time (``padded_tokens``). The outputs
+    of 4 tokens leave through one call site of the inlined ``_emit_four`` (each inlined copy
+    costs compile time). A token's outputs are the same bits in any tile.
     """
-    n = q.shape[0]
+    tokens = padded_tokens(q.shape[0])
     for g in prange(w.shape[0]):
         t = 0
-        while t + 4 <= n:
-            if t + 8 <= n:
+        while t + 4 <= tokens:
+            if t + 8 <= tokens:
                 s0, s1, s2, s3, s4, s5, s6, s7 = _tile8(isa, w, g, q, t)
                 fours = 2
             else:
@@ -189,6 +213,6 @@ def lanes_matmul(isa, w, q, q_sum, act_scale, scale, scale_step, acc, out, as_fl
                 _emit_four(isa, s0, s1, s2, s3, t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
                 s0, s1, s2, s3 = s4, s5, s6, s7
                 t += 4
-        while t < n:
+        while t < tokens:
             _emit_group(isa, _tile1(isa, w, g, q, t), t, g, q_sum, act_scale, scale, scale_step, acc, out, as_float)
             t += 1
