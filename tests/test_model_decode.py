@@ -425,6 +425,41 @@ print(sorted(built_not_loaded()))
 """
 
 
+THREADED_CALLER_SCRIPT = """
+import sys
+import numpy as np
+from bitnet.kernels import attention
+from bitnet.kernels.cpu_features import selected_path
+from bitnet.kernels.simd import MARKERS
+
+path = selected_path()
+rng = np.random.default_rng(0)
+keys, values = (rng.standard_normal((1, 70, 16)).astype(np.float32) for _ in range(2))
+rows, tables, template = attention.single_sequence(keys, values, 69, 1)
+scratch = [np.zeros(shape, np.float32)
+           for shape in attention.scratch_shapes(1, int(rows[:, 3].min()), 4, 1, 16, 70).values()]
+queries = rng.standard_normal((1, 4, 16)).astype(np.float32)
+out = np.zeros((1, 64), np.float32)
+if sys.argv[1] == "callee":  # the threaded kernel alone, called from Python
+    attention.parallel.causal_attention(MARKERS[path], queries, rows, tables, 0, template, 0.25, *scratch, out)
+else:  # the path's entry point: a serial function whose code calls the threaded kernel
+    attention.ENTRY_POINTS[path, True](queries, rows, tables, 0, template, 0.25, *scratch, out)
+print(out.tobytes().hex())
+"""
+
+
+def test_a_serial_caller_of_threaded_code_runs_when_loaded_from_numbas_cache(tmp_path):
+    """Three fresh processes on one empty on-disk cache: the first compiles the threaded attention kernel,
+    the second its entry point (a serial function that links it, compiled against the cached kernel),
+    the third loads that entry. Numba then forgets that the entry needs its thread pool started, and
+    the third process segfaulted (numba#8578) until importing the kernels started the pool."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", THREADED_CALLER_SCRIPT, which], capture_output=True, text=True,
+                           env=env) for which in ("callee", "entry", "entry")]
+    assert [run.returncode for run in runs] == [0, 0, 0], runs[-1].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout == runs[2].stdout
+
+
 def test_a_build_loaded_from_numbas_cache_computes_the_bits_of_a_fresh_one(tmp_path):
     """Two fresh processes on one empty on-disk cache: the first compiles every kernel, the second loads
     them all (compiles nothing) and gets the same logits, bit for bit. A threaded attention kernel
