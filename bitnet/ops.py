@@ -91,8 +91,9 @@ def release_worker_threads() -> bool:
 
     Returns
     -------
-    bool : True where a pool was released; False with another threading layer, no parallel
-    kernel run yet, or an OpenMP runtime without ``omp_pause_resource_all`` (OpenMP 5.0).
+    bool : True where the OpenMP runtime released its pool (or had none to release: no parallel
+    kernel has run on this thread); False with another threading layer, or an OpenMP runtime
+    without ``omp_pause_resource_all`` (OpenMP 5.0).
 
     Examples
     --------
@@ -100,11 +101,8 @@ def release_worker_threads() -> bool:
     >>> bn.release_worker_threads()  # before a worker thread runs the model  # doctest: +SKIP
     True
     """
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel kernel has run: no pool to release
-        return False
-    if layer != "omp" or not hasattr(os, "RTLD_NOLOAD"):  # RTLD_NOLOAD: POSIX only
+    # The layer is known: importing the kernels started Numba's pool (bitnet/kernels/__init__.py).
+    if numba.threading_layer() != "omp" or not hasattr(os, "RTLD_NOLOAD"):  # RTLD_NOLOAD: POSIX only
         return False
     for name in _OPENMP_RUNTIMES:
         try:
