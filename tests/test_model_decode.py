@@ -425,9 +425,11 @@ print(sorted(built_not_loaded()))
 """
 
 
-THREADED_CALLER_SCRIPT = """
+THREADED_CALLER_SCRIPT = f"""
 import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
 import numpy as np
+from kernel_builds import built_not_loaded
 from bitnet.kernels import attention
 from bitnet.kernels.cpu_features import selected_path
 from bitnet.kernels.simd import MARKERS
@@ -445,6 +447,7 @@ if sys.argv[1] == "callee":  # the threaded kernel alone, called from Python
 else:  # the path's entry point: a serial function whose code calls the threaded kernel
     attention.ENTRY_POINTS[path, True](queries, rows, tables, 0, template, 0.25, *scratch, out)
 print(out.tobytes().hex())
+print(sorted(name for _, name, _ in built_not_loaded()))
 """
 
 
@@ -457,7 +460,9 @@ def test_a_serial_caller_of_threaded_code_runs_when_loaded_from_numbas_cache(tmp
     runs = [subprocess.run([sys.executable, "-c", THREADED_CALLER_SCRIPT, which], capture_output=True, text=True,
                            env=env) for which in ("callee", "entry", "entry")]
     assert [run.returncode for run in runs] == [0, 0, 0], runs[-1].stderr[-2000:]
-    assert runs[0].stdout == runs[1].stdout == runs[2].stdout
+    results, built = zip(*(run.stdout.splitlines() for run in runs), strict=True)
+    assert results[0] == results[1] == results[2]
+    assert "_parallel_attention" in built[0] and built[1] == "['ENTRY_POINTS']" and built[2] == "[]"
 
 
 def test_a_build_loaded_from_numbas_cache_computes_the_bits_of_a_fresh_one(tmp_path):
