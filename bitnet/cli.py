@@ -306,7 +306,7 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
           f"tok/s, reached {spread(r.bound_fraction, 100, 0, '%')}")
     if by_context:
         first = by_context[contexts[0]].median
-        print(f"decode by context ({args.decode_tokens} steps after each, {runs}, rounds interleaved): " + "; ".join(
+        print(f"decode by context ({args.decode_tokens} steps after each, {runs}, steps taken in turns): " + "; ".join(
             f"{c}: {spread(s, digits=2)} tok/s = {100 * s.median / first:.0f}%" for c, s in by_context.items()))
     print(f"peak RSS: {r.peak_rss_bytes / 2**30:.2f} GiB; kernels compiled and warmed up before timing")
     _print_load_note()

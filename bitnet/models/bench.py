@@ -266,10 +266,12 @@ def decode_by_context(
 ) -> dict[int, Spread]:
     """Decode tokens/s after each of ``contexts`` cached positions: how a long context slows a step.
 
-    One cache is filled once (not timed) with random tokens up to the largest context; each
-    round then rewinds it to every context in turn and times ``decode_tokens`` greedy steps
-    from there, so all contexts see the same machine state. Returns, per context, the
-    median (min-max) over ``repeats`` rounds of the steps' tokens/s.
+    One cache is filled once (not timed) with random tokens up to the largest context. Each
+    round then takes ``decode_tokens`` greedy steps at every context in turns (step 1 at each
+    context, then step 2 at each, ...), rewinding the cache to the context before each step, so
+    the contexts share the same seconds of a machine whose memory speed drifts (blocks of steps
+    per context were seconds apart, and their ratio moved 75-119% with the DRAM). Returns, per
+    context, the median (min-max) over ``repeats`` rounds of the steps' tokens/s.
     """
     contexts = sorted(set(contexts))
     check_lengths(model.config, 1, decode_tokens, contexts[-1])
@@ -277,13 +279,18 @@ def decode_by_context(
     rng = np.random.default_rng(seed)
     stage(f"filling {contexts[-1]} cached positions")
     cache, _ = filled_cache(model, contexts[-1], decode_tokens, rng)
-    logits = np.zeros((1, model.config.vocab_size), np.float32)
     rates: dict[int, list[float]] = {context: [] for context in contexts}
     for run in range(repeats):
+        stage(f"round {run + 1} of {repeats}: {decode_tokens} decode steps after each of "
+              f"{', '.join(map(str, contexts))} cached positions, in turns")
+        logits = {context: np.zeros((1, model.config.vocab_size), np.float32) for context in contexts}
+        seconds = dict.fromkeys(contexts, 0.0)
+        for step in range(decode_tokens):
+            for context in contexts:
+                cache.length = context + step  # a step overwrites a position a larger context filled: same timing
+                seconds[context] += _greedy_steps(model, cache, logits[context], 1)[0]
         for context in contexts:
-            stage(f"round {run + 1} of {repeats}: {decode_tokens} decode steps after {context} cached positions")
-            cache.length = context  # the steps overwrite positions a larger context filled: timing is the same
-            rates[context].append(decode_tokens / sum(_greedy_steps(model, cache, logits, decode_tokens)))
+            rates[context].append(decode_tokens / seconds[context])
     return {context: Spread.of(values) for context, values in rates.items()}
 
 
