@@ -300,8 +300,8 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
           f"kernels {1e3 * r.kernel_seconds_per_step:.1f} ms, outside them {100 * r.overhead_share:.1f}%; "
           f"Python overhead {1e3 * r.python_seconds_per_step:.2f} ms = {100 * r.python_share:.1f}%)")
     b = r.step_bytes
-    print(f"DRAM read: {spread(r.read_bandwidth, 1e-9)} GB/s ({args.threads} threads, same process, between the "
-          f"runs); a decode step reads {b.total / 1e6:.0f} MB (ternary {b.ternary / 1e6:.0f} + head "
+    print(f"DRAM read: {spread(r.read_bandwidth, 1e-9)} GB/s ({args.threads} threads, same process, after each "
+          f"decode step); a decode step reads {b.total / 1e6:.0f} MB (ternary {b.ternary / 1e6:.0f} + head "
           f"{b.head / 1e6:.0f} + KV cache {b.kv_cache / 1e6:.1f}): bound {spread(r.bound_tokens_per_second)} "
           f"tok/s, reached {spread(r.bound_fraction, 100, 0, '%')}")
     if by_context:

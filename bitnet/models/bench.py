@@ -3,7 +3,8 @@
 ``bench_model`` drives :class:`BitNetForCausalLM` the way generation does (a prefill of the
 prompt, then one cached step per token) for several runs and reports, per run and as the
 median with its min-max: prefill and decode tokens/s, the DRAM read bandwidth measured in
-the same process between them, and the share of the bandwidth bound a decode step reaches.
+the same process after each decode step, and the share of the bandwidth bound a decode step
+reaches.
 A decode step streams every ternary projection, the head table and the cached keys and
 values once, so ``bandwidth / bytes per step`` is the most tokens/s it can give.
 
@@ -16,9 +17,11 @@ Beside the weight streaming it reports two views of what a decode step spends:
   Python code, kernel dispatch and the arena. It runs on one thread: with nothing to share,
   threads would only add the pool's wake-up latency, which a busy machine inflates.
 
-Runs are interleaved (prefill, decode, the kernels alone and bandwidth in each), so a machine
-whose bandwidth drifts with other tenants' load moves them together, each ratio is taken within
-a run, and the medians keep one busy run's outliers out.
+Runs are interleaved (prefill, decode steps each followed by a read pass, the kernels alone),
+so a machine whose bandwidth drifts with other tenants' load moves them together: the read
+passes see the same seconds as the steps they bound (a pass after the steps, or after the run,
+saw other seconds of a DRAM moving 34-64 GB/s), each ratio is taken within a run, and the
+medians keep one busy run's outliers out.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ class BenchResult:
     prefill_seconds: list[float]  # per run
     decode_seconds: list[float]  # per run: the wall time of its decode_tokens steps
     step_seconds: list[float]  # every decode step of every run
-    read_bytes_per_second: list[float]  # per run
+    read_bytes_per_second: list[float]  # per run: the median of the read passes after each of its steps
     step_bytes: StepBytes  # at the mean position of the timed steps
     kernel_seconds: list[float]  # per run: the matmul kernels of one step alone, timed right after its steps
     python_seconds_per_step: float
@@ -333,8 +336,9 @@ def bench_model(
     repeats
         Runs; the result keeps every run's figures.
     read_bytes
-        Size of the bandwidth read pass (default :func:`read_pass_bytes`). It is allocated
-        after the first run, so the peak RSS reported is the model's, not the buffer's.
+        Size of the bandwidth read pass (default :func:`read_pass_bytes`), run after every timed
+        decode step. It is allocated after the first prefill, so the peak RSS reported is the
+        model's, not the buffer's.
     progress
         Called with the name of each phase as it begins.
 
@@ -363,19 +367,22 @@ def bench_model(
         start = time.perf_counter()
         model.forward(prompt, last_only=True)
         prefill.append(time.perf_counter() - start)
-        stage(f"{label}{decode_tokens} decode steps after {context} cached positions")
-        cache.length = context
-        logits[:] = first_logits
-        times = _greedy_steps(model, cache, logits, decode_tokens)
-        decode.append(sum(times))
-        steps += times
-        stage(f"{label}matmul kernels alone")
-        kernels.append(kernel_seconds_per_step(model))
-        if buffer is None:
+        if buffer is None:  # the peak RSS so far is the model's (a prefill and decode steps ran), not the buffer's
             peak = peak_rss_bytes()
             buffer = np.ones((read_bytes or read_pass_bytes()) // 8, np.uint64)  # every page touched
-        stage(f"{label}DRAM read bandwidth ({buffer.nbytes / 2**20:.0f} MiB read pass)")
-        bandwidth.append(read_bandwidth(buffer))
+        stage(f"{label}{decode_tokens} decode steps after {context} cached positions, each followed by a "
+              f"{buffer.nbytes / 2**20:.0f} MiB DRAM read pass")
+        cache.length = context
+        logits[:] = first_logits
+        times, passes = [], []
+        for _ in range(decode_tokens):
+            times += _greedy_steps(model, cache, logits, 1)
+            passes.append(read_bandwidth(buffer, passes=1))
+        decode.append(sum(times))
+        steps += times
+        bandwidth.append(float(np.median(passes)))
+        stage(f"{label}matmul kernels alone")
+        kernels.append(kernel_seconds_per_step(model))
     del buffer  # hundreds of MiB, not needed by the phases left
     stage("Python overhead (a model of tiny widths)")
     python = python_seconds_per_step(model.config)
