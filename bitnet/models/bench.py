@@ -177,10 +177,9 @@ def _read_pass(words: np.ndarray) -> np.uint64:
     return total
 
 
-def read_bandwidth(buffer: np.ndarray, passes: int = 3) -> float:
-    """DRAM read bandwidth in bytes/s: the median of ``passes`` sums over ``buffer`` (uint64) on numba's threads."""
-    return buffer.nbytes / timings(lambda: _read_pass(buffer), min_time=0.0, min_repeats=passes,
-                                   max_repeats=passes)[0]
+def read_bandwidth(buffer: np.ndarray) -> float:
+    """DRAM read bandwidth in bytes/s: one sum over ``buffer`` (uint64) on numba's threads."""
+    return buffer.nbytes / timings(lambda: _read_pass(buffer), min_time=0.0, min_repeats=1, max_repeats=1)[0]
 
 
 def decode_step_bytes(model: BitNetForCausalLM, positions: float) -> StepBytes:
@@ -377,7 +376,7 @@ def bench_model(
         times, passes = [], []
         for _ in range(decode_tokens):
             times += _greedy_steps(model, cache, logits, 1)
-            passes.append(read_bandwidth(buffer, passes=1))
+            passes.append(read_bandwidth(buffer))
         decode.append(sum(times))
         steps += times
         bandwidth.append(float(np.median(passes)))
