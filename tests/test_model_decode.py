@@ -15,6 +15,7 @@ import pytest
 import bitnet as bn
 from bitnet.kernels.head import LANES_PATHS
 from bitnet.models import Sampler
+from bitnet.nn.attention import CacheRows
 
 PROMPT = np.array([5, 77, 3, 120, 64, 9])
 
@@ -300,6 +301,26 @@ def test_generation_past_the_context_is_refused_and_the_cache_grows_as_tokens_co
     assert model.new_cache(10**9).capacity == 16
     with pytest.raises(bn.InvalidValueError, match="at most 16"):
         cache.reserve(17)
+
+
+def test_a_forward_without_a_cache_past_the_context_is_refused_before_it_writes():
+    # It made a cache of the context's capacity and wrote the position past it: heap corruption,
+    # found by the slow HF fuzz (a config.json with max_position_embeddings=3, a forward of 4 ids).
+    model = _context_model(3)
+    with pytest.raises(bn.InvalidValueError, match="4 positions exceed the model's context of 3"):
+        model(np.arange(4))
+    whole = model(np.arange(3))
+    cache = model.new_cache()
+    assert np.array_equal(whole, model.forward(np.arange(3), cache)) and cache.length == 3
+
+
+def test_attention_rows_refuse_a_cache_without_room_for_them():
+    # The kernels write each row's keys and values at its position unchecked: the rows check first.
+    cache = bn.nn.KVCache(layers=1, kv_heads=2, head_dim=16, capacity=4)
+    cache.length = 3
+    with pytest.raises(bn.ShapeError, match=r"3 plus 2 new positions must fit its capacity 4"):
+        CacheRows([(cache, slice(0, 2))])
+    assert CacheRows([(cache, slice(0, 1))]).end == 4
 
 
 def test_a_large_max_new_tokens_allocates_only_what_is_generated():

@@ -261,7 +261,11 @@ class BitNetForCausalLM:
         """
         ids = self._checked_ids(input_ids)
         errors.checked_out(out, (1 if last_only else len(ids), self.config.vocab_size))
-        cache = self.new_cache(len(ids)) if cache is None else self._checked_cache(cache, len(ids))
+        if cache is None:
+            self._check_context(len(ids), "run a shorter input")
+            cache = self.new_cache(len(ids))
+        else:
+            cache = self._checked_cache(cache, len(ids))
         return self._run([ids], [cache], last_only, out)
 
     __call__ = forward

@@ -355,6 +355,8 @@ class CacheGroup:
 
     def __init__(self, members: list[tuple[KVCache, slice]]) -> None:
         caches = [cache for cache, _ in members]
+        for cache, rows in members:  # the kernels write each row's keys and values at its position, unchecked
+            cache._check_length(rows.stop - rows.start)
         self.capacity = max(cache.capacity for cache in caches)
         spans = [(rows.start, cache.length, rows.stop - rows.start) for cache, rows in members]
         self.rows = kernels.query_rows(spans, self.capacity)
