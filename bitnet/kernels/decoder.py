@@ -39,6 +39,8 @@ WEIGHT_FIELDS = 6
 INPUT_NORM, POST_ATTENTION_NORM, ATTENTION_SUB_NORM, FFN_SUB_NORM = range(4)
 
 # Module-level names, so that the compiled code refers to each build (Numba cannot read a namespace).
+# Each switch between the builds below is written out: one generic ``f(threaded, *args)`` cannot be
+# inlined (Numba's inliner takes no ``*args``), and compiled on its own it would be one more level.
 _rms_norm_serial, _rms_norm_parallel = rows.serial.rms_norm, rows.parallel.rms_norm
 _add_rms_norm_serial, _add_rms_norm_parallel = rows.serial.add_rms_norm, rows.parallel.add_rms_norm
 _gated_serial, _gated_parallel = rows.serial.gated_activation, rows.parallel.gated_activation
