@@ -305,9 +305,12 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
           f"{b.head / 1e6:.0f} + KV cache {b.kv_cache / 1e6:.1f}): bound {spread(r.bound_tokens_per_second)} "
           f"tok/s, reached {spread(r.bound_fraction, 100, 0, '%')}")
     if by_context:
-        first = by_context[contexts[0]].median
-        print(f"decode by context ({args.decode_tokens} steps after each, {runs}, steps taken in turns): " + "; ".join(
-            f"{c}: {spread(s, digits=2)} tok/s = {100 * s.median / first:.0f}%" for c, s in by_context.items()))
+        first, first_bytes = by_context[contexts[0]].median, decode_step_bytes(model, contexts[0]).total
+        shares = [f"{c}: {spread(s, digits=2)} tok/s = {100 * s.median / first:.0f}% "
+                  f"(bytes {100 * first_bytes / decode_step_bytes(model, c).total:.0f}%)"
+                  for c, s in by_context.items()]
+        print(f"decode by context ({args.decode_tokens} steps after each, {runs}, steps taken in turns; in brackets "
+              f"the share its bytes allow at the first context's share of the bound): " + "; ".join(shares))
     print(f"peak RSS: {r.peak_rss_bytes / 2**30:.2f} GiB; kernels compiled and warmed up before timing")
     _print_load_note()
     return 0
